@@ -1,0 +1,143 @@
+"""The command line: parses arguments into configs and calls the library. `qharness <command> --help`.
+
+Commands live in `COMMANDS` (name -> (cmd_<name>, add_arguments, help)). Heavy libraries are imported inside the
+commands that need them, so `--help` and `list` stay fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from qharness.errors import QHarnessError
+
+RUN_EXAMPLES = """examples:
+  qharness run                                          # smollm2-135m, int8, the offline held-out texts
+  qharness run --model smollm2-135m --quant int8 --limit 2
+  qharness run --model path/to/model.gguf --task kjv-heldout --no-bos
+  qharness run --model HuggingFaceTB/SmolLM2-135M --device cuda --dtype bf16   # online users
+"""
+LIST_EXAMPLES = """examples:
+  qharness list            # everything
+  qharness list quants
+  qharness list tasks
+"""
+
+
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(name.strip() for name in text.split(",") if name.strip())
+
+
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="smollm2-135m",
+                        help="built-in name, local HF folder, .gguf file or hub id (default: smollm2-135m)")
+    parser.add_argument("--quant", default="int8", type=_names,
+                        help="comma-separated schemes (default: int8 = int8-w8a8-token); see `qharness list quants`")
+    parser.add_argument("--task", default=None, type=_names,
+                        help="comma-separated tasks (default: kjv-heldout,wordnet-heldout); see `qharness list tasks`")
+    parser.add_argument("--dtype", default="auto", help="auto (fp32 on CPU, bf16 on CUDA) | fp32 | bf16 | fp16")
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    parser.add_argument("--no-bos", dest="bos", action="store_false", help="do not prepend BOS to each window")
+    parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N windows of each task")
+    parser.add_argument("--batch-size", type=int, default=1, help="windows per forward pass (results do not change)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--results", type=Path, default=Path("results/leaderboard.csv"),
+                        help="leaderboard CSV to append to (default: results/leaderboard.csv)")
+    parser.add_argument("--force", action="store_true", help="recompute cells already in the leaderboard")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars or status lines, only the table")
+
+
+def format_table(rows: list[dict[str, str]]) -> str:
+    header = ("task", "quant", "metric", "value", "fp", "delta", "rel")
+    lines = [header]
+    for row in rows:
+        rel = f"{float(row['rel_delta']):+.2%}" if row["quant"] != "none" else ""
+        delta = f"{float(row['delta']):+.4g}" if row["quant"] != "none" else ""
+        metric = f"{row['metric']} ({row['metric_kind']}, n={row['n']})"
+        lines.append((row["task"], row["quant"], metric, f"{float(row['value']):.4f}",
+                      f"{float(row['fp_value']):.4f}", delta, rel))
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip()
+                     for line in lines)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from qharness.models.sources import ModelSpec
+    from qharness.runner import DEFAULT_TASKS, RunSpec, run
+
+    spec = RunSpec(
+        model=ModelSpec(args.model, dtype=args.dtype, device=args.device), quants=args.quant,
+        tasks=args.task or DEFAULT_TASKS, bos=args.bos, limit=args.limit, batch_size=args.batch_size,
+        seed=args.seed, results=args.results, force=args.force, progress=not args.quiet,
+    )
+    report = run(spec, say=(lambda msg: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr)))
+    print(f"model: {report.model}   computed {report.computed} of {len(report.rows)} cells -> {spec.results}")
+    print(format_table(report.rows))
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from qharness.models.builtin import BUILTIN_MODELS
+    from qharness.quant.schemes import SCHEMES
+    from qharness.tasks.spec import all_tasks
+
+    if args.what in ("all", "models"):
+        print("models (also: a local HF folder, a .gguf file, or a hub id):")
+        for entry in BUILTIN_MODELS:
+            print(f"  {entry.name:24} {entry.obj.description}")
+    if args.what in ("all", "quants"):
+        print("quants:")
+        for entry in SCHEMES:
+            aliases = SCHEMES.aliases_of(entry.name)
+            also = f" (alias: {', '.join(aliases)})" if aliases else ""
+            print(f"  {entry.name:24} {entry.obj().description}{also}")
+    if args.what in ("all", "tasks"):
+        print("tasks:")
+        for task in all_tasks():
+            print(f"  {task.name:24} [{task.kind}] {task.description}")
+    return 0
+
+
+def add_list_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("what", nargs="?", default="all", choices=("all", "models", "quants", "tasks"))
+
+
+COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], Callable[[argparse.ArgumentParser], None], str,
+                          str]] = {
+    "run": (cmd_run, add_run_arguments, "evaluate a model in full precision and quantized", RUN_EXAMPLES),
+    "list": (cmd_list, add_list_arguments, "list built-in models, quantization schemes and tasks", LIST_EXAMPLES),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="qharness", description="How much do massive activations hurt INT8, INT4 and FP8 quantization?"
+    )
+    sub = parser.add_subparsers(dest="command", metavar="command")
+    for name, (_, add_arguments, help_text, examples) in COMMANDS.items():
+        command = sub.add_parser(name, help=help_text, description=help_text, epilog=examples,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+        add_arguments(command)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        return COMMANDS[args.command][0](args)
+    except QHarnessError as exc:
+        print(f"qharness: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("qharness: interrupted; finished cells are saved, rerun to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

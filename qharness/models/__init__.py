@@ -1,0 +1,1 @@
+"""Where models come from (sources), which are built in (builtin), and where their decoder layers are (layers)."""

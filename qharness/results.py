@@ -1,0 +1,94 @@
+"""The leaderboard: one CSV row per (model, scheme, backend, task, metric, settings). Append-only, atomic, keyed.
+
+Atomic: every write builds the whole new file beside the old one and `os.replace`s it in, so a kill at any moment
+leaves either the old or the new file, never half of one. A lock file serializes concurrent writers (read, merge,
+replace) so two processes appending at once lose nothing. Resumable: `key(row)` names the experiment a row
+answers; a run skips every key that is already there unless forced, and a forced rerun replaces the row.
+
+Columns are documented in results/README.md. Old files with fewer or other columns keep theirs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import fcntl
+import io
+import os
+import tempfile
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+COLUMNS = (
+    # what was measured (the key)
+    "model", "quant", "backend", "task", "task_hash", "metric", "bos", "context_length", "limit", "dtype",
+    "device_type",
+    # the numbers
+    "value", "fp_value", "delta", "rel_delta", "higher_is_better", "metric_kind", "n",
+    # how to reproduce it
+    "model_source", "scheme", "seed", "versions", "device", "git_rev", "run_id", "time", "seconds",
+)
+KEY_COLUMNS = COLUMNS[:11]
+
+Row = dict[str, str]
+
+
+def key(row: Row) -> tuple[str, ...]:
+    return tuple(str(row.get(column, "")) for column in KEY_COLUMNS)
+
+
+def read_rows(path: Path) -> list[Row]:
+    if not path.is_file():
+        return []
+    with path.open(newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+@contextlib.contextmanager
+def locked(path: Path) -> Iterator[None]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write `text` to `path` so that readers and crashes only ever see the old or the new whole file."""
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def to_csv(rows: Iterable[Row]) -> str:
+    rows = list(rows)
+    extra = sorted({c for row in rows for c in row} - set(COLUMNS))
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=[*COLUMNS, *extra], lineterminator="\n")
+    writer.writeheader()
+    writer.writerows({c: ("" if row.get(c) is None else str(row.get(c))) for c in (*COLUMNS, *extra)}
+                     for row in rows)
+    return out.getvalue()
+
+
+def append_rows(path: Path, new_rows: Iterable[Row]) -> None:
+    """Add rows; a row whose key is already there replaces the old one (a forced recompute)."""
+    new_rows = [{c: "" if v is None else str(v) for c, v in row.items()} for row in new_rows]
+    with locked(path):
+        replaced = {key(row) for row in new_rows}
+        kept = [row for row in read_rows(path) if key(row) not in replaced]
+        write_atomic(path, to_csv([*kept, *new_rows]))
+
+
+def existing_keys(path: Path) -> dict[tuple[str, ...], Row]:
+    return {key(row): row for row in read_rows(path)}

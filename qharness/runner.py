@@ -1,0 +1,169 @@
+"""One run: a model, its fp baseline and each quantized variant, evaluated on each task, appended to the results.
+
+`run(spec)` validates every name before it loads anything, skips cells already in the leaderboard (unless
+`force`), computes the fp baseline once per task, and writes each cell's rows as soon as they exist, so an
+interrupted run loses at most the cell in flight and a rerun resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import copy
+import gc
+import json
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from qharness import provenance
+from qharness.errors import ConfigError
+from qharness.models.sources import (
+    LoadedModel,
+    ModelSpec,
+    classify,
+    dtype_name,
+    load_model,
+    resolve_device,
+    resolve_dtype,
+)
+from qharness.quant.apply import quantize_
+from qharness.quant.schemes import SCHEMES, QuantScheme, get_scheme
+from qharness.results import Row, append_rows, existing_keys, key
+from qharness.tasks import TaskSpec, get_task, load_task_text
+from qharness.tasks.perplexity import Metric, perplexity
+
+FP = "none"  # the quant column of full-precision baseline rows
+DEFAULT_TASKS = ("kjv-heldout", "wordnet-heldout")
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    model: ModelSpec = field(default_factory=ModelSpec)
+    quants: tuple[str, ...] = ("int8-w8a8-token",)  # scheme names or aliases; the fp baseline is implied
+    tasks: tuple[str, ...] = DEFAULT_TASKS
+    bos: bool = True  # prepend BOS to every window (the paper's setting)
+    limit: int | None = None  # evaluate only the first N windows of each task
+    batch_size: int = 1
+    seed: int = 0
+    results: Path = Path("results/leaderboard.csv")
+    force: bool = False  # recompute cells that are already in the leaderboard
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.limit is not None and self.limit < 1:
+            raise ConfigError(f"limit must be >= 1 window, got {self.limit}")
+        if not self.tasks:
+            raise ConfigError("no task given; pass --task with at least one task name")
+
+
+@dataclass
+class Cell:
+    quant: str  # canonical scheme name, or FP
+    task: TaskSpec
+    task_hash: str
+    row_key: tuple[str, ...]
+
+
+@dataclass
+class RunReport:
+    rows: list[Row]  # one per cell, in (quant, task) order: computed now or read back
+    computed: int  # how many of them this run computed
+    model: str
+
+
+def _key_row(spec: RunSpec, quant: str, task: TaskSpec, task_hash: str, device_type: str, dtype: str) -> Row:
+    return {
+        "model": spec.model.name, "quant": quant, "backend": "" if quant == FP else "sim", "task": task.name,
+        "task_hash": task_hash, "metric": "ppl", "bos": str(spec.bos), "context_length": str(task.context_length),
+        "limit": "" if spec.limit is None else str(spec.limit), "dtype": dtype, "device_type": device_type,
+    }
+
+
+def plan_cells(spec: RunSpec) -> tuple[list[Cell], dict[str, QuantScheme]]:
+    """Resolve every name (failing before any model loads) and list the cells this run covers."""
+    classify(spec.model.name)
+    schemes = {SCHEMES.resolve(q): get_scheme(q) for q in spec.quants}
+    tasks = [get_task(name) for name in spec.tasks]
+    device = resolve_device(spec.model.device)
+    dtype = dtype_name(resolve_dtype(spec.model.dtype, device))
+    cells = []
+    for quant in (FP, *schemes):
+        for task in tasks:
+            task_hash = task.content_hash()
+            row = _key_row(spec, quant, task, task_hash, device.type, dtype)
+            cells.append(Cell(quant, task, task_hash, key(row)))
+    return cells, schemes
+
+
+def _evaluate(loaded: LoadedModel, task: TaskSpec, spec: RunSpec) -> Metric:
+    torch.manual_seed(spec.seed)
+    return perplexity(loaded.model, loaded.tokenizer, load_task_text(task), task.context_length, bos=spec.bos,
+                      batch_size=spec.batch_size, limit=spec.limit, progress=spec.progress)
+
+
+def _result_row(spec: RunSpec, loaded: LoadedModel, cell: Cell, metric: Metric, fp_value: float,
+                scheme: QuantScheme | None, seconds: float, run_id: str) -> Row:
+    row = _key_row(spec, cell.quant, cell.task, cell.task_hash, loaded.device.type, dtype_name(loaded.dtype))
+    delta = metric.value - fp_value
+    row.update({
+        "value": repr(metric.value), "fp_value": repr(fp_value), "delta": repr(delta),
+        "rel_delta": repr(delta / fp_value), "higher_is_better": str(metric.higher_is_better),
+        "metric_kind": metric.kind, "n": str(metric.n), "model_source": loaded.source,
+        "scheme": json.dumps(scheme.to_dict(), sort_keys=True) if scheme else "", "seed": str(spec.seed),
+        "versions": provenance.versions(), "device": provenance.device_description(loaded.device),
+        "git_rev": provenance.git_revision(), "run_id": run_id, "time": provenance.utc_now(),
+        "seconds": f"{seconds:.1f}",
+    })
+    return row
+
+
+def run(spec: RunSpec, say: Callable[[str], None] = print) -> RunReport:
+    cells, schemes = plan_cells(spec)
+    done = {} if spec.force else existing_keys(spec.results)
+    todo = [c for c in cells if c.row_key not in done]
+    if not todo:
+        say(f"all {len(cells)} cells are already in {spec.results}; pass --force to recompute")
+        return RunReport([done[c.row_key] for c in cells], 0, spec.model.name)
+
+    say(f"loading {spec.model.name} ...")
+    loaded = load_model(spec.model, progress=spec.progress)
+    run_id = uuid.uuid4().hex[:12]
+    rows: dict[tuple[str, ...], Row] = dict(done)
+    fp_values: dict[str, float] = {}
+    for cell in cells:
+        if cell.quant == FP and cell.row_key in done:
+            fp_values[cell.task.name] = float(done[cell.row_key]["value"])
+
+    def compute(model: LoadedModel, cell: Cell) -> None:
+        say(f"evaluating {cell.task.name} [{cell.quant}]")
+        start = time.perf_counter()
+        metric = _evaluate(model, cell.task, spec)
+        if cell.quant == FP:
+            fp_values[cell.task.name] = metric.value
+        fp_value = fp_values[cell.task.name]
+        row = _result_row(spec, model, cell, metric, fp_value, schemes.get(cell.quant),
+                          time.perf_counter() - start, run_id)
+        append_rows(spec.results, [row])
+        rows[cell.row_key] = row
+
+    for cell in todo:  # a missing baseline is computed first; a present one was read into fp_values above
+        if cell.quant == FP:
+            compute(loaded, cell)
+    for quant, scheme in schemes.items():
+        quant_cells = [c for c in todo if c.quant == quant]
+        if not quant_cells:
+            continue
+        say(f"quantizing with {quant} ...")
+        qmodel = copy.deepcopy(loaded.model)
+        quantize_(qmodel, scheme)
+        quantized = LoadedModel(qmodel, loaded.tokenizer, loaded.spec, loaded.source, loaded.device, loaded.dtype)
+        for cell in quant_cells:
+            compute(quantized, cell)
+        del qmodel, quantized
+        gc.collect()
+    return RunReport([rows[c.row_key] for c in cells], sum(1 for c in cells if c.row_key not in done),
+                     spec.model.name)
+

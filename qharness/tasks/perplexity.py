@@ -1,0 +1,83 @@
+"""Perplexity, the paper's protocol: token-level exp(mean NLL over predicted tokens) over non-overlapping windows.
+
+The text is tokenized once and cut into windows of `context_length - 1` text tokens. With BOS (the default) each
+window is [BOS] + text and every text token is predicted; without BOS the window is the text alone and its first
+token has no prediction. Both ways the windows hold the same text, so `--no-bos` isolates the BOS effect.
+
+This is token-level perplexity, the number papers report; lm-eval's `word_perplexity` divides by words instead
+and is not comparable. Every metric carries its `kind` so the two never mix.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from qharness.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Metric:
+    name: str  # bare metric name: "ppl"
+    value: float
+    higher_is_better: bool
+    kind: str  # "token-level", "word-level", ...
+    n: int  # how many predictions the value averages over
+
+
+def bos_token_id(tokenizer: Any) -> int:
+    """The token that opens a document: the tokenizer's BOS, else its EOS (GPT-2 style <|endoftext|>)."""
+    for token_id in (tokenizer.bos_token_id, tokenizer.eos_token_id):
+        if token_id is not None:
+            return int(token_id)
+    raise ConfigError("this tokenizer has neither a BOS nor an EOS token to prepend; run with --no-bos")
+
+
+def token_windows(ids: Sequence[int], context_length: int, bos_id: int | None) -> list[list[int]]:
+    """Non-overlapping windows of `context_length - 1` text tokens, each prefixed with `bos_id` when given."""
+    step = context_length - 1
+    prefix = [] if bos_id is None else [bos_id]
+    windows = [prefix + list(ids[i : i + step]) for i in range(0, len(ids), step)]
+    return [w for w in windows if len(w) >= 2]  # a window needs one token to predict
+
+
+def window_nll(model: Any, windows: list[list[int]], batch_size: int, device: torch.device,
+               progress: bool = True) -> tuple[float, int]:
+    """(sum of NLL in float64, number of predicted tokens). Windows of equal length share a batch; padding is
+    never used, so the result does not depend on `batch_size`."""
+    by_length: dict[int, list[list[int]]] = {}
+    for window in windows:
+        by_length.setdefault(len(window), []).append(window)
+    batches = [group[i : i + batch_size] for group in by_length.values() for i in range(0, len(group), batch_size)]
+    total, count = 0.0, 0
+    with torch.inference_mode(), tqdm(total=len(windows), desc="windows", unit="win", disable=not progress,
+                                      leave=False) as bar:
+        for batch in batches:
+            input_ids = torch.tensor(batch, device=device)  # (B, T)
+            logits = model(input_ids=input_ids).logits[:, :-1].float()  # (B, T-1, V)
+            nll = F.cross_entropy(logits.transpose(1, 2), input_ids[:, 1:], reduction="none")  # (B, T-1)
+            total += nll.double().sum().item()
+            count += nll.numel()
+            bar.update(len(batch))
+    return total, count
+
+
+def perplexity(model: Any, tokenizer: Any, text: str, context_length: int, *, bos: bool = True,
+               batch_size: int = 1, limit: int | None = None, progress: bool = True) -> Metric:
+    if batch_size < 1:
+        raise ConfigError(f"batch size must be >= 1, got {batch_size}")
+    ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+    windows = token_windows(ids, context_length, bos_token_id(tokenizer) if bos else None)
+    if limit is not None:
+        windows = windows[:limit]
+    if not windows:
+        raise ConfigError("the text is too short for one perplexity window")
+    device = next(model.parameters()).device
+    total, count = window_nll(model, windows, batch_size, device, progress)
+    return Metric("ppl", math.exp(total / count), higher_is_better=False, kind="token-level", n=count)

@@ -1,0 +1,73 @@
+"""Shared fixtures: a tiny random Llama with a real (tiny, trained-here) BPE tokenizer, saved as a local folder.
+
+It plays the role lm-eval's DummyLM plays: the whole pipeline runs on it in a second, offline.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from qharness.tasks.spec import tasks_dir
+
+TINY_LAYERS = 2
+
+
+def train_tiny_tokenizer(text: str, vocab_size: int = 400):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<bos>", "<eos>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([text], trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>")
+
+
+def tiny_llama(vocab_size: int, seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=TINY_LAYERS,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         bos_token_id=0, eos_token_id=1, tie_word_embeddings=False)
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture(scope="session")
+def heldout_text() -> str:
+    return (tasks_dir() / "data" / "kjv-heldout.txt").read_text(encoding="utf-8")
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(heldout_text):
+    return train_tiny_tokenizer(heldout_text[:20000])
+
+
+@pytest.fixture()
+def tiny_model(tiny_tokenizer):
+    return tiny_llama(len(tiny_tokenizer))
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tiny_tokenizer) -> Path:
+    """A local Hugging Face folder (safetensors + tokenizer): what `--model path/to/folder` reads."""
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    tiny_llama(len(tiny_tokenizer)).save_pretrained(folder, safe_serialization=True)
+    tiny_tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture()
+def tiny_task_dir(tmp_path, heldout_text) -> Path:
+    """A task folder with one short perplexity task, for runs that must finish in a second."""
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "short.txt").write_text(heldout_text[:3000], encoding="utf-8")
+    (tmp_path / "short.yaml").write_text(
+        "name: short\nkind: perplexity\ndata: data/short.txt\ncontext_length: 64\n", encoding="utf-8"
+    )
+    return tmp_path

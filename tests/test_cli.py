@@ -1,0 +1,72 @@
+import pytest
+
+from qharness.cli import main
+from qharness.results import read_rows
+
+
+def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_list_shows_every_registry(capsys):
+    code, out, _ = run_cli(capsys, "list")
+    assert code == 0
+    for expected in ("smollm2-135m", "int8-w8a8-token", "(alias: int8)", "kjv-heldout", "wordnet-heldout"):
+        assert expected in out
+
+
+def test_run_prints_table_and_appends_rows(capsys, tiny_model_dir, tiny_task_dir, tmp_path):
+    results = tmp_path / "lb.csv"
+    argv = ("run", "--model", str(tiny_model_dir), "--task", str(tiny_task_dir / "short.yaml"),
+            "--results", str(results), "--quiet")
+    code, out, err = run_cli(capsys, *argv)
+    assert code == 0 and err == ""
+    assert "computed 2 of 2 cells" in out
+    assert "int8-w8a8-token" in out and "ppl (token-level" in out
+    assert len(read_rows(results)) == 2
+    code, out, _ = run_cli(capsys, *argv)
+    assert code == 0 and "computed 0 of 2 cells" in out
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["run", "--quant", "int9"], "unknown scheme 'int9'; did you mean 'int8'"),
+        (["run", "--task", "nope"], "unknown task 'nope'; known: kjv-heldout, wordnet-heldout"),
+        (["run", "--model", "no-such-model"], "unknown model 'no-such-model': not a built-in name (smollm2-135m)"),
+        (["run", "--model", "missing/file.gguf"], "model file not found: missing/file.gguf"),
+        (["run", "--dtype", "fp64"], "unknown dtype 'fp64'; valid: auto, fp32, bf16, fp16"),
+        (["run", "--device", "tpu"], "unknown device 'tpu'; valid: auto, cpu, cuda"),
+        (["run", "--limit", "0"], "limit must be >= 1 window, got 0"),
+    ],
+)
+def test_bad_input_is_one_line_exit_2_and_no_results(capsys, tmp_path, argv, message):
+    results = tmp_path / "lb.csv"
+    code, out, err = run_cli(capsys, *argv, "--results", str(results), "--quiet")
+    assert code == 2
+    assert err.startswith("qharness: error: ") and message in err and err.count("\n") == 1
+    assert not results.exists()
+
+
+def test_corrupt_gguf_is_one_line_error(capsys, tmp_path):
+    bad = tmp_path / "broken.gguf"
+    bad.write_bytes(b"GGUF" + b"\x00" * 20)
+    code, _, err = run_cli(capsys, "run", "--model", str(bad), "--results", str(tmp_path / "lb.csv"), "--quiet")
+    assert code == 2 and err.startswith(f"qharness: error: cannot read GGUF file {bad}")
+    assert "is it a complete GGUF model file?" in err and err.count("\n") == 1
+
+
+def test_cuda_on_a_machine_without_one(capsys, tmp_path, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    code, _, err = run_cli(capsys, "run", "--device", "cuda", "--results", str(tmp_path / "lb.csv"))
+    assert code == 2
+    assert err == "qharness: error: device 'cuda' requested but no CUDA GPU is visible here; use --device cpu or auto\n"
+
+
+def test_no_command_prints_help(capsys):
+    code, out, _ = run_cli(capsys)
+    assert code == 2 and "run" in out and "list" in out

@@ -1,0 +1,91 @@
+import pytest
+
+from qharness import runner
+from qharness.errors import ModelLoadError, UnknownName
+from qharness.models.sources import ModelSpec
+from qharness.results import read_rows
+from qharness.runner import RunSpec, run
+
+
+def spec_for(model_dir, task_dir, results, **kwargs) -> RunSpec:
+    return RunSpec(model=ModelSpec(str(model_dir)), tasks=(str(task_dir / "short.yaml"),), results=results,
+                   progress=False, **kwargs)
+
+
+def test_run_writes_fp_and_quant_rows_with_provenance(tiny_model_dir, tiny_task_dir, tmp_path):
+    results = tmp_path / "leaderboard.csv"
+    report = run(spec_for(tiny_model_dir, tiny_task_dir, results), say=lambda m: None)
+    assert report.computed == 2
+    fp, q = read_rows(results)
+    assert (fp["quant"], q["quant"]) == ("none", "int8-w8a8-token")
+    assert q["fp_value"] == fp["value"] and float(fp["delta"]) == 0
+    assert float(q["delta"]) == pytest.approx(float(q["value"]) - float(fp["value"]), rel=1e-4)
+    assert float(q["value"]) != float(fp["value"])  # the quantized model really ran
+    for column in ("seed", "versions", "device", "git_rev", "time", "task_hash", "model_source", "n"):
+        assert q[column], column
+    assert q["metric_kind"] == "token-level" and q["backend"] == "sim" and '"int8"' in q["scheme"]
+
+
+def test_rerun_skips_present_cells_and_force_recomputes(tiny_model_dir, tiny_task_dir, tmp_path):
+    results = tmp_path / "leaderboard.csv"
+    spec = spec_for(tiny_model_dir, tiny_task_dir, results)
+    first = run(spec, say=lambda m: None)
+    said = []
+    again = run(spec, say=said.append)
+    assert again.computed == 0 and "already in" in said[0]
+    assert again.rows == first.rows
+    forced = run(spec_for(tiny_model_dir, tiny_task_dir, results, force=True), say=lambda m: None)
+    assert forced.computed == 2 and len(read_rows(results)) == 2
+    assert forced.rows[0]["run_id"] != first.rows[0]["run_id"]
+
+
+def test_interrupted_run_resumes_without_recomputing_the_baseline(tiny_model_dir, tiny_task_dir, tmp_path,
+                                                                  monkeypatch):
+    results = tmp_path / "leaderboard.csv"
+    real = runner._evaluate
+    calls = []
+
+    def interrupt_on_quantized(loaded, task, spec):
+        calls.append(loaded.model.__class__.__name__)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(loaded, task, spec)
+
+    monkeypatch.setattr(runner, "_evaluate", interrupt_on_quantized)
+    with pytest.raises(KeyboardInterrupt):
+        run(spec_for(tiny_model_dir, tiny_task_dir, results), say=lambda m: None)
+    assert [r["quant"] for r in read_rows(results)] == ["none"]  # the finished cell survived
+
+    calls.clear()
+    monkeypatch.setattr(runner, "_evaluate", lambda *a: (calls.append(1), real(*a))[1])
+    report = run(spec_for(tiny_model_dir, tiny_task_dir, results), say=lambda m: None)
+    assert report.computed == 1 and len(calls) == 1  # only the quantized cell
+    assert report.rows[1]["fp_value"] == report.rows[0]["value"]
+
+
+def test_settings_are_part_of_the_key(tiny_model_dir, tiny_task_dir, tmp_path):
+    results = tmp_path / "leaderboard.csv"
+    run(spec_for(tiny_model_dir, tiny_task_dir, results), say=lambda m: None)
+    no_bos = run(spec_for(tiny_model_dir, tiny_task_dir, results, bos=False), say=lambda m: None)
+    assert no_bos.computed == 2 and len(read_rows(results)) == 4
+    assert {r["bos"] for r in read_rows(results)} == {"True", "False"}
+
+
+@pytest.mark.parametrize(
+    ("change", "error"),
+    [
+        (dict(quants=("int9",)), UnknownName),
+        (dict(tasks=("nope",)), UnknownName),
+        (dict(model=ModelSpec("no-such-model")), ModelLoadError),
+    ],
+)
+def test_bad_input_fails_before_loading_and_leaves_results_untouched(tiny_model_dir, tiny_task_dir, tmp_path,
+                                                                     monkeypatch, change, error):
+    results = tmp_path / "leaderboard.csv"
+    run(spec_for(tiny_model_dir, tiny_task_dir, results), say=lambda m: None)
+    before = results.read_bytes()
+    monkeypatch.setattr(runner, "load_model", lambda spec: pytest.fail("loaded a model for a bad run"))
+    spec = spec_for(tiny_model_dir, tiny_task_dir, results)
+    with pytest.raises(error):
+        run(RunSpec(**{**spec.__dict__, **change}), say=lambda m: None)
+    assert results.read_bytes() == before
