@@ -30,6 +30,13 @@ def _names(text: str) -> tuple[str, ...]:
     return tuple(name.strip() for name in text.split(",") if name.strip())
 
 
+def _positions(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(p) for p in _names(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated token positions like 0,1, got '{text}'") from None
+
+
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="smollm2-135m",
                         help="built-in name, local HF folder, .gguf file or hub id (default: smollm2-135m)")
@@ -37,6 +44,10 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
                         help="comma-separated schemes (default: int8 = int8-w8a8-token); see `qharness list quants`")
     parser.add_argument("--task", default=None, type=_names,
                         help="comma-separated tasks (default: kjv-heldout,wordnet-heldout); see `qharness list tasks`")
+    parser.add_argument("--backend", default="auto",
+                        help="auto (real kernels on CUDA, sim on CPU) | sim | bnb | torchao (`qharness list backends`)")
+    parser.add_argument("--keep-positions", default="", type=_positions, metavar="P,Q",
+                        help="token positions whose activations stay in full precision, e.g. 0 for BOS")
     parser.add_argument("--dtype", default="auto", help="auto (fp32 on CPU, bf16 on CUDA) | fp32 | bf16 | fp16")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
     parser.add_argument("--no-bos", dest="bos", action="store_false", help="do not prepend BOS to each window")
@@ -50,13 +61,14 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def format_table(rows: list[dict[str, str]]) -> str:
-    header = ("task", "quant", "metric", "value", "fp", "delta", "rel")
+    header = ("task", "quant", "backend", "metric", "value", "fp", "delta", "rel")
     lines = [header]
     for row in rows:
         rel = f"{float(row['rel_delta']):+.2%}" if row["quant"] != "none" else ""
         delta = f"{float(row['delta']):+.4g}" if row["quant"] != "none" else ""
         metric = f"{row['metric']} ({row['metric_kind']}, n={row['n']})"
-        lines.append((row["task"], row["quant"], metric, f"{float(row['value']):.4f}",
+        quant = row["quant"] + (f" keep {row['keep']}" if row.get("keep") else "")
+        lines.append((row["task"], quant, row["backend"], metric, f"{float(row['value']):.4f}",
                       f"{float(row['fp_value']):.4f}", delta, rel))
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip()
@@ -65,10 +77,12 @@ def format_table(rows: list[dict[str, str]]) -> str:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from qharness.models.sources import ModelSpec
+    from qharness.quant.schemes import Keep
     from qharness.runner import DEFAULT_TASKS, RunSpec, run
 
     spec = RunSpec(
         model=ModelSpec(args.model, dtype=args.dtype, device=args.device), quants=args.quant,
+        backend=args.backend, keep=Keep(args.keep_positions),
         tasks=args.task or DEFAULT_TASKS, bos=args.bos, limit=args.limit, batch_size=args.batch_size,
         seed=args.seed, results=args.results, force=args.force, progress=not args.quiet,
     )
@@ -92,7 +106,16 @@ def cmd_list(args: argparse.Namespace) -> int:
         for entry in SCHEMES:
             aliases = SCHEMES.aliases_of(entry.name)
             also = f" (alias: {', '.join(aliases)})" if aliases else ""
-            print(f"  {entry.name:24} {entry.obj().description}{also}")
+            scheme = entry.obj()
+            print(f"  {entry.name:30} {scheme.description}{also} [{', '.join(scheme.backends)}]")
+    if args.what in ("all", "backends"):
+        from qharness.quant.backend import load_backends
+
+        print("backends:")
+        for entry in load_backends():
+            backend = entry.obj
+            needs = f" (needs {', '.join(backend.requires)}; {'/'.join(backend.devices)})" if backend.requires else ""
+            print(f"  {entry.name:24} {backend.description}{needs}")
     if args.what in ("all", "tasks"):
         print("tasks:")
         for task in all_tasks():
@@ -101,7 +124,7 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def add_list_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("what", nargs="?", default="all", choices=("all", "models", "quants", "tasks"))
+    parser.add_argument("what", nargs="?", default="all", choices=("all", "models", "quants", "backends", "tasks"))
 
 
 COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], Callable[[argparse.ArgumentParser], None], str,

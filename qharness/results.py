@@ -21,14 +21,14 @@ from pathlib import Path
 
 COLUMNS = (
     # what was measured (the key)
-    "model", "quant", "backend", "task", "task_hash", "metric", "bos", "context_length", "limit", "dtype",
+    "model", "quant", "backend", "keep", "task", "task_hash", "metric", "bos", "context_length", "limit", "dtype",
     "device_type",
     # the numbers
-    "value", "fp_value", "delta", "rel_delta", "higher_is_better", "metric_kind", "n",
+    "value", "fp_value", "delta", "rel_delta", "higher_is_better", "metric_kind", "n", "weight_bytes",
     # how to reproduce it
     "model_source", "scheme", "seed", "versions", "device", "git_rev", "run_id", "time", "seconds",
 )
-KEY_COLUMNS = COLUMNS[:11]
+KEY_COLUMNS = COLUMNS[:12]
 
 Row = dict[str, str]
 

@@ -29,8 +29,11 @@ from qharness.models.sources import (
     resolve_device,
     resolve_dtype,
 )
-from qharness.quant.apply import quantize_
-from qharness.quant.schemes import SCHEMES, QuantScheme, get_scheme
+from qharness.quant.apply import quantize_, target_linears
+from qharness.quant.backend import QuantContext, select_backend
+from qharness.quant.calibrate import calibration_batches, calibration_text
+from qharness.quant.footprint import weight_bytes
+from qharness.quant.schemes import SCHEMES, Keep, QuantScheme, get_scheme
 from qharness.results import Row, append_rows, existing_keys, key
 from qharness.tasks import TaskSpec, get_task, load_task_text
 from qharness.tasks.perplexity import Metric, perplexity
@@ -43,6 +46,8 @@ DEFAULT_TASKS = ("kjv-heldout", "wordnet-heldout")
 class RunSpec:
     model: ModelSpec = field(default_factory=ModelSpec)
     quants: tuple[str, ...] = ("int8-w8a8-token",)  # scheme names or aliases; the fp baseline is implied
+    backend: str = "auto"  # auto: real kernels on CUDA, sim on CPU; or a backend name for every scheme
+    keep: Keep = field(default_factory=Keep)  # token positions left in full precision (the causal check)
     tasks: tuple[str, ...] = DEFAULT_TASKS
     bos: bool = True  # prepend BOS to every window (the paper's setting)
     limit: int | None = None  # evaluate only the first N windows of each task
@@ -62,6 +67,7 @@ class RunSpec:
 @dataclass
 class Cell:
     quant: str  # canonical scheme name, or FP
+    backend: str  # the backend that runs it ("" for FP)
     task: TaskSpec
     task_hash: str
     row_key: tuple[str, ...]
@@ -74,10 +80,12 @@ class RunReport:
     model: str
 
 
-def _key_row(spec: RunSpec, quant: str, task: TaskSpec, task_hash: str, device_type: str, dtype: str) -> Row:
+def _key_row(spec: RunSpec, cell: Cell, device_type: str, dtype: str) -> Row:
+    task = cell.task
     return {
-        "model": spec.model.name, "quant": quant, "backend": "" if quant == FP else "sim", "task": task.name,
-        "task_hash": task_hash, "metric": "ppl", "bos": str(spec.bos), "context_length": str(task.context_length),
+        "model": spec.model.name, "quant": cell.quant, "backend": cell.backend,
+        "keep": "" if cell.quant == FP else spec.keep.label, "task": task.name,
+        "task_hash": cell.task_hash, "metric": "ppl", "bos": str(spec.bos), "context_length": str(task.context_length),
         "limit": "" if spec.limit is None else str(spec.limit), "dtype": dtype, "device_type": device_type,
     }
 
@@ -89,12 +97,14 @@ def plan_cells(spec: RunSpec) -> tuple[list[Cell], dict[str, QuantScheme]]:
     tasks = [get_task(name) for name in spec.tasks]
     device = resolve_device(spec.model.device)
     dtype = dtype_name(resolve_dtype(spec.model.dtype, device))
+    backends = {name: select_backend(scheme, device, spec.backend) for name, scheme in schemes.items()}
+    hashes = {task.name: task.content_hash() for task in tasks}
     cells = []
     for quant in (FP, *schemes):
         for task in tasks:
-            task_hash = task.content_hash()
-            row = _key_row(spec, quant, task, task_hash, device.type, dtype)
-            cells.append(Cell(quant, task, task_hash, key(row)))
+            cell = Cell(quant, backends.get(quant, ""), task, hashes[task.name], ())
+            cell.row_key = key(_key_row(spec, cell, device.type, dtype))
+            cells.append(cell)
     return cells, schemes
 
 
@@ -105,13 +115,13 @@ def _evaluate(loaded: LoadedModel, task: TaskSpec, spec: RunSpec) -> Metric:
 
 
 def _result_row(spec: RunSpec, loaded: LoadedModel, cell: Cell, metric: Metric, fp_value: float,
-                scheme: QuantScheme | None, seconds: float, run_id: str) -> Row:
-    row = _key_row(spec, cell.quant, cell.task, cell.task_hash, loaded.device.type, dtype_name(loaded.dtype))
+                scheme: QuantScheme | None, seconds: float, run_id: str, weights: int) -> Row:
+    row = _key_row(spec, cell, loaded.device.type, dtype_name(loaded.dtype))
     delta = metric.value - fp_value
     row.update({
         "value": repr(metric.value), "fp_value": repr(fp_value), "delta": repr(delta),
         "rel_delta": repr(delta / fp_value), "higher_is_better": str(metric.higher_is_better),
-        "metric_kind": metric.kind, "n": str(metric.n), "model_source": loaded.source,
+        "metric_kind": metric.kind, "n": str(metric.n), "weight_bytes": str(weights), "model_source": loaded.source,
         "scheme": json.dumps(scheme.to_dict(), sort_keys=True) if scheme else "", "seed": str(spec.seed),
         "versions": provenance.versions(), "device": provenance.device_description(loaded.device),
         "git_rev": provenance.git_revision(), "run_id": run_id, "time": provenance.utc_now(),
@@ -132,6 +142,7 @@ def run(spec: RunSpec, say: Callable[[str], None] = print) -> RunReport:
     loaded = load_model(spec.model, progress=spec.progress)
     run_id = uuid.uuid4().hex[:12]
     rows: dict[tuple[str, ...], Row] = dict(done)
+    targets = target_linears(loaded.model)
     fp_values: dict[str, float] = {}
     for cell in cells:
         if cell.quant == FP and cell.row_key in done:
@@ -144,8 +155,9 @@ def run(spec: RunSpec, say: Callable[[str], None] = print) -> RunReport:
         if cell.quant == FP:
             fp_values[cell.task.name] = metric.value
         fp_value = fp_values[cell.task.name]
-        row = _result_row(spec, model, cell, metric, fp_value, schemes.get(cell.quant),
-                          time.perf_counter() - start, run_id)
+        scheme = schemes.get(cell.quant)
+        row = _result_row(spec, model, cell, metric, fp_value, scheme, time.perf_counter() - start, run_id,
+                          weight_bytes(targets, scheme))
         append_rows(spec.results, [row])
         rows[cell.row_key] = row
 
@@ -156,9 +168,11 @@ def run(spec: RunSpec, say: Callable[[str], None] = print) -> RunReport:
         quant_cells = [c for c in todo if c.quant == quant]
         if not quant_cells:
             continue
-        say(f"quantizing with {quant} ...")
+        say(f"quantizing with {quant} [{quant_cells[0].backend}] ...")
         qmodel = copy.deepcopy(loaded.model)
-        quantize_(qmodel, scheme)
+        context = QuantContext(loaded.device, calibration=lambda: calibration_batches(
+            loaded.tokenizer, calibration_text(), bos=spec.bos, device=loaded.device))
+        quantize_(qmodel, scheme, backend=quant_cells[0].backend, keep=spec.keep, context=context)
         quantized = LoadedModel(qmodel, loaded.tokenizer, loaded.spec, loaded.source, loaded.device, loaded.dtype)
         for cell in quant_cells:
             compute(quantized, cell)

@@ -5,6 +5,8 @@ It plays the role lm-eval's DummyLM plays: the whole pipeline runs on it in a se
 
 from __future__ import annotations
 
+import importlib.util
+import os
 from pathlib import Path
 
 import pytest
@@ -13,6 +15,20 @@ import torch
 from qharness.tasks.spec import tasks_dir
 
 TINY_LAYERS = 2
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """`needs(pkg)` skips with a reason when pkg is missing, unless the tox env lists it in QHARNESS_REQUIRE: there a
+    missing library is an error, so a backend env can never pass by skipping. `gpu` skips without CUDA."""
+    required = set(filter(None, os.environ.get("QHARNESS_REQUIRE", "").split(",")))
+    for mark in item.iter_markers("needs"):
+        package = mark.args[0]
+        if importlib.util.find_spec(package) is None:
+            if package in required:
+                pytest.fail(f"{package} is required in this environment (QHARNESS_REQUIRE) but not installed")
+            pytest.skip(f"needs {package}: pip install -c constraints.txt {package}")
+    if item.get_closest_marker("gpu") and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
 
 
 def train_tiny_tokenizer(text: str, vocab_size: int = 400):

@@ -13,7 +13,8 @@ def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
 def test_list_shows_every_registry(capsys):
     code, out, _ = run_cli(capsys, "list")
     assert code == 0
-    for expected in ("smollm2-135m", "int8-w8a8-token", "(alias: int8)", "kjv-heldout", "wordnet-heldout"):
+    for expected in ("smollm2-135m", "int8-w8a8-token", "(alias: int8)", "kjv-heldout", "wordnet-heldout",
+                     "llm-int8", "fp8-e4m3-unscaled", "int4-weight-g128", "torchao", "bnb"):
         assert expected in out
 
 
@@ -40,6 +41,9 @@ def test_run_prints_table_and_appends_rows(capsys, tiny_model_dir, tiny_task_dir
         (["run", "--dtype", "fp64"], "unknown dtype 'fp64'; valid: auto, fp32, bf16, fp16"),
         (["run", "--device", "tpu"], "unknown device 'tpu'; valid: auto, cpu, cuda"),
         (["run", "--limit", "0"], "limit must be >= 1 window, got 0"),
+        (["run", "--backend", "gptqq"], "unknown backend 'gptqq'"),
+        (["run", "--quant", "int8-w8a8-tensor", "--backend", "bnb"],
+         "backend 'bnb' does not implement scheme 'int8-w8a8-tensor'; its backends: sim"),
     ],
 )
 def test_bad_input_is_one_line_exit_2_and_no_results(capsys, tmp_path, argv, message):
@@ -70,3 +74,10 @@ def test_cuda_on_a_machine_without_one(capsys, tmp_path, monkeypatch):
 def test_no_command_prints_help(capsys):
     code, out, _ = run_cli(capsys)
     assert code == 2 and "run" in out and "list" in out
+
+
+def test_bad_keep_positions_is_an_argparse_error(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["run", "--keep-positions", "bos"])
+    assert info.value.code == 2
+    assert "expected comma-separated token positions like 0,1, got 'bos'" in capsys.readouterr().err

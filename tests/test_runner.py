@@ -89,3 +89,25 @@ def test_bad_input_fails_before_loading_and_leaves_results_untouched(tiny_model_
     with pytest.raises(error):
         run(RunSpec(**{**spec.__dict__, **change}), say=lambda m: None)
     assert results.read_bytes() == before
+
+
+def test_kept_positions_and_backend_are_recorded_and_keyed(tiny_model_dir, tiny_task_dir, tmp_path):
+    from qharness.quant.schemes import Keep
+
+    results = tmp_path / "leaderboard.csv"
+    run(spec_for(tiny_model_dir, tiny_task_dir, results, quants=("int8-w8a8-tensor",)), say=lambda m: None)
+    kept = run(spec_for(tiny_model_dir, tiny_task_dir, results, quants=("int8-w8a8-tensor",), keep=Keep((0,))),
+               say=lambda m: None)
+    assert kept.computed == 1  # the baseline is shared; only the kept variant is new
+    rows = read_rows(results)
+    assert [(r["quant"], r["keep"], r["backend"]) for r in rows] == [
+        ("none", "", ""), ("int8-w8a8-tensor", "", "sim"), ("int8-w8a8-tensor", "pos:0", "sim")]
+    assert rows[1]["value"] != rows[2]["value"]
+
+
+def test_static_scheme_calibrates_on_the_shipped_calibration_text(tiny_model_dir, tiny_task_dir, tmp_path):
+    results = tmp_path / "leaderboard.csv"
+    report = run(spec_for(tiny_model_dir, tiny_task_dir, results, quants=("int8-w8a8-tensor-static",)),
+                 say=lambda m: None)
+    fp, static = report.rows
+    assert float(static["value"]) > 0 and static["value"] != fp["value"]

@@ -1,49 +1,78 @@
 """Apply a scheme to a model: `quantize_(model, scheme)` swaps every Linear inside the decoder layers in place.
 
     from qharness.quant.apply import quantize_
-    from qharness.quant.schemes import get_scheme
-    quantize_(model, get_scheme("int8-w8a8-token"))
+    from qharness.quant.schemes import Keep, get_scheme
+    quantize_(model, get_scheme("int8-w8a8-tensor"), keep=Keep(positions=(0,)))   # BOS stays in full precision
 
-The LM head and the embeddings stay in full precision: they sit outside the decoder layers.
+The LM head and the embeddings stay in full precision: they sit outside the decoder layers. GPT-2's Conv1D
+projections are converted to equivalent nn.Linear first, so every backend sees the same modules.
 """
-
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
+import torch
 from torch import nn
 
-from qharness.errors import UnknownName
+from qharness.errors import BackendUnavailable
 from qharness.models.layers import decoder_layers
-from qharness.quant.schemes import QuantScheme
-from qharness.quant.sim import SimQuantLinear
+from qharness.quant.backend import QuantContext, load_backends, select_backend
+from qharness.quant.schemes import Keep, QuantScheme
 
-BACKENDS = ("sim",)
+
+def conv1d_to_linear(conv: nn.Module) -> nn.Linear:
+    """transformers' Conv1D computes x @ W + b with W of shape (in, out): the same map as Linear with W.T."""
+    in_features, out_features = conv.weight.shape
+    linear = nn.Linear(in_features, out_features, bias=conv.bias is not None,
+                       device=conv.weight.device, dtype=conv.weight.dtype)
+    with torch.no_grad():
+        linear.weight.copy_(conv.weight.T)
+        if conv.bias is not None:
+            linear.bias.copy_(conv.bias)
+    return linear
+
+
+def swap_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name), child, new)
 
 
 def target_linears(model: nn.Module, skip: Callable[[str], bool] = lambda name: False) -> dict[str, nn.Linear]:
-    """Qualified name -> nn.Linear for every Linear inside the decoder layers that `skip` does not exclude."""
+    """Qualified name -> nn.Linear for every Linear (or Conv1D, converted in place) inside the decoder layers
+    that `skip` does not exclude."""
     layer_ids = {id(layer) for layer in decoder_layers(model)}
     targets: dict[str, nn.Linear] = {}
     for name, module in model.named_modules():
-        if id(module) in layer_ids:
-            for sub_name, sub in module.named_modules(prefix=name):
-                if isinstance(sub, nn.Linear) and not skip(sub_name):
-                    targets[sub_name] = sub
+        if id(module) not in layer_ids:
+            continue
+        for sub_name, sub in module.named_modules(prefix=name):
+            if skip(sub_name):
+                continue
+            if type(sub).__name__ == "Conv1D":
+                sub = conv1d_to_linear(sub)
+                swap_module(model, sub_name, sub)
+            if isinstance(sub, nn.Linear):
+                targets[sub_name] = sub
     return targets
 
 
 def quantize_(
     model: nn.Module,
     scheme: QuantScheme,
-    backend: str = "sim",
+    backend: str = "auto",
+    keep: Keep | None = None,
     skip: Callable[[str], bool] = lambda name: False,
-) -> nn.Module:
-    """Replace the target Linears of `model` in place with quantized ones; returns `model`."""
-    if backend not in BACKENDS:
-        raise UnknownName(f"unknown backend '{backend}'; known: {', '.join(BACKENDS)}")
-    for name, linear in target_linears(model, skip).items():
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), child, SimQuantLinear(linear, scheme))
-    return model
+    context: QuantContext | None = None,
+) -> str:
+    """Quantize the target Linears of `model` in place; returns the name of the backend that did it."""
+    device = next(model.parameters()).device
+    context = context or QuantContext(device)
+    chosen = select_backend(scheme, device, backend)
+    impl = load_backends().get(chosen)
+    keep = keep or Keep()
+    if keep.positions and not impl.supports_keep:
+        raise BackendUnavailable(f"backend '{chosen}' cannot keep token positions in full precision; "
+                                 "use --backend sim")
+    impl.apply(model, scheme, target_linears(model, skip), keep, context)
+    return chosen

