@@ -50,3 +50,9 @@ def device_description(device: torch.device) -> str:
 
 def utc_now() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def row_fields(device: torch.device) -> dict[str, str]:
+    """The reproducibility columns every result row carries."""
+    return {"versions": versions(), "device": device_description(device), "git_rev": git_revision(),
+            "time": utc_now()}

@@ -123,9 +123,7 @@ def _result_row(spec: RunSpec, loaded: LoadedModel, cell: Cell, metric: Metric, 
         "rel_delta": repr(delta / fp_value), "higher_is_better": str(metric.higher_is_better),
         "metric_kind": metric.kind, "n": str(metric.n), "weight_bytes": str(weights), "model_source": loaded.source,
         "scheme": json.dumps(scheme.to_dict(), sort_keys=True) if scheme else "", "seed": str(spec.seed),
-        "versions": provenance.versions(), "device": provenance.device_description(loaded.device),
-        "git_rev": provenance.git_revision(), "run_id": run_id, "time": provenance.utc_now(),
-        "seconds": f"{seconds:.1f}",
+        "run_id": run_id, "seconds": f"{seconds:.1f}", **provenance.row_fields(loaded.device),
     })
     return row
 

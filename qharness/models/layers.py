@@ -42,3 +42,14 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
             f"{expected if expected is not None else 'identical'} layers; this architecture is not supported yet"
         )
     return max(candidates, key=len)  # the outermost / longest stack: a nested list of heads is never longer
+
+
+def layers_at(model: nn.Module, path: str) -> nn.ModuleList:
+    """The `--layers` override: a dotted attribute path to the decoder layer list, e.g. 'model.layers'."""
+    try:
+        module = model.get_submodule(path)
+    except AttributeError as exc:
+        raise ModelLoadError(f"--layers '{path}' is not a submodule of {type(model).__name__}: {exc}") from exc
+    if not isinstance(module, nn.ModuleList):
+        raise ModelLoadError(f"--layers '{path}' is a {type(module).__name__}, not an nn.ModuleList of layers")
+    return module

@@ -1,0 +1,109 @@
+"""One scan: load a model, profile its massive activations on calibration text, run the paper's intervention,
+write the JSON profile and plots under results/scan/, and add summary rows to the leaderboard."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from qharness import provenance
+from qharness.activations.intervene import intervention
+from qharness.activations.plots import plot_attention_sink, plot_magnitudes
+from qharness.activations.scan import ScanConfig, scan
+from qharness.models.layers import decoder_layers, layers_at
+from qharness.models.sources import ModelSpec, classify, dtype_name, load_model
+from qharness.quant.calibrate import calibration_batches, calibration_text
+from qharness.results import append_rows, write_atomic
+from qharness.tasks import get_task, load_task_text
+from qharness.tasks.perplexity import perplexity
+
+SUMMARY_METRICS = {  # leaderboard metric -> (profile summary key, higher_is_better)
+    "massive_max": ("max", False),
+    "massive_ratio": ("max_ratio", False),
+    "first_massive_layer": ("first_massive_layer", True),
+    "bos_holds_max": ("bos_holds_max", False),
+}
+
+
+@dataclass(frozen=True)
+class ScanSpec:
+    model: ModelSpec = field(default_factory=ModelSpec)
+    config: ScanConfig = field(default_factory=ScanConfig)
+    layers: str | None = None  # dotted path to the decoder layer list, when detection fails
+    intervention_task: str | None = "kjv-heldout"  # None: skip the intervention
+    intervention_limit: int = 1  # windows of that task per condition
+    out_dir: Path = Path("results/scan")
+    results: Path = Path("results/leaderboard.csv")
+    progress: bool = True
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_")[-80:]
+
+
+def intervention_table(loaded: Any, layers: Any, summary: dict[str, Any], spec: ScanSpec) -> list[dict[str, Any]]:
+    plan = summary["intervention"]
+    task = get_task(spec.intervention_task)
+    text = load_task_text(task)
+
+    def ppl() -> float:
+        return perplexity(loaded.model, loaded.tokenizer, text, task.context_length, bos=spec.config.bos,
+                          limit=spec.intervention_limit, progress=spec.progress).value
+
+    table = [{"condition": "original", "ppl": ppl()}]
+    for mode in ("zero", "mean"):
+        with intervention(layers[plan["layer"]], plan["channels"], mode, plan["mean_first"], plan["mean_rest"]):
+            table.append({"condition": mode, "ppl": ppl()})
+    return [{**row, "layer": plan["layer"], "channels": plan["channels"], "task": task.name} for row in table]
+
+
+def summary_rows(spec: ScanSpec, loaded: Any, summary: dict[str, Any], seconds: float) -> list[dict[str, str]]:
+    rows = []
+    for metric, (name, higher) in SUMMARY_METRICS.items():
+        value = summary[name]
+        rows.append({
+            "model": spec.model.name, "quant": "none", "backend": "", "keep": "", "task": "scan",
+            "task_hash": "", "metric": metric, "bos": str(spec.config.bos), "context_length": str(spec.config.length),
+            "limit": str(spec.config.sequences), "dtype": dtype_name(loaded.dtype), "device_type": loaded.device.type,
+            "value": "" if value is None else repr(float(value)), "delta": "0", "rel_delta": "0",
+            "higher_is_better": str(higher), "metric_kind": "activation", "n": str(spec.config.sequences),
+            "model_source": loaded.source, "seed": "0", "seconds": f"{seconds:.1f}",
+            **provenance.row_fields(loaded.device),
+        })
+        rows[-1]["fp_value"] = rows[-1]["value"]
+    return rows
+
+
+def run_scan(spec: ScanSpec, say: Callable[[str], None] = print) -> dict[str, Any]:
+    classify(spec.model.name)
+    if spec.intervention_task:
+        get_task(spec.intervention_task)
+    say(f"loading {spec.model.name} ...")
+    loaded = load_model(spec.model, progress=spec.progress)
+    layers = layers_at(loaded.model, spec.layers) if spec.layers else decoder_layers(loaded.model)
+    batches = calibration_batches(loaded.tokenizer, calibration_text(), spec.config.sequences, spec.config.length,
+                                  spec.config.bos, loaded.device)
+    say(f"scanning {len(layers)} layers over {len(batches)} sequences of {spec.config.length} tokens ...")
+    start = time.perf_counter()
+    profile = scan(loaded.model, loaded.tokenizer, batches, spec.config, layers)
+    seconds = time.perf_counter() - start
+    profile.update(model=spec.model.name, model_source=loaded.source, dtype=dtype_name(loaded.dtype),
+                   device=provenance.device_description(loaded.device), git_rev=provenance.git_revision(),
+                   versions=json.loads(provenance.versions()), time=provenance.utc_now())
+    if spec.intervention_task and profile["summary"]["intervention"]:
+        say("intervention: zero / mean of the outlier channels ...")
+        profile["intervention_table"] = intervention_table(loaded, layers, profile["summary"], spec)
+    out = spec.out_dir / (slug(spec.model.name) + ("" if spec.config.bos else "-nobos"))
+    out.mkdir(parents=True, exist_ok=True)
+    write_atomic(out / "profile.json", json.dumps(profile, indent=1) + "\n")
+    title = f"{spec.model.name} ({'BOS' if spec.config.bos else 'no BOS'})"
+    plot_magnitudes(profile, out / "magnitudes.png", title)
+    plot_attention_sink(profile, out / "attention_sink.png", title)
+    append_rows(spec.results, summary_rows(spec, loaded, profile["summary"], seconds))
+    profile["out_dir"] = str(out)
+    return profile
