@@ -132,15 +132,17 @@ def cmd_scan(args: argparse.Namespace) -> int:
 
 
 def format_table(rows: list[dict[str, str]]) -> str:
-    header = ("task", "quant", "backend", "metric", "value", "fp", "delta", "rel")
+    header = ("task", "quant", "backend", "metric", "value", "fp", "delta", "rel", "chance")
     lines = [header]
     for row in rows:
-        rel = f"{float(row['rel_delta']):+.2%}" if row["quant"] != "none" else ""
-        delta = f"{float(row['delta']):+.4g}" if row["quant"] != "none" else ""
+        is_fp = row["quant"] == "none"
+        rel = f"{float(row['rel_delta']):+.2%}" if row["rel_delta"] and not is_fp else ""
+        delta = f"{float(row['delta']):+.4g}" if not is_fp else ""
         metric = f"{row['metric']} ({row['metric_kind']}, n={row['n']})"
         quant = row["quant"] + (f" keep {row['keep']}" if row.get("keep") else "")
+        chance = f"{float(row['chance']):.2f}" if row.get("chance") else ""
         lines.append((row["task"], quant, row["backend"], metric, f"{float(row['value']):.4f}",
-                      f"{float(row['fp_value']):.4f}", delta, rel))
+                      f"{float(row['fp_value']):.4f}", delta, rel, chance))
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip()
                      for line in lines)
@@ -158,7 +160,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         seed=args.seed, results=args.results, force=args.force, progress=not args.quiet,
     )
     report = run(spec, say=(lambda msg: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr)))
-    print(f"model: {report.model}   computed {report.computed} of {len(report.rows)} cells -> {spec.results}")
+    print(f"model: {report.model}   computed {report.computed} of {len(report.rows)} rows -> {spec.results}")
     print(format_table(report.rows))
     return 0
 

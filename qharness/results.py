@@ -24,7 +24,7 @@ COLUMNS = (
     "model", "quant", "backend", "keep", "task", "task_hash", "metric", "bos", "context_length", "limit", "dtype",
     "device_type",
     # the numbers
-    "value", "fp_value", "delta", "rel_delta", "higher_is_better", "metric_kind", "n", "weight_bytes",
+    "value", "fp_value", "delta", "rel_delta", "higher_is_better", "metric_kind", "n", "chance", "weight_bytes",
     # how to reproduce it
     "model_source", "scheme", "seed", "versions", "device", "git_rev", "run_id", "time", "seconds",
 )

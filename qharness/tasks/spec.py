@@ -13,8 +13,9 @@ import yaml
 from qharness.errors import ConfigError, DataError
 from qharness.registry import Registry
 
-Kind = Literal["perplexity"]
-KINDS = ("perplexity",)
+Kind = Literal["perplexity", "zero-shot"]
+KINDS = ("perplexity", "zero-shot")
+OUTPUT_TYPES = ("multiple_choice", "loglikelihood")
 
 
 def tasks_dir() -> Path:
@@ -27,9 +28,15 @@ def tasks_dir() -> Path:
 class TaskSpec:
     name: str  # registry key, lowercase-hyphenated
     kind: Kind  # which runner evaluates it
-    data: str  # text file, relative to the YAML's folder
+    data: str | None = None  # local file relative to the YAML's folder: text (perplexity) or jsonl (zero-shot)
+    dataset: dict[str, Any] | None = None  # perplexity from the hub: load_dataset kwargs + "field" (online users)
+    lm_eval_task: str | None = None  # zero-shot from lm-eval's own registry (hub data, online users)
     description: str = ""
-    context_length: int = 2048  # tokens per non-overlapping window, BOS included
+    context_length: int = 2048  # perplexity: tokens per non-overlapping window, BOS included
+    output_type: str = "multiple_choice"  # local zero-shot: multiple_choice {query, choices, gold} or
+    #                                       loglikelihood {query, target} (greedy exact match)
+    chance: float | None = None  # zero-shot: the score of random guessing, printed beside every score
+    metric_names: tuple[str, ...] | None = None  # zero-shot: which lm-eval metrics to keep (default by output_type)
     root: str = ""  # folder the YAML was read from (set by the loader)
 
     def __post_init__(self) -> None:
@@ -37,6 +44,20 @@ class TaskSpec:
             raise ConfigError(f"task '{self.name}': unknown kind '{self.kind}'; valid: {', '.join(KINDS)}")
         if self.context_length < 2:
             raise ConfigError(f"task '{self.name}': context_length must be >= 2, got {self.context_length}")
+        sources = {"perplexity": ("data", "dataset"), "zero-shot": ("data", "lm_eval_task")}[self.kind]
+        if sum(getattr(self, key) is not None for key in sources) != 1:
+            raise ConfigError(f"task '{self.name}': a {self.kind} task needs exactly one of {' or '.join(sources)}")
+        if self.output_type not in OUTPUT_TYPES:
+            raise ConfigError(f"task '{self.name}': unknown output_type '{self.output_type}'; "
+                              f"valid: {', '.join(OUTPUT_TYPES)}")
+
+    @property
+    def metrics(self) -> tuple[str, ...]:
+        if self.kind == "perplexity":
+            return ("ppl",)
+        if self.metric_names:
+            return tuple(self.metric_names)
+        return ("acc", "acc_norm") if self.lm_eval_task or self.output_type == "multiple_choice" else ("acc",)
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any], root: Path) -> TaskSpec:
@@ -44,22 +65,28 @@ class TaskSpec:
         unknown = set(raw) - valid
         if unknown:
             raise ConfigError(f"task keys {sorted(unknown)} are not valid; valid keys: {sorted(valid)}")
-        missing = {"name", "kind", "data"} - set(raw)
+        missing = {"name", "kind"} - set(raw)
         if missing:
             raise ConfigError(f"task {raw.get('name', '?')} is missing {sorted(missing)}")
+        if isinstance(raw.get("metric_names"), list):
+            raw = {**raw, "metric_names": tuple(raw["metric_names"])}
         return cls(**raw, root=str(root))
 
     @property
     def data_path(self) -> Path:
+        if self.data is None:
+            raise DataError(f"task '{self.name}' has no local data file; it reads {self.dataset or self.lm_eval_task}")
         return Path(self.root) / self.data
 
     def config_dict(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if k != "root"}
 
     def content_hash(self) -> str:
-        """12 hex chars over the config and the data bytes: part of every result row's key."""
+        """12 hex chars over the config and the local data bytes: part of every result row's key. Hub data is
+        identified by its config (pin a `revision` in `dataset` to make it exact)."""
         digest = hashlib.sha256(json.dumps(self.config_dict(), sort_keys=True).encode())
-        digest.update(load_task_bytes(self))
+        if self.data is not None:
+            digest.update(load_task_bytes(self))
         return digest.hexdigest()[:12]
 
 
@@ -71,7 +98,27 @@ def load_task_bytes(task: TaskSpec) -> bytes:
     return path.read_bytes()
 
 
+def load_hub_text(task: TaskSpec) -> str:
+    """Perplexity text from the Hugging Face hub through `datasets` (online users; offline gives a clear error)."""
+    try:
+        import datasets
+    except ImportError as exc:
+        raise DataError(f"task '{task.name}' reads a hub dataset and needs `datasets`: "
+                        "pip install -c constraints.txt datasets") from exc
+    kwargs = dict(task.dataset)
+    field_name = kwargs.pop("field", "text")
+    try:
+        rows = datasets.load_dataset(**kwargs)
+    except Exception as exc:
+        reason = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+        raise DataError(f"task '{task.name}': cannot load dataset {kwargs} ({reason}); it needs the internet, "
+                        "or use an offline task (qharness list tasks)") from exc
+    return "\n\n".join(row[field_name] for row in rows)
+
+
 def load_task_text(task: TaskSpec) -> str:
+    if task.dataset is not None:
+        return load_hub_text(task)
     try:
         return load_task_bytes(task).decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -82,7 +129,9 @@ def read_task_file(path: Path) -> TaskSpec:
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML ({exc})") from exc
+        where = getattr(exc, "problem_mark", None)
+        line = f" at line {where.line + 1}" if where is not None else ""
+        raise ConfigError(f"{path}: not valid YAML{line} ({getattr(exc, 'problem', None) or 'parse error'})") from exc
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: a task file must hold a mapping of keys, got {type(raw).__name__}")
     return TaskSpec.from_dict(raw, path.parent)

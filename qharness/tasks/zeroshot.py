@@ -1,0 +1,72 @@
+"""Zero-shot tasks through lm-eval, on the model already in memory (quantized or not).
+
+Local tasks (tasks/*.yaml with `data: something.jsonl`) become lm-eval task configs in code, with absolute paths
+and field names instead of templates; hub tasks (`lm_eval_task: hellaswag`) are lm-eval's own. lm-eval's
+`"acc,none"` keys map to our bare names in `metrics_from_lm_eval`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+from qharness.errors import DataError
+from qharness.tasks.metrics import Metric
+from qharness.tasks.spec import TaskSpec
+
+
+def lm_eval_task(task: TaskSpec) -> dict[str, Any] | str:
+    if task.lm_eval_task is not None:
+        return task.lm_eval_task
+    metrics = [{"metric": name, "aggregation": "mean", "higher_is_better": True} for name in task.metrics]
+    config = {
+        "task": f"qharness_{task.name.replace('-', '_')}",
+        "dataset_path": "json",
+        "dataset_kwargs": {"data_files": {"test": str(task.data_path.resolve())}},
+        "test_split": "test",
+        "output_type": task.output_type,
+        "doc_to_text": "query",
+        "metric_list": metrics,
+    }
+    if task.output_type == "multiple_choice":
+        config.update(doc_to_choice="choices", doc_to_target="gold")
+    else:
+        config.update(doc_to_target="target")
+    return config
+
+
+def metrics_from_lm_eval(task: TaskSpec, results: dict[str, Any], n: int) -> list[Metric]:
+    """lm-eval's {"acc,none": 0.61, ...} -> our Metrics, in the task's declared order."""
+    metrics = []
+    for name in task.metrics:
+        value = results.get(f"{name},none")
+        if value is None:
+            raise DataError(f"task '{task.name}': lm-eval returned no '{name}' (it returned "
+                            f"{sorted(k.split(',')[0] for k in results if ',' in k)}); set metric_names in its YAML")
+        metrics.append(Metric(name, float(value), higher_is_better=True, kind="zero-shot", n=n, chance=task.chance))
+    return metrics
+
+
+def zero_shot(model: Any, tokenizer: Any, task: TaskSpec, *, limit: int | None = None, batch_size: int = 1,
+              bos: bool = True, progress: bool = True) -> list[Metric]:
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+
+    if task.data is not None and not task.data_path.is_file():
+        raise DataError(f"task '{task.name}': data file not found: {task.data_path}")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    logging.getLogger("lm_eval").setLevel(logging.INFO if progress else logging.ERROR)
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, add_bos_token=bos)
+    try:
+        output = simple_evaluate(model=lm, tasks=[lm_eval_task(task)], limit=limit, bootstrap_iters=0,
+                                 log_samples=False, random_seed=0, numpy_random_seed=0, torch_random_seed=0)
+    except Exception as exc:
+        if task.lm_eval_task is None:
+            raise
+        reason = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+        raise DataError(f"task '{task.name}': lm-eval could not run '{task.lm_eval_task}' ({reason}); hub tasks "
+                        "need the internet, the offline ones are in `qharness list tasks`") from exc
+    name, results = next(iter(output["results"].items()))
+    n = int(output.get("n-samples", {}).get(name, {}).get("effective", 0))
+    return metrics_from_lm_eval(task, results, n)
