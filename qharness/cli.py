@@ -24,6 +24,14 @@ SCAN_EXAMPLES = """examples:
   qharness scan --no-bos --sequences 4
   qharness scan --model path/to/model --layers model.layers --no-intervention
 """
+SWEEP_EXAMPLES = """examples:
+  qharness sweep sweeps/default.yaml       # the default grid: smollm2-135m x every scheme x the offline tasks
+  qharness sweep my-grid.yaml              # see qharness/sweep.py for the keys
+"""
+COMPARE_EXAMPLES = """examples:
+  qharness compare                      # results/leaderboard.csv -> results/report.md, report.html, plots
+  qharness compare --results other.csv --out other/
+"""
 LIST_EXAMPLES = """examples:
   qharness list            # everything
   qharness list quants
@@ -131,6 +139,41 @@ def cmd_scan(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", type=Path, help="sweep YAML (models, quants, tasks, keep_positions, limit, ...)")
+    parser.add_argument("--quiet", action="store_true")
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from qharness.sweep import SweepConfig, sweep
+
+    config = SweepConfig.from_file(args.config)
+    report = sweep(config, say=(lambda msg: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr)))
+    rows = sum(len(r.rows) for r in report.reports)
+    print(f"sweep: {len(report.reports)} runs, computed {report.computed} of {rows} rows -> {config.results}")
+    return 0
+
+
+def add_compare_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--results", type=Path, default=Path("results/leaderboard.csv"))
+    parser.add_argument("--out", type=Path, default=Path("results"))
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from qharness.compare import compare
+    from qharness.errors import DataError
+
+    if not args.results.is_file():
+        raise DataError(f"leaderboard not found: {args.results}; run `qharness run` first or pass --results")
+    summary = compare(args.results, args.out)
+    print(f"{summary['degradations']} quantized results compared -> {args.out / 'report.md'}, "
+          f"{args.out / 'report.html'}")
+    for check in summary["causal_checks"]:
+        print(f"causal check {check['model']} {check['quant']} keep {check['keep']} on {check['task']}: "
+              f"{check['recovered']:.0%} of the {check['metric']} loss recovered")
+    return 0
+
+
 def format_table(rows: list[dict[str, str]]) -> str:
     header = ("task", "quant", "backend", "metric", "value", "fp", "delta", "rel", "chance")
     lines = [header]
@@ -204,6 +247,9 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], Callable[[argpars
                           str]] = {
     "run": (cmd_run, add_run_arguments, "evaluate a model in full precision and quantized", RUN_EXAMPLES),
     "scan": (cmd_scan, add_scan_arguments, "profile a model's massive activations", SCAN_EXAMPLES),
+    "sweep": (cmd_sweep, add_sweep_arguments, "run a resumable grid of models x schemes x tasks", SWEEP_EXAMPLES),
+    "compare": (cmd_compare, add_compare_arguments, "write the report: degradation, causal check, correlation",
+                COMPARE_EXAMPLES),
     "list": (cmd_list, add_list_arguments, "list built-in models, quantization schemes and tasks", LIST_EXAMPLES),
 }
 

@@ -1,0 +1,267 @@
+"""The comparator: how much does each scheme cost each model, and how much of that is its massive activations?
+
+Reads the leaderboard (and the scan profiles) and writes results/report.md, results/report.html and plots:
+- degradation per (model, scheme, task, metric): fp -> quantized, absolute and relative;
+- the causal check: a scheme run again with BOS (or other positions) kept in full precision (`--keep-positions`):
+  the share of the loss that comes back is the share the kept activations caused;
+- rank correlation across models between the massive-activation measures (scan) and the degradation, per scheme
+  (needs at least 3 models with both);
+- a heatmap of relative perplexity change (model x scheme) and degradation against max activation.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from qharness.results import Row, read_rows, write_atomic
+
+PROFILE_MEASURES = ("massive_max", "massive_ratio")
+
+
+@dataclass(frozen=True)
+class Degradation:
+    model: str
+    quant: str
+    backend: str
+    keep: str
+    task: str
+    metric: str
+    value: float
+    fp_value: float
+    higher_is_better: bool
+
+    @property
+    def delta(self) -> float:
+        return self.value - self.fp_value
+
+    @property
+    def rel(self) -> float:
+        return self.delta / self.fp_value if self.fp_value else float("nan")
+
+    @property
+    def loss(self) -> float:
+        """How much worse, in the metric's own units (positive = worse)."""
+        return -self.delta if self.higher_is_better else self.delta
+
+
+def degradations(rows: list[Row]) -> list[Degradation]:
+    out = []
+    for row in rows:
+        if row["quant"] in ("", "none") or row.get("task") == "scan" or not row.get("fp_value"):
+            continue
+        out.append(Degradation(row["model"], row["quant"], row.get("backend", ""), row.get("keep", ""),
+                               row["task"], row["metric"], float(row["value"]), float(row["fp_value"]),
+                               row.get("higher_is_better") == "True"))
+    return out
+
+
+def causal_checks(items: list[Degradation]) -> list[dict[str, Any]]:
+    """For each scheme run both plain and with kept positions: the share of its loss that keeping recovers."""
+    plain = {(d.model, d.quant, d.task, d.metric): d for d in items if not d.keep}
+    checks = []
+    for kept in (d for d in items if d.keep):
+        base = plain.get((kept.model, kept.quant, kept.task, kept.metric))
+        if base is None:
+            continue
+        recovered = (base.loss - kept.loss) / base.loss if base.loss > 0 else float("nan")
+        checks.append({"model": kept.model, "quant": kept.quant, "task": kept.task, "metric": kept.metric,
+                       "keep": kept.keep, "fp": base.fp_value, "plain": base.value, "kept": kept.value,
+                       "recovered": recovered})
+    return checks
+
+
+def rank(values: list[float]) -> list[float]:
+    order = sorted(range(len(values)), key=lambda i: values[i])
+    ranks = [0.0] * len(values)
+    i = 0
+    while i < len(order):
+        j = i
+        while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
+            j += 1
+        for k in range(i, j + 1):
+            ranks[order[k]] = (i + j) / 2  # ties share their mean rank
+        i = j + 1
+    return ranks
+
+
+def spearman(x: list[float], y: list[float]) -> float:
+    """Spearman's rank correlation (Pearson on ranks, ties averaged)."""
+    rx, ry = rank(x), rank(y)
+    mx, my = sum(rx) / len(rx), sum(ry) / len(ry)
+    cov = sum((a - mx) * (b - my) for a, b in zip(rx, ry, strict=True))
+    sx = sum((a - mx) ** 2 for a in rx) ** 0.5
+    sy = sum((b - my) ** 2 for b in ry) ** 0.5
+    return cov / (sx * sy) if sx and sy else float("nan")
+
+
+def profile_measures(rows: list[Row]) -> dict[str, dict[str, float]]:
+    """model -> {massive_max, massive_ratio} from the scan rows (BOS on) in the leaderboard."""
+    measures: dict[str, dict[str, float]] = defaultdict(dict)
+    for row in rows:
+        if row.get("task") == "scan" and row["metric"] in PROFILE_MEASURES and row["value"] and row["bos"] == "True":
+            measures[row["model"]][row["metric"]] = float(row["value"])
+    return dict(measures)
+
+
+def correlations(items: list[Degradation], measures: dict[str, dict[str, float]]) -> list[dict[str, Any]]:
+    by_scheme: dict[tuple[str, str, str], dict[str, float]] = defaultdict(dict)
+    for d in items:
+        if not d.keep and d.model in measures:
+            by_scheme[(d.quant, d.task, d.metric)][d.model] = d.rel
+    out = []
+    for (quant, task, metric), per_model in sorted(by_scheme.items()):
+        models = sorted(per_model)
+        for measure in PROFILE_MEASURES:
+            usable = [m for m in models if measure in measures[m]]
+            rho = (spearman([measures[m][measure] for m in usable], [per_model[m] for m in usable])
+                   if len(usable) >= 3 else None)
+            out.append({"quant": quant, "task": task, "metric": metric, "measure": measure, "models": len(usable),
+                        "spearman": rho})
+    return out
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def markdown_report(items: list[Degradation], checks: list[dict[str, Any]], corr: list[dict[str, Any]],
+                    plots: list[str]) -> str:
+    parts = ["# qharness report", "",
+             "Generated by `qharness compare` from the leaderboard. Perplexity is token-level (lower is better); "
+             "zero-shot scores are accuracies (higher is better).", "", "## Degradation per scheme", ""]
+    rows = [[d.model, d.quant + (f" (keep {d.keep})" if d.keep else ""), d.backend, d.task, d.metric,
+             f"{d.fp_value:.4g}", f"{d.value:.4g}", f"{d.delta:+.4g}", f"{d.rel:+.2%}"]
+            for d in sorted(items, key=lambda d: (d.model, d.task, d.metric, d.rel))]
+    parts.append(_table(["model", "scheme", "backend", "task", "metric", "fp", "quantized", "delta", "rel"], rows))
+    parts += ["", "## Causal check: keep the massive-activation positions in full precision", ""]
+    if checks:
+        parts.append(_table(["model", "scheme", "task", "metric", "kept", "fp", "plain", "kept value", "recovered"],
+                            [[c["model"], c["quant"], c["task"], c["metric"], c["keep"], f"{c['fp']:.4g}",
+                              f"{c['plain']:.4g}", f"{c['kept']:.4g}", f"{c['recovered']:.0%}"] for c in checks]))
+    else:
+        parts.append("No scheme was run with `--keep-positions` yet.")
+    parts += ["", "## Rank correlation: massive activations vs degradation across models", ""]
+    measured = [c for c in corr if c["spearman"] is not None]
+    if measured:
+        parts.append(_table(["scheme", "task", "metric", "measure", "models", "Spearman rho"],
+                            [[c["quant"], c["task"], c["metric"], c["measure"], str(c["models"]),
+                              f"{c['spearman']:+.2f}"] for c in measured]))
+    else:
+        parts.append("Needs at least 3 scanned models with results for the same scheme and task "
+                     f"({max((c['models'] for c in corr), default=0)} so far).")
+    parts += ["", "## Plots", ""] + [f"![{Path(p).stem}]({Path(p).name})" for p in plots]
+    return "\n".join(parts) + "\n"
+
+
+def html_report(markdown: str) -> str:
+    """A self-contained page of the same content (tables and images), no markdown library needed."""
+    body, in_table = [], False
+    for line in markdown.splitlines():
+        if line.startswith("|"):
+            cells = [html.escape(c.strip()) for c in line.strip("|").split("|")]
+            if set(line) <= {"|", "-"}:
+                continue
+            tag = "th" if not in_table else "td"
+            body.append(("<table>" if not in_table else "") + "<tr>" + "".join(f"<{tag}>{c}</{tag}>" for c in cells)
+                        + "</tr>")
+            in_table = True
+            continue
+        if in_table:
+            body.append("</table>")
+            in_table = False
+        if line.startswith("#"):
+            level = len(line) - len(line.lstrip("#"))
+            body.append(f"<h{level}>{html.escape(line.lstrip('# '))}</h{level}>")
+        elif line.startswith("!["):
+            src = line[line.index("(") + 1 : -1]
+            body.append(f'<img src="{html.escape(src)}" alt="{html.escape(src)}">')
+        elif line:
+            body.append(f"<p>{html.escape(line)}</p>")
+    if in_table:
+        body.append("</table>")
+    style = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse}"
+             "td,th{border:1px solid #ccc;padding:2px 8px;font-size:13px}img{max-width:100%}")
+    return f"<!doctype html><html><head><meta charset='utf-8'><title>qharness report</title><style>{style}</style>" \
+           f"</head><body>{''.join(body)}</body></html>\n"
+
+
+def plot_heatmap(items: list[Degradation], path: Path) -> Path | None:
+    ppl = [d for d in items if d.metric == "ppl" and not d.keep]
+    if not ppl:
+        return None
+    from qharness.activations.plots import _pyplot
+
+    plt = _pyplot()
+    models = sorted({d.model for d in ppl})
+    schemes = sorted({d.quant for d in ppl})
+    cell: dict[tuple[str, str], list[float]] = defaultdict(list)
+    for d in ppl:
+        cell[(d.model, d.quant)].append(d.rel * 100)
+    grid = [[sum(cell[(m, s)]) / len(cell[(m, s)]) if cell[(m, s)] else float("nan") for s in schemes]
+            for m in models]
+    fig, ax = plt.subplots(figsize=(1.2 + 0.6 * len(schemes), 1.5 + 0.45 * len(models)))
+    image = ax.imshow([[min(v, 100.0) for v in row] for row in grid], cmap="Reds", vmin=0, aspect="auto")
+    ax.set_xticks(range(len(schemes)), schemes, rotation=60, ha="right", fontsize=8)
+    ax.set_yticks(range(len(models)), models, fontsize=8)
+    for i, row in enumerate(grid):
+        for j, value in enumerate(row):
+            if value == value:  # not NaN
+                ax.text(j, i, f"{value:.1f}" if abs(value) < 1000 else f"{value:.0e}", ha="center", va="center",
+                        fontsize=6)
+    fig.colorbar(image, label="perplexity change, % (capped at 100)")
+    ax.set_title("perplexity change vs fp (mean over tasks)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_against_activation(items: list[Degradation], measures: dict[str, dict[str, float]],
+                            path: Path) -> Path | None:
+    points = [(measures[d.model]["massive_max"], d.rel * 100, d.quant) for d in items
+              if d.metric == "ppl" and not d.keep and "massive_max" in measures.get(d.model, {})]
+    if not points:
+        return None
+    from qharness.activations.plots import _pyplot
+
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for quant in sorted({p[2] for p in points}):
+        xs = [p[0] for p in points if p[2] == quant]
+        ys = [p[1] for p in points if p[2] == quant]
+        ax.scatter(xs, ys, s=14, label=quant)
+    ax.set_xscale("log")
+    ax.set_yscale("symlog")
+    ax.set_xlabel("max |activation| (scan)")
+    ax.set_ylabel("perplexity change, %")
+    ax.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def compare(results: Path, out_dir: Path) -> dict[str, Any]:
+    """Write report.md, report.html and the plots into `out_dir`; return what they contain."""
+    rows = read_rows(results)
+    items = degradations(rows)
+    measures = profile_measures(rows)
+    checks = causal_checks(items)
+    corr = correlations(items, measures)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    plots = [str(p) for p in (plot_heatmap(items, out_dir / "degradation_heatmap.png"),
+                              plot_against_activation(items, measures, out_dir / "degradation_vs_activation.png"))
+             if p is not None]
+    markdown = markdown_report(items, checks, corr, plots)
+    write_atomic(out_dir / "report.md", markdown)
+    write_atomic(out_dir / "report.html", html_report(markdown))
+    summary = {"degradations": len(items), "causal_checks": checks, "correlations": corr, "plots": plots}
+    write_atomic(out_dir / "report.json", json.dumps(summary, indent=1, default=str) + "\n")
+    return summary

@@ -1,0 +1,120 @@
+"""`qharness sweep CONFIG.yaml`: a grid of models x schemes x tasks (x kept positions), resumable.
+
+Each model (and kept-positions variant) is one `runner.run`: its fp baseline is computed once, cells already in the
+leaderboard are skipped, and every finished cell is written at once, so a crash or Ctrl-C loses at most the cell
+in flight. `engine: local` (default) runs the groups one after another in this process; `engine: ray` fans them
+out as Ray tasks (a local Ray instance, or the cluster `ray.init` finds), safe because leaderboard writes are
+atomic and locked.
+
+    models: [smollm2-135m, path/to/other]
+    quants: [int8, int8-w8a8-tensor, fp8, int4]
+    tasks: [kjv-heldout, wordnet-heldout]
+    keep_positions: [[], [0]]     # optional: also each scheme with BOS in full precision
+    limit: 2                      # optional: windows / items per task
+    results: results/leaderboard.csv
+    engine: local                 # or ray
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from qharness.errors import BackendUnavailable, ConfigError
+from qharness.models.sources import ModelSpec
+from qharness.quant.schemes import Keep
+from qharness.runner import DEFAULT_TASKS, RunReport, RunSpec, run
+
+ENGINES = ("local", "ray")
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    models: tuple[str, ...]
+    quants: tuple[str, ...]
+    tasks: tuple[str, ...] = DEFAULT_TASKS
+    keep_positions: tuple[tuple[int, ...], ...] = ((),)
+    limit: int | None = None
+    batch_size: int = 1
+    dtype: str = "auto"
+    device: str = "auto"
+    backend: str = "auto"
+    results: str = "results/leaderboard.csv"
+    engine: str = "local"
+
+    def __post_init__(self) -> None:
+        if self.engine not in ENGINES:
+            raise ConfigError(f"unknown sweep engine '{self.engine}'; valid: {', '.join(ENGINES)}")
+        if not self.models or not self.quants:
+            raise ConfigError("a sweep needs at least one model and one quant")
+
+    @classmethod
+    def from_file(cls, path: Path) -> SweepConfig:
+        if not path.is_file():
+            raise ConfigError(f"sweep config not found: {path}")
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: a sweep config is a mapping of keys")
+        valid = {f.name for f in fields(cls)}
+        unknown = set(raw) - valid
+        if unknown:
+            raise ConfigError(f"{path}: unknown sweep keys {sorted(unknown)}; valid keys: {sorted(valid)}")
+        tuples = {k: tuple(v) for k, v in raw.items() if k in ("models", "quants", "tasks") and isinstance(v, list)}
+        if "keep_positions" in raw:
+            tuples["keep_positions"] = tuple(tuple(p) for p in raw["keep_positions"])
+        return cls(**{**raw, **tuples})
+
+    def run_specs(self) -> list[RunSpec]:
+        return [
+            RunSpec(model=ModelSpec(model, dtype=self.dtype, device=self.device), quants=self.quants,
+                    tasks=self.tasks, backend=self.backend, keep=Keep(positions), limit=self.limit,
+                    batch_size=self.batch_size, results=Path(self.results), progress=False)
+            for model in self.models for positions in self.keep_positions
+        ]
+
+
+@dataclass
+class SweepReport:
+    reports: list[RunReport] = field(default_factory=list)
+
+    @property
+    def computed(self) -> int:
+        return sum(r.computed for r in self.reports)
+
+
+def _run_group(specs: list[RunSpec]) -> list[RunReport]:
+    """One model's runs, in order: its fp baseline is computed by the first and read back by the others."""
+    return [run(spec, say=lambda message: None) for spec in specs]
+
+
+def _run_ray(specs: list[RunSpec]) -> list[RunReport]:
+    try:
+        import ray
+    except ImportError as exc:
+        raise BackendUnavailable("sweep engine 'ray' needs ray: pip install -c constraints.txt 'ray[default]'") from exc
+    if not ray.is_initialized():
+        ray.init(ignore_reinit_error=True)
+    groups: dict[str, list[RunSpec]] = {}
+    for spec in specs:
+        groups.setdefault(spec.model.name, []).append(spec)
+    remote_group = ray.remote(_run_group)
+    return [report for reports in ray.get([remote_group.remote(g) for g in groups.values()]) for report in reports]
+
+
+def sweep(config: SweepConfig, say: Callable[[str], Any] = print) -> SweepReport:
+    specs = config.run_specs()
+    from qharness.runner import plan_cells
+
+    for spec in specs:  # every name is checked before any work starts
+        plan_cells(spec)
+    if config.engine == "ray":
+        return SweepReport(_run_ray(specs))
+    report = SweepReport()
+    for i, spec in enumerate(specs, 1):
+        say(f"[{i}/{len(specs)}] {spec.model.name}" + (f" keep {spec.keep.label}" if spec.keep.positions else ""))
+        report.reports.append(run(spec, say=say))
+    return report

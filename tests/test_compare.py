@@ -1,0 +1,71 @@
+import itertools
+
+import pytest
+
+from qharness.cli import main
+from qharness.compare import causal_checks, compare, degradations, spearman
+from qharness.results import KEY_COLUMNS, append_rows
+
+
+def row(model, quant, value, fp, keep="", task="t", metric="ppl", higher="False"):
+    r = dict.fromkeys(KEY_COLUMNS, "")
+    r.update(model=model, quant=quant, keep=keep, task=task, metric=metric, value=str(value), fp_value=str(fp),
+             higher_is_better=higher, bos="True")
+    return r
+
+
+def scan_row(model, max_act):
+    r = dict.fromkeys(KEY_COLUMNS, "")
+    r.update(model=model, quant="none", task="scan", metric="massive_max", value=str(max_act), bos="True")
+    return r
+
+
+def brute_spearman(x, y):
+    """Spearman for distinct values: 1 - 6 sum d^2 / (n (n^2 - 1))."""
+    n = len(x)
+    rx = {v: i for i, v in enumerate(sorted(x))}
+    ry = {v: i for i, v in enumerate(sorted(y))}
+    d2 = sum((rx[a] - ry[b]) ** 2 for a, b in zip(x, y, strict=True))
+    return 1 - 6 * d2 / (n * (n * n - 1))
+
+
+@pytest.mark.parametrize("perm", list(itertools.permutations([1.0, 5.0, 2.0, 9.0]))[:8])
+def test_spearman_matches_the_textbook_formula(perm):
+    x = [10.0, 20.0, 30.0, 40.0]
+    assert spearman(x, list(perm)) == pytest.approx(brute_spearman(x, list(perm)))
+
+
+def test_spearman_averages_ties():
+    assert spearman([1, 2, 2, 3], [1, 2, 2, 3]) == pytest.approx(1.0)
+
+
+def test_causal_check_reports_the_share_of_loss_recovered():
+    rows = [row("m", "int8-w8a8-tensor", 30.0, 20.0), row("m", "int8-w8a8-tensor", 22.5, 20.0, keep="pos:0"),
+            row("m", "int8", 21.0, 20.0)]
+    (check,) = causal_checks(degradations(rows))
+    assert check["recovered"] == pytest.approx(0.75)  # loss 10 -> 2.5
+    acc = [row("m", "q", 0.4, 0.6, metric="acc", higher="True"),
+           row("m", "q", 0.55, 0.6, keep="pos:0", metric="acc", higher="True")]
+    assert causal_checks(degradations(acc))[0]["recovered"] == pytest.approx(0.75)
+
+
+def test_compare_writes_report_html_and_plots(tmp_path):
+    results = tmp_path / "lb.csv"
+    rows = [scan_row(f"m{i}", 10.0 ** (i + 1)) for i in range(3)]
+    rows += [row(f"m{i}", "int8-w8a8-tensor", 20.0 * (1 + 0.1 * (i + 1)), 20.0) for i in range(3)]
+    rows += [row("m0", "int8-w8a8-tensor", 21.0, 20.0, keep="pos:0")]
+    append_rows(results, rows)
+    summary = compare(results, tmp_path / "out")
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert "## Causal check" in report and "| m0 | int8-w8a8-tensor | t | ppl | pos:0 |" in report
+    (corr,) = [c for c in summary["correlations"] if c["measure"] == "massive_max"]
+    assert corr["models"] == 3 and corr["spearman"] == pytest.approx(1.0)
+    page = (tmp_path / "out" / "report.html").read_text()
+    assert page.count("<table>") == 3 and "degradation_heatmap.png" in page
+    assert (tmp_path / "out" / "degradation_heatmap.png").read_bytes()[:4] == b"\x89PNG"
+    assert (tmp_path / "out" / "degradation_vs_activation.png").is_file()
+
+
+def test_compare_cli_without_a_leaderboard_is_one_line(capsys, tmp_path):
+    assert main(["compare", "--results", str(tmp_path / "none.csv"), "--out", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.startswith("qharness: error: leaderboard not found: ")

@@ -1,0 +1,80 @@
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from qharness.errors import ConfigError
+from qharness.quant.schemes import SCHEMES
+from qharness.results import key, read_rows
+from qharness.sweep import SweepConfig, sweep
+
+SIM_SCHEMES = [name for name in SCHEMES.names() if "sim" in SCHEMES.get(name)().backends]
+
+
+def write_config(tmp_path, model_dir, task_dir, quants, **extra) -> SweepConfig:
+    lines = [f"models: [{model_dir}]", f"quants: [{', '.join(quants)}]", f"tasks: [{task_dir / 'short.yaml'}]",
+             f"results: {tmp_path / 'lb.csv'}"] + [f"{k}: {v}" for k, v in extra.items()]
+    (tmp_path / "sweep.yaml").write_text("\n".join(lines) + "\n")
+    return SweepConfig.from_file(tmp_path / "sweep.yaml")
+
+
+def test_sweep_runs_the_grid_once_and_skips_it_after(tiny_model_dir, tiny_task_dir, tmp_path):
+    config = write_config(tmp_path, tiny_model_dir, tiny_task_dir, ["int8", "int8-w8a8-tensor"],
+                          keep_positions="[[], [0]]")
+    first = sweep(config, say=lambda m: None)
+    rows = read_rows(tmp_path / "lb.csv")
+    assert len(rows) == 1 + 2 + 2  # one baseline, two schemes, two schemes with BOS kept
+    assert first.computed == 5
+    assert sweep(config, say=lambda m: None).computed == 0
+
+
+def test_killed_sweep_resumes_without_losing_or_duplicating_rows(tiny_model_dir, tiny_task_dir, tmp_path):
+    write_config(tmp_path, tiny_model_dir, tiny_task_dir, SIM_SCHEMES)
+    results = tmp_path / "lb.csv"
+    command = [sys.executable, "-m", "qharness", "sweep", str(tmp_path / "sweep.yaml"), "--quiet"]
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None and len(read_rows(results)) < 3:
+        time.sleep(0.02)
+    assert proc.poll() is None, "the sweep finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    partial = read_rows(results)
+    assert 3 <= len(partial) < 1 + len(SIM_SCHEMES)
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    rows = read_rows(results)
+    assert len(rows) == 1 + len(SIM_SCHEMES) and len({key(r) for r in rows}) == len(rows)
+    assert {r["quant"] for r in rows} == {"none", *SIM_SCHEMES}
+    before = {key(r): r["run_id"] for r in partial}
+    assert all(before[key(r)] == r["run_id"] for r in rows if key(r) in before)  # finished cells were kept
+    assert f"computed {len(SIM_SCHEMES) + 1 - len(partial)} of" in done.stdout
+
+
+def test_bad_sweep_configs_are_one_line(tmp_path):
+    with pytest.raises(ConfigError, match="sweep config not found"):
+        SweepConfig.from_file(tmp_path / "nope.yaml")
+    (tmp_path / "s.yaml").write_text("models: [m]\nquants: [int8]\nengines: ray\n")
+    with pytest.raises(ConfigError, match=r"unknown sweep keys \['engines'\]"):
+        SweepConfig.from_file(tmp_path / "s.yaml")
+    (tmp_path / "s.yaml").write_text("models: [m]\nquants: [int8]\nengine: spark\n")
+    with pytest.raises(ConfigError, match="unknown sweep engine 'spark'; valid: local, ray"):
+        SweepConfig.from_file(tmp_path / "s.yaml")
+
+
+@pytest.mark.needs("ray")
+def test_ray_engine_fans_out_and_writes_the_same_rows(tiny_model_dir, tiny_task_dir, tmp_path):
+    import ray
+
+    config = write_config(tmp_path, tiny_model_dir, tiny_task_dir, ["int8", "fp8"], engine="ray",
+                          keep_positions="[[], [0]]")
+    ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True)
+    try:
+        report = sweep(config, say=lambda m: None)
+    finally:
+        ray.shutdown()
+    rows = read_rows(tmp_path / "lb.csv")
+    assert len(report.reports) == 2 and len(rows) == 1 + 2 + 2
+    assert len({key(r) for r in rows}) == len(rows)
