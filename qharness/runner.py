@@ -181,7 +181,7 @@ def run(spec: RunSpec, say: Callable[[str], None] = print) -> RunReport:
         say(f"quantizing with {quant} [{quant_cells[0].backend}] ...")
         qmodel = copy.deepcopy(loaded.model)
         context = QuantContext(loaded.device, calibration=lambda: calibration_batches(
-            loaded.tokenizer, calibration_text(), bos=spec.bos, device=loaded.device))
+            loaded.tokenizer, calibration_text(), bos=spec.bos, device=loaded.device), tokenizer=loaded.tokenizer)
         quantize_(qmodel, scheme, backend=quant_cells[0].backend, keep=spec.keep, context=context)
         quantized = LoadedModel(qmodel, loaded.tokenizer, loaded.spec, loaded.source, loaded.device, loaded.dtype)
         for cell in quant_cells:

@@ -1,5 +1,5 @@
 """Quantization backends: who does the arithmetic. `sim` (pure torch, every device, the reference) and optional
-library backends (bitsandbytes, torchao), one file each, registered in `BACKENDS`.
+library backends (bitsandbytes, torchao, gptqmodel), one file each, registered in `BACKENDS`.
 
 A backend declares its needs as data (`requires`, `devices`) and has two functions: `check`, which raises a
 one-line `BackendUnavailable` naming what would work, and `apply(model, scheme, targets, keep, context)`, which
@@ -22,8 +22,8 @@ import torch
 from qharness.errors import BackendUnavailable, QHarnessError
 from qharness.registry import Registry
 
-MODULES = ("qharness.quant.sim", "qharness.quant.bnb", "qharness.quant.torchao")
-PIP_NAMES = {"bitsandbytes": "bitsandbytes", "torchao": "torchao"}
+MODULES = ("qharness.quant.sim", "qharness.quant.bnb", "qharness.quant.torchao", "qharness.quant.gptq")
+PIP_NAMES = {"bitsandbytes": "bitsandbytes", "torchao": "torchao", "gptqmodel": "gptqmodel"}
 
 
 @dataclass
@@ -32,6 +32,7 @@ class QuantContext:
 
     device: torch.device
     calibration: Callable[[], list[torch.Tensor]] | None = None
+    tokenizer: Any = None  # for backends that work on a saved model folder (gptq)
 
     def calibration_batches(self, scheme_name: str) -> list[torch.Tensor]:
         if self.calibration is None:

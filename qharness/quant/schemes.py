@@ -216,6 +216,18 @@ def int4_weight_g128() -> QuantScheme:
     )
 
 
+@SCHEMES.register("gptq-int4-g128", aliases=("gptq",))
+def gptq_int4_g128() -> QuantScheme:
+    return QuantScheme(
+        name="gptq-int4-g128",
+        weights=TensorQuant("int4", PerGroup(128)),
+        activations=None,
+        description="GPTQ 4-bit, symmetric, groups of 128: calibrated second-order weight rounding (gptqmodel)",
+        reference="Frantar et al. 2023, GPTQ (arXiv 2210.17323); gptqmodel",
+        backends=("gptq",),
+    )
+
+
 @SCHEMES.register("nf4")
 def nf4() -> QuantScheme:
     return QuantScheme(
