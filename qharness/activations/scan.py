@@ -16,7 +16,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from qharness.activations.stats import OUTLIER_RATIO, LayerStats, layer_stats, outlier_mask
+from qharness.activations.stats import (
+    MASSIVE_ABS,
+    MASSIVE_RATIO,
+    OUTLIER_RATIO,
+    LayerStats,
+    layer_stats,
+    outlier_mask,
+)
 from qharness.errors import ConfigError
 from qharness.models.layers import decoder_layers
 
@@ -46,6 +53,7 @@ class LayerRecord:
     stats: list[LayerStats] = field(default_factory=list)
     top_tokens: list[list[str]] = field(default_factory=list)
     outlier_channels: Counter = field(default_factory=Counter)  # channel -> sequences with an outlier there
+    massive_channels: Counter = field(default_factory=Counter)  # channel -> sequences with a massive entry there
     first_sum: Tensor | None = None  # per-channel sum of h at position 0
     rest_sum: Tensor | None = None  # per-channel sum of h at positions >= 1
     rest_count: int = 0
@@ -94,6 +102,9 @@ def _record(record: LayerRecord, hidden: Tensor, ids: list[int], tokenizer: Any,
     record.top_tokens.append([tokenizer.decode([ids[e.position]]) for e in stats.top])
     channels = outlier_mask(h, config.outlier_ratio).any(dim=0).nonzero().flatten().tolist()
     record.outlier_channels.update(channels)
+    magnitudes = h.detach().abs()
+    massive = (magnitudes > MASSIVE_ABS) & (magnitudes >= MASSIVE_RATIO * stats.median)
+    record.massive_channels.update(massive.any(dim=0).nonzero().flatten().tolist())
     first, rest = h[0].double(), h[1:].double().sum(dim=0)
     record.first_sum = first if record.first_sum is None else record.first_sum + first
     record.rest_sum = rest if record.rest_sum is None else record.rest_sum + rest
@@ -128,7 +139,8 @@ def _layer_entry(index: int, record: LayerRecord, sequences: int) -> dict[str, A
         "kurtosis": sum(s.kurtosis for s in stats) / len(stats),
         "top": [{**asdict(e), "token": t} for e, t in zip(stats[peak].top, record.top_tokens[peak], strict=True)],
         "massive_fraction": sum(s.is_massive for s in stats) / len(stats),
-        "outlier_channels": {str(c): n / sequences for c, n in record.outlier_channels.most_common(8)},
+        "massive_channels": {str(c): n / sequences for c, n in record.massive_channels.most_common(16)},
+        "outlier_channels": {str(c): n / sequences for c, n in record.outlier_channels.most_common(16)},
         "nonfinite": sum(s.nonfinite for s in stats),
         "attention_on_first": (sum(record.attention_on_first) / len(record.attention_on_first)
                                if record.attention_on_first else None),
@@ -154,12 +166,14 @@ def summarize(layers: list[dict[str, Any]], records: list[LayerRecord]) -> dict[
     # the paper intervenes at the first layer with massive activations; small models may have none, so the first
     # layer with outlier channels stands in
     target = first_massive if first_massive is not None else first_outlier
+    kind = "massive_channels" if first_massive is not None else "outlier_channels"
     intervention = None
     if target is not None:
         record = records[target]
-        targeted = [int(c) for c, v in layers[target]["outlier_channels"].items() if v >= 0.5]
+        targeted = sorted(int(c) for c, v in layers[target][kind].items() if v >= 0.5)
         intervention = {
             "layer": target,
+            "criterion": kind.split("_")[0],
             "channels": targeted,
             "mean_first": [float(record.first_sum[c]) / len(record.stats) for c in targeted],
             "mean_rest": [float(record.rest_sum[c]) / max(record.rest_count, 1) for c in targeted],

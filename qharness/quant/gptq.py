@@ -28,7 +28,7 @@ SCHEMES_HERE = ("gptq-int4-g128",)
 
 def apply_gptq(model: nn.Module, scheme: QuantScheme, targets: dict[str, nn.Linear], keep: Keep,
                context: QuantContext) -> None:
-    from gptqmodel import GPTQModel, QuantizeConfig
+    from gptqmodel import BACKEND, GPTQModel, QuantizeConfig
 
     from qharness.quant.apply import swap_module
 
@@ -48,9 +48,26 @@ def apply_gptq(model: nn.Module, scheme: QuantScheme, targets: dict[str, nn.Line
         gptq_model = GPTQModel.load(str(source), config, device=device, dtype=dtype)
         gptq_model.quantize(calibration, batch_size=1)
         gptq_model.save(str(quantized_dir))
-        quantized = GPTQModel.load(str(quantized_dir), device=device, dtype=dtype).model
+        # the fused CPU kernel needs whole groups; the plain torch kernel handles a ragged last group (SmolLM2: 576)
+        # (in bf16 only: it refuses fp32, so a bridge casts around it)
+        ragged = any(linear.in_features % config.group_size for linear in targets.values())
+        kernel_dtype = torch.bfloat16 if ragged and dtype == torch.float32 else dtype
+        kernel = BACKEND.GPTQ_TORCH if ragged else BACKEND.AUTO
+        quantized = GPTQModel.load(str(quantized_dir), device=device, dtype=kernel_dtype, backend=kernel).model
     for name in targets:
-        swap_module(model, name, quantized.get_submodule(name).eval())
+        module = quantized.get_submodule(name).eval()
+        swap_module(model, name, module if kernel_dtype == dtype else DtypeBridge(module, kernel_dtype))
+
+
+class DtypeBridge(nn.Module):
+    """Runs a quantized Linear that only computes in `dtype` inside a model of another dtype."""
+
+    def __init__(self, inner: nn.Module, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.inner, self.dtype = inner, dtype
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(x.to(self.dtype)).to(x.dtype)
 
 
 def check_scheme(scheme: QuantScheme, device: torch.device) -> None:

@@ -13,11 +13,12 @@ from qharness.quant.schemes import get_scheme
 pytestmark = pytest.mark.needs("gptqmodel")
 
 
-def test_gptq_quantizes_every_target_and_beats_round_to_nearest(tiny_tokenizer, heldout_text):
+@pytest.mark.parametrize("hidden", [128, 192])  # whole groups of 128, and a ragged last group (as SmolLM2's 576)
+def test_gptq_quantizes_every_target_and_beats_round_to_nearest(tiny_tokenizer, heldout_text, hidden):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    torch.manual_seed(0)  # widths of 128 and 256: whole groups of 128
-    config = LlamaConfig(vocab_size=len(tiny_tokenizer), hidden_size=128, intermediate_size=256,
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tiny_tokenizer), hidden_size=hidden, intermediate_size=256,
                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                          max_position_embeddings=256, bos_token_id=0, eos_token_id=1)
     model = LlamaForCausalLM(config).eval()
@@ -32,6 +33,7 @@ def test_gptq_quantizes_every_target_and_beats_round_to_nearest(tiny_tokenizer, 
         gptq_logits, rtn_logits = model(ids).logits, rtn(ids).logits
     swapped = [m for name, m in model.named_modules() if name.startswith("model.layers.") and name.endswith("proj")]
     assert len(swapped) == 14 and not any(type(m) is torch.nn.Linear for m in swapped)
+    assert gptq_logits.dtype == torch.float32
     assert torch.isfinite(gptq_logits).all()
     gptq_error = (gptq_logits - reference).norm() / reference.norm()
     rtn_error = (rtn_logits - reference).norm() / reference.norm()
