@@ -49,7 +49,7 @@ def main() -> None:
     targets = target_linears(loaded.model)
     fp_time = forward_seconds(loaded.model, ids, args.repeats)
     batches = calibration_batches(loaded.tokenizer, calibration_text(), device=loaded.device)
-    context = QuantContext(loaded.device, calibration=lambda: batches)
+    context = QuantContext(loaded.device, calibration=lambda: batches, tokenizer=loaded.tokenizer)
     rows = [("fp", "-", "-", f"{fp_time * 1e3:.0f}", "1.00", f"{weight_bytes(targets, None) / 2**20:.1f}")]
     for name in args.schemes.split(","):
         scheme = get_scheme(name)

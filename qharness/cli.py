@@ -47,7 +47,7 @@ def _positions(text: str) -> tuple[int, ...]:
     try:
         return tuple(int(p) for p in _names(text))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated token positions like 0,1, got '{text}'") from None
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers like 0,1, got '{text}'") from None
 
 
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
@@ -61,6 +61,9 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
                         help="auto (real kernels on CUDA, sim on CPU) | sim | bnb | torchao (`qharness list backends`)")
     parser.add_argument("--keep-positions", default="", type=_positions, metavar="P,Q",
                         help="token positions whose activations stay in full precision, e.g. 0 for BOS")
+    parser.add_argument("--keep-channels", default="", type=_positions, metavar="C,D",
+                        help="hidden channels kept in full precision in the inputs that read the hidden state, "
+                             "e.g. the massive channels `qharness scan` reports")
     parser.add_argument("--dtype", default="auto", help="auto (fp32 on CPU, bf16 on CUDA) | fp32 | bf16 | fp16")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
     parser.add_argument("--no-bos", dest="bos", action="store_false", help="do not prepend BOS to each window")
@@ -198,7 +201,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     spec = RunSpec(
         model=ModelSpec(args.model, dtype=args.dtype, device=args.device), quants=args.quant,
-        backend=args.backend, keep=Keep(args.keep_positions),
+        backend=args.backend, keep=Keep(args.keep_positions, args.keep_channels),
         tasks=args.task or DEFAULT_TASKS, bos=args.bos, limit=args.limit, batch_size=args.batch_size,
         seed=args.seed, results=args.results, force=args.force, progress=not args.quiet,
     )

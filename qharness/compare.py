@@ -206,7 +206,7 @@ def plot_heatmap(items: list[Degradation], path: Path) -> Path | None:
         cell[(d.model, d.quant)].append(d.rel * 100)
     grid = [[sum(cell[(m, s)]) / len(cell[(m, s)]) if cell[(m, s)] else float("nan") for s in schemes]
             for m in models]
-    fig, ax = plt.subplots(figsize=(1.2 + 0.6 * len(schemes), 1.5 + 0.45 * len(models)))
+    fig, ax = plt.subplots(figsize=(2.0 + 0.6 * len(schemes), 1.2 + 0.5 * len(models)))
     image = ax.imshow([[min(v, 100.0) for v in row] for row in grid], cmap="Reds", vmin=0, aspect="auto")
     ax.set_xticks(range(len(schemes)), schemes, rotation=60, ha="right", fontsize=8)
     ax.set_yticks(range(len(models)), models, fontsize=8)
@@ -215,10 +215,9 @@ def plot_heatmap(items: list[Degradation], path: Path) -> Path | None:
             if value == value:  # not NaN
                 ax.text(j, i, f"{value:.1f}" if abs(value) < 1000 else f"{value:.0e}", ha="center", va="center",
                         fontsize=6)
-    fig.colorbar(image, label="perplexity change, % (capped at 100)")
+    fig.colorbar(image, label="ppl change, % (cap 100)")
     ax.set_title("perplexity change vs fp (mean over tasks)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")  # rotated scheme names need the room
     plt.close(fig)
     return path
 

@@ -80,4 +80,4 @@ def test_bad_keep_positions_is_an_argparse_error(capsys):
     with pytest.raises(SystemExit) as info:
         main(["run", "--keep-positions", "bos"])
     assert info.value.code == 2
-    assert "expected comma-separated token positions like 0,1, got 'bos'" in capsys.readouterr().err
+    assert "expected comma-separated integers like 0,1, got 'bos'" in capsys.readouterr().err

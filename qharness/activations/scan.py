@@ -51,13 +51,14 @@ class LayerRecord:
     """What one layer accumulates over sequences: no per-token tensor survives a forward pass."""
 
     stats: list[LayerStats] = field(default_factory=list)
-    top_tokens: list[list[str]] = field(default_factory=list)
+    top_ids: list[list[int]] = field(default_factory=list)  # token ids of the top entries, decoded at the end
     outlier_channels: Counter = field(default_factory=Counter)  # channel -> sequences with an outlier there
     massive_channels: Counter = field(default_factory=Counter)  # channel -> sequences with a massive entry there
     first_sum: Tensor | None = None  # per-channel sum of h at position 0
     rest_sum: Tensor | None = None  # per-channel sum of h at positions >= 1
     rest_count: int = 0
     attention_on_first: list[float] = field(default_factory=list)
+    top_tokens: list[list[str]] = field(default_factory=list)  # filled from top_ids after the forward passes
 
 
 def layer_output(output: Any) -> Tensor:
@@ -95,17 +96,18 @@ def token_kind(text: str) -> str:
     return "delimiter" if stripped in DELIMITERS or (not stripped and "\n" in text) else "content"
 
 
-def _record(record: LayerRecord, hidden: Tensor, ids: list[int], tokenizer: Any, config: ScanConfig) -> None:
+def _record(record: LayerRecord, hidden: Tensor, ids: list[int], config: ScanConfig) -> None:
     h = hidden[0]  # (T, C): one sequence per batch
     stats = layer_stats(h, config.top_k)
     record.stats.append(stats)
-    record.top_tokens.append([tokenizer.decode([ids[e.position]]) for e in stats.top])
-    channels = outlier_mask(h, config.outlier_ratio).any(dim=0).nonzero().flatten().tolist()
-    record.outlier_channels.update(channels)
-    magnitudes = h.detach().abs()
-    massive = (magnitudes > MASSIVE_ABS) & (magnitudes >= MASSIVE_RATIO * stats.median)
-    record.massive_channels.update(massive.any(dim=0).nonzero().flatten().tolist())
-    first, rest = h[0].double(), h[1:].double().sum(dim=0)
+    record.top_ids.append([ids[e.position] for e in stats.top])
+    if stats.max >= config.outlier_ratio * stats.median:  # else no entry can qualify: skip the masks
+        outliers = outlier_mask(h, config.outlier_ratio, stats.median)
+        record.outlier_channels.update(outliers.any(dim=0).nonzero().flatten().tolist())
+        if stats.is_massive:
+            massive = outliers & (h.detach().abs() > MASSIVE_ABS) & (h.detach().abs() >= MASSIVE_RATIO * stats.median)
+            record.massive_channels.update(massive.any(dim=0).nonzero().flatten().tolist())
+    first, rest = h[0].double(), h[1:].sum(dim=0, dtype=torch.float64)
     record.first_sum = first if record.first_sum is None else record.first_sum + first
     record.rest_sum = rest if record.rest_sum is None else record.rest_sum + rest
     record.rest_count += h.shape[0] - 1
@@ -117,7 +119,7 @@ def scan(model: nn.Module, tokenizer: Any, batches: list[Tensor], config: ScanCo
     layers = layers if layers is not None else decoder_layers(model)
     records = [LayerRecord() for _ in layers]
     current: list[int] = []
-    hook = lambda i, hidden: _record(records[i], hidden, current, tokenizer, config)  # noqa: E731
+    hook = lambda i, hidden: _record(records[i], hidden, current, config)  # noqa: E731
     with eager_attention(model, config.attention) as has_attention, layer_hooks(layers, hook), torch.inference_mode():
         for input_ids in batches:
             current[:] = input_ids[0].tolist()
@@ -125,6 +127,8 @@ def scan(model: nn.Module, tokenizer: Any, batches: list[Tensor], config: ScanCo
             for record, attention in zip(records, out.attentions or (), strict=False):
                 # (1, heads, T, T): mean over heads and over queries after the first of the weight on key 0
                 record.attention_on_first.append(float(attention[0, :, 1:, 0].mean()))
+    for record in records:
+        record.top_tokens = [[tokenizer.decode([i]) for i in ids] for ids in record.top_ids]
     return build_profile(records, config, len(batches))
 
 

@@ -49,23 +49,26 @@ def is_massive(max_abs: float, median_abs: float, abs_threshold: float = MASSIVE
 
 
 def layer_stats(hidden: Tensor, k: int = 3) -> LayerStats:
-    """`hidden`: one sequence's layer output, shape (T, C). Non-finite entries are counted, then ignored."""
-    h = hidden.detach().double()
+    """`hidden`: one sequence's layer output, shape (T, C). Non-finite entries are counted, then ignored.
+    fp32 throughout (the scan runs this once per layer and sequence; it must stay cheap next to the forward)."""
+    h = hidden.detach().float()
     finite = torch.isfinite(h)
-    nonfinite = int((~finite).sum())
-    h = torch.where(finite, h, torch.zeros_like(h))
-    magnitudes = h.abs()
-    flat = magnitudes.flatten()
-    values, indices = flat.topk(min(k, flat.numel()))
+    nonfinite = 0 if bool(finite.all()) else int((~finite).sum())
+    if nonfinite:
+        h = torch.where(finite, h, torch.zeros_like(h))
+    flat = h.flatten()
+    magnitudes = flat.abs()
+    values, indices = magnitudes.topk(min(k, flat.numel()))
     channels = h.shape[-1]
-    top = tuple(TopEntry(float(h.flatten()[i]), int(i) // channels, int(i) % channels) for i in indices)
-    centred = h - h.mean()
-    variance = centred.pow(2).mean()
-    kurtosis = float(centred.pow(4).mean() / variance.pow(2)) if variance > 0 else 0.0
-    return LayerStats(float(values[0]), float(flat.median()), kurtosis, top, nonfinite)
+    top = tuple(TopEntry(float(flat[i]), int(i) // channels, int(i) % channels) for i in indices)
+    centred = flat - flat.mean()
+    squared = centred * centred
+    variance = squared.mean()
+    kurtosis = float((squared * squared).mean() / (variance * variance)) if variance > 0 else 0.0
+    return LayerStats(float(values[0]), float(magnitudes.median()), kurtosis, top, nonfinite)
 
 
-def outlier_mask(hidden: Tensor, ratio: float = OUTLIER_RATIO) -> Tensor:
-    """Bool (T, C): entries at least `ratio` times the median magnitude."""
+def outlier_mask(hidden: Tensor, ratio: float = OUTLIER_RATIO, median: float | None = None) -> Tensor:
+    """Bool (T, C): entries at least `ratio` times the median magnitude (pass `median` if already known)."""
     magnitudes = hidden.detach().abs().float()
-    return magnitudes >= ratio * magnitudes.median()
+    return magnitudes >= ratio * (magnitudes.median() if median is None else median)

@@ -71,8 +71,8 @@ def quantize_(
     chosen = select_backend(scheme, device, backend)
     impl = load_backends().get(chosen)
     keep = keep or Keep()
-    if keep.positions and not impl.supports_keep:
-        raise BackendUnavailable(f"backend '{chosen}' cannot keep token positions in full precision; "
+    if keep and not impl.supports_keep:
+        raise BackendUnavailable(f"backend '{chosen}' cannot keep token positions or channels in full precision; "
                                  "use --backend sim")
     impl.apply(model, scheme, target_linears(model, skip), keep, context)
     return chosen

@@ -1,5 +1,5 @@
 """Quantization backends: who does the arithmetic. `sim` (pure torch, every device, the reference) and optional
-library backends (bitsandbytes, torchao, gptqmodel), one file each, registered in `BACKENDS`.
+library backends (bitsandbytes, torchao, gptqmodel, optimum-quanto), one file each, registered in `BACKENDS`.
 
 A backend declares its needs as data (`requires`, `devices`) and has two functions: `check`, which raises a
 one-line `BackendUnavailable` naming what would work, and `apply(model, scheme, targets, keep, context)`, which
@@ -22,8 +22,10 @@ import torch
 from qharness.errors import BackendUnavailable, QHarnessError
 from qharness.registry import Registry
 
-MODULES = ("qharness.quant.sim", "qharness.quant.bnb", "qharness.quant.torchao", "qharness.quant.gptq")
-PIP_NAMES = {"bitsandbytes": "bitsandbytes", "torchao": "torchao", "gptqmodel": "gptqmodel"}
+MODULES = ("qharness.quant.sim", "qharness.quant.bnb", "qharness.quant.torchao", "qharness.quant.gptq",
+           "qharness.quant.quanto")
+PIP_NAMES = {"bitsandbytes": "bitsandbytes", "torchao": "torchao", "gptqmodel": "gptqmodel",
+             "optimum.quanto": "optimum-quanto"}
 
 
 @dataclass
@@ -51,7 +53,7 @@ class Backend:
     scheme_check: Callable[[Any, torch.device], None] | None = field(default=None, repr=False)
 
     def check(self, device: torch.device, scheme: Any = None) -> None:
-        missing = [p for p in self.requires if importlib.util.find_spec(p) is None]
+        missing = [p for p in self.requires if not _installed(p)]
         if missing:
             pip = " ".join(PIP_NAMES.get(p, p) for p in missing)
             raise BackendUnavailable(f"backend '{self.name}' needs {', '.join(missing)}: "
@@ -61,6 +63,13 @@ class Backend:
                                      "use --backend sim (same math, any device) or another device")
         if scheme is not None and self.scheme_check is not None:
             self.scheme_check(scheme, device)
+
+
+def _installed(package: str) -> bool:
+    try:
+        return importlib.util.find_spec(package) is not None
+    except ModuleNotFoundError:  # a dotted name whose parent package is missing
+        return False
 
 
 BACKENDS: Registry[Backend] = Registry("backend")

@@ -11,8 +11,10 @@ plain round-to-nearest on a tiny Llama, while the symmetric one is below it (tes
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import sys
 import tempfile
 from pathlib import Path
 
@@ -41,7 +43,8 @@ def apply_gptq(model: nn.Module, scheme: QuantScheme, targets: dict[str, nn.Line
     calibration = [{"input_ids": ids[0].tolist(), "attention_mask": [1] * ids.shape[1]}
                    for ids in context.calibration_batches(scheme.name)]
     config = QuantizeConfig(bits=4, group_size=scheme.weights.granularity.size, sym=scheme.weights.symmetric)
-    with tempfile.TemporaryDirectory(prefix="qharness-gptq-") as tmp:
+    # gptqmodel prints banners and configs to stdout; keep stdout for our results table
+    with tempfile.TemporaryDirectory(prefix="qharness-gptq-") as tmp, contextlib.redirect_stdout(sys.stderr):
         source, quantized_dir = Path(tmp) / "fp", Path(tmp) / "gptq"
         model.save_pretrained(source)
         context.tokenizer.save_pretrained(source)

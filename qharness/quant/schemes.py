@@ -106,18 +106,28 @@ class QuantScheme:
 @dataclass(frozen=True)
 class Keep:
     """What stays in full precision whatever the scheme: the causal check "quantize everything except the massive
-    activations". Positions index the token axis of every quantized Linear's input (0 is BOS)."""
+    activations". Positions index the token axis of every quantized Linear's input (0 is BOS). Channels index the
+    model's hidden (residual) dimension, where the scan finds massive activations; they are kept in the inputs of
+    the Linears that read that dimension (attention q/k/v and MLP gate/up in Llama)."""
 
     positions: tuple[int, ...] = ()
+    channels: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if any(p < 0 for p in self.positions):
             raise ConfigError(f"kept positions must be >= 0, got {self.positions}")
+        if any(c < 0 for c in self.channels):
+            raise ConfigError(f"kept channels must be >= 0, got {self.channels}")
+
+    def __bool__(self) -> bool:
+        return bool(self.positions or self.channels)
 
     @property
     def label(self) -> str:
-        """The results column: '' for nothing kept, else e.g. 'pos:0'."""
-        return f"pos:{','.join(map(str, self.positions))}" if self.positions else ""
+        """The results column: '' for nothing kept, else e.g. 'pos:0', 'ch:507' or 'pos:0;ch:507'."""
+        parts = [f"{name}:{','.join(map(str, values))}"
+                 for name, values in (("pos", self.positions), ("ch", self.channels)) if values]
+        return ";".join(parts)
 
 
 SCHEMES: Registry[Any] = Registry("scheme")  # name -> () -> QuantScheme
@@ -153,7 +163,7 @@ def int8_weight_channel() -> QuantScheme:
         activations=None,
         description="INT8 weight-only, one scale per output channel, symmetric",
         reference="round-to-nearest weight-only; torchao Int8WeightOnlyConfig",
-        backends=("sim", "torchao"),
+        backends=("sim", "torchao", "quanto"),
     )
 
 
@@ -176,6 +186,7 @@ def int8_w8a8_tensor_static() -> QuantScheme:
         activations=TensorQuant("int8", PerTensor(), dynamic=False, observer="minmax"),
         description="INT8 weights per channel, INT8 activations with a static per-tensor scale (calibrated max)",
         reference=f"static W8A8 of {SMOOTHQUANT}",
+        backends=("sim", "quanto"),
     )
 
 
@@ -273,7 +284,7 @@ def fp8_e4m3_weight() -> QuantScheme:
         activations=None,
         description="FP8 E4M3 weight-only, one scale per output channel",
         reference=f"{FP8_FORMATS}; torchao Float8WeightOnlyConfig",
-        backends=("sim", "torchao"),
+        backends=("sim", "torchao", "quanto"),
     )
 
 

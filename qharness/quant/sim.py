@@ -139,6 +139,7 @@ class SimQuantLinear(nn.Module):
         self.activations = scheme.activations
         self.outlier_threshold = scheme.outlier_threshold
         self.keep_positions = keep.positions if keep else ()
+        self.keep_channels = keep.channels if keep else ()
         weight = linear.weight.detach()
         if scheme.weights is not None:
             weight = fake_quantize(weight, scheme.weights)
@@ -160,6 +161,10 @@ class SimQuantLinear(nn.Module):
             positions = [p for p in self.keep_positions if p < x.shape[-2]]
             mask = torch.zeros(x.shape[-2], 1, dtype=torch.bool, device=x.device)
             mask[positions] = True
+        if self.keep_channels:
+            columns = torch.zeros(x.shape[-1], dtype=torch.bool, device=x.device)
+            columns[[c for c in self.keep_channels if c < x.shape[-1]]] = True
+            mask = columns if mask is None else mask | columns
         if self.outlier_threshold is not None:
             columns = (x.abs() > self.outlier_threshold).reshape(-1, x.shape[-1]).any(dim=0)  # (C,)
             mask = columns if mask is None else mask | columns
@@ -200,8 +205,11 @@ def apply_sim(model: nn.Module, scheme: QuantScheme, targets: dict[str, nn.Linea
     from qharness.quant.apply import swap_module
     from qharness.quant.calibrate import calibrate_
 
-    for name, linear in targets.items():
-        swap_module(model, name, SimQuantLinear(linear, scheme, keep))
+    hidden = getattr(getattr(model, "config", None), "hidden_size", None)
+    positions_only = Keep(positions=keep.positions)
+    for name, linear in targets.items():  # hidden channels are only meaningful where the input is the hidden state
+        layer_keep = keep if linear.in_features == hidden else positions_only
+        swap_module(model, name, SimQuantLinear(linear, scheme, layer_keep))
     if scheme.needs_calibration:
         calibrate_(model, context.calibration_batches(scheme.name))
 

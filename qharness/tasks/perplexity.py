@@ -51,10 +51,12 @@ def window_nll(model: Any, windows: list[list[int]], batch_size: int, device: to
                                       leave=False) as bar:
         for batch in batches:
             input_ids = torch.tensor(batch, device=device)  # (B, T)
-            logits = model(input_ids=input_ids).logits[:, :-1].float()  # (B, T-1, V)
-            nll = F.cross_entropy(logits.transpose(1, 2), input_ids[:, 1:], reduction="none")  # (B, T-1)
+            logits = model(input_ids=input_ids).logits  # (B, T, V)
+            # targets shifted left, the last position ignored: no copy of the (B, T, V) logits is made
+            targets = F.pad(input_ids[:, 1:], (0, 1), value=-100)  # (B, T)
+            nll = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="none")  # (B*T,)
             total += nll.double().sum().item()
-            count += nll.numel()
+            count += input_ids.numel() - input_ids.shape[0]
             bar.update(len(batch))
     return total, count
 

@@ -28,8 +28,8 @@ def test_layer_stats_match_brute_force(seed):
     max_abs, median, kurtosis, top = brute_force(h.double(), 3)
     assert stats.max == pytest.approx(max_abs)
     assert stats.median == pytest.approx(median)
-    assert stats.kurtosis == pytest.approx(kurtosis, rel=1e-9)
-    assert [(e.value, e.position, e.channel) for e in stats.top] == [pytest.approx(t) for t in top]
+    assert stats.kurtosis == pytest.approx(kurtosis, rel=1e-5)  # fp32 moments
+    assert [(e.value, e.position, e.channel) for e in stats.top] == [pytest.approx(t, rel=1e-6) for t in top]
     assert stats.top[0].position == 3 and stats.top[0].channel == 4 and stats.top[0].value == -60.0
 
 

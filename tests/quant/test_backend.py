@@ -54,5 +54,5 @@ def test_torchao_fp8_dynamic_on_cpu_says_what_would_work():
 
 def test_keep_needs_a_backend_that_supports_it(tiny_model, monkeypatch):
     monkeypatch.setattr(backend_module.Backend, "check", lambda self, device, scheme=None: None)
-    with pytest.raises(BackendUnavailable, match="backend 'bnb' cannot keep token positions in full precision"):
+    with pytest.raises(BackendUnavailable, match="backend 'bnb' cannot keep token positions or channels"):
         quantize_(tiny_model, get_scheme("nf4"), backend="bnb", keep=Keep(positions=(0,)))

@@ -95,9 +95,35 @@ def test_unscaled_fp8_saturates_e4m3_and_overflows_e5m2():
     assert e5m2[0, 1] == 512.0 and torch.isinf(e5m2[0, 2])
 
 
-def test_keep_rejects_negative_positions():
+def test_keep_rejects_negative_values_and_labels_what_it_keeps():
     from qharness.errors import ConfigError
 
     with pytest.raises(ConfigError, match="kept positions must be >= 0"):
         Keep(positions=(-1,))
-    assert Keep(positions=(0,)).label == "pos:0" and Keep().label == ""
+    with pytest.raises(ConfigError, match="kept channels must be >= 0"):
+        Keep(channels=(-2,))
+    assert Keep(positions=(0,)).label == "pos:0" and Keep().label == "" and not Keep()
+    assert Keep((0,), (507, 3)).label == "pos:0;ch:507,3"
+
+
+def test_kept_channel_is_exact_and_left_out_of_the_scale():
+    lin = linear()
+    x = torch.randn(1, 6, 32, dtype=torch.float64)
+    x[:, :, 9] = 300.0  # a massive channel on every token
+    scheme = get_scheme("int8-w8a8-tensor")
+    kept = SimQuantLinear(lin, scheme, Keep(channels=(9,)))
+    rest = x.clone()
+    rest[..., 9] = 0
+    expected_input = fake_quantize(rest, scheme.activations)
+    expected_input[..., 9] = x[..., 9]
+    assert torch.allclose(kept(x), torch.nn.functional.linear(expected_input, kept.weight, kept.bias))
+
+
+def test_channels_are_kept_only_where_the_input_is_the_hidden_state(tiny_model):
+    from qharness.quant.apply import quantize_
+
+    quantize_(tiny_model, get_scheme("int8-w8a8-tensor"), keep=Keep(positions=(0,), channels=(5,)))
+    layer = tiny_model.model.layers[0]
+    assert layer.self_attn.q_proj.keep_channels == (5,) and layer.mlp.up_proj.keep_channels == (5,)
+    assert layer.mlp.down_proj.keep_channels == ()  # its input is the MLP's inner dimension
+    assert layer.mlp.down_proj.keep_positions == (0,)
