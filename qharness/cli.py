@@ -74,6 +74,8 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
                         help="leaderboard CSV to append to (default: results/leaderboard.csv)")
     parser.add_argument("--force", action="store_true", help="recompute cells already in the leaderboard")
     parser.add_argument("--quiet", action="store_true", help="no progress bars or status lines, only the table")
+    parser.add_argument("--layer-errors", action="store_true",
+                        help="also write each scheme's per-layer output error to results/layers/ (for compare)")
 
 
 def add_scan_arguments(parser: argparse.ArgumentParser) -> None:
@@ -204,6 +206,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         backend=args.backend, keep=Keep(args.keep_positions, args.keep_channels),
         tasks=args.task or DEFAULT_TASKS, bos=args.bos, limit=args.limit, batch_size=args.batch_size,
         seed=args.seed, results=args.results, force=args.force, progress=not args.quiet,
+        layer_errors=args.layer_errors,
     )
     report = run(spec, say=(lambda msg: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr)))
     print(f"model: {report.model}   computed {report.computed} of {len(report.rows)} rows -> {spec.results}")

@@ -10,11 +10,13 @@ from __future__ import annotations
 import copy
 import gc
 import json
+import re
 import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -34,7 +36,7 @@ from qharness.quant.backend import QuantContext, select_backend
 from qharness.quant.calibrate import calibration_batches, calibration_text
 from qharness.quant.footprint import weight_bytes
 from qharness.quant.schemes import SCHEMES, Keep, QuantScheme, get_scheme
-from qharness.results import Row, append_rows, existing_keys, key
+from qharness.results import Row, append_rows, existing_keys, key, write_atomic
 from qharness.tasks import TaskSpec, get_task, load_task_text
 from qharness.tasks.metrics import Metric
 from qharness.tasks.perplexity import perplexity
@@ -57,6 +59,7 @@ class RunSpec:
     results: Path = Path("results/leaderboard.csv")
     force: bool = False  # recompute cells that are already in the leaderboard
     progress: bool = True
+    layer_errors: bool = False  # also write each scheme's per-layer output error (results/layers/) for compare
 
     def __post_init__(self) -> None:
         if self.limit is not None and self.limit < 1:
@@ -138,12 +141,33 @@ def _result_row(spec: RunSpec, loaded: LoadedModel, cell: Cell, metric: Metric, 
     return row
 
 
+def layer_errors_path(spec: RunSpec, quant: str) -> Path:
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{spec.model.name}__{quant}__{spec.keep.label or 'none'}")
+    return spec.results.parent / "layers" / f"{name.strip('_')[-120:]}.json"
+
+
+def needs_layer_errors(spec: RunSpec, quant: str) -> bool:
+    return spec.layer_errors and (spec.force or not layer_errors_path(spec, quant).is_file())
+
+
+def write_layer_errors(spec: RunSpec, loaded: LoadedModel, qmodel: Any, quant: str, context: QuantContext) -> Path:
+    from qharness.activations.layer_error import layer_errors
+
+    batches = context.calibration_batches(quant)[:4]
+    entry = {"model": spec.model.name, "quant": quant, "keep": spec.keep.label,
+             "layers": layer_errors(loaded.model, qmodel, batches), **provenance.row_fields(loaded.device)}
+    path = layer_errors_path(spec, quant)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, json.dumps(entry, indent=1) + "\n")
+    return path
+
+
 def run(spec: RunSpec, say: Callable[[str], None] = print) -> RunReport:
     cells, schemes = plan_cells(spec)
     done = {} if spec.force else existing_keys(spec.results)
     keys = [k for cell in cells for k in cell.row_keys.values()]
     todo = [c for c in cells if any(k not in done for k in c.row_keys.values())]
-    if not todo:
+    if not todo and not any(needs_layer_errors(spec, quant) for quant in schemes):
         say(f"all {len(keys)} rows are already in {spec.results}; pass --force to recompute")
         return RunReport([done[k] for k in keys], 0, spec.model.name)
 
@@ -176,14 +200,17 @@ def run(spec: RunSpec, say: Callable[[str], None] = print) -> RunReport:
             compute(loaded, cell)
     for quant, scheme in schemes.items():
         quant_cells = [c for c in todo if c.quant == quant]
-        if not quant_cells:
+        if not quant_cells and not needs_layer_errors(spec, quant):
             continue
-        say(f"quantizing with {quant} [{quant_cells[0].backend}] ...")
+        backend = next(c.backend for c in cells if c.quant == quant)
+        say(f"quantizing with {quant} [{backend}] ...")
         qmodel = copy.deepcopy(loaded.model)
         context = QuantContext(loaded.device, calibration=lambda: calibration_batches(
             loaded.tokenizer, calibration_text(), bos=spec.bos, device=loaded.device), tokenizer=loaded.tokenizer)
-        quantize_(qmodel, scheme, backend=quant_cells[0].backend, keep=spec.keep, context=context)
+        quantize_(qmodel, scheme, backend=backend, keep=spec.keep, context=context)
         quantized = LoadedModel(qmodel, loaded.tokenizer, loaded.spec, loaded.source, loaded.device, loaded.dtype)
+        if needs_layer_errors(spec, quant):
+            write_layer_errors(spec, loaded, qmodel, quant, context)
         for cell in quant_cells:
             compute(quantized, cell)
         del qmodel, quantized

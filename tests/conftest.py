@@ -17,13 +17,20 @@ from qharness.tasks.spec import tasks_dir
 TINY_LAYERS = 2
 
 
+def installed(package: str) -> bool:
+    try:
+        return importlib.util.find_spec(package) is not None
+    except ModuleNotFoundError:  # "optimum.quanto" without optimum
+        return False
+
+
 def pytest_runtest_setup(item: pytest.Item) -> None:
     """`needs(pkg)` skips with a reason when pkg is missing, unless the tox env lists it in QHARNESS_REQUIRE: there a
     missing library is an error, so a backend env can never pass by skipping. `gpu` skips without CUDA."""
     required = set(filter(None, os.environ.get("QHARNESS_REQUIRE", "").split(",")))
     for mark in item.iter_markers("needs"):
         package = mark.args[0]
-        if importlib.util.find_spec(package) is None:
+        if not installed(package):
             if package in required:
                 pytest.fail(f"{package} is required in this environment (QHARNESS_REQUIRE) but not installed")
             pytest.skip(f"needs {package}: pip install -c constraints.txt {package}")

@@ -62,6 +62,7 @@ def test_compare_writes_report_html_and_plots(tmp_path):
     assert corr["models"] == 3 and corr["spearman"] == pytest.approx(1.0)
     page = (tmp_path / "out" / "report.html").read_text()
     assert page.count("<table>") == 3 and "degradation_heatmap.png" in page
+    assert "Run `qharness run --layer-errors` to measure it." in report
     assert (tmp_path / "out" / "degradation_heatmap.png").read_bytes()[:4] == b"\x89PNG"
     assert (tmp_path / "out" / "degradation_vs_activation.png").is_file()
 
@@ -69,3 +70,24 @@ def test_compare_writes_report_html_and_plots(tmp_path):
 def test_compare_cli_without_a_leaderboard_is_one_line(capsys, tmp_path):
     assert main(["compare", "--results", str(tmp_path / "none.csv"), "--out", str(tmp_path)]) == 2
     assert capsys.readouterr().err.startswith("qharness: error: leaderboard not found: ")
+
+
+def test_layer_errors_from_a_run_reach_the_report(tiny_model_dir, tiny_task_dir, tmp_path):
+    from qharness.models.sources import ModelSpec
+    from qharness.runner import RunSpec, run
+
+    results = tmp_path / "lb.csv"
+    run(RunSpec(model=ModelSpec(str(tiny_model_dir)), quants=("int8-w8a8-tensor",),
+                tasks=(str(tiny_task_dir / "short.yaml"),), results=results, progress=False, layer_errors=True),
+        say=lambda m: None)
+    (entry_file,) = (tmp_path / "layers").iterdir()
+    entry_file.unlink()  # asking again later measures the layers without recomputing the rows
+    again = run(RunSpec(model=ModelSpec(str(tiny_model_dir)), quants=("int8-w8a8-tensor",),
+                        tasks=(str(tiny_task_dir / "short.yaml"),), results=results, progress=False,
+                        layer_errors=True), say=lambda m: None)
+    assert again.computed == 0 and entry_file.is_file()
+    summary = compare(results, tmp_path / "out")
+    (layers,) = summary["layer_errors"]
+    assert layers["quant"] == "int8-w8a8-tensor" and 0 < layers["worst_error"] < 1
+    assert (tmp_path / "out" / "layer_error_vs_activation.png").is_file()
+    assert "| int8-w8a8-tensor |" in (tmp_path / "out" / "report.md").read_text().split("## Per layer")[1]
