@@ -50,7 +50,8 @@ class Backend:
     requires: tuple[str, ...] = ()  # importable packages
     devices: tuple[str, ...] = ("cpu", "cuda")
     supports_keep: bool = False  # can keep token positions in full precision
-    scheme_check: Callable[[Any, torch.device], None] | None = field(default=None, repr=False)
+    schemes: tuple[str, ...] | None = None  # the schemes it implements; None: any scheme that lists it
+    scheme_check: Callable[[Any, torch.device], None] | None = field(default=None, repr=False)  # further limits
 
     def check(self, device: torch.device, scheme: Any = None) -> None:
         missing = [p for p in self.requires if not _installed(p)]
@@ -61,6 +62,9 @@ class Backend:
         if device.type not in self.devices:
             raise BackendUnavailable(f"backend '{self.name}' runs on {', '.join(self.devices)}, not {device.type}; "
                                      "use --backend sim (same math, any device) or another device")
+        if scheme is not None and self.schemes is not None and scheme.name not in self.schemes:
+            raise BackendUnavailable(f"backend '{self.name}' implements {', '.join(self.schemes)}, "
+                                     f"not '{scheme.name}'")
         if scheme is not None and self.scheme_check is not None:
             self.scheme_check(scheme, device)
 

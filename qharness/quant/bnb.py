@@ -7,10 +7,8 @@ float rounding (tests/quant/test_bnb.py).
 
 from __future__ import annotations
 
-import torch
 from torch import nn
 
-from qharness.errors import BackendUnavailable
 from qharness.quant.backend import BACKENDS, Backend, QuantContext
 from qharness.quant.schemes import Keep, QuantScheme
 
@@ -52,15 +50,11 @@ def apply_bnb(model: nn.Module, scheme: QuantScheme, targets: dict[str, nn.Linea
         swap_module(model, name, new.train(linear.training))  # in training mode bnb on CPU skips the int8 activations
 
 
-def check_scheme(scheme: QuantScheme, device: torch.device) -> None:
-    if scheme.name not in SCHEMES_HERE:
-        raise BackendUnavailable(f"backend 'bnb' implements {', '.join(SCHEMES_HERE)}, not '{scheme.name}'")
-
 
 BACKENDS.add("bnb", Backend(
     name="bnb",
     description="bitsandbytes: LLM.int8() with fp16 outlier columns, NF4 (CPU and CUDA)",
     apply=apply_bnb,
     requires=("bitsandbytes",),
-    scheme_check=check_scheme,
+    schemes=SCHEMES_HERE,
 ))

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from qharness.errors import BackendUnavailable, QHarnessError
+from qharness.errors import QHarnessError
 from qharness.quant.backend import BACKENDS, Backend, QuantContext
 from qharness.quant.schemes import Keep, QuantScheme
 
@@ -73,15 +73,11 @@ class DtypeBridge(nn.Module):
         return self.inner(x.to(self.dtype)).to(x.dtype)
 
 
-def check_scheme(scheme: QuantScheme, device: torch.device) -> None:
-    if scheme.name not in SCHEMES_HERE:
-        raise BackendUnavailable(f"backend 'gptq' implements {', '.join(SCHEMES_HERE)}, not '{scheme.name}'")
-
 
 BACKENDS.add("gptq", Backend(
     name="gptq",
     description="GPTQ through gptqmodel: calibrated 4-bit g128 weights (CPU and CUDA)",
     apply=apply_gptq,
     requires=("gptqmodel",),
-    scheme_check=check_scheme,
+    schemes=SCHEMES_HERE,
 ))

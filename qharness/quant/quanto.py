@@ -11,7 +11,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from qharness.errors import BackendUnavailable
 from qharness.quant.backend import BACKENDS, Backend, QuantContext
 from qharness.quant.schemes import Keep, QuantScheme
 
@@ -32,15 +31,11 @@ def apply_quanto(model: nn.Module, scheme: QuantScheme, targets: dict[str, nn.Li
     freeze(model)
 
 
-def check_scheme(scheme: QuantScheme, device: torch.device) -> None:
-    if scheme.name not in SCHEMES_HERE:
-        raise BackendUnavailable(f"backend 'quanto' implements {', '.join(SCHEMES_HERE)}, not '{scheme.name}'")
-
 
 BACKENDS.add("quanto", Backend(
     name="quanto",
     description="optimum-quanto: int8 / fp8 weights, int8 W8A8 with calibrated per-tensor scales (CPU and CUDA)",
     apply=apply_quanto,
     requires=("optimum.quanto",),
-    scheme_check=check_scheme,
+    schemes=SCHEMES_HERE,
 ))

@@ -54,9 +54,7 @@ def _int4_config(group_size: int, device: torch.device) -> Any:
                                 mapping_type=MappingType.ASYMMETRIC)
 
 
-def check_scheme(scheme: QuantScheme, device: torch.device) -> None:
-    if scheme.name not in SCHEMES_HERE:
-        raise BackendUnavailable(f"backend 'torchao' implements {', '.join(SCHEMES_HERE)}, not '{scheme.name}'")
+def check_fp8_device(scheme: QuantScheme, device: torch.device) -> None:
     if scheme.name in FP8_DYNAMIC:
         capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
         if capability is None or capability < (8, 9):
@@ -84,5 +82,6 @@ BACKENDS.add("torchao", Backend(
     description="torchao kernels: int8 weight-only / dynamic W8A8, int4 g128, fp8 (fp8 W8A8 on CUDA >= 8.9)",
     apply=apply_torchao,
     requires=("torchao",),
-    scheme_check=check_scheme,
+    schemes=SCHEMES_HERE,
+    scheme_check=check_fp8_device,
 ))

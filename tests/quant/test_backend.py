@@ -5,7 +5,7 @@ from qharness.errors import BackendUnavailable
 from qharness.quant import backend as backend_module
 from qharness.quant.apply import quantize_
 from qharness.quant.backend import load_backends, select_backend
-from qharness.quant.schemes import Keep, get_scheme
+from qharness.quant.schemes import SCHEMES, Keep, get_scheme
 
 CPU = torch.device("cpu")
 
@@ -56,3 +56,22 @@ def test_keep_needs_a_backend_that_supports_it(tiny_model, monkeypatch):
     monkeypatch.setattr(backend_module.Backend, "check", lambda self, device, scheme=None: None)
     with pytest.raises(BackendUnavailable, match="backend 'bnb' cannot keep token positions or channels"):
         quantize_(tiny_model, get_scheme("nf4"), backend="bnb", keep=Keep(positions=(0,)))
+
+
+def test_schemes_and_backends_agree_on_who_implements_what():
+    backends = load_backends()
+    for scheme_name in SCHEMES.names():
+        for backend_name in get_scheme(scheme_name).backends:
+            implemented = backends.get(backend_name).schemes
+            assert implemented is None or scheme_name in implemented, (scheme_name, backend_name)
+    for entry in backends:
+        for scheme_name in entry.obj.schemes or ():
+            assert entry.name in get_scheme(scheme_name).backends, (entry.name, scheme_name)
+
+
+def test_backend_refuses_a_scheme_outside_its_list():
+    from qharness.quant.backend import Backend
+
+    narrow = Backend(name="narrow", description="", apply=lambda *a: None, schemes=("nf4",))
+    with pytest.raises(BackendUnavailable, match="backend 'narrow' implements nf4, not 'int8-w8a8-token'"):
+        narrow.check(CPU, get_scheme("int8"))
