@@ -53,3 +53,16 @@ def layers_at(model: nn.Module, path: str) -> nn.ModuleList:
     if not isinstance(module, nn.ModuleList):
         raise ModelLoadError(f"--layers '{path}' is a {type(module).__name__}, not an nn.ModuleList of layers")
     return module
+
+
+NORM_CLASSES = (nn.LayerNorm, nn.RMSNorm)
+
+
+def is_norm(module: nn.Module) -> bool:
+    """torch's norms, and the per-architecture RMSNorm/LayerNorm classes transformers defines for each model."""
+    return isinstance(module, NORM_CLASSES) or type(module).__name__.endswith(("RMSNorm", "LayerNorm"))
+
+
+def norm_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """Qualified name -> every normalization module of the model (decoder layers and the final norm)."""
+    return {name: module for name, module in model.named_modules() if is_norm(module)}

@@ -1,0 +1,74 @@
+import pytest
+import torch
+
+from qharness.models.layers import decoder_layers, is_norm, norm_modules
+from qharness.models.mitigations import load_mitigations
+from qharness.models.mitigations.dyt import ALPHA_ATTENTION, ALPHA_OTHER, DyT, apply_dyt_
+from qharness.models.mitigations.tvr import TVRConfig, decoder_matrices, lir_init_, tvr_after_step, tvr_rescale_
+
+
+def test_registry_lists_what_each_mitigation_changes():
+    registry = load_mitigations()
+    assert registry.get("dyt").build is not None and registry.get("dyt").after_step is None
+    assert registry.get("tvr").init is not None and registry.get("tvr").after_step is not None
+
+
+def test_dyt_is_the_formula():
+    torch.manual_seed(0)
+    layer = DyT(8, alpha_init=0.7)
+    with torch.no_grad():
+        layer.weight.copy_(torch.randn(8))
+        layer.bias.copy_(torch.randn(8))
+    x = torch.randn(3, 8) * 50
+    assert torch.allclose(layer(x), layer.weight * torch.tanh(0.7 * x) + layer.bias)
+    assert layer(torch.full((1, 8), 1e6)).abs().max() <= (layer.weight.abs() + layer.bias.abs()).max() + 1e-6
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_dyt_leaves_no_norm_and_sets_alpha_by_position(arch, tiny_model):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model = tiny_model if arch == "llama" else GPT2LMHeadModel(GPT2Config(vocab_size=50, n_embd=32, n_layer=2,
+                                                                          n_head=4, n_positions=32))
+    count = len(norm_modules(model))
+    assert apply_dyt_(model) == count == 2 * 2 + 1  # two per layer and the final one
+    assert not any(is_norm(m) for m in model.modules())
+    first = decoder_layers(model)[0]
+    dyts = [m for m in first.modules() if isinstance(m, DyT)]
+    assert dyts[0].alpha.item() == ALPHA_ATTENTION and dyts[1].alpha.item() == ALPHA_OTHER
+    ids = torch.randint(0, 50, (1, 8))
+    assert torch.isfinite(model(ids).logits).all()
+
+
+def test_tvr_rescales_exactly_the_wide_decoder_weights_and_nothing_else(tiny_model):
+    config = TVRConfig(target=0.02, threshold=1.2)
+    (_, wide), (_, narrow) = decoder_matrices(tiny_model)[:2]
+    with torch.no_grad():
+        wide.normal_(0.3, 0.1)  # std 0.1 > 1.2 x 0.02: rescaled
+        narrow.normal_(0.0, 0.02)  # std 0.02 <= 0.024: left alone
+    others = {n: p.clone() for n, p in tiny_model.named_parameters() if not n.startswith("model.layers.")}
+    norms = {n: p.clone() for n, p in tiny_model.named_parameters() if "layernorm" in n}
+    before_wide, before_narrow = wide.clone(), narrow.clone()
+    tvr_rescale_(tiny_model, config)
+    expected = (before_wide - before_wide.mean()) / before_wide.std() * 0.02 + before_wide.mean()
+    assert torch.allclose(wide, expected, atol=1e-6)
+    assert wide.std().item() == pytest.approx(0.02, rel=1e-4)
+    assert torch.equal(narrow, before_narrow)
+    for name, value in {**others, **norms}.items():  # embeddings, head, final and layer norms
+        assert torch.equal(dict(tiny_model.named_parameters())[name], value), name
+
+
+def test_tvr_runs_every_interval_steps(tiny_model):
+    config = TVRConfig(interval=50, target=0.001)
+    assert tvr_after_step(tiny_model, 49, config) == 0
+    assert tvr_after_step(tiny_model, 50, config) == len(decoder_matrices(tiny_model))
+
+
+def test_lir_init_scales_by_layer_index(tiny_model):
+    torch.manual_seed(0)
+    lir_init_(tiny_model, TVRConfig(init_sigma=0.5))
+    stds = {index: [] for index in (1, 2)}
+    for index, weight in decoder_matrices(tiny_model):
+        stds[index].append(weight.std().item())
+    assert sum(stds[1]) / len(stds[1]) == pytest.approx(0.5, rel=0.1)
+    assert sum(stds[2]) / len(stds[2]) == pytest.approx(0.5 / 2**0.5, rel=0.1)
