@@ -4,6 +4,12 @@ bug and keeps its traceback."""
 from __future__ import annotations
 
 
+def first_line(exc: BaseException, limit: int = 200) -> str:
+    """An exception as one short line for an error message that wraps it."""
+    text = str(exc).strip()
+    return text.splitlines()[0][:limit].rstrip(".") if text else type(exc).__name__
+
+
 class QHarnessError(Exception):
     """Bad input or an unmet requirement: the message says what was wrong and what would be right."""
 

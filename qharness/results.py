@@ -15,6 +15,7 @@ import csv
 import fcntl
 import io
 import os
+import re
 import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -31,6 +32,11 @@ COLUMNS = (
 KEY_COLUMNS = COLUMNS[:12]
 
 Row = dict[str, str]
+
+
+def slug(text: str, limit: int = 80) -> str:
+    """A file-name-safe form of a model name or a cell label, for files written under results/."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_")[-limit:]
 
 
 def key(row: Row) -> tuple[str, ...]:

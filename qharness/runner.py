@@ -10,7 +10,6 @@ from __future__ import annotations
 import copy
 import gc
 import json
-import re
 import time
 import uuid
 from collections.abc import Callable
@@ -36,7 +35,7 @@ from qharness.quant.backend import QuantContext, select_backend
 from qharness.quant.calibrate import calibration_batches, calibration_text
 from qharness.quant.footprint import weight_bytes
 from qharness.quant.schemes import SCHEMES, Keep, QuantScheme, get_scheme
-from qharness.results import Row, append_rows, existing_keys, key, write_atomic
+from qharness.results import Row, append_rows, existing_keys, key, slug, write_atomic
 from qharness.tasks import TaskSpec, get_task, load_task_text
 from qharness.tasks.metrics import Metric
 from qharness.tasks.perplexity import perplexity
@@ -142,8 +141,8 @@ def _result_row(spec: RunSpec, loaded: LoadedModel, cell: Cell, metric: Metric, 
 
 
 def layer_errors_path(spec: RunSpec, quant: str) -> Path:
-    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{spec.model.name}__{quant}__{spec.keep.label or 'none'}")
-    return spec.results.parent / "layers" / f"{name.strip('_')[-120:]}.json"
+    name = slug(f"{spec.model.name}__{quant}__{spec.keep.label or 'none'}", limit=120)
+    return spec.results.parent / "layers" / f"{name}.json"
 
 
 def needs_layer_errors(spec: RunSpec, quant: str) -> bool:

@@ -4,7 +4,6 @@ write the JSON profile and plots under results/scan/, and add summary rows to th
 from __future__ import annotations
 
 import json
-import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -18,7 +17,7 @@ from qharness.activations.scan import ScanConfig, scan
 from qharness.models.layers import decoder_layers, layers_at
 from qharness.models.sources import ModelSpec, classify, dtype_name, load_model
 from qharness.quant.calibrate import calibration_batches, calibration_text
-from qharness.results import append_rows, write_atomic
+from qharness.results import append_rows, slug, write_atomic
 from qharness.tasks import get_task, load_task_text
 from qharness.tasks.perplexity import perplexity
 
@@ -40,10 +39,6 @@ class ScanSpec:
     out_dir: Path = Path("results/scan")
     results: Path = Path("results/leaderboard.csv")
     progress: bool = True
-
-
-def slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_")[-80:]
 
 
 def intervention_table(loaded: Any, layers: Any, summary: dict[str, Any], spec: ScanSpec) -> list[dict[str, Any]]:

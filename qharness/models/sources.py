@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 import torch
 
-from qharness.errors import BackendUnavailable, ConfigError, ModelLoadError
+from qharness.errors import BackendUnavailable, ConfigError, ModelLoadError, first_line
 from qharness.models.builtin import BUILTIN_MODELS
 
 Dtype = Literal["auto", "fp32", "bf16", "fp16"]
@@ -87,12 +87,6 @@ def quiet_transformers(progress: bool = True):
         hf_logging.set_verbosity(previous)
         if bars:
             hf_logging.enable_progress_bar()
-
-
-def first_line(exc: BaseException) -> str:
-    """An exception as one short line for an error message."""
-    text = str(exc).strip()
-    return text.splitlines()[0][:200].rstrip(".") if text else type(exc).__name__
 
 
 def load_gguf(path: Path, dtype: torch.dtype = torch.float32) -> tuple[Any, Any]:

@@ -10,7 +10,7 @@ from typing import Any, Literal
 
 import yaml
 
-from qharness.errors import ConfigError, DataError
+from qharness.errors import ConfigError, DataError, first_line
 from qharness.registry import Registry
 
 Kind = Literal["perplexity", "zero-shot"]
@@ -110,9 +110,8 @@ def load_hub_text(task: TaskSpec) -> str:
     try:
         rows = datasets.load_dataset(**kwargs)
     except Exception as exc:
-        reason = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
-        raise DataError(f"task '{task.name}': cannot load dataset {kwargs} ({reason}); it needs the internet, "
-                        "or use an offline task (qharness list tasks)") from exc
+        raise DataError(f"task '{task.name}': cannot load dataset {kwargs} ({first_line(exc, 160)}); it needs the "
+                        "internet, or use an offline task (qharness list tasks)") from exc
     return "\n\n".join(row[field_name] for row in rows)
 
 

@@ -11,7 +11,7 @@ import logging
 import os
 from typing import Any
 
-from qharness.errors import DataError
+from qharness.errors import DataError, first_line
 from qharness.tasks.metrics import Metric
 from qharness.tasks.spec import TaskSpec
 
@@ -64,7 +64,7 @@ def zero_shot(model: Any, tokenizer: Any, task: TaskSpec, *, limit: int | None =
     except Exception as exc:
         if task.lm_eval_task is None:
             raise
-        reason = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+        reason = first_line(exc, 160)
         raise DataError(f"task '{task.name}': lm-eval could not run '{task.lm_eval_task}' ({reason}); hub tasks "
                         "need the internet, the offline ones are in `qharness list tasks`") from exc
     name, results = next(iter(output["results"].items()))

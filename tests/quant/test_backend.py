@@ -37,9 +37,7 @@ def test_explicit_backend_must_implement_the_scheme():
 
 
 def test_missing_library_names_the_install_command(monkeypatch):
-    real = backend_module.importlib.util.find_spec
-    monkeypatch.setattr(backend_module.importlib.util, "find_spec",
-                        lambda name: None if name == "bitsandbytes" else real(name))
+    monkeypatch.setattr(backend_module, "_installed", lambda package: package != "bitsandbytes")
     with pytest.raises(BackendUnavailable, match="backend 'bnb' needs bitsandbytes: pip install -c constraints.txt "
                                                  "bitsandbytes"):
         select_backend(get_scheme("nf4"), CPU, "bnb")

@@ -45,9 +45,7 @@ def test_gptq_without_the_library_says_how_to_install(monkeypatch):
     from qharness.quant import backend as backend_module
     from qharness.quant.backend import select_backend
 
-    real = backend_module.importlib.util.find_spec
-    monkeypatch.setattr(backend_module.importlib.util, "find_spec",
-                        lambda name: None if name == "gptqmodel" else real(name))
+    monkeypatch.setattr(backend_module, "_installed", lambda package: package != "gptqmodel")
     with pytest.raises(BackendUnavailable, match="no backend can run scheme 'gptq-int4-g128' on cpu: backend "
                                                  "'gptq' needs gptqmodel: pip install -c constraints.txt gptqmodel"):
         select_backend(get_scheme("gptq"), torch.device("cpu"))
