@@ -80,12 +80,15 @@ def layer_hooks(layers: nn.ModuleList, callback) -> Iterator[None]:
 @contextlib.contextmanager
 def eager_attention(model: nn.Module, enabled: bool) -> Iterator[bool]:
     """Attention weights exist only in eager attention; switch to it for the scan and back afterwards."""
+    from qharness.models.attention import eager_variant
+
     previous = getattr(model.config, "_attn_implementation", None)
-    switch = enabled and hasattr(model, "set_attn_implementation") and previous != "eager"
+    eager = eager_variant(previous)  # a mitigated model keeps its KV bias / gate / clipped softmax
+    switch = enabled and hasattr(model, "set_attn_implementation") and previous != eager
     if switch:
-        model.set_attn_implementation("eager")
+        model.set_attn_implementation(eager)
     try:
-        yield enabled and (switch or previous == "eager")
+        yield enabled and (switch or previous == eager)
     finally:
         if switch:
             model.set_attn_implementation(previous)

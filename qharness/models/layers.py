@@ -66,3 +66,15 @@ def is_norm(module: nn.Module) -> bool:
 def norm_modules(model: nn.Module) -> dict[str, nn.Module]:
     """Qualified name -> every normalization module of the model (decoder layers and the final norm)."""
     return {name: module for name, module in model.named_modules() if is_norm(module)}
+
+
+def attention_modules(model: nn.Module) -> list[nn.Module]:
+    """The self-attention module of each decoder layer: the first submodule whose class name ends in 'Attention'
+    (LlamaAttention, GPT2Attention, MistralAttention, ...)."""
+    found = []
+    for index, layer in enumerate(decoder_layers(model)):
+        attention = next((m for m in layer.modules() if type(m).__name__.endswith("Attention")), None)
+        if attention is None:
+            raise ModelLoadError(f"decoder layer {index} of {type(model).__name__} has no '*Attention' module")
+        found.append(attention)
+    return found

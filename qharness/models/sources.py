@@ -19,6 +19,7 @@ import torch
 
 from qharness.errors import BackendUnavailable, ConfigError, ModelLoadError, first_line
 from qharness.models.builtin import BUILTIN_MODELS
+from qharness.training import zoo
 
 Dtype = Literal["auto", "fp32", "bf16", "fp16"]
 Device = Literal["auto", "cpu", "cuda"]
@@ -105,26 +106,73 @@ def load_gguf(path: Path, dtype: torch.dtype = torch.float32) -> tuple[Any, Any]
     return model, tokenizer
 
 
+def load_safetensors_(model: Any, folder: Path) -> None:
+    """Load every *.safetensors file in `folder` into `model`, strictly: a key may be missing only when it is tied to
+    one that was loaded (the LM head tied to the embeddings)."""
+    from safetensors.torch import load_file
+
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise ModelLoadError(f"no .safetensors weights in {folder}")
+    state = {key: value for file in files for key, value in load_file(file).items()}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    params = dict(model.named_parameters(remove_duplicate=False))
+    loaded = {id(params[key]) for key in state if key in params}
+    untied = [key for key in missing if key not in params or id(params[key]) not in loaded]
+    if untied or unexpected:
+        raise ModelLoadError(f"weights in {folder} do not fit the model its config describes: "
+                             f"missing {untied[:3]}, unexpected {unexpected[:3]}")
+
+
+def load_mitigated(folder: Path, config: Any, dtype: torch.dtype) -> Any:
+    """A model we trained with a mitigation: rebuild its modules from the config, then load the weights."""
+    from transformers import AutoModelForCausalLM
+
+    from qharness.models import mitigations
+
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    mitigations.build_(model, mitigations.recorded(config))
+    load_safetensors_(model, folder)
+    return model
+
+
 def load_pretrained(name_or_path: str, dtype: torch.dtype) -> tuple[Any, Any]:
-    """A local Hugging Face folder or a hub id, safetensors only, no remote code."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """A local Hugging Face folder or a hub id, safetensors only, no remote code. A config that records a
+    qharness mitigation gets its modules rebuilt before the weights load."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from qharness.models import mitigations
 
     try:
         with quiet_transformers():
             tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=False)
-            model = AutoModelForCausalLM.from_pretrained(
-                name_or_path, dtype=dtype, use_safetensors=True, trust_remote_code=False
-            )
+            config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=False)
+            if mitigations.recorded(config) != mitigations.NONE:
+                folder = Path(name_or_path)
+                if not folder.is_dir():
+                    from huggingface_hub import snapshot_download
+
+                    folder = Path(snapshot_download(name_or_path, allow_patterns=["*.json", "*.safetensors"]))
+                model = load_mitigated(folder, config, dtype)
+            else:
+                model = AutoModelForCausalLM.from_pretrained(
+                    name_or_path, dtype=dtype, use_safetensors=True, trust_remote_code=False
+                )
+    except ModelLoadError:
+        raise
     except Exception as exc:
         where = "local folder" if Path(name_or_path).is_dir() else "Hugging Face hub id (needs the internet)"
         raise ModelLoadError(f"cannot load model '{name_or_path}' as a {where}: {first_line(exc)}") from exc
     return model, tokenizer
 
 
-def classify(name: str) -> Literal["builtin", "gguf", "folder", "hub"]:
+def classify(name: str) -> Literal["builtin", "zoo", "gguf", "folder", "hub"]:
     """Which kind of source `name` is, checked without loading anything; raises for a name that is none."""
     if name in BUILTIN_MODELS:
         return "builtin"
+    if zoo.is_zoo_name(name):
+        zoo.recipe_for(name)  # raises for an unknown arch or mitigation
+        return "zoo"
     path = Path(name).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
@@ -137,9 +185,25 @@ def classify(name: str) -> Literal["builtin", "gguf", "folder", "hub"]:
     if HUB_ID.match(name) and not name.startswith((".", "/", "~")):
         return "hub"
     raise ModelLoadError(
-        f"unknown model '{name}': not a built-in name ({', '.join(BUILTIN_MODELS.names())}), an existing "
+        f"unknown model '{name}': not a built-in name ({', '.join(BUILTIN_MODELS.names())}), a zoo model "
+        "(zoo:llama-base, zoo:gpt2-kv_bias, ...; `qharness list models`), an existing "
         "local folder or .gguf file, or a hub id like 'HuggingFaceTB/SmolLM2-135M'"
     )
+
+
+def context_limit(name: str) -> int | None:
+    """The longest sequence a model was built or trained for, when it is known without loading the weights: a zoo
+    recipe's context, or a local folder's config (learned positions, max_position_embeddings). None: not known."""
+    kind = classify(name)
+    if kind == "zoo":
+        return zoo.recipe_for(name).arch.context
+    config_path = Path(name).expanduser() / "config.json"
+    if kind == "folder" and config_path.is_file():
+        import json
+
+        config = json.loads(config_path.read_text())
+        return config.get("n_positions") or config.get("max_position_embeddings")
+    return None
 
 
 def read_model(name: str, dtype: torch.dtype) -> tuple[Any, Any, str]:
@@ -149,6 +213,10 @@ def read_model(name: str, dtype: torch.dtype) -> tuple[Any, Any, str]:
         entry = BUILTIN_MODELS.get(name)
         model, tokenizer = load_pretrained(str(entry.materialize()), dtype)
         return model, tokenizer, entry.provenance
+    if kind == "zoo":
+        folder = zoo.materialize(name)
+        model, tokenizer = load_pretrained(str(folder), dtype)
+        return model, tokenizer, f"{name} (trained here, recipe {zoo.recipe_for(name).digest()})"
     path = Path(name).expanduser().resolve()
     if kind == "gguf":
         return (*load_gguf(path, dtype), f"gguf:{path}")

@@ -1,9 +1,13 @@
-"""Training-time mitigations of massive activations, one file each (dyt.py, tvr.py), registered by name.
+"""Training-time mitigations of massive activations, one file each, registered by name.
 
 A mitigation changes one place, declared as data in a `Mitigation`: `build` changes the architecture before
-training (DyT replaces the norms), `init` sets the starting weights (TVR's layer-index-rescaled init), `after_step`
-runs after each optimizer step (TVR's rescale). Attention KV bias, gated attention and clipped softmax, the
-training loop and the model zoo are still to come (issue 6).
+training (DyT replaces the norms, KV bias adds k' and v'), `init` sets the starting weights (TVR's
+layer-index-rescaled init), `after_step` runs after each optimizer step (TVR's rescale). A spec names one or
+several joined by '+' ("tvr+kv_bias"); "none" is the baseline.
+
+Persistence: `build_` writes the spec to `config.qharness_mitigation`, so `save_pretrained` records it; our loader
+(qharness.models.sources) reads it back, builds the same modules and then loads the weights. Plain
+`AutoModelForCausalLM.from_pretrained` would drop the extra parameters, and nothing here needs remote code.
 """
 
 from __future__ import annotations
@@ -13,9 +17,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from qharness.errors import ConfigError
 from qharness.registry import Registry
 
-MODULES = ("qharness.models.mitigations.dyt", "qharness.models.mitigations.tvr")
+MODULES = tuple(f"qharness.models.mitigations.{name}"
+                for name in ("dyt", "tvr", "kv_bias", "gated_attention", "clipped_softmax"))
+CONFIG_KEY = "qharness_mitigation"
+NONE = "none"
 
 
 @dataclass(frozen=True)
@@ -35,3 +43,35 @@ def load_mitigations() -> Registry[Mitigation]:
     for module in MODULES:
         importlib.import_module(module)
     return MITIGATIONS
+
+
+def resolve(spec: str) -> list[Mitigation]:
+    """'none' -> []; 'tvr+kv_bias' -> [tvr, kv_bias]. Unknown names raise with the valid ones listed."""
+    registry = load_mitigations()
+    if spec in ("", NONE):
+        return []
+    names = spec.split("+")
+    if len(set(names)) != len(names):
+        raise ConfigError(f"mitigation '{spec}' names one twice; join distinct ones with '+', e.g. 'tvr+kv_bias'")
+    return [registry.get(name) for name in names]
+
+
+def build_(model: Any, spec: str) -> list[Mitigation]:
+    """Change the architecture for `spec` and record it in the config; returns the mitigations."""
+    mitigations = resolve(spec)
+    for mitigation in mitigations:
+        if mitigation.build is not None:
+            mitigation.build(model)
+    setattr(model.config, CONFIG_KEY, spec if mitigations else NONE)
+    return mitigations
+
+
+def initialize_(model: Any, mitigations: list[Mitigation]) -> None:
+    for mitigation in mitigations:
+        if mitigation.init is not None:
+            mitigation.init(model)
+
+
+def recorded(config: Any) -> str:
+    """The mitigation spec a saved config records ('none' for any model we did not build)."""
+    return getattr(config, CONFIG_KEY, None) or NONE
