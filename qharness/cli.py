@@ -32,6 +32,12 @@ COMPARE_EXAMPLES = """examples:
   qharness compare                      # results/leaderboard.csv -> results/report.md, report.html, plots
   qharness compare --results other.csv --out other/
 """
+TRAIN_EXAMPLES = """examples:
+  qharness train --arch llama --mitigation none --out runs/llama-base       # 4,000 steps, about 7 min on 2 cores
+  qharness train --arch gpt2 --mitigation tvr+dyt --budget 10 --out runs/g  # rerun the same line to continue
+  qharness train --model zoo:llama-kv_bias                                  # train one zoo model into the cache
+  qharness run --model runs/llama-base --quant int8                         # the result is a model folder
+"""
 LIST_EXAMPLES = """examples:
   qharness list            # everything
   qharness list quants
@@ -214,6 +220,70 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from qharness.models import mitigations
+    from qharness.training import zoo
+    from qharness.training.architectures import ArchConfig
+    from qharness.training.loop import TrainConfig
+    from qharness.training.run import train_model
+
+    if args.model:
+        path = zoo.train_zoo_model(args.model, progress=not args.quiet, budget_minutes=args.budget)
+        if path is None:
+            print(f"{args.model}: stopped by the {args.budget}-minute budget with a checkpoint; "
+                  "run the same command again to continue")
+        else:
+            print(f"{args.model}: trained -> {path}")
+        return 0
+    if args.out is None:
+        raise QHarnessError("qharness train needs --out FOLDER (or --model zoo:<arch>-<mitigation>)")
+    recipe = zoo.Recipe(arch=ArchConfig(arch=args.arch, d_model=args.d_model, layers=args.layers, heads=args.heads,
+                                        context=args.context),
+                        train=TrainConfig(steps=args.steps, batch_size=args.batch_size, context=args.context,
+                                          lr=args.lr, weight_decay=args.weight_decay, seed=args.seed,
+                                          warmup=args.warmup, min_lr_ratio=args.min_lr_ratio,
+                                          grad_clip=args.grad_clip),
+                        mitigation=args.mitigation)
+    mitigations.resolve(recipe.mitigation)
+    result = train_model(recipe, args.out, progress=not args.quiet, budget_minutes=args.budget)
+    if not result.finished:
+        print(f"stopped by the {args.budget}-minute budget at step {result.step} of {recipe.train.steps} "
+              f"(checkpoint in {args.out}); run the same command again to continue")
+    else:
+        print(f"trained {recipe.arch.arch} + {recipe.mitigation}: {result.step} steps, final loss {result.loss:.3f}"
+              f" -> {args.out / 'model'}  (use it as --model {args.out / 'model'})")
+    return 0
+
+
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    from qharness.training.architectures import ArchConfig
+    from qharness.training.loop import TrainConfig
+
+    arch, train = ArchConfig(), TrainConfig()
+    parser.add_argument("--model", default=None, help="a zoo name (zoo:llama-base, ...): train it into the cache")
+    parser.add_argument("--arch", default=arch.arch, help="llama (GLU) or gpt2 (non-GLU)")
+    parser.add_argument("--mitigation", default="none",
+                        help="none, or mitigations joined by '+': kv_bias, tvr, dyt, gated_attention, "
+                             "clipped_softmax (e.g. tvr+kv_bias)")
+    parser.add_argument("--budget", type=float, default=None, metavar="MINUTES",
+                        help="stop after this many minutes with a checkpoint; rerun to continue")
+    parser.add_argument("--out", type=Path, default=None, help="folder for the checkpoint, log and model")
+    parser.add_argument("--steps", type=int, default=train.steps)
+    parser.add_argument("--batch-size", type=int, default=train.batch_size)
+    parser.add_argument("--context", type=int, default=train.context)
+    parser.add_argument("--lr", type=float, default=train.lr)
+    parser.add_argument("--weight-decay", type=float, default=train.weight_decay)
+    parser.add_argument("--warmup", type=int, default=train.warmup, help="linear warmup steps")
+    parser.add_argument("--min-lr-ratio", type=float, default=train.min_lr_ratio,
+                        help="cosine decay ends at lr x this (1 = constant lr)")
+    parser.add_argument("--grad-clip", type=float, default=train.grad_clip, help="max gradient norm; 0 = off")
+    parser.add_argument("--seed", type=int, default=train.seed)
+    parser.add_argument("--d-model", type=int, default=arch.d_model)
+    parser.add_argument("--layers", type=int, default=arch.layers)
+    parser.add_argument("--heads", type=int, default=arch.heads)
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
 def cmd_list(args: argparse.Namespace) -> int:
     from qharness.models.builtin import BUILTIN_MODELS
     from qharness.quant.schemes import SCHEMES
@@ -223,6 +293,11 @@ def cmd_list(args: argparse.Namespace) -> int:
         print("models (also: a local HF folder, a .gguf file, or a hub id):")
         for entry in BUILTIN_MODELS:
             print(f"  {entry.name:24} {entry.obj.description}")
+        from qharness.training import zoo
+
+        print("  zoo (trained here on first use, about 7 min each; `qharness train --model NAME`):")
+        for name in zoo.GRID:
+            print(f"  {name:24} {'trained' if zoo.describe(name) else 'not trained yet'}")
     if args.what in ("all", "quants"):
         print("quants:")
         for entry in SCHEMES:
@@ -256,6 +331,7 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], Callable[[argpars
     "sweep": (cmd_sweep, add_sweep_arguments, "run a resumable grid of models x schemes x tasks", SWEEP_EXAMPLES),
     "compare": (cmd_compare, add_compare_arguments, "write the report: degradation, causal check, correlation",
                 COMPARE_EXAMPLES),
+    "train": (cmd_train, add_train_arguments, "train a small model with or without a mitigation", TRAIN_EXAMPLES),
     "list": (cmd_list, add_list_arguments, "list built-in models, quantization schemes and tasks", LIST_EXAMPLES),
 }
 

@@ -25,6 +25,7 @@ from qharness.models.sources import (
     LoadedModel,
     ModelSpec,
     classify,
+    context_limit,
     dtype_name,
     load_model,
     resolve_device,
@@ -39,6 +40,7 @@ from qharness.results import Row, append_rows, existing_keys, key, slug, write_a
 from qharness.tasks import TaskSpec, get_task, load_task_text
 from qharness.tasks.metrics import Metric
 from qharness.tasks.perplexity import perplexity
+from qharness.tasks.spec import within_context
 
 FP = "none"  # the quant column of full-precision baseline rows
 DEFAULT_TASKS = ("kjv-heldout", "wordnet-heldout")
@@ -100,7 +102,7 @@ def plan_cells(spec: RunSpec) -> tuple[list[Cell], dict[str, QuantScheme]]:
     """Resolve every name (failing before any model loads) and list the cells this run covers."""
     classify(spec.model.name)
     schemes = {SCHEMES.resolve(q): get_scheme(q) for q in spec.quants}
-    tasks = [get_task(name) for name in spec.tasks]
+    tasks = [within_context(get_task(name), context_limit(spec.model.name)) for name in spec.tasks]
     device = resolve_device(spec.model.device)
     dtype = dtype_name(resolve_dtype(spec.model.dtype, device))
     backends = {name: select_backend(scheme, device, spec.backend) for name, scheme in schemes.items()}

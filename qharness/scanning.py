@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -15,11 +15,12 @@ from qharness.activations.intervene import intervention
 from qharness.activations.plots import plot_attention_sink, plot_magnitudes
 from qharness.activations.scan import ScanConfig, scan
 from qharness.models.layers import decoder_layers, layers_at
-from qharness.models.sources import ModelSpec, classify, dtype_name, load_model
+from qharness.models.sources import ModelSpec, classify, context_limit, dtype_name, load_model
 from qharness.quant.calibrate import calibration_batches, calibration_text
 from qharness.results import append_rows, slug, write_atomic
 from qharness.tasks import get_task, load_task_text
 from qharness.tasks.perplexity import perplexity
+from qharness.tasks.spec import within_context
 
 SUMMARY_METRICS = {  # leaderboard metric -> (profile summary key, higher_is_better)
     "massive_max": ("max", False),
@@ -43,7 +44,7 @@ class ScanSpec:
 
 def intervention_table(loaded: Any, layers: Any, summary: dict[str, Any], spec: ScanSpec) -> list[dict[str, Any]]:
     plan = summary["intervention"]
-    task = get_task(spec.intervention_task)
+    task = within_context(get_task(spec.intervention_task), context_limit(spec.model.name))
     text = load_task_text(task)
 
     def ppl() -> float:
@@ -76,6 +77,10 @@ def summary_rows(spec: ScanSpec, loaded: Any, summary: dict[str, Any], seconds: 
 
 def run_scan(spec: ScanSpec, say: Callable[[str], None] = print) -> dict[str, Any]:
     classify(spec.model.name)
+    limit = context_limit(spec.model.name)
+    if limit is not None and spec.config.length > limit:
+        say(f"{spec.model.name} takes at most {limit} tokens: scanning sequences of {limit}")
+        spec = replace(spec, config=replace(spec.config, length=limit))
     if spec.intervention_task:
         get_task(spec.intervention_task)
     say(f"loading {spec.model.name} ...")

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from qharness.tasks.spec import tasks_dir
+from qharness.training.text import train_tokenizer
 
 TINY_LAYERS = 2
 
@@ -38,19 +39,6 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
         pytest.skip("needs a CUDA GPU")
 
 
-def train_tiny_tokenizer(text: str, vocab_size: int = 400):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<bos>", "<eos>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator([text], trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>")
-
-
 def tiny_llama(vocab_size: int, seed: int = 0):
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -68,7 +56,7 @@ def heldout_text() -> str:
 
 @pytest.fixture(scope="session")
 def tiny_tokenizer(heldout_text):
-    return train_tiny_tokenizer(heldout_text[:20000])
+    return train_tokenizer([heldout_text[:20000]], vocab_size=400)
 
 
 @pytest.fixture()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -88,6 +88,14 @@ class TaskSpec:
         if self.data is not None:
             digest.update(load_task_bytes(self))
         return digest.hexdigest()[:12]
+
+
+def within_context(task: TaskSpec, limit: int | None) -> TaskSpec:
+    """The task with its windows shortened to a model's context (a zoo GPT-2 has 128 learned positions). The new
+    length is part of the row key and the task hash, so such rows never pass for full-length ones."""
+    if task.kind != "perplexity" or limit is None or task.context_length <= limit:
+        return task
+    return replace(task, context_length=limit)
 
 
 def load_task_bytes(task: TaskSpec) -> bytes:

@@ -75,7 +75,7 @@ def test_a_planted_outlier_is_found_at_its_layer_token_and_channel(tiny_model, t
     finally:
         handle.remove()
     top = profile["layers"][1]["top"][0]
-    assert (top["position"], top["channel"], top["token"]) == (0, 5, "<bos>")
+    assert (top["position"], top["channel"], top["token"]) == (0, 5, "<|bos|>")
     assert profile["layers"][1]["massive_fraction"] == 1.0
     assert profile["layers"][0]["massive_fraction"] == 0.0
     summary = profile["summary"]

@@ -10,7 +10,7 @@ def test_local_folder_loads_in_eval_mode_with_safetensors(tiny_model_dir):
     assert loaded.source == f"local:{tiny_model_dir.resolve()}"
     assert not loaded.model.training
     assert loaded.dtype == torch.float32 and loaded.device.type == "cpu"
-    assert loaded.tokenizer.bos_token == "<bos>"
+    assert loaded.tokenizer.bos_token == "<|bos|>"
 
 
 def test_local_folder_with_only_pickled_weights_is_refused(tiny_model_dir, tmp_path):

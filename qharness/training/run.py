@@ -1,0 +1,54 @@
+"""One training run end to end: corpus, fresh model, mitigation, loop, and the saved Hugging Face folder.
+Shared by `qharness train` and the zoo, so a zoo model and a hand-trained one are made the same way."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from qharness.models import mitigations
+from qharness.provenance import row_fields
+from qharness.training.architectures import new_model
+from qharness.training.loop import LOG, TrainResult, train
+from qharness.training.text import training_corpus
+
+
+def save_trained(model: Any, tokenizer: Any, folder: Path, info: dict[str, Any]) -> None:
+    """save_pretrained (safetensors) + tokenizer + training.json, swapped in whole so a kill leaves no half model."""
+    staging = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    model.save_pretrained(staging, safe_serialization=True)
+    tokenizer.save_pretrained(staging)
+    (staging / "training.json").write_text(json.dumps(info, indent=1))
+    shutil.rmtree(folder, ignore_errors=True)
+    staging.rename(folder)
+
+
+def train_model(recipe: Any, out_dir: Path, progress: bool = True, budget_minutes: float | None = None,
+                tokens: torch.Tensor | None = None, tokenizer: Any = None) -> TrainResult:
+    """Train `recipe` (a zoo.Recipe) in out_dir (checkpoint, log) and save the model to out_dir/model when done.
+    tokens/tokenizer default to the zoo's training corpus; tests pass small ones."""
+    manifest: dict[str, Any] = {}
+    if tokens is None:
+        tokenizer, tokens, manifest = training_corpus(progress)
+    cfg = recipe.train if budget_minutes is None else type(recipe.train)(
+        **{**asdict(recipe.train), "budget_minutes": budget_minutes})
+    model = new_model(recipe.arch, tokenizer.bos_token_id, tokenizer.eos_token_id, cfg.seed)
+    applied = mitigations.build_(model, recipe.mitigation)
+    mitigations.initialize_(model, applied)
+    hooks = [m.after_step for m in applied if m.after_step is not None]
+    result = train(model, tokens, cfg, out_dir, tokenizer.bos_token_id, hooks, progress)
+    if result.finished:
+        log = [json.loads(line) for line in (out_dir / LOG).read_text().splitlines()]
+        info = {"recipe": {"arch": asdict(recipe.arch), "train": asdict(recipe.train),
+                           "mitigation": recipe.mitigation, "digest": recipe.digest()},
+                "corpus": manifest, "final": log[-1] if log else {}, "seconds_last_call": result.seconds,
+                "parameters": sum(p.numel() for p in model.parameters()),
+                **row_fields(next(model.parameters()).device)}
+        save_trained(model, tokenizer, out_dir / "model", info)
+    return result

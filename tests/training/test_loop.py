@@ -1,0 +1,120 @@
+"""The training loop: data, schedule, logging, checkpoint and resume, and the mitigations' hooks."""
+
+import json
+
+import pytest
+import torch
+
+from qharness.errors import ConfigError
+from qharness.models import mitigations
+from qharness.models.mitigations.tvr import decoder_matrices
+from qharness.training.architectures import ArchConfig, new_model
+from qharness.training.loop import CHECKPOINT, LOG, TrainConfig, learning_rate, sample_batch, train
+from qharness.training.text import encode_stream
+
+TINY = ArchConfig(d_model=32, layers=2, heads=2, context=32, vocab_size=400)
+
+
+@pytest.fixture(scope="module")
+def tokens(tiny_tokenizer) -> torch.Tensor:
+    from qharness.tasks.spec import tasks_dir
+
+    text = (tasks_dir() / "data" / "calibration.txt").read_text(encoding="utf-8")[:60000]
+    return torch.from_numpy(encode_stream(tiny_tokenizer, text.split("\n\n")).astype("int64"))
+
+
+def tiny(arch: str, spec: str, tokenizer, seed: int = 0):
+    model = new_model(ArchConfig(arch=arch, d_model=32, layers=2, heads=2, context=32, vocab_size=len(tokenizer)),
+                      tokenizer.bos_token_id, tokenizer.eos_token_id, seed)
+    applied = mitigations.build_(model, spec)
+    mitigations.initialize_(model, applied)
+    return model, [m.after_step for m in applied if m.after_step is not None]
+
+
+def test_batches_start_with_bos_and_depend_only_on_seed_and_step(tokens):
+    cfg = TrainConfig(batch_size=4, context=16)
+    batch = sample_batch(tokens, 7, cfg, bos_id=0)
+    assert batch.shape == (4, 16) and (batch[:, 0] == 0).all()
+    assert torch.equal(batch, sample_batch(tokens, 7, cfg, bos_id=0))
+    assert not torch.equal(batch, sample_batch(tokens, 8, cfg, bos_id=0))
+    stream = tokens.tolist()
+    for row in batch.tolist():  # each row is BOS + a contiguous window of the stream
+        window = row[1:]
+        assert any(stream[i:i + 15] == window for i in range(len(stream) - 14))
+
+
+def test_learning_rate_warms_up_then_decays_to_the_floor():
+    cfg = TrainConfig(steps=1000, lr=1e-3, warmup=100, min_lr_ratio=0.1)
+    assert learning_rate(0, cfg) == pytest.approx(1e-5)
+    assert learning_rate(99, cfg) == pytest.approx(1e-3)
+    assert learning_rate(550, cfg) == pytest.approx(1e-3 * (0.1 + 0.9 * 0.5))
+    assert learning_rate(999, cfg) == pytest.approx(1e-4, rel=1e-3)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_loss_falls_and_the_log_carries_the_activation_ratio(arch, tokens, tiny_tokenizer, tmp_path):
+    model, hooks = tiny(arch, "none", tiny_tokenizer)
+    cfg = TrainConfig(steps=60, batch_size=4, context=32, lr=3e-3, warmup=5, log_every=20, checkpoint_every=30)
+    result = train(model, tokens, cfg, tmp_path, tiny_tokenizer.bos_token_id, hooks, progress=False)
+    log = [json.loads(line) for line in (tmp_path / LOG).read_text().splitlines()]
+    assert result.finished and result.step == 60 and [e["step"] for e in log] == [20, 40, 60]
+    assert log[-1]["loss"] < log[0]["loss"] < 6.5  # from ln(400) = 6.0 at chance
+    for entry in log:
+        assert entry["ratio"] == pytest.approx(entry["max_abs"] / entry["median_abs"])
+        assert entry["bos_holds_max"] in (0.0, 1.0)
+    assert (tmp_path / CHECKPOINT / "model.safetensors").exists()
+
+
+def test_a_killed_run_resumes_to_the_same_weights(tokens, tiny_tokenizer, tmp_path):
+    cfg = TrainConfig(steps=12, batch_size=2, context=32, warmup=2, log_every=4, checkpoint_every=4)
+    unbroken, hooks = tiny("llama", "tvr", tiny_tokenizer)
+    train(unbroken, tokens, cfg, tmp_path / "a", tiny_tokenizer.bos_token_id, hooks, progress=False)
+
+    def kill_at_6(model, step):
+        if step == 6:
+            raise KeyboardInterrupt
+
+    first, hooks = tiny("llama", "tvr", tiny_tokenizer)
+    with pytest.raises(KeyboardInterrupt):
+        train(first, tokens, cfg, tmp_path / "b", tiny_tokenizer.bos_token_id, [*hooks, kill_at_6], progress=False)
+    assert json.loads((tmp_path / "b" / CHECKPOINT / "state.json").read_text())["step"] == 4
+    resumed, hooks = tiny("llama", "tvr", tiny_tokenizer, seed=1)  # other init: the checkpoint must overwrite it
+    result = train(resumed, tokens, cfg, tmp_path / "b", tiny_tokenizer.bos_token_id, hooks, progress=False)
+    assert result.step == 12
+    for (name, a), (_, b) in zip(unbroken.state_dict().items(), resumed.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
+
+
+def test_resume_refuses_other_settings(tokens, tiny_tokenizer, tmp_path):
+    model, _ = tiny("llama", "none", tiny_tokenizer)
+    train(model, tokens, TrainConfig(steps=2, batch_size=2, context=32), tmp_path, 0, progress=False)
+    with pytest.raises(ConfigError, match="lr"):
+        train(model, tokens, TrainConfig(steps=2, batch_size=2, context=32, lr=1e-4), tmp_path, 0, progress=False)
+
+
+def test_budget_stops_with_a_checkpoint(tokens, tiny_tokenizer, tmp_path):
+    model, _ = tiny("gpt2", "none", tiny_tokenizer)
+    result = train(model, tokens, TrainConfig(steps=50, batch_size=2, context=32, budget_minutes=0.0), tmp_path,
+                   0, progress=False)
+    assert not result.finished and result.step == 0
+    assert json.loads((tmp_path / CHECKPOINT / "state.json").read_text())["step"] == 0
+
+
+def test_tvr_keeps_decoder_weights_at_the_target_during_training(tokens, tiny_tokenizer, tmp_path):
+    from qharness.models.mitigations.tvr import TVRConfig
+
+    model, hooks = tiny("llama", "tvr+kv_bias", tiny_tokenizer)
+    embeddings = model.get_input_embeddings().weight.detach().clone()
+    cfg = TrainConfig(steps=50, batch_size=2, context=32, lr=3e-2, warmup=1, log_every=50, checkpoint_every=50)
+    train(model, tokens, cfg, tmp_path, tiny_tokenizer.bos_token_id, hooks, progress=False)
+    target = TVRConfig().target
+    for _, weight in decoder_matrices(model):  # step 50 was a rescale step
+        assert weight.std().item() <= TVRConfig().threshold * target + 1e-6
+    assert not torch.equal(embeddings, model.get_input_embeddings().weight)  # trained, and never rescaled
+    assert model.get_input_embeddings().weight.std().item() > TVRConfig().threshold * target
+
+
+def test_context_longer_than_text_is_refused(tiny_tokenizer, tmp_path):
+    model, _ = tiny("llama", "none", tiny_tokenizer)
+    with pytest.raises(ConfigError, match="fewer than one sequence"):
+        train(model, torch.arange(10), TrainConfig(context=32), tmp_path, 0, progress=False)

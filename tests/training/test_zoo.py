@@ -1,0 +1,110 @@
+"""The zoo: names, train-on-first-use with a tiny recipe, and every variant through run and scan."""
+
+import json
+
+import pytest
+import torch
+
+from qharness.activations.scan import ScanConfig
+from qharness.cli import main
+from qharness.errors import ConfigError, ModelLoadError, UnknownName
+from qharness.models.sources import ModelSpec, classify, load_model
+from qharness.results import read_rows
+from qharness.scanning import ScanSpec, run_scan
+from qharness.training import zoo
+from qharness.training.architectures import ArchConfig
+from qharness.training.loop import TrainConfig
+from qharness.training.text import encode_stream
+
+
+@pytest.fixture()
+def tiny_zoo(monkeypatch, tmp_path, tiny_tokenizer):
+    """The zoo with a recipe of a few steps on shipped training-split text, cached under tmp_path."""
+    from qharness.tasks.spec import tasks_dir
+    from qharness.training import run
+
+    text = (tasks_dir() / "data" / "calibration.txt").read_text(encoding="utf-8")[:30000]
+    tokens = torch.from_numpy(encode_stream(tiny_tokenizer, text.split("\n\n")).astype("int64"))
+    monkeypatch.setenv("QHARNESS_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(zoo, "RECIPE", zoo.Recipe(
+        arch=ArchConfig(d_model=32, layers=2, heads=2, context=32, vocab_size=len(tiny_tokenizer)),
+        train=TrainConfig(steps=4, batch_size=2, context=32, warmup=1, log_every=2, checkpoint_every=2)))
+    monkeypatch.setattr(run, "training_corpus", lambda progress=True: (tiny_tokenizer, tokens, {"test": True}))
+    return tmp_path
+
+
+def test_grid_names_parse_into_recipes():
+    assert {zoo.recipe_for(name).arch.arch for name in zoo.GRID} == {"llama", "gpt2"}
+    assert zoo.recipe_for("zoo:llama-base").mitigation == "none"
+    assert zoo.recipe_for("zoo:llama-tvr+dyt").mitigation == "tvr+dyt"
+    assert zoo.recipe_for("zoo:llama-kv_bias").digest() != zoo.recipe_for("zoo:llama-base").digest()
+    assert classify("zoo:gpt2-base") == "zoo"
+
+
+@pytest.mark.parametrize(("name", "error", "message"), [
+    ("zoo:bert-base", UnknownName, "arch one of llama, gpt2"),
+    ("zoo:llama", UnknownName, "zoo:<arch>-<mitigation>"),
+    ("zoo:llama-kvbias", UnknownName, "unknown mitigation 'kvbias'"),
+    ("zoo:llama-tvr+tvr", ConfigError, "twice"),
+])
+def test_bad_zoo_names_say_what_is_valid(name, error, message):
+    with pytest.raises(error, match=message):
+        classify(name)
+
+
+def test_first_use_trains_then_reuses(tiny_zoo):
+    path = zoo.materialize("zoo:llama-kv_bias", progress=False)
+    weights = (path / "model.safetensors").stat().st_mtime_ns
+    info = json.loads((path / "training.json").read_text())
+    assert info["recipe"]["mitigation"] == "kv_bias" and info["final"]["step"] == 4
+    assert {"versions", "device", "git_rev"} <= set(info)
+    assert zoo.materialize("zoo:llama-kv_bias", progress=False) == path
+    assert (path / "model.safetensors").stat().st_mtime_ns == weights
+    loaded = load_model(ModelSpec("zoo:llama-kv_bias", device="cpu"), progress=False)
+    assert loaded.model.config.qharness_mitigation == "kv_bias"
+    assert "trained here" in loaded.source
+
+
+@pytest.mark.parametrize("name", zoo.GRID)
+def test_every_variant_trains_scans_and_runs(name, tiny_zoo, tiny_task_dir):
+    from qharness.quant.schemes import Keep
+    from qharness.runner import RunSpec, run
+
+    results = tiny_zoo / "lb.csv"
+    profile = run_scan(ScanSpec(model=ModelSpec(name, device="cpu"), config=ScanConfig(sequences=1, length=24),
+                                intervention_task=None, out_dir=tiny_zoo / "scan", results=results,
+                                progress=False), say=lambda m: None)
+    assert len(profile["layers"]) == 2
+    assert all(layer["max"] > 0 for layer in profile["layers"])
+    report = run(RunSpec(model=ModelSpec(name, device="cpu"), quants=("int8-w8a8-tensor",), keep=Keep(),
+                         tasks=(str(tiny_task_dir / "short.yaml"),), results=results, progress=False),
+                 say=lambda m: None)
+    rows = [r for r in read_rows(results) if r["task"] != "scan"]
+    assert {r["quant"] for r in rows} == {"none", "int8-w8a8-tensor"} and report.computed == 2
+    assert all(r["model"] == name for r in read_rows(results))
+
+
+def test_cli_trains_a_zoo_model_within_a_budget_then_finishes(capsys, tiny_zoo):
+    assert main(["train", "--model", "zoo:gpt2-base", "--budget", "0", "--quiet"]) == 0
+    assert "stopped by the 0.0-minute budget" in capsys.readouterr().out
+    assert main(["list", "models"]) == 0
+    assert "zoo:gpt2-base" in capsys.readouterr().out
+    assert main(["train", "--model", "zoo:gpt2-base", "--quiet"]) == 0
+    assert "zoo:gpt2-base: trained ->" in capsys.readouterr().out
+    main(["list", "models"])
+    listing = capsys.readouterr().out
+    assert any(line.split()[:2] == ["zoo:gpt2-base", "trained"] for line in listing.splitlines())
+
+
+def test_cli_train_to_a_folder_and_bad_input(capsys, tiny_zoo):
+    code = main(["train", "--arch", "llama", "--mitigation", "nope", "--out", str(tiny_zoo / "r"), "--quiet"])
+    assert code == 2 and "unknown mitigation 'nope'" in capsys.readouterr().err
+    code = main(["train", "--arch", "rnn", "--out", str(tiny_zoo / "r"), "--quiet"])
+    assert code == 2 and "unknown architecture 'rnn'; valid: llama, gpt2" in capsys.readouterr().err
+    code = main(["train", "--quiet"])
+    assert code == 2 and "needs --out" in capsys.readouterr().err
+
+
+def test_unknown_model_message_mentions_the_zoo():
+    with pytest.raises(ModelLoadError, match="zoo model"):
+        classify("no-such-model")
