@@ -13,6 +13,8 @@ atomic and locked.
     limit: 2                      # optional: windows / items per task
     results: results/leaderboard.csv
     engine: local                 # or ray
+    scan: true                    # optional: also `qharness scan` each model (profile next to the results),
+                                  # skipped when its profile exists; `qharness compare` correlates with these
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ class SweepConfig:
     backend: str = "auto"
     results: str = "results/leaderboard.csv"
     engine: str = "local"
+    scan: bool = False
 
     def __post_init__(self) -> None:
         if self.engine not in ENGINES:
@@ -86,12 +89,31 @@ class SweepReport:
         return sum(r.computed for r in self.reports)
 
 
-def _run_group(specs: list[RunSpec]) -> list[RunReport]:
+def scan_dir(results: Path) -> Path:
+    return results.parent / "scan"
+
+
+def _scan_once(spec: RunSpec, say: Callable[[str], Any]) -> None:
+    """The model's activation profile for the report, unless one is already there."""
+    from qharness.results import slug
+    from qharness.scanning import ScanSpec, run_scan
+
+    out = scan_dir(spec.results)
+    if (out / slug(spec.model.name) / "profile.json").exists():
+        return
+    say(f"scan {spec.model.name}")
+    run_scan(ScanSpec(model=spec.model, out_dir=out, results=spec.results, progress=False), say=lambda m: None)
+
+
+def _run_group(specs: list[RunSpec], scan: bool = False) -> list[RunReport]:
     """One model's runs, in order: its fp baseline is computed by the first and read back by the others."""
-    return [run(spec, say=lambda message: None) for spec in specs]
+    reports = [run(spec, say=lambda message: None) for spec in specs]
+    if scan:
+        _scan_once(specs[0], say=lambda message: None)
+    return reports
 
 
-def _run_ray(specs: list[RunSpec]) -> list[RunReport]:
+def _run_ray(specs: list[RunSpec], scan: bool) -> list[RunReport]:
     try:
         import ray
     except ImportError as exc:
@@ -102,7 +124,8 @@ def _run_ray(specs: list[RunSpec]) -> list[RunReport]:
     for spec in specs:
         groups.setdefault(spec.model.name, []).append(spec)
     remote_group = ray.remote(_run_group)
-    return [report for reports in ray.get([remote_group.remote(g) for g in groups.values()]) for report in reports]
+    futures = [remote_group.remote(group, scan) for group in groups.values()]
+    return [report for reports in ray.get(futures) for report in reports]
 
 
 def sweep(config: SweepConfig, say: Callable[[str], Any] = print) -> SweepReport:
@@ -112,9 +135,12 @@ def sweep(config: SweepConfig, say: Callable[[str], Any] = print) -> SweepReport
     for spec in specs:  # every name is checked before any work starts
         plan_cells(spec)
     if config.engine == "ray":
-        return SweepReport(_run_ray(specs))
+        return SweepReport(_run_ray(specs, config.scan))
     report = SweepReport()
     for i, spec in enumerate(specs, 1):
         say(f"[{i}/{len(specs)}] {spec.model.name}" + (f" keep {spec.keep.label}" if spec.keep.positions else ""))
         report.reports.append(run(spec, say=say))
+        last_of_model = i == len(specs) or specs[i].model.name != spec.model.name
+        if config.scan and last_of_model:
+            _scan_once(spec, say)
     return report

@@ -62,6 +62,7 @@ def test_compare_writes_report_html_and_plots(tmp_path):
     assert corr["models"] == 3 and corr["spearman"] == pytest.approx(1.0)
     page = (tmp_path / "out" / "report.html").read_text()
     assert page.count("<table>") == 3 and "degradation_heatmap.png" in page
+    assert "No zoo model" in report
     assert "Run `qharness run --layer-errors` to measure it." in report
     assert (tmp_path / "out" / "degradation_heatmap.png").read_bytes()[:4] == b"\x89PNG"
     assert (tmp_path / "out" / "degradation_vs_activation.png").is_file()
@@ -91,3 +92,46 @@ def test_layer_errors_from_a_run_reach_the_report(tiny_model_dir, tiny_task_dir,
     assert layers["quant"] == "int8-w8a8-tensor" and 0 < layers["worst_error"] < 1
     assert (tmp_path / "out" / "layer_error_vs_activation.png").is_file()
     assert "| int8-w8a8-tensor |" in (tmp_path / "out" / "report.md").read_text().split("## Per layer")[1]
+
+
+def test_mitigation_table_sets_each_zoo_model_against_its_baseline(tmp_path):
+    from qharness.compare import mitigation_table
+
+    rows = [scan_row("zoo:llama-base", 190.0), scan_row("zoo:llama-dyt", 20.0), scan_row("smollm2-135m", 2e4)]
+    rows += [row("zoo:llama-base", "int8-w8a8-tensor", 30.0, 20.0, task="kjv-heldout"),
+             row("zoo:llama-dyt", "int8-w8a8-tensor", 22.5, 22.0, task="kjv-heldout"),
+             row("zoo:llama-dyt", "int8-w8a8-tensor", 22.1, 22.0, keep="pos:0", task="kjv-heldout"),
+             row("zoo:llama-dyt", "int8-w8a8-tensor", 99.0, 22.0, task="other"),
+             row("smollm2-135m", "int8-w8a8-tensor", 54.0, 23.0, task="kjv-heldout")]
+    table = mitigation_table(rows, degradations(rows))
+    assert table["task"] == "kjv-heldout" and table["schemes"] == ["int8-w8a8-tensor"]
+    base, dyt = table["rows"]  # zoo models only, the baseline first
+    assert (base["model"], dyt["model"]) == ("zoo:llama-base", "zoo:llama-dyt")
+    assert dyt["massive_max"] == 20.0 and dyt["fp_ppl"] == 22.0
+    assert dyt["fp_vs_base"] == pytest.approx(0.10) and base["fp_vs_base"] == pytest.approx(0.0)
+    assert dyt["int8-w8a8-tensor"] == pytest.approx(0.5 / 22.0) and base["int8-w8a8-tensor"] == pytest.approx(0.5)
+    append_rows(tmp_path / "lb.csv", rows)
+    compare(tmp_path / "lb.csv", tmp_path / "out")
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert "| zoo:llama-dyt | 20.0 |  |  | 22.00 | +10.0% | +2.3% |" in report
+
+
+@pytest.mark.skipif(not __import__("shutil").which("chromium"), reason="needs chromium (apt-get install chromium)")
+def test_report_renders_in_headless_chromium(tmp_path):
+    import subprocess
+
+    results = tmp_path / "lb.csv"
+    append_rows(results, [scan_row(f"m{i}", 10.0 ** (i + 1)) for i in range(3)]
+                + [row(f"m{i}", "int8-w8a8-tensor", 20.0 * (1 + 0.1 * (i + 1)), 20.0) for i in range(3)])
+    compare(results, tmp_path / "out")
+    page = (tmp_path / "out" / "report.html").as_uri()
+    common = ["chromium", "--headless", "--no-sandbox", "--disable-gpu"]
+    dom = subprocess.run([*common, "--dump-dom", page], capture_output=True, text=True, timeout=120).stdout
+    assert dom.count("<table>") == 2 and "Degradation per scheme" in dom  # degradation, correlation
+    shot = tmp_path / "page.png"
+    subprocess.run([*common, f"--screenshot={shot}", "--window-size=1000,1400", page], capture_output=True,
+                   timeout=120, check=True)
+    from PIL import Image
+
+    pixels = Image.open(shot).convert("L")
+    assert pixels.getextrema()[0] < 100  # dark text and plot ink, not a blank page

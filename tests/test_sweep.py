@@ -78,3 +78,30 @@ def test_ray_engine_fans_out_and_writes_the_same_rows(tiny_model_dir, tiny_task_
     rows = read_rows(tmp_path / "lb.csv")
     assert len(report.reports) == 2 and len(rows) == 1 + 2 + 2
     assert len({key(r) for r in rows}) == len(rows)
+
+
+def test_sweep_with_scan_profiles_each_model_once(tiny_model_dir, tiny_task_dir, tmp_path):
+    config = write_config(tmp_path, tiny_model_dir, tiny_task_dir, ["int8"], keep_positions="[[], [0]]",
+                          scan="true")
+    said = []
+    sweep(config, say=said.append)
+    scan_rows = [r for r in read_rows(tmp_path / "lb.csv") if r["task"] == "scan"]
+    assert {r["metric"] for r in scan_rows} >= {"massive_max", "massive_ratio"}
+    assert len(list((tmp_path / "scan").glob("*/profile.json"))) == 1
+    assert sum(m.startswith("scan ") for m in said) == 1
+    said.clear()
+    sweep(config, say=said.append)
+    assert not any(m.startswith("scan ") for m in said)  # the profile is there: not scanned again
+
+
+def test_the_shipped_default_sweep_covers_the_zoo_and_plans_without_training():
+    from pathlib import Path
+
+    from qharness.runner import plan_cells
+    from qharness.training import zoo
+
+    config = SweepConfig.from_file(Path(__file__).resolve().parents[1] / "sweeps" / "default.yaml")
+    assert set(zoo.GRID) <= set(config.models) and "smollm2-135m" in config.models and config.scan
+    for spec in config.run_specs():
+        cells, _ = plan_cells(spec)  # every name resolves; nothing is trained or loaded
+        assert len(cells) == (1 + len(config.quants)) * len(config.tasks)
