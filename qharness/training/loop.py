@@ -1,7 +1,8 @@
 """The training loop: next-token loss on random windows of one token stream, BOS first in every sequence.
 
 It runs through accelerate, so the same code is one process on a CPU here and data-parallel over GPUs under
-`accelerate launch` at scale; the loop itself stays nanoGPT-short because the mitigations need two things a generic
+`accelerate launch -m qharness train ...` at scale (each process draws its own batches; the main one logs and
+checkpoints); the loop itself stays nanoGPT-short because the mitigations need two things a generic
 Trainer hides: a hook after every optimizer step (TVR's rescale) and the live max/median activation ratio in the log.
 A checkpoint (safetensors weights, optimizer and scheduler state, step) is written atomically every
 `checkpoint_every` steps and when the time budget runs out; calling `train` again on the same folder resumes.
@@ -66,9 +67,10 @@ class TrainResult:
     seconds: float  # wall time of this call
 
 
-def sample_batch(tokens: Tensor, step: int, cfg: TrainConfig, bos_id: int) -> Tensor:
-    """The batch of `step`, a function of (seed, step) only: a resumed run sees the same data as an unbroken one."""
-    generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+def sample_batch(tokens: Tensor, step: int, cfg: TrainConfig, bos_id: int, rank: int = 0, world: int = 1) -> Tensor:
+    """The batch of `step` on process `rank` of `world`, a function of (seed, step, rank) only: a resumed run sees
+    the same data as an unbroken one, and data-parallel processes see different data."""
+    generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * world + rank)
     span = cfg.context - 1
     starts = torch.randint(0, len(tokens) - span, (cfg.batch_size,), generator=generator)
     windows = tokens[starts[:, None] + torch.arange(span)]
@@ -163,11 +165,14 @@ def train(model: nn.Module, tokens: Tensor, cfg: TrainConfig, out_dir: Path, bos
     bar = tqdm(total=cfg.steps, initial=step, desc="train", unit="step", disable=not progress)
     model.train()
     while step < cfg.steps:
-        if cfg.budget_minutes is not None and time.monotonic() - started > cfg.budget_minutes * 60:
-            break
+        if cfg.budget_minutes is not None:  # decided together, so data-parallel processes stop at one step
+            over = torch.tensor(float(time.monotonic() - started > cfg.budget_minutes * 60), device=accelerator.device)
+            if accelerator.reduce(over, reduction="max").item():
+                break
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, cfg)
-        batch = sample_batch(tokens, step, cfg, bos_id).to(accelerator.device)
+        batch = sample_batch(tokens, step, cfg, bos_id, accelerator.process_index, accelerator.num_processes)
+        batch = batch.to(accelerator.device)
         loss = model(input_ids=batch, labels=batch).loss
         accelerator.backward(loss)
         if cfg.grad_clip > 0:
@@ -179,7 +184,7 @@ def train(model: nn.Module, tokens: Tensor, cfg: TrainConfig, out_dir: Path, bos
             hook(inner, step)
         losses.append(loss.item())
         bar.update(1)
-        if step % cfg.log_every == 0 or step == cfg.steps:
+        if (step % cfg.log_every == 0 or step == cfg.steps) and accelerator.is_main_process:
             entry = {"step": step, "loss": sum(losses) / len(losses), "lr": learning_rate(step - 1, cfg),
                      **activation_probe(inner, probe)}
             log.write(json.dumps(entry) + "\n")

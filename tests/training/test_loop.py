@@ -37,6 +37,8 @@ def test_batches_start_with_bos_and_depend_only_on_seed_and_step(tokens):
     assert batch.shape == (4, 16) and (batch[:, 0] == 0).all()
     assert torch.equal(batch, sample_batch(tokens, 7, cfg, bos_id=0))
     assert not torch.equal(batch, sample_batch(tokens, 8, cfg, bos_id=0))
+    ranks = [sample_batch(tokens, 7, cfg, 0, rank=r, world=2) for r in (0, 1)]
+    assert not torch.equal(*ranks)  # data-parallel processes draw different data
     stream = tokens.tolist()
     for row in batch.tolist():  # each row is BOS + a contiguous window of the stream
         window = row[1:]
