@@ -9,6 +9,7 @@ atomic and locked.
     models: [smollm2-135m, path/to/other]
     quants: [int8, int8-w8a8-tensor, fp8, int4]
     tasks: [kjv-heldout, wordnet-heldout]
+    tasks_for: {smollm2-135m: [kjv-heldout]}   # optional: other tasks for the models named
     keep_positions: [[], [0]]     # optional: also each scheme with BOS in full precision
     limit: 2                      # optional: windows / items per task
     results: results/leaderboard.csv
@@ -39,6 +40,7 @@ class SweepConfig:
     models: tuple[str, ...]
     quants: tuple[str, ...]
     tasks: tuple[str, ...] = DEFAULT_TASKS
+    tasks_for: dict[str, tuple[str, ...]] = field(default_factory=dict)  # model -> its own task list
     keep_positions: tuple[tuple[int, ...], ...] = ((),)
     limit: int | None = None
     batch_size: int = 1
@@ -54,6 +56,9 @@ class SweepConfig:
             raise ConfigError(f"unknown sweep engine '{self.engine}'; valid: {', '.join(ENGINES)}")
         if not self.models or not self.quants:
             raise ConfigError("a sweep needs at least one model and one quant")
+        strays = sorted(set(self.tasks_for) - set(self.models))
+        if strays:
+            raise ConfigError(f"tasks_for names {strays}, which are not in the sweep's models")
 
     @classmethod
     def from_file(cls, path: Path) -> SweepConfig:
@@ -67,6 +72,8 @@ class SweepConfig:
         if unknown:
             raise ConfigError(f"{path}: unknown sweep keys {sorted(unknown)}; valid keys: {sorted(valid)}")
         tuples = {k: tuple(v) for k, v in raw.items() if k in ("models", "quants", "tasks") and isinstance(v, list)}
+        if isinstance(raw.get("tasks_for"), dict):
+            tuples["tasks_for"] = {model: tuple(tasks) for model, tasks in raw["tasks_for"].items()}
         if "keep_positions" in raw:
             tuples["keep_positions"] = tuple(tuple(p) for p in raw["keep_positions"])
         return cls(**{**raw, **tuples})
@@ -74,8 +81,8 @@ class SweepConfig:
     def run_specs(self) -> list[RunSpec]:
         return [
             RunSpec(model=ModelSpec(model, dtype=self.dtype, device=self.device), quants=self.quants,
-                    tasks=self.tasks, backend=self.backend, keep=Keep(positions), limit=self.limit,
-                    batch_size=self.batch_size, results=Path(self.results), progress=False)
+                    tasks=self.tasks_for.get(model, self.tasks), backend=self.backend, keep=Keep(positions),
+                    limit=self.limit, batch_size=self.batch_size, results=Path(self.results), progress=False)
             for model in self.models for positions in self.keep_positions
         ]
 

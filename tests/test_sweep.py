@@ -104,4 +104,15 @@ def test_the_shipped_default_sweep_covers_the_zoo_and_plans_without_training():
     assert set(zoo.GRID) <= set(config.models) and "smollm2-135m" in config.models and config.scan
     for spec in config.run_specs():
         cells, _ = plan_cells(spec)  # every name resolves; nothing is trained or loaded
-        assert len(cells) == (1 + len(config.quants)) * len(config.tasks)
+        assert len(cells) == (1 + len(config.quants)) * len(config.tasks_for.get(spec.model.name, config.tasks))
+
+
+def test_tasks_for_gives_one_model_its_own_tasks(tiny_model_dir, tiny_task_dir, tmp_path):
+    short = (tiny_task_dir / "short.yaml").read_text()
+    (tiny_task_dir / "other.yaml").write_text(short.replace("name: short", "name: other"))
+    config = write_config(tmp_path, tiny_model_dir, tiny_task_dir, ["int8"],
+                          tasks_for=f"{{{tiny_model_dir}: [{tiny_task_dir / 'other.yaml'}]}}")
+    (spec,) = config.run_specs()
+    assert spec.tasks == (str(tiny_task_dir / "other.yaml"),)
+    with pytest.raises(ConfigError, match="not in the sweep's models"):
+        write_config(tmp_path, tiny_model_dir, tiny_task_dir, ["int8"], tasks_for="{elsewhere: [x]}")

@@ -12,18 +12,20 @@ from typing import Any
 import torch
 
 from qharness.models import mitigations
+from qharness.models.sources import quiet_transformers
 from qharness.provenance import row_fields
 from qharness.training.architectures import new_model
 from qharness.training.loop import LOG, TrainResult, train
 from qharness.training.text import training_corpus
 
 
-def save_trained(model: Any, tokenizer: Any, folder: Path, info: dict[str, Any]) -> None:
+def save_trained(model: Any, tokenizer: Any, folder: Path, info: dict[str, Any], progress: bool = True) -> None:
     """save_pretrained (safetensors) + tokenizer + training.json, swapped in whole so a kill leaves no half model."""
     staging = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(staging, ignore_errors=True)
-    model.save_pretrained(staging, safe_serialization=True)
-    tokenizer.save_pretrained(staging)
+    with quiet_transformers(progress):
+        model.save_pretrained(staging, safe_serialization=True)
+        tokenizer.save_pretrained(staging)
     (staging / "training.json").write_text(json.dumps(info, indent=1))
     shutil.rmtree(folder, ignore_errors=True)
     staging.rename(folder)
@@ -50,5 +52,5 @@ def train_model(recipe: Any, out_dir: Path, progress: bool = True, budget_minute
                 "corpus": manifest, "final": log[-1] if log else {}, "seconds_last_call": result.seconds,
                 "parameters": sum(p.numel() for p in model.parameters()),
                 **row_fields(next(model.parameters()).device)}
-        save_trained(model, tokenizer, out_dir / "model", info)
+        save_trained(model, tokenizer, out_dir / "model", info, progress)
     return result
