@@ -7,6 +7,8 @@ and field names instead of templates; hub tasks (`lm_eval_task: hellaswag`) are 
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import os
 from typing import Any
@@ -58,9 +60,12 @@ def zero_shot(model: Any, tokenizer: Any, task: TaskSpec, *, limit: int | None =
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     logging.getLogger("lm_eval").setLevel(logging.INFO if progress else logging.ERROR)
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, add_bos_token=bos)
+    # lm-eval passes its own disable flags to tqdm, so quiet runs catch its bars here instead.
+    bars = contextlib.nullcontext() if progress else contextlib.redirect_stderr(io.StringIO())
     try:
-        output = simple_evaluate(model=lm, tasks=[lm_eval_task(task)], limit=limit, bootstrap_iters=0,
-                                 log_samples=False, random_seed=0, numpy_random_seed=0, torch_random_seed=0)
+        with bars:
+            output = simple_evaluate(model=lm, tasks=[lm_eval_task(task)], limit=limit, bootstrap_iters=0,
+                                     log_samples=False, random_seed=0, numpy_random_seed=0, torch_random_seed=0)
     except Exception as exc:
         if task.lm_eval_task is None:
             raise
