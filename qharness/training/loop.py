@@ -34,9 +34,10 @@ LOG = "train_log.jsonl"
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """The defaults are the zoo's recipe, chosen to grow the most pronounced BOS outlier a CPU budget allows:
-    a constant lr after warmup and no gradient clipping gave a 20-25% higher max/median ratio at equal loss than
-    cosine decay with clipping at 1.0 (README, "The zoo")."""
+    """The defaults are the zoo's recipe, chosen for the largest activations a CPU budget grows: with a constant lr
+    after warmup and no gradient clipping the baseline Llama's max |h| after 4,000 steps is 641, against 191 with
+    cosine decay to 0.1 x lr and clipping at 1.0 (whose outlier sits on BOS more consistently, and whose loss is
+    lower: 3.89 vs 4.04). README, "The zoo", has the comparison."""
 
     steps: int = 4000
     batch_size: int = 8
