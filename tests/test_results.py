@@ -90,3 +90,18 @@ def test_concurrent_writers_lose_nothing(tmp_path):
     assert [p.wait() for p in procs] == [0, 0]
     tasks = sorted(r["task"] for r in read_rows(path))
     assert tasks == sorted([f"p-{i}" for i in range(15)] + [f"q-{i}" for i in range(15)])
+
+
+def test_a_real_run_leaderboard_loads_in_pandas(tiny_model_dir, tiny_task_dir, tmp_path):
+    pandas = pytest.importorskip("pandas")
+    from qharness.models.sources import ModelSpec
+    from qharness.runner import RunSpec, run
+
+    path = tmp_path / "lb.csv"
+    run(RunSpec(model=ModelSpec(str(tiny_model_dir)), quants=("int8", "int8-w8a8-tensor"),
+                tasks=(str(tiny_task_dir / "short.yaml"),), results=path, progress=False), say=lambda m: None)
+    frame = pandas.read_csv(path)
+    assert list(frame.columns) == list(COLUMNS) and len(frame) == 3
+    assert pandas.api.types.is_float_dtype(frame["value"]) and frame["value"].notna().all()
+    quantized = frame[frame["quant"] != "none"]
+    assert (quantized["delta"] - (quantized["value"] - quantized["fp_value"])).abs().max() < 1e-3
