@@ -33,7 +33,7 @@ from qharness.models.sources import (
 )
 from qharness.quant.apply import quantize_, target_linears
 from qharness.quant.backend import QuantContext, select_backend
-from qharness.quant.calibrate import calibration_batches, calibration_text
+from qharness.quant.calibrate import CALIBRATION_LENGTH, calibration_batches, calibration_text
 from qharness.quant.footprint import weight_bytes
 from qharness.quant.schemes import SCHEMES, Keep, QuantScheme, get_scheme
 from qharness.results import Row, append_rows, existing_keys, key, slug, write_atomic
@@ -199,6 +199,7 @@ def run(spec: RunSpec, say: Callable[[str], None] = print) -> RunReport:
     for cell in todo:  # a missing baseline is computed first; a present one was read into fp_values above
         if cell.quant == FP:
             compute(loaded, cell)
+    length = min(CALIBRATION_LENGTH, context_limit(spec.model.name) or CALIBRATION_LENGTH)
     for quant, scheme in schemes.items():
         quant_cells = [c for c in todo if c.quant == quant]
         if not quant_cells and not needs_layer_errors(spec, quant):
@@ -207,7 +208,8 @@ def run(spec: RunSpec, say: Callable[[str], None] = print) -> RunReport:
         say(f"quantizing with {quant} [{backend}] ...")
         qmodel = copy.deepcopy(loaded.model)
         context = QuantContext(loaded.device, calibration=lambda: calibration_batches(
-            loaded.tokenizer, calibration_text(), bos=spec.bos, device=loaded.device), tokenizer=loaded.tokenizer)
+            loaded.tokenizer, calibration_text(), length=length, bos=spec.bos, device=loaded.device),
+            tokenizer=loaded.tokenizer)
         quantize_(qmodel, scheme, backend=backend, keep=spec.keep, context=context)
         quantized = LoadedModel(qmodel, loaded.tokenizer, loaded.spec, loaded.source, loaded.device, loaded.dtype)
         if needs_layer_errors(spec, quant):

@@ -24,7 +24,10 @@ def calibration_text() -> str:
     return (tasks_dir() / "data" / CALIBRATION_FILE).read_text(encoding="utf-8")
 
 
-def calibration_batches(tokenizer: Any, text: str, n: int = 8, length: int = 256, bos: bool = True,
+CALIBRATION_LENGTH = 256  # tokens per calibration sequence, or the model's context when that is shorter
+
+
+def calibration_batches(tokenizer: Any, text: str, n: int = 8, length: int = CALIBRATION_LENGTH, bos: bool = True,
                         device: torch.device | str = "cpu") -> list[Tensor]:
     """`n` sequences of `length` tokens (BOS first when `bos`), one per batch."""
     ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]

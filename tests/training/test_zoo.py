@@ -76,11 +76,11 @@ def test_every_variant_trains_scans_and_runs(name, tiny_zoo, tiny_task_dir):
                                 progress=False), say=lambda m: None)
     assert len(profile["layers"]) == 2
     assert all(layer["max"] > 0 for layer in profile["layers"])
-    report = run(RunSpec(model=ModelSpec(name, device="cpu"), quants=("int8-w8a8-tensor",), keep=Keep(),
+    report = run(RunSpec(model=ModelSpec(name, device="cpu"), quants=("int8-w8a8-tensor-static",), keep=Keep(),
                          tasks=(str(tiny_task_dir / "short.yaml"),), results=results, progress=False),
                  say=lambda m: None)
     rows = [r for r in read_rows(results) if r["task"] != "scan"]
-    assert {r["quant"] for r in rows} == {"none", "int8-w8a8-tensor"} and report.computed == 2
+    assert {r["quant"] for r in rows} == {"none", "int8-w8a8-tensor-static"} and report.computed == 2
     assert all(r["model"] == name for r in read_rows(results))
 
 
