@@ -25,7 +25,8 @@ from typing import Any
 
 from qharness.results import Row, read_rows, write_atomic
 
-PROFILE_MEASURES = ("massive_max", "massive_ratio")
+PROFILE_MEASURES = ("massive_max", "massive_ratio")  # correlated with degradation
+SCAN_MEASURES = (*PROFILE_MEASURES, "bos_holds_max")  # read from the scan rows
 HEADLINE_SCHEMES = ("int8-w8a8-tensor", "int8-w8a8-tensor-static", "int8-w8a8-token", "int4-weight-g128", "nf4",
                     "fp8-e4m3-w8a8-tensor", "fp8-e5m2-w8a8-tensor")
 ZOO_PREFIX = "zoo:"
@@ -108,10 +109,10 @@ def spearman(x: list[float], y: list[float]) -> float:
 
 
 def profile_measures(rows: list[Row]) -> dict[str, dict[str, float]]:
-    """model -> {massive_max, massive_ratio} from the scan rows (BOS on) in the leaderboard."""
+    """model -> {massive_max, massive_ratio, bos_holds_max} from the scan rows (BOS on) in the leaderboard."""
     measures: dict[str, dict[str, float]] = defaultdict(dict)
     for row in rows:
-        if row.get("task") == "scan" and row["metric"] in PROFILE_MEASURES and row["value"] and row["bos"] == "True":
+        if row.get("task") == "scan" and row["metric"] in SCAN_MEASURES and row["value"] and row["bos"] == "True":
             measures[row["model"]][row["metric"]] = float(row["value"])
     return dict(measures)
 
@@ -138,7 +139,7 @@ def zoo_order(model: str) -> tuple[str, bool, str]:
     return arch, mitigation != "base", mitigation
 
 
-def mitigation_table(rows: list[Row], items: list[Degradation]) -> dict[str, Any]:
+def mitigation_table(measures: dict[str, dict[str, float]], items: list[Degradation]) -> dict[str, Any]:
     """One row per zoo model on one perplexity task (kjv-heldout when present): activation measures, fp quality
     against its architecture's baseline, and the ppl change per headline scheme present."""
     plain = [d for d in items if d.model.startswith(ZOO_PREFIX) and d.metric == "ppl" and not d.keep]
@@ -149,13 +150,10 @@ def mitigation_table(rows: list[Row], items: list[Degradation]) -> dict[str, Any
     fp = {d.model: d.fp_value for d in plain if d.task == task}
     rel = {(d.model, d.quant): d.rel for d in plain if d.task == task}
     schemes = [s for s in HEADLINE_SCHEMES if any(q == s for _, q in rel)]
-    measures = profile_measures(rows)
-    bos = {r["model"]: float(r["value"]) for r in rows if r.get("task") == "scan" and r["metric"] == "bos_holds_max"
-           and r["value"] and r["bos"] == "True"}
     table = []
     for model in sorted(fp, key=zoo_order):
         base = fp.get(model.split("-")[0] + "-base")
-        table.append({"model": model, **measures.get(model, {}), "bos_holds_max": bos.get(model),
+        table.append({"model": model, "bos_holds_max": None, **measures.get(model, {}),
                       "fp_ppl": fp[model], "fp_vs_base": fp[model] / base - 1 if base else None,
                       **{scheme: rel.get((model, scheme)) for scheme in schemes}})
     return {"task": task, "schemes": schemes, "rows": table}
@@ -368,7 +366,7 @@ def compare(results: Path, out_dir: Path) -> dict[str, Any]:
                               plot_layer_errors(layer_entries, out_dir / "layer_error_vs_activation.png"))
              if p is not None]
     layers = layer_error_summary(layer_entries)
-    mitigations = mitigation_table(rows, items)
+    mitigations = mitigation_table(measures, items)
     markdown = markdown_report(items, checks, corr, plots, layers, mitigations)
     write_atomic(out_dir / "report.md", markdown)
     write_atomic(out_dir / "report.html", html_report(markdown))

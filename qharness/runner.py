@@ -102,7 +102,8 @@ def plan_cells(spec: RunSpec) -> tuple[list[Cell], dict[str, QuantScheme]]:
     """Resolve every name (failing before any model loads) and list the cells this run covers."""
     classify(spec.model.name)
     schemes = {SCHEMES.resolve(q): get_scheme(q) for q in spec.quants}
-    tasks = [within_context(get_task(name), context_limit(spec.model.name)) for name in spec.tasks]
+    limit = context_limit(spec.model.name)
+    tasks = [within_context(get_task(name), limit) for name in spec.tasks]
     device = resolve_device(spec.model.device)
     dtype = dtype_name(resolve_dtype(spec.model.dtype, device))
     backends = {name: select_backend(scheme, device, spec.backend) for name, scheme in schemes.items()}

@@ -75,6 +75,11 @@ def summary_rows(spec: ScanSpec, loaded: Any, summary: dict[str, Any], seconds: 
     return rows
 
 
+def profile_dir(spec: ScanSpec) -> Path:
+    """Where a scan writes profile.json and its plots."""
+    return spec.out_dir / (slug(spec.model.name) + ("" if spec.config.bos else "-nobos"))
+
+
 def run_scan(spec: ScanSpec, say: Callable[[str], None] = print) -> dict[str, Any]:
     classify(spec.model.name)
     limit = context_limit(spec.model.name)
@@ -98,7 +103,7 @@ def run_scan(spec: ScanSpec, say: Callable[[str], None] = print) -> dict[str, An
     if spec.intervention_task and profile["summary"]["intervention"]:
         say("intervention: zero / mean of the outlier channels ...")
         profile["intervention_table"] = intervention_table(loaded, layers, profile["summary"], spec)
-    out = spec.out_dir / (slug(spec.model.name) + ("" if spec.config.bos else "-nobos"))
+    out = profile_dir(spec)
     out.mkdir(parents=True, exist_ok=True)
     write_atomic(out / "profile.json", json.dumps(profile, indent=1) + "\n")
     title = f"{spec.model.name} ({'BOS' if spec.config.bos else 'no BOS'})"

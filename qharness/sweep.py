@@ -102,14 +102,13 @@ def scan_dir(results: Path) -> Path:
 
 def _scan_once(spec: RunSpec, say: Callable[[str], Any]) -> None:
     """The model's activation profile for the report, unless one is already there."""
-    from qharness.results import slug
-    from qharness.scanning import ScanSpec, run_scan
+    from qharness.scanning import ScanSpec, profile_dir, run_scan
 
-    out = scan_dir(spec.results)
-    if (out / slug(spec.model.name) / "profile.json").exists():
+    scan_spec = ScanSpec(model=spec.model, out_dir=scan_dir(spec.results), results=spec.results, progress=False)
+    if (profile_dir(scan_spec) / "profile.json").exists():
         return
     say(f"scan {spec.model.name}")
-    run_scan(ScanSpec(model=spec.model, out_dir=out, results=spec.results, progress=False), say=lambda m: None)
+    run_scan(scan_spec, say=lambda m: None)
 
 
 def _run_group(specs: list[RunSpec], scan: bool = False) -> list[RunReport]:

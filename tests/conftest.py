@@ -59,6 +59,15 @@ def tiny_tokenizer(heldout_text):
     return train_tokenizer([heldout_text[:20000]], vocab_size=400)
 
 
+@pytest.fixture(scope="session")
+def training_tokens(tiny_tokenizer) -> torch.Tensor:
+    """A token stream of training-split text (the shipped calibration file: Proverbs and training glosses)."""
+    from qharness.training.text import encode_stream
+
+    text = (tasks_dir() / "data" / "calibration.txt").read_text(encoding="utf-8")[:60000]
+    return torch.from_numpy(encode_stream(tiny_tokenizer, text.split("\n\n")).astype("int64"))
+
+
 @pytest.fixture()
 def tiny_model(tiny_tokenizer):
     return tiny_llama(len(tiny_tokenizer))

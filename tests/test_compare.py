@@ -95,7 +95,7 @@ def test_layer_errors_from_a_run_reach_the_report(tiny_model_dir, tiny_task_dir,
 
 
 def test_mitigation_table_sets_each_zoo_model_against_its_baseline(tmp_path):
-    from qharness.compare import mitigation_table
+    from qharness.compare import mitigation_table, profile_measures
 
     rows = [scan_row("zoo:llama-base", 190.0), scan_row("zoo:llama-dyt", 20.0), scan_row("smollm2-135m", 2e4)]
     rows += [row("zoo:llama-base", "int8-w8a8-tensor", 30.0, 20.0, task="kjv-heldout"),
@@ -103,7 +103,7 @@ def test_mitigation_table_sets_each_zoo_model_against_its_baseline(tmp_path):
              row("zoo:llama-dyt", "int8-w8a8-tensor", 22.1, 22.0, keep="pos:0", task="kjv-heldout"),
              row("zoo:llama-dyt", "int8-w8a8-tensor", 99.0, 22.0, task="other"),
              row("smollm2-135m", "int8-w8a8-tensor", 54.0, 23.0, task="kjv-heldout")]
-    table = mitigation_table(rows, degradations(rows))
+    table = mitigation_table(profile_measures(rows), degradations(rows))
     assert table["task"] == "kjv-heldout" and table["schemes"] == ["int8-w8a8-tensor"]
     base, dyt = table["rows"]  # zoo models only, the baseline first
     assert (base["model"], dyt["model"]) == ("zoo:llama-base", "zoo:llama-dyt")

@@ -124,10 +124,10 @@ def explicit_attention(module: nn.Module, query: Tensor, key: Tensor, value: Ten
 
 
 def mitigated_attention(use_sdpa: bool):
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
     def attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None,
                   scaling: float | None = None, dropout: float = 0.0, **kwargs) -> tuple[Tensor, Tensor | None]:
-        from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
         scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
         kv_bias: KVBias | None = getattr(module, "kv_bias", None)
         clip: SoftmaxClip | None = getattr(module, "softmax_clip", None)

@@ -156,7 +156,7 @@ def load_pretrained(name_or_path: str, dtype: torch.dtype) -> tuple[Any, Any]:
                 model = load_mitigated(folder, config, dtype)
             else:
                 model = AutoModelForCausalLM.from_pretrained(
-                    name_or_path, dtype=dtype, use_safetensors=True, trust_remote_code=False
+                    name_or_path, config=config, dtype=dtype, use_safetensors=True, trust_remote_code=False
                 )
     except ModelLoadError:
         raise

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -38,8 +38,7 @@ def train_model(recipe: Any, out_dir: Path, progress: bool = True, budget_minute
     manifest: dict[str, Any] = {}
     if tokens is None:
         tokenizer, tokens, manifest = training_corpus(progress)
-    cfg = recipe.train if budget_minutes is None else type(recipe.train)(
-        **{**asdict(recipe.train), "budget_minutes": budget_minutes})
+    cfg = recipe.train if budget_minutes is None else replace(recipe.train, budget_minutes=budget_minutes)
     model = new_model(recipe.arch, tokenizer.bos_token_id, tokenizer.eos_token_id, cfg.seed)
     applied = mitigations.build_(model, recipe.mitigation)
     mitigations.initialize_(model, applied)

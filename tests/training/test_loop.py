@@ -10,17 +10,13 @@ from qharness.models import mitigations
 from qharness.models.mitigations.tvr import decoder_matrices
 from qharness.training.architectures import ArchConfig, new_model
 from qharness.training.loop import CHECKPOINT, LOG, TrainConfig, learning_rate, sample_batch, train
-from qharness.training.text import encode_stream
 
 TINY = ArchConfig(d_model=32, layers=2, heads=2, context=32, vocab_size=400)
 
 
 @pytest.fixture(scope="module")
-def tokens(tiny_tokenizer) -> torch.Tensor:
-    from qharness.tasks.spec import tasks_dir
-
-    text = (tasks_dir() / "data" / "calibration.txt").read_text(encoding="utf-8")[:60000]
-    return torch.from_numpy(encode_stream(tiny_tokenizer, text.split("\n\n")).astype("int64"))
+def tokens(training_tokens) -> torch.Tensor:
+    return training_tokens
 
 
 def tiny(arch: str, spec: str, tokenizer, seed: int = 0):

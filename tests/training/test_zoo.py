@@ -3,7 +3,6 @@
 import json
 
 import pytest
-import torch
 
 from qharness.activations.scan import ScanConfig
 from qharness.cli import main
@@ -14,22 +13,18 @@ from qharness.scanning import ScanSpec, run_scan
 from qharness.training import zoo
 from qharness.training.architectures import ArchConfig
 from qharness.training.loop import TrainConfig
-from qharness.training.text import encode_stream
 
 
 @pytest.fixture()
-def tiny_zoo(monkeypatch, tmp_path, tiny_tokenizer):
+def tiny_zoo(monkeypatch, tmp_path, tiny_tokenizer, training_tokens):
     """The zoo with a recipe of a few steps on shipped training-split text, cached under tmp_path."""
-    from qharness.tasks.spec import tasks_dir
     from qharness.training import run
 
-    text = (tasks_dir() / "data" / "calibration.txt").read_text(encoding="utf-8")[:30000]
-    tokens = torch.from_numpy(encode_stream(tiny_tokenizer, text.split("\n\n")).astype("int64"))
     monkeypatch.setenv("QHARNESS_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(zoo, "RECIPE", zoo.Recipe(
         arch=ArchConfig(d_model=32, layers=2, heads=2, context=32, vocab_size=len(tiny_tokenizer)),
         train=TrainConfig(steps=4, batch_size=2, context=32, warmup=1, log_every=2, checkpoint_every=2)))
-    monkeypatch.setattr(run, "training_corpus", lambda progress=True: (tiny_tokenizer, tokens, {"test": True}))
+    monkeypatch.setattr(run, "training_corpus", lambda progress=True: (tiny_tokenizer, training_tokens, {"test": True}))
     return tmp_path
 
 
