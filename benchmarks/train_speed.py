@@ -17,9 +17,10 @@ import time
 import torch
 
 from qharness.models import mitigations
-from qharness.training import zoo
-from qharness.training.architectures import ArchConfig, new_model
-from qharness.training.loop import TrainConfig, sample_batch
+from qharness.models.sources import zoo
+from qharness.recipe import ArchConfig, TrainConfig
+from qharness.training.architectures import new_model
+from qharness.training.loop import sample_batch
 
 
 def step_times(arch: str, spec: str, steps: int) -> list[float]:

@@ -6,8 +6,14 @@ import os
 from pathlib import Path
 
 
-def cache_dir(*parts: str) -> Path:
+def cache_path(*parts: str) -> Path:
+    """Where `parts` live in the cache, created or not (for looking)."""
     root = Path(os.environ.get("QHARNESS_CACHE") or Path.home() / ".cache" / "qharness")
-    path = root.joinpath(*parts)
+    return root.joinpath(*parts)
+
+
+def cache_dir(*parts: str) -> Path:
+    """Like cache_path, created if missing (for writing)."""
+    path = cache_path(*parts)
     path.mkdir(parents=True, exist_ok=True)
     return path

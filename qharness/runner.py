@@ -36,13 +36,14 @@ from qharness.quant.backend import QuantContext, select_backend
 from qharness.quant.calibrate import CALIBRATION_LENGTH, calibration_batches, calibration_text
 from qharness.quant.footprint import weight_bytes
 from qharness.quant.schemes import SCHEMES, Keep, QuantScheme, get_scheme
-from qharness.results import Row, append_rows, existing_keys, key, slug, write_atomic
+from qharness.results import BASELINE, Row, append_rows, existing_keys, key, layer_errors_path, make_row, write_atomic
 from qharness.tasks import TaskSpec, get_task, load_task_text
 from qharness.tasks.metrics import Metric
 from qharness.tasks.perplexity import perplexity
 from qharness.tasks.spec import within_context
+from qharness.training.ensure import ensure
 
-FP = "none"  # the quant column of full-precision baseline rows
+FP = BASELINE
 DEFAULT_TASKS = ("kjv-heldout", "wordnet-heldout")
 
 
@@ -87,14 +88,13 @@ class RunReport:
     model: str
 
 
-def _key_row(spec: RunSpec, cell: Cell, metric: str, device_type: str, dtype: str) -> Row:
+def _key_fields(spec: RunSpec, cell: Cell, metric: str, device_type: str, dtype: str) -> dict[str, object]:
     task = cell.task
     return {
         "model": spec.model.name, "quant": cell.quant, "backend": cell.backend,
         "keep": "" if cell.quant == FP else spec.keep.label, "task": task.name, "task_hash": cell.task_hash,
-        "metric": metric, "bos": str(spec.bos),
-        "context_length": str(task.context_length) if task.kind == "perplexity" else "",
-        "limit": "" if spec.limit is None else str(spec.limit), "dtype": dtype, "device_type": device_type,
+        "metric": metric, "bos": spec.bos, "context_length": task.context_length if task.kind == "perplexity" else None,
+        "limit": spec.limit, "dtype": dtype, "device_type": device_type,
     }
 
 
@@ -112,7 +112,7 @@ def plan_cells(spec: RunSpec) -> tuple[list[Cell], dict[str, QuantScheme]]:
     for quant in (FP, *schemes):
         for task in tasks:
             cell = Cell(quant, backends.get(quant, ""), task, hashes[task.name])
-            cell.row_keys = {m: key(_key_row(spec, cell, m, device.type, dtype)) for m in task.metrics}
+            cell.row_keys = {m: key(make_row(**_key_fields(spec, cell, m, device.type, dtype))) for m in task.metrics}
             cells.append(cell)
     return cells, schemes
 
@@ -130,26 +130,21 @@ def _evaluate(loaded: LoadedModel, task: TaskSpec, spec: RunSpec) -> list[Metric
 
 def _result_row(spec: RunSpec, loaded: LoadedModel, cell: Cell, metric: Metric, fp_value: float,
                 scheme: QuantScheme | None, seconds: float, run_id: str, weights: int) -> Row:
-    row = _key_row(spec, cell, metric.name, loaded.device.type, dtype_name(loaded.dtype))
-    delta = metric.value - fp_value
-    row.update({
-        "value": repr(metric.value), "fp_value": repr(fp_value), "delta": repr(delta),
-        "rel_delta": repr(delta / fp_value) if fp_value else "", "higher_is_better": str(metric.higher_is_better),
-        "metric_kind": metric.kind, "n": str(metric.n), "chance": "" if metric.chance is None else repr(metric.chance),
-        "weight_bytes": str(weights), "model_source": loaded.source,
-        "scheme": json.dumps(scheme.to_dict(), sort_keys=True) if scheme else "", "seed": str(spec.seed),
-        "run_id": run_id, "seconds": f"{seconds:.1f}", **provenance.row_fields(loaded.device),
-    })
-    return row
+    return make_row(
+        metric.value, fp_value, **_key_fields(spec, cell, metric.name, loaded.device.type, dtype_name(loaded.dtype)),
+        higher_is_better=metric.higher_is_better, metric_kind=metric.kind, n=metric.n, chance=metric.chance,
+        weight_bytes=weights, arch=loaded.arch, mitigation=loaded.mitigation, family=loaded.family,
+        model_source=loaded.source, scheme=scheme.to_dict() if scheme else None, seed=spec.seed, run_id=run_id,
+        seconds=f"{seconds:.1f}", **provenance.row_fields(loaded.device),
+    )
 
 
-def layer_errors_path(spec: RunSpec, quant: str) -> Path:
-    name = slug(f"{spec.model.name}__{quant}__{spec.keep.label or 'none'}", limit=120)
-    return spec.results.parent / "layers" / f"{name}.json"
+def _layer_errors_file(spec: RunSpec, quant: str) -> Path:
+    return layer_errors_path(spec.results, spec.model.name, quant, spec.keep.label)
 
 
 def needs_layer_errors(spec: RunSpec, quant: str) -> bool:
-    return spec.layer_errors and (spec.force or not layer_errors_path(spec, quant).is_file())
+    return spec.layer_errors and (spec.force or not _layer_errors_file(spec, quant).is_file())
 
 
 def write_layer_errors(spec: RunSpec, loaded: LoadedModel, qmodel: Any, quant: str, context: QuantContext) -> Path:
@@ -158,7 +153,7 @@ def write_layer_errors(spec: RunSpec, loaded: LoadedModel, qmodel: Any, quant: s
     batches = context.calibration_batches(quant)[:4]
     entry = {"model": spec.model.name, "quant": quant, "keep": spec.keep.label,
              "layers": layer_errors(loaded.model, qmodel, batches), **provenance.row_fields(loaded.device)}
-    path = layer_errors_path(spec, quant)
+    path = _layer_errors_file(spec, quant)
     path.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(path, json.dumps(entry, indent=1) + "\n")
     return path
@@ -173,6 +168,7 @@ def run(spec: RunSpec, say: Callable[[str], None] = print) -> RunReport:
         say(f"all {len(keys)} rows are already in {spec.results}; pass --force to recompute")
         return RunReport([done[k] for k in keys], 0, spec.model.name)
 
+    ensure(spec.model.name, progress=spec.progress)
     say(f"loading {spec.model.name} ...")
     loaded = load_model(spec.model, progress=spec.progress)
     run_id = uuid.uuid4().hex[:12]
@@ -212,7 +208,7 @@ def run(spec: RunSpec, say: Callable[[str], None] = print) -> RunReport:
             loaded.tokenizer, calibration_text(), length=length, bos=spec.bos, device=loaded.device),
             tokenizer=loaded.tokenizer)
         quantize_(qmodel, scheme, backend=backend, keep=spec.keep, context=context)
-        quantized = LoadedModel(qmodel, loaded.tokenizer, loaded.spec, loaded.source, loaded.device, loaded.dtype)
+        quantized = loaded.with_model(qmodel)
         if needs_layer_errors(spec, quant):
             write_layer_errors(spec, loaded, qmodel, quant, context)
         for cell in quant_cells:

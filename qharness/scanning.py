@@ -13,16 +13,18 @@ from typing import Any
 from qharness import provenance
 from qharness.activations.intervene import intervention
 from qharness.activations.plots import plot_attention_sink, plot_magnitudes
+from qharness.activations.profile import InterventionResult, Profile, ProfileSummary
 from qharness.activations.scan import ScanConfig, scan
 from qharness.models.layers import decoder_layers, layers_at
-from qharness.models.sources import ModelSpec, classify, context_limit, dtype_name, load_model
+from qharness.models.sources import LoadedModel, ModelSpec, classify, context_limit, dtype_name, load_model
 from qharness.quant.calibrate import calibration_batches, calibration_text
-from qharness.results import append_rows, slug, write_atomic
+from qharness.results import BASELINE, SCAN_TASK, Row, append_rows, make_row, slug, write_atomic
 from qharness.tasks import get_task, load_task_text
 from qharness.tasks.perplexity import perplexity
 from qharness.tasks.spec import within_context
+from qharness.training.ensure import ensure
 
-SUMMARY_METRICS = {  # leaderboard metric -> (profile summary key, higher_is_better)
+SUMMARY_METRICS = {  # leaderboard metric -> (ProfileSummary field, higher_is_better)
     "massive_max": ("max", False),
     "massive_ratio": ("max_ratio", False),
     "first_massive_layer": ("first_massive_layer", True),
@@ -42,8 +44,9 @@ class ScanSpec:
     progress: bool = True
 
 
-def intervention_table(loaded: Any, layers: Any, summary: dict[str, Any], spec: ScanSpec) -> list[dict[str, Any]]:
-    plan = summary["intervention"]
+def intervention_table(loaded: LoadedModel, layers: Any, summary: ProfileSummary,
+                       spec: ScanSpec) -> list[InterventionResult]:
+    plan = summary.intervention
     task = within_context(get_task(spec.intervention_task), context_limit(spec.model.name))
     text = load_task_text(task)
 
@@ -51,27 +54,26 @@ def intervention_table(loaded: Any, layers: Any, summary: dict[str, Any], spec: 
         return perplexity(loaded.model, loaded.tokenizer, text, task.context_length, bos=spec.config.bos,
                           limit=spec.intervention_limit, progress=spec.progress).value
 
-    table = [{"condition": "original", "ppl": ppl()}]
+    table = {"original": ppl()}
     for mode in ("zero", "mean"):
-        with intervention(layers[plan["layer"]], plan["channels"], mode, plan["mean_first"], plan["mean_rest"]):
-            table.append({"condition": mode, "ppl": ppl()})
-    return [{**row, "layer": plan["layer"], "channels": plan["channels"], "task": task.name} for row in table]
+        with intervention(layers[plan.layer], plan.channels, mode, plan.mean_first, plan.mean_rest):
+            table[mode] = ppl()
+    return [InterventionResult(condition, value, plan.layer, plan.channels, task.name)
+            for condition, value in table.items()]
 
 
-def summary_rows(spec: ScanSpec, loaded: Any, summary: dict[str, Any], seconds: float) -> list[dict[str, str]]:
+def summary_rows(spec: ScanSpec, loaded: LoadedModel, summary: ProfileSummary, seconds: float) -> list[Row]:
     rows = []
     for metric, (name, higher) in SUMMARY_METRICS.items():
-        value = summary[name]
-        rows.append({
-            "model": spec.model.name, "quant": "none", "backend": "", "keep": "", "task": "scan",
-            "task_hash": "", "metric": metric, "bos": str(spec.config.bos), "context_length": str(spec.config.length),
-            "limit": str(spec.config.sequences), "dtype": dtype_name(loaded.dtype), "device_type": loaded.device.type,
-            "value": "" if value is None else repr(float(value)), "delta": "0", "rel_delta": "0",
-            "higher_is_better": str(higher), "metric_kind": "activation", "n": str(spec.config.sequences),
-            "model_source": loaded.source, "seed": "0", "seconds": f"{seconds:.1f}",
-            **provenance.row_fields(loaded.device),
-        })
-        rows[-1]["fp_value"] = rows[-1]["value"]
+        value = getattr(summary, name)
+        value = None if value is None else float(value)
+        rows.append(make_row(
+            value, value, model=spec.model.name, quant=BASELINE, task=SCAN_TASK, metric=metric, bos=spec.config.bos,
+            context_length=spec.config.length, limit=spec.config.sequences, dtype=dtype_name(loaded.dtype),
+            device_type=loaded.device.type, higher_is_better=higher, metric_kind="activation",
+            n=spec.config.sequences, arch=loaded.arch, mitigation=loaded.mitigation, family=loaded.family,
+            model_source=loaded.source, seed=0, seconds=f"{seconds:.1f}", **provenance.row_fields(loaded.device),
+        ))
     return rows
 
 
@@ -80,7 +82,7 @@ def profile_dir(spec: ScanSpec) -> Path:
     return spec.out_dir / (slug(spec.model.name) + ("" if spec.config.bos else "-nobos"))
 
 
-def run_scan(spec: ScanSpec, say: Callable[[str], None] = print) -> dict[str, Any]:
+def run_scan(spec: ScanSpec, say: Callable[[str], None] = print) -> Profile:
     classify(spec.model.name)
     limit = context_limit(spec.model.name)
     if limit is not None and spec.config.length > limit:
@@ -88,6 +90,7 @@ def run_scan(spec: ScanSpec, say: Callable[[str], None] = print) -> dict[str, An
         spec = replace(spec, config=replace(spec.config, length=limit))
     if spec.intervention_task:
         get_task(spec.intervention_task)
+    ensure(spec.model.name, progress=spec.progress)
     say(f"loading {spec.model.name} ...")
     loaded = load_model(spec.model, progress=spec.progress)
     layers = layers_at(loaded.model, spec.layers) if spec.layers else decoder_layers(loaded.model)
@@ -97,18 +100,17 @@ def run_scan(spec: ScanSpec, say: Callable[[str], None] = print) -> dict[str, An
     start = time.perf_counter()
     profile = scan(loaded.model, loaded.tokenizer, batches, spec.config, layers)
     seconds = time.perf_counter() - start
-    profile.update(model=spec.model.name, model_source=loaded.source, dtype=dtype_name(loaded.dtype),
-                   device=provenance.device_description(loaded.device), git_rev=provenance.git_revision(),
-                   versions=json.loads(provenance.versions()), time=provenance.utc_now())
-    if spec.intervention_task and profile["summary"]["intervention"]:
+    profile = replace(profile, model=spec.model.name, model_source=loaded.source, dtype=dtype_name(loaded.dtype),
+                      device=provenance.device_description(loaded.device), git_rev=provenance.git_revision(),
+                      versions=json.loads(provenance.versions()), time=provenance.utc_now())
+    if spec.intervention_task and profile.summary.intervention:
         say("intervention: zero / mean of the outlier channels ...")
-        profile["intervention_table"] = intervention_table(loaded, layers, profile["summary"], spec)
+        profile.intervention_table = intervention_table(loaded, layers, profile.summary, spec)
     out = profile_dir(spec)
     out.mkdir(parents=True, exist_ok=True)
-    write_atomic(out / "profile.json", json.dumps(profile, indent=1) + "\n")
+    write_atomic(out / "profile.json", json.dumps(profile.to_json(), indent=1) + "\n")
     title = f"{spec.model.name} ({'BOS' if spec.config.bos else 'no BOS'})"
     plot_magnitudes(profile, out / "magnitudes.png", title)
     plot_attention_sink(profile, out / "attention_sink.png", title)
-    append_rows(spec.results, summary_rows(spec, loaded, profile["summary"], seconds))
-    profile["out_dir"] = str(out)
+    append_rows(spec.results, summary_rows(spec, loaded, profile.summary, seconds))
     return profile

@@ -30,6 +30,7 @@ import yaml
 from qharness.errors import BackendUnavailable, ConfigError
 from qharness.models.sources import ModelSpec
 from qharness.quant.schemes import Keep
+from qharness.results import scan_dir
 from qharness.runner import DEFAULT_TASKS, RunReport, RunSpec, run
 
 ENGINES = ("local", "ray")
@@ -94,10 +95,6 @@ class SweepReport:
     @property
     def computed(self) -> int:
         return sum(r.computed for r in self.reports)
-
-
-def scan_dir(results: Path) -> Path:
-    return results.parent / "scan"
 
 
 def _scan_once(spec: RunSpec, say: Callable[[str], Any]) -> None:

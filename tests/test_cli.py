@@ -36,7 +36,7 @@ def test_run_prints_table_and_appends_rows(capsys, tiny_model_dir, tiny_task_dir
     [
         (["run", "--quant", "int9"], "unknown scheme 'int9'; did you mean 'int8'"),
         (["run", "--task", "nope"], "unknown task 'nope'; known: arc-challenge, arc-easy, c4,"),
-        (["run", "--model", "no-such-model"], "unknown model 'no-such-model': not a built-in name (smollm2-135m)"),
+        (["run", "--model", "no-such-model"], "unknown model 'no-such-model'; give a built-in name (smollm2-135m)"),
         (["run", "--model", "missing/file.gguf"], "model file not found: missing/file.gguf"),
         (["run", "--dtype", "fp64"], "unknown dtype 'fp64'; valid: auto, fp32, bf16, fp16"),
         (["run", "--device", "tpu"], "unknown device 'tpu'; valid: auto, cpu, cuda"),

@@ -97,8 +97,8 @@ def test_sweep_with_scan_profiles_each_model_once(tiny_model_dir, tiny_task_dir,
 def test_the_shipped_default_sweep_covers_the_zoo_and_plans_without_training():
     from pathlib import Path
 
+    from qharness.models.sources import zoo
     from qharness.runner import plan_cells
-    from qharness.training import zoo
 
     config = SweepConfig.from_file(Path(__file__).resolve().parents[1] / "sweeps" / "default.yaml")
     assert set(zoo.GRID) <= set(config.models) and "smollm2-135m" in config.models and config.scan

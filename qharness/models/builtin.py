@@ -99,7 +99,7 @@ def smollm2_gguf() -> Path:
 
 def gguf_to_safetensors(gguf: Path, out: Path, provenance: dict[str, str]) -> Path:
     """Dequantize a GGUF file once into a Hugging Face folder with safetensors weights (atomic)."""
-    from qharness.models.sources import load_gguf
+    from qharness.models.loading import load_gguf
 
     model, tokenizer = load_gguf(gguf)
     # transformers tags a GGUF-loaded model as "quantized with gguf" and refuses to save it, although its weights

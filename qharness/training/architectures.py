@@ -4,31 +4,11 @@ transformers model (the runner, the scan, the quantizers) takes them as they are
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
-from qharness.errors import ConfigError
-
-Arch = Literal["llama", "gpt2"]
-ARCHES: tuple[str, ...] = ("llama", "gpt2")
-
-
-@dataclass(frozen=True)
-class ArchConfig:
-    arch: Arch = "llama"
-    d_model: int = 128
-    layers: int = 4
-    heads: int = 4
-    context: int = 128
-    vocab_size: int = 4096
-
-    def __post_init__(self) -> None:
-        if self.arch not in ARCHES:
-            raise ConfigError(f"unknown architecture '{self.arch}'; valid: {', '.join(ARCHES)}")
-        if self.d_model % self.heads:
-            raise ConfigError(f"d_model {self.d_model} is not a multiple of heads {self.heads}")
+from qharness.recipe import ArchConfig
 
 
 def transformers_config(cfg: ArchConfig, bos_id: int, eos_id: int) -> Any:

@@ -26,38 +26,11 @@ from qharness.activations.scan import layer_hooks
 from qharness.activations.stats import layer_stats
 from qharness.errors import ConfigError
 from qharness.models.layers import decoder_layers
+from qharness.recipe import TrainConfig
 
 StepHook = Callable[[nn.Module, int], Any]  # (model, step) after each optimizer step; step counts from 1
 CHECKPOINT = "checkpoint"
 LOG = "train_log.jsonl"
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """The defaults are the zoo's recipe, chosen for the largest activations a CPU budget grows: with a constant lr
-    after warmup and no gradient clipping the baseline Llama's max |h| after 4,000 steps is 641, against 191 with
-    cosine decay to 0.1 x lr and clipping at 1.0 (whose outlier sits on BOS more consistently, and whose loss is
-    lower: 3.89 vs 4.04). README, "The zoo", has the comparison."""
-
-    steps: int = 4000
-    batch_size: int = 8
-    context: int = 128  # tokens per sequence, BOS included
-    lr: float = 3e-3
-    weight_decay: float = 0.0  # none: weight decay damps the BOS outlier we want the baseline to grow
-    warmup: int = 100
-    min_lr_ratio: float = 1.0  # cosine decay to lr x this; 1 = constant after warmup
-    grad_clip: float = 0.0  # max gradient norm; 0 = no clipping
-    seed: int = 0
-    log_every: int = 100
-    checkpoint_every: int = 500
-    budget_minutes: float | None = None  # stop (with a checkpoint) after this much wall time in this call
-
-    def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "context", "log_every", "checkpoint_every"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"train {name} must be >= 1, got {getattr(self, name)}")
-        if self.context < 2:
-            raise ConfigError(f"train context must be >= 2 (BOS and one token), got {self.context}")
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from qharness.models import mitigations
-from qharness.models.sources import quiet_transformers
+from qharness.models.loading import quiet_transformers
 from qharness.provenance import row_fields
 from qharness.training.architectures import new_model
 from qharness.training.loop import LOG, TrainResult, train

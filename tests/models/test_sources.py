@@ -39,6 +39,8 @@ def test_classify_accepted_names(name, kind):
 def test_classify_rejects_with_the_valid_forms(tmp_path):
     with pytest.raises(ModelLoadError, match="unknown model 'smollm'"):
         classify("smollm")
+    with pytest.raises(ModelLoadError, match="unknown model 'smolm2-135m'; did you mean 'smollm2-135m'"):
+        classify("smolm2-135m")
     with pytest.raises(ModelLoadError, match="model file not found: .*x.gguf"):
         classify(str(tmp_path / "x.gguf"))
     text = tmp_path / "weights.txt"

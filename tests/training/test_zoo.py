@@ -7,12 +7,11 @@ import pytest
 from qharness.activations.scan import ScanConfig
 from qharness.cli import main
 from qharness.errors import ConfigError, ModelLoadError, UnknownName
-from qharness.models.sources import ModelSpec, classify, load_model
+from qharness.models.sources import ModelSpec, classify, load_model, zoo
+from qharness.recipe import ArchConfig, Recipe, TrainConfig
 from qharness.results import read_rows
 from qharness.scanning import ScanSpec, run_scan
-from qharness.training import zoo
-from qharness.training.architectures import ArchConfig
-from qharness.training.loop import TrainConfig
+from qharness.training.ensure import ensure
 
 
 @pytest.fixture()
@@ -21,7 +20,7 @@ def tiny_zoo(monkeypatch, tmp_path, tiny_tokenizer, training_tokens):
     from qharness.training import run
 
     monkeypatch.setenv("QHARNESS_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(zoo, "RECIPE", zoo.Recipe(
+    monkeypatch.setattr(zoo, "RECIPE", Recipe(
         arch=ArchConfig(d_model=32, layers=2, heads=2, context=32, vocab_size=len(tiny_tokenizer)),
         train=TrainConfig(steps=4, batch_size=2, context=32, warmup=1, log_every=2, checkpoint_every=2)))
     monkeypatch.setattr(run, "training_corpus", lambda progress=True: (tiny_tokenizer, training_tokens, {"test": True}))
@@ -41,23 +40,29 @@ def test_grid_names_parse_into_recipes():
     ("zoo:llama", UnknownName, "zoo:<arch>-<mitigation>"),
     ("zoo:llama-kvbias", UnknownName, "unknown mitigation 'kvbias'"),
     ("zoo:llama-tvr+tvr", ConfigError, "twice"),
+    ("zoo:lama-base", UnknownName, "did you mean 'zoo:llama-base'"),
+    ("zoo:llama-kvbias", UnknownName, "did you mean 'kv_bias'"),
 ])
 def test_bad_zoo_names_say_what_is_valid(name, error, message):
     with pytest.raises(error, match=message):
         classify(name)
 
 
-def test_first_use_trains_then_reuses(tiny_zoo):
-    path = zoo.materialize("zoo:llama-kv_bias", progress=False)
+def test_loading_never_trains_ensure_does_then_reuses(tiny_zoo):
+    with pytest.raises(ModelLoadError, match="zoo:llama-kv_bias is not trained yet; `qharness train --model"):
+        load_model(ModelSpec("zoo:llama-kv_bias", device="cpu"), progress=False)
+    assert not zoo.is_trained("zoo:llama-kv_bias")
+    path = ensure("zoo:llama-kv_bias", progress=False)
     weights = (path / "model.safetensors").stat().st_mtime_ns
     info = json.loads((path / "training.json").read_text())
     assert info["recipe"]["mitigation"] == "kv_bias" and info["final"]["step"] == 4
     assert {"versions", "device", "git_rev"} <= set(info)
-    assert zoo.materialize("zoo:llama-kv_bias", progress=False) == path
+    assert ensure("zoo:llama-kv_bias", progress=False) == path
     assert (path / "model.safetensors").stat().st_mtime_ns == weights
     loaded = load_model(ModelSpec("zoo:llama-kv_bias", device="cpu"), progress=False)
     assert loaded.model.config.qharness_mitigation == "kv_bias"
     assert "trained here" in loaded.source
+    assert (loaded.arch, loaded.mitigation, loaded.family) == ("llama", "kv_bias", "zoo:llama")
 
 
 @pytest.mark.parametrize("name", zoo.GRID)
@@ -69,14 +74,17 @@ def test_every_variant_trains_scans_and_runs(name, tiny_zoo, tiny_task_dir):
     profile = run_scan(ScanSpec(model=ModelSpec(name, device="cpu"), config=ScanConfig(sequences=1, length=24),
                                 intervention_task=None, out_dir=tiny_zoo / "scan", results=results,
                                 progress=False), say=lambda m: None)
-    assert len(profile["layers"]) == 2
-    assert all(layer["max"] > 0 for layer in profile["layers"])
+    assert len(profile.layers) == 2
+    assert all(layer.max > 0 for layer in profile.layers)
     report = run(RunSpec(model=ModelSpec(name, device="cpu"), quants=("int8-w8a8-tensor-static",), keep=Keep(),
                          tasks=(str(tiny_task_dir / "short.yaml"),), results=results, progress=False),
                  say=lambda m: None)
     rows = [r for r in read_rows(results) if r["task"] != "scan"]
     assert {r["quant"] for r in rows} == {"none", "int8-w8a8-tensor-static"} and report.computed == 2
     assert all(r["model"] == name for r in read_rows(results))
+    arch, mitigation = name.removeprefix("zoo:").split("-", 1)
+    assert {(r["arch"], r["mitigation"], r["family"]) for r in read_rows(results)} == {
+        (arch, "none" if mitigation == "base" else mitigation, f"zoo:{arch}")}
 
 
 def test_cli_trains_a_zoo_model_within_a_budget_then_finishes(capsys, tiny_zoo):

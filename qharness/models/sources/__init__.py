@@ -1,0 +1,165 @@
+"""Where a model comes from: one registered `Source` per kind of name, tried in order.
+
+    builtin   smollm2-135m                      a real model a package registry ships (builtin.py)
+    zoo       zoo:llama-kv_bias                 a small model trained here with one recipe (zoo.py)
+    gguf      path/to/model.gguf                a local GGUF file, dequantized (gguf.py)
+    folder    path/to/folder                    a local Hugging Face folder, safetensors only (folder.py)
+    hub       HuggingFaceTB/SmolLM2-135M        a hub id, for users online (hub.py)
+
+A source answers three questions about a name without loading weights (`matches`, `context_limit`) and one that
+does (`read`). Loading never trains or builds anything: a zoo model that is not trained yet is refused here, and the
+commands call `qharness.training.ensure(name)` first, which trains it. Add a source: one file in this package that
+registers a `Source` in `SOURCES` (it is imported automatically); `order` places it among the others.
+
+Nothing here imports torch or transformers at import time, so `qharness list` and `--help` stay fast.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import pkgutil
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any, Literal
+
+from qharness.errors import BackendUnavailable, ConfigError, ModelLoadError, QHarnessError
+from qharness.registry import Registry
+
+if TYPE_CHECKING:
+    import torch
+
+Dtype = Literal["auto", "fp32", "bf16", "fp16"]
+Device = Literal["auto", "cpu", "cuda"]
+DTYPE_NAMES: tuple[str, ...] = ("fp32", "bf16", "fp16")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str = "smollm2-135m"  # built-in name | zoo:<arch>-<mitigation> | folder | file.gguf | hub id "org/name"
+    dtype: Dtype = "auto"  # auto: fp32 on CPU, bf16 on CUDA
+    device: Device = "auto"  # auto: cuda when available, else cpu
+
+    def __post_init__(self) -> None:
+        if self.dtype not in ("auto", *DTYPE_NAMES):
+            raise ConfigError(f"unknown dtype '{self.dtype}'; valid: auto, {', '.join(DTYPE_NAMES)}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ConfigError(f"unknown device '{self.device}'; valid: auto, cpu, cuda")
+
+
+@dataclass
+class LoadedModel:
+    model: Any  # a transformers PreTrainedModel in eval mode
+    tokenizer: Any
+    spec: ModelSpec
+    source: str  # what was actually read, for the result rows
+    device: torch.device
+    dtype: torch.dtype
+    arch: str = ""  # the config's model_type: llama, gpt2, ...
+    mitigation: str = "none"  # the mitigation spec its config records
+    family: str = ""  # see Source.family
+
+    def with_model(self, model: Any) -> LoadedModel:
+        """The same description for another state of the model (a quantized copy)."""
+        return replace(self, model=model)
+
+
+@dataclass(frozen=True)
+class Source:
+    name: str  # the kind, as `classify` returns it
+    form: str  # how a name of this kind looks, for the unknown-model message
+    order: int  # sources are tried in increasing order; the first that matches reads the name
+    matches: Callable[[str], bool]  # cheap, loads nothing; may raise for a malformed name of its own kind
+    read: Callable[[str, Any], tuple[Any, Any, str]]  # (name, torch dtype) -> (model, tokenizer, provenance)
+    context_limit: Callable[[str], int | None] = lambda name: None  # longest sequence, if known without loading
+    names: Callable[[], list[str]] = lambda: []  # names it knows, for did-you-mean suggestions
+    # models trained with one recipe and different mitigations share a family ("zoo:llama"), whose "none" member is
+    # the others' baseline; "" for a model that belongs to none
+    family: Callable[[str], str] = lambda name: ""
+    describe_name: Callable[[str], dict[str, str]] | None = None  # arch/mitigation/family from the name alone
+
+
+SOURCES: Registry[Source] = Registry("model source")
+
+
+def _load_sources() -> list[Source]:
+    for module in pkgutil.iter_modules(__path__):
+        importlib.import_module(f"{__name__}.{module.name}")
+    return sorted((entry.obj for entry in SOURCES), key=lambda source: source.order)
+
+
+def source_for(name: str) -> Source:
+    """The source that reads `name`; raises with every accepted form (and close names) when none does."""
+    sources = _load_sources()
+    for source in sources:
+        if source.matches(name):
+            return source
+    known = [known for source in sources for known in source.names()]
+    close = difflib.get_close_matches(name, known, n=3, cutoff=0.6)
+    hint = f"did you mean {', '.join(repr(c) for c in close)}? " if close else ""
+    raise ModelLoadError(f"unknown model '{name}'; {hint}give " + ", ".join(s.form for s in sources)
+                         + " (`qharness list models`)")
+
+
+def classify(name: str) -> str:
+    """Which kind of source `name` is, checked without loading anything; raises for a name that is none."""
+    return source_for(name).name
+
+
+def context_limit(name: str) -> int | None:
+    """The longest sequence a model was built or trained for, when it is known without loading the weights."""
+    return source_for(name).context_limit(name)
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return next(name for name in DTYPE_NAMES if torch_dtype(name) == dtype)
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    import torch
+
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+
+
+def resolve_device(device: Device) -> torch.device:
+    import torch
+
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise BackendUnavailable("device 'cuda' requested but no CUDA GPU is visible here; use --device cpu or auto")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: Dtype, device: torch.device) -> torch.dtype:
+    import torch
+
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return torch_dtype(dtype)
+
+
+def load_model(spec: ModelSpec, progress: bool = True) -> LoadedModel:
+    """The float model in eval mode on its device, with its tokenizer. Reads only: never downloads a hub model
+    unless the name is a hub id, and never trains (see `qharness.training.ensure`)."""
+    from qharness.models import mitigations
+    from qharness.models.loading import quiet_transformers
+
+    source = source_for(spec.name)
+    device = resolve_device(spec.device)
+    dtype = resolve_dtype(spec.dtype, device)
+    with quiet_transformers(progress):
+        model, tokenizer, provenance = source.read(spec.name, dtype)
+    model.to(device).eval()
+    return LoadedModel(model, tokenizer, spec, provenance, device, dtype, arch=model.config.model_type,
+                       mitigation=mitigations.recorded(model.config), family=source.family(spec.name))
+
+
+def name_columns(name: str) -> dict[str, str]:
+    """What a model's name alone says about it (arch, mitigation, family), for leaderboard rows written before those
+    columns existed; only names that encode them (the zoo's) say anything."""
+    try:
+        source = source_for(name)
+    except QHarnessError:  # a row's model need not exist here any more (a deleted folder)
+        return {}
+    return source.describe_name(name) if source.describe_name else {}

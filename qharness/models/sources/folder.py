@@ -1,0 +1,39 @@
+"""A local Hugging Face folder: config.json, tokenizer and *.safetensors (never pickled weights)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from qharness.errors import ModelLoadError
+from qharness.models.sources import SOURCES, Source
+
+
+def matches(name: str) -> bool:
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return True
+    if path.exists():  # .gguf files were claimed by the gguf source before this one
+        raise ModelLoadError(f"'{name}' is a file but not a .gguf model; pass a .gguf file or a model folder")
+    return False
+
+
+def read(name: str, dtype: Any) -> tuple[Any, Any, str]:
+    from qharness.models.loading import load_pretrained
+
+    path = Path(name).expanduser().resolve()
+    return (*load_pretrained(str(path), dtype), f"local:{path}")
+
+
+def context_limit(name: str) -> int | None:
+    """Learned positions (GPT-2's n_positions) or the config's max_position_embeddings, when the config says."""
+    config_path = Path(name).expanduser() / "config.json"
+    if not config_path.is_file():
+        return None
+    config = json.loads(config_path.read_text())
+    return config.get("n_positions") or config.get("max_position_embeddings")
+
+
+SOURCES.add("folder", Source(name="folder", form="an existing local folder", order=40, matches=matches, read=read,
+                             context_limit=context_limit))
