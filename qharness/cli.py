@@ -10,8 +10,12 @@ import argparse
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from qharness.errors import QHarnessError
+
+if TYPE_CHECKING:
+    from qharness.activations.profile import Profile
 
 RUN_EXAMPLES = """examples:
   qharness run                                          # smollm2-135m, int8, the offline held-out texts
@@ -64,7 +68,8 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--task", default=None, type=_names,
                         help="comma-separated tasks (default: kjv-heldout,wordnet-heldout); see `qharness list tasks`")
     parser.add_argument("--backend", default="auto",
-                        help="auto (real kernels on CUDA, sim on CPU) | sim | bnb | torchao (`qharness list backends`)")
+                        help="auto (real kernels on CUDA, sim on CPU) | sim | bnb | torchao | gptq | quanto "
+                             "(`qharness list backends`)")
     parser.add_argument("--keep-positions", default="", type=_positions, metavar="P,Q",
                         help="token positions whose activations stay in full precision, e.g. 0 for BOS")
     parser.add_argument("--keep-channels", default="", type=_positions, metavar="C,D",
@@ -104,38 +109,38 @@ def add_scan_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true")
 
 
-def format_scan(profile: dict) -> str:
-    s = profile["summary"]
+def format_scan(profile: Profile, out_dir: Path) -> str:
+    s = profile.summary
     lines = [
-        f"model: {profile['model']}   sequences: {profile['sequences']} x {profile['config']['length']} tokens   "
-        f"BOS: {profile['config']['bos']}",
-        f"max |h| {s['max']:.1f} at layer {s['max_layer']}; max/median ratio {s['max_ratio']:.0f}; "
-        f"massive (>100 and >=1000x median) from layer {s['first_massive_layer']}; "
-        f"outliers (>=100x median) from layer {s['first_outlier_layer']} on channels {s['outlier_channels']}",
-        f"the largest entry sits on BOS in {s['bos_holds_max']:.0%} of (layer, sequence) pairs after that, on a "
-        f"delimiter in {s['delimiter_holds_max']:.0%}; channel {s['top_channel']} holds it "
-        f"{s['top_channel_stability']:.0%} of the time",
+        f"model: {profile.model}   sequences: {profile.sequences} x {profile.config['length']} tokens   "
+        f"BOS: {profile.config['bos']}",
+        f"max |h| {s.max:.1f} at layer {s.max_layer}; max/median ratio {s.max_ratio:.0f}; "
+        f"massive (>100 and >=1000x median) from layer {s.first_massive_layer}; "
+        f"outliers (>=100x median) from layer {s.first_outlier_layer} on channels {s.outlier_channels}",
+        f"the largest entry sits on BOS in {s.bos_holds_max:.0%} of (layer, sequence) pairs after that, on a "
+        f"delimiter in {s.delimiter_holds_max:.0%}; channel {s.top_channel} holds it "
+        f"{s.top_channel_stability:.0%} of the time",
     ]
-    if s["overflow_layers"]:
-        lines.append(f"OVERFLOW: non-finite values in layers {s['overflow_layers']} (fp16 saturates at 65504)")
+    if s.overflow_layers:
+        lines.append(f"OVERFLOW: non-finite values in layers {s.overflow_layers} (fp16 saturates at 65504)")
     lines.append("layer  max       median  ratio   kurtosis  top entry (position, channel, token)        attn@0")
-    for e in profile["layers"]:
-        top = e["top"][0]
-        where = f"{top['value']:+.1f} ({top['position']}, {top['channel']}, {top['token']!r})"
-        attention = "" if e["attention_on_first"] is None else f"{e['attention_on_first']:.2f}"
-        lines.append(f"{e['layer']:<5}  {e['max']:<8.1f}  {e['median']:<6.3f}  {e['ratio']:<6.0f}  "
-                     f"{e['kurtosis']:<8.0f}  {where:<42}  {attention}")
-    for row in profile.get("intervention_table", []):
-        lines.append(f"intervention at layer {row['layer']} channels {row['channels']}: {row['condition']:8} "
-                     f"ppl {row['ppl']:.2f} ({row['task']}, token-level)")
-    lines.append(f"profile, plots -> {profile['out_dir']}")
+    for e in profile.layers:
+        top = e.top[0]
+        where = f"{top.value:+.1f} ({top.position}, {top.channel}, {top.token!r})"
+        attention = "" if e.attention_on_first is None else f"{e.attention_on_first:.2f}"
+        lines.append(f"{e.layer:<5}  {e.max:<8.1f}  {e.median:<6.3f}  {e.ratio:<6.0f}  "
+                     f"{e.kurtosis:<8.0f}  {where:<42}  {attention}")
+    for row in profile.intervention_table:
+        lines.append(f"intervention at layer {row.layer} channels {row.channels}: {row.condition:8} "
+                     f"ppl {row.ppl:.2f} ({row.task}, token-level)")
+    lines.append(f"profile, plots -> {out_dir}")
     return "\n".join(lines)
 
 
 def cmd_scan(args: argparse.Namespace) -> int:
     from qharness.activations.scan import ScanConfig
     from qharness.models.sources import ModelSpec
-    from qharness.scanning import ScanSpec, run_scan
+    from qharness.scanning import ScanSpec, profile_dir, run_scan
 
     spec = ScanSpec(
         model=ModelSpec(args.model, dtype=args.dtype, device=args.device),
@@ -146,7 +151,7 @@ def cmd_scan(args: argparse.Namespace) -> int:
         progress=not args.quiet,
     )
     profile = run_scan(spec, say=(lambda msg: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr)))
-    print(format_scan(profile))
+    print(format_scan(profile, profile_dir(spec)))
     return 0
 
 
@@ -222,28 +227,20 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from qharness.models import mitigations
-    from qharness.training import zoo
-    from qharness.training.architectures import ArchConfig
-    from qharness.training.loop import TrainConfig
+    from qharness.recipe import ArchConfig, Recipe, TrainConfig
     from qharness.training.run import train_model
 
     if args.model:
-        path = zoo.train_zoo_model(args.model, progress=not args.quiet, budget_minutes=args.budget)
-        if path is None:
-            print(f"{args.model}: stopped by the {args.budget}-minute budget with a checkpoint; "
-                  "run the same command again to continue")
-        else:
-            print(f"{args.model}: trained -> {path}")
-        return 0
+        return _train_named(args.model, args.budget, progress=not args.quiet)
     if args.out is None:
         raise QHarnessError("qharness train needs --out FOLDER (or --model zoo:<arch>-<mitigation>)")
-    recipe = zoo.Recipe(arch=ArchConfig(arch=args.arch, d_model=args.d_model, layers=args.layers, heads=args.heads,
-                                        context=args.context),
-                        train=TrainConfig(steps=args.steps, batch_size=args.batch_size, context=args.context,
-                                          lr=args.lr, weight_decay=args.weight_decay, seed=args.seed,
-                                          warmup=args.warmup, min_lr_ratio=args.min_lr_ratio,
-                                          grad_clip=args.grad_clip),
-                        mitigation=args.mitigation)
+    recipe = Recipe(arch=ArchConfig(arch=args.arch, d_model=args.d_model, layers=args.layers, heads=args.heads,
+                                    context=args.context),
+                    train=TrainConfig(steps=args.steps, batch_size=args.batch_size, context=args.context,
+                                      lr=args.lr, weight_decay=args.weight_decay, seed=args.seed,
+                                      warmup=args.warmup, min_lr_ratio=args.min_lr_ratio,
+                                      grad_clip=args.grad_clip),
+                    mitigation=args.mitigation)
     mitigations.resolve(recipe.mitigation)
     result = train_model(recipe, args.out, progress=not args.quiet, budget_minutes=args.budget)
     if not result.finished:
@@ -255,9 +252,25 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train_named(name: str, budget: float | None, progress: bool) -> int:
+    """`train --model NAME`: train a model that is trained here on first use (a zoo name) into the cache."""
+    from qharness.models.sources import classify
+    from qharness.training.ensure import TRAINERS, ensure
+
+    if classify(name) not in TRAINERS:
+        raise QHarnessError(f"'{name}' is not a model qharness trains; --model takes a zoo name "
+                            "(zoo:llama-base, zoo:gpt2-kv_bias, ...; `qharness list models`)")
+    path = ensure(name, progress=progress, budget_minutes=budget)
+    if path is None:
+        print(f"{name}: stopped by the {budget}-minute budget with a checkpoint; "
+              "run the same command again to continue")
+    else:
+        print(f"{name}: trained -> {path}")
+    return 0
+
+
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
-    from qharness.training.architectures import ArchConfig
-    from qharness.training.loop import TrainConfig
+    from qharness.recipe import ArchConfig, TrainConfig
 
     arch, train = ArchConfig(), TrainConfig()
     parser.add_argument("--model", default=None, help="a zoo name (zoo:llama-base, ...): train it into the cache")
@@ -293,11 +306,11 @@ def cmd_list(args: argparse.Namespace) -> int:
         print("models (also: a local HF folder, a .gguf file, or a hub id):")
         for entry in BUILTIN_MODELS:
             print(f"  {entry.name:24} {entry.obj.description}")
-        from qharness.training import zoo
+        from qharness.models.sources import zoo
 
         print("  zoo (trained here on first use, about 7 min each; `qharness train --model NAME`):")
         for name in zoo.GRID:
-            print(f"  {name:24} {'trained' if zoo.describe(name) else 'not trained yet'}")
+            print(f"  {name:24} {'trained' if zoo.is_trained(name) else 'not trained yet'}")
     if args.what in ("all", "quants"):
         print("quants:")
         for entry in SCHEMES:

@@ -1,6 +1,6 @@
 """The comparator: how much does each scheme cost each model, and how much of that is its massive activations?
 
-Reads the leaderboard (and the scan profiles) and writes results/report.md, results/report.html and plots:
+Reads the leaderboard (and the per-layer error files) and writes results/report.md, results/report.html and plots:
 - degradation per (model, scheme, task, metric): fp -> quantized, absolute and relative;
 - the causal check: a scheme run again with BOS (or other positions) kept in full precision (`--keep-positions`):
   the share of the loss that comes back is the share the kept activations caused;
@@ -8,9 +8,10 @@ Reads the leaderboard (and the scan profiles) and writes results/report.md, resu
   (needs at least 3 models with both);
 - per layer, the quantized model's output error against the layer's activation magnitude (`run --layer-errors`);
   the error is relative to the layer output's norm, which massive entries dominate where they exist;
-- the mitigations: for the zoo's models (zoo:<arch>-<mitigation>), each one's max activation and max/median
-  ratio, its full-precision perplexity (the quality cost, against its architecture's baseline) and the relative
-  perplexity change under the headline schemes (the quantizability gain);
+- the mitigations: for models trained here with one recipe and different mitigations (a `family` in the
+  leaderboard, e.g. the zoo's zoo:llama-*), each one's max activation and max/median ratio, its full-precision
+  perplexity (the quality cost, against its family's member without a mitigation) and the relative perplexity change
+  under the headline schemes (the quantizability gain);
 - a heatmap of relative perplexity change (model x scheme) and degradation against max activation.
 """
 
@@ -23,13 +24,35 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from qharness.results import Row, read_rows, write_atomic
+from qharness.results import SCAN_TASK, Row, is_baseline, layer_errors_dir, read_rows, write_atomic
 
 PROFILE_MEASURES = ("massive_max", "massive_ratio")  # correlated with degradation
 SCAN_MEASURES = (*PROFILE_MEASURES, "bos_holds_max")  # read from the scan rows
 HEADLINE_SCHEMES = ("int8-w8a8-tensor", "int8-w8a8-tensor-static", "int8-w8a8-token", "int4-weight-g128", "nf4",
                     "fp8-e4m3-w8a8-tensor", "fp8-e5m2-w8a8-tensor")
-ZOO_PREFIX = "zoo:"
+MODEL_COLUMNS = ("arch", "mitigation", "family")
+
+
+def with_model_columns(rows: list[Row]) -> list[Row]:
+    """Rows written before the arch / mitigation / family columns existed get what their model's name says (only
+    the zoo's names say anything); rows that have them keep theirs."""
+    from qharness.models.sources import name_columns
+
+    known: dict[str, dict[str, str]] = {}
+    out = []
+    for row in rows:
+        if any(row.get(column) for column in MODEL_COLUMNS):
+            out.append(row)
+            continue
+        if row["model"] not in known:
+            known[row["model"]] = name_columns(row["model"])
+        out.append({**row, **known[row["model"]]})
+    return out
+
+
+def model_families(rows: list[Row]) -> dict[str, tuple[str, str]]:
+    """model -> (family, mitigation) for every model that belongs to a family."""
+    return {row["model"]: (row["family"], row["mitigation"] or "none") for row in rows if row.get("family")}
 
 
 @dataclass(frozen=True)
@@ -61,7 +84,7 @@ class Degradation:
 def degradations(rows: list[Row]) -> list[Degradation]:
     out = []
     for row in rows:
-        if row["quant"] in ("", "none") or row.get("task") == "scan" or not row.get("fp_value"):
+        if is_baseline(row) or row.get("task") == SCAN_TASK or not row.get("fp_value"):
             continue
         out.append(Degradation(row["model"], row["quant"], row.get("backend", ""), row.get("keep", ""),
                                row["task"], row["metric"], float(row["value"]), float(row["fp_value"]),
@@ -112,7 +135,7 @@ def profile_measures(rows: list[Row]) -> dict[str, dict[str, float]]:
     """model -> {massive_max, massive_ratio, bos_holds_max} from the scan rows (BOS on) in the leaderboard."""
     measures: dict[str, dict[str, float]] = defaultdict(dict)
     for row in rows:
-        if row.get("task") == "scan" and row["metric"] in SCAN_MEASURES and row["value"] and row["bos"] == "True":
+        if row.get("task") == SCAN_TASK and row["metric"] in SCAN_MEASURES and row["value"] and row["bos"] == "True":
             measures[row["model"]][row["metric"]] = float(row["value"])
     return dict(measures)
 
@@ -134,15 +157,11 @@ def correlations(items: list[Degradation], measures: dict[str, dict[str, float]]
     return out
 
 
-def zoo_order(model: str) -> tuple[str, bool, str]:
-    arch, _, mitigation = model.removeprefix(ZOO_PREFIX).partition("-")
-    return arch, mitigation != "base", mitigation
-
-
-def mitigation_table(measures: dict[str, dict[str, float]], items: list[Degradation]) -> dict[str, Any]:
-    """One row per zoo model on one perplexity task (kjv-heldout when present): activation measures, fp quality
-    against its architecture's baseline, and the ppl change per headline scheme present."""
-    plain = [d for d in items if d.model.startswith(ZOO_PREFIX) and d.metric == "ppl" and not d.keep]
+def mitigation_table(measures: dict[str, dict[str, float]], items: list[Degradation],
+                     families: dict[str, tuple[str, str]]) -> dict[str, Any]:
+    """One row per model of a family on one perplexity task (kjv-heldout when present): activation measures, fp
+    quality against its family's baseline (mitigation none), and the ppl change per headline scheme present."""
+    plain = [d for d in items if d.model in families and d.metric == "ppl" and not d.keep]
     tasks = sorted({d.task for d in plain}, key=lambda t: (t != "kjv-heldout", t))
     if not tasks:
         return {"task": None, "schemes": [], "rows": []}
@@ -150,9 +169,12 @@ def mitigation_table(measures: dict[str, dict[str, float]], items: list[Degradat
     fp = {d.model: d.fp_value for d in plain if d.task == task}
     rel = {(d.model, d.quant): d.rel for d in plain if d.task == task}
     schemes = [s for s in HEADLINE_SCHEMES if any(q == s for _, q in rel)]
+    baselines = {family: fp[model] for model, (family, mitigation) in families.items()
+                 if mitigation == "none" and model in fp}
     table = []
-    for model in sorted(fp, key=zoo_order):
-        base = fp.get(model.split("-")[0] + "-base")
+    order = {model: (family, mitigation != "none", mitigation) for model, (family, mitigation) in families.items()}
+    for model in sorted(fp, key=order.__getitem__):
+        base = baselines.get(families[model][0])
         table.append({"model": model, "bos_holds_max": None, **measures.get(model, {}),
                       "fp_ppl": fp[model], "fp_vs_base": fp[model] / base - 1 if base else None,
                       **{scheme: rel.get((model, scheme)) for scheme in schemes}})
@@ -354,19 +376,19 @@ def plot_against_activation(items: list[Degradation], measures: dict[str, dict[s
 
 def compare(results: Path, out_dir: Path) -> dict[str, Any]:
     """Write report.md, report.html and the plots into `out_dir`; return what they contain."""
-    rows = read_rows(results)
+    rows = with_model_columns(read_rows(results))
     items = degradations(rows)
     measures = profile_measures(rows)
     checks = causal_checks(items)
     corr = correlations(items, measures)
     out_dir.mkdir(parents=True, exist_ok=True)
-    layer_entries = load_layer_errors(results.parent / "layers")
+    layer_entries = load_layer_errors(layer_errors_dir(results))
     plots = [str(p) for p in (plot_heatmap(items, out_dir / "degradation_heatmap.png"),
                               plot_against_activation(items, measures, out_dir / "degradation_vs_activation.png"),
                               plot_layer_errors(layer_entries, out_dir / "layer_error_vs_activation.png"))
              if p is not None]
     layers = layer_error_summary(layer_entries)
-    mitigations = mitigation_table(measures, items)
+    mitigations = mitigation_table(measures, items, model_families(rows))
     markdown = markdown_report(items, checks, corr, plots, layers, mitigations)
     write_atomic(out_dir / "report.md", markdown)
     write_atomic(out_dir / "report.html", html_report(markdown))

@@ -5,7 +5,9 @@ leaves either the old or the new file, never half of one. A lock file serializes
 replace) so two processes appending at once lose nothing. Resumable: `key(row)` names the experiment a row
 answers; a run skips every key that is already there unless forced, and a forced rerun replaces the row.
 
-Columns are documented in results/README.md. Old files with fewer or other columns keep theirs.
+Columns are documented in results/README.md. `make_row` is the one place a row is built (run and scan rows alike),
+and `BASELINE`, the layer-error files and the scan folders are named here once. A file written before a column
+existed still reads: the column comes back empty (`read_rows`), and `compare` fills what the model name can tell.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import contextlib
 import csv
 import fcntl
 import io
+import json
 import os
 import re
 import tempfile
@@ -26,12 +29,59 @@ COLUMNS = (
     "device_type",
     # the numbers
     "value", "fp_value", "delta", "rel_delta", "higher_is_better", "metric_kind", "n", "chance", "weight_bytes",
+    # what the model is (from its config and source, so that readers never parse model names)
+    "arch", "mitigation", "family",
     # how to reproduce it
     "model_source", "scheme", "seed", "versions", "device", "git_rev", "run_id", "time", "seconds",
 )
 KEY_COLUMNS = COLUMNS[:12]
+BASELINE = "none"  # the quant of full-precision rows (and of scan rows)
+SCAN_TASK = "scan"  # the task of the scan's summary rows
 
 Row = dict[str, str]
+
+
+def _text(value: object) -> str:
+    """How a value is written into the CSV: floats round-trip exactly (repr), configs as sorted JSON."""
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return repr(value)
+    if isinstance(value, dict):
+        return json.dumps(value, sort_keys=True)
+    return str(value)
+
+
+def make_row(value: float | None = None, fp_value: float | None = None, **fields: object) -> Row:
+    """A leaderboard row: every column present, `delta` and `rel_delta` computed from value and fp_value."""
+    unknown = sorted(set(fields) - set(COLUMNS) - {"delta", "rel_delta"})
+    if unknown:
+        raise ValueError(f"not leaderboard columns: {unknown}")  # a bug in the caller, not user input
+    row = dict.fromkeys(COLUMNS, "")
+    row.update({column: _text(v) for column, v in fields.items()})
+    row["value"], row["fp_value"] = _text(value), _text(fp_value)
+    if value is not None and fp_value is not None:
+        delta = value - fp_value
+        row["delta"], row["rel_delta"] = repr(delta), repr(delta / fp_value) if fp_value else ""
+    return row
+
+
+def is_baseline(row: Row) -> bool:
+    return row.get("quant", "") in ("", BASELINE)
+
+
+def layer_errors_dir(results: Path) -> Path:
+    """Where `run --layer-errors` writes one JSON per (model, scheme, kept) and `compare` reads them."""
+    return results.parent / "layers"
+
+
+def layer_errors_path(results: Path, model: str, quant: str, keep_label: str) -> Path:
+    return layer_errors_dir(results) / f"{slug(f'{model}__{quant}__{keep_label or BASELINE}', limit=120)}.json"
+
+
+def scan_dir(results: Path) -> Path:
+    """Where a sweep writes the scan profiles of the models it runs, next to its leaderboard."""
+    return results.parent / "scan"
 
 
 def slug(text: str, limit: int = 80) -> str:
@@ -44,10 +94,11 @@ def key(row: Row) -> tuple[str, ...]:
 
 
 def read_rows(path: Path) -> list[Row]:
+    """Every row, with every current column (empty where an older file lacks it) and any extra ones it has."""
     if not path.is_file():
         return []
     with path.open(newline="", encoding="utf-8") as f:
-        return list(csv.DictReader(f))
+        return [{**dict.fromkeys(COLUMNS, ""), **row} for row in csv.DictReader(f)]
 
 
 @contextlib.contextmanager

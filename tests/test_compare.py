@@ -3,7 +3,7 @@ import itertools
 import pytest
 
 from qharness.cli import main
-from qharness.compare import causal_checks, compare, degradations, spearman
+from qharness.compare import causal_checks, compare, degradations, model_families, spearman, with_model_columns
 from qharness.results import KEY_COLUMNS, append_rows
 
 
@@ -103,7 +103,8 @@ def test_mitigation_table_sets_each_zoo_model_against_its_baseline(tmp_path):
              row("zoo:llama-dyt", "int8-w8a8-tensor", 22.1, 22.0, keep="pos:0", task="kjv-heldout"),
              row("zoo:llama-dyt", "int8-w8a8-tensor", 99.0, 22.0, task="other"),
              row("smollm2-135m", "int8-w8a8-tensor", 54.0, 23.0, task="kjv-heldout")]
-    table = mitigation_table(profile_measures(rows), degradations(rows))
+    # rows without the arch / mitigation / family columns: the zoo's names fill them in
+    table = mitigation_table(profile_measures(rows), degradations(rows), model_families(with_model_columns(rows)))
     assert table["task"] == "kjv-heldout" and table["schemes"] == ["int8-w8a8-tensor"]
     base, dyt = table["rows"]  # zoo models only, the baseline first
     assert (base["model"], dyt["model"]) == ("zoo:llama-base", "zoo:llama-dyt")
@@ -114,6 +115,43 @@ def test_mitigation_table_sets_each_zoo_model_against_its_baseline(tmp_path):
     compare(tmp_path / "lb.csv", tmp_path / "out")
     report = (tmp_path / "out" / "report.md").read_text()
     assert "| zoo:llama-dyt | 20.0 |  |  | 22.00 | +10.0% | +2.3% |" in report
+
+
+def test_mitigation_table_reads_families_from_the_columns_not_the_names(tmp_path):
+    """A family named by its rows' columns (as a model continued with a mitigation would be) is grouped with its
+    own baseline; a model of no family stays out, whatever its name looks like."""
+    from qharness.compare import mitigation_table, profile_measures
+
+    def member(model, mitigation, value, fp):
+        return {**row(model, "int8-w8a8-tensor", value, fp, task="kjv-heldout"), "arch": "llama",
+                "mitigation": mitigation, "family": "tune:smollm2-135m"}
+
+    rows = [member("my-plain-run", "none", 40.0, 20.0), member("another-run", "kv_bias", 21.0, 20.0),
+            {**row("zoo:llama-base", "int8-w8a8-tensor", 30.0, 20.0, task="kjv-heldout"), "arch": "llama",
+             "mitigation": "none", "family": ""}]
+    rows = with_model_columns(rows)
+    table = mitigation_table(profile_measures(rows), degradations(rows), model_families(rows))
+    assert [r["model"] for r in table["rows"]] == ["my-plain-run", "another-run"]
+    assert table["rows"][1]["fp_vs_base"] == pytest.approx(0.0) and table["rows"][0]["int8-w8a8-tensor"] == 1.0
+
+
+def test_a_leaderboard_from_before_the_model_columns_gives_the_same_report(tmp_path):
+    """tests/data/legacy_leaderboard: a leaderboard and its report.md, both written by qharness at ebb4a33."""
+    import shutil
+    from pathlib import Path
+
+    from qharness.results import COLUMNS, read_rows
+
+    legacy = Path(__file__).parent / "data" / "legacy_leaderboard"
+    results = tmp_path / "leaderboard.csv"
+    shutil.copy(legacy / "leaderboard.csv", results)
+    assert "arch" not in results.read_text().splitlines()[0]
+    rows = read_rows(results)
+    assert all(set(COLUMNS) <= set(r) and r["arch"] == "" for r in rows)
+    compare(results, tmp_path / "out")
+    assert (tmp_path / "out" / "report.md").read_text() == (legacy / "report.md").read_text()
+    append_rows(results, [row("new", "int8", 2.0, 1.0)])  # the old rows survive a write in the new layout
+    assert len(read_rows(results)) == len(rows) + 1 and "arch" in results.read_text().splitlines()[0]
 
 
 @pytest.mark.skipif(not __import__("shutil").which("chromium"), reason="needs chromium (apt-get install chromium)")

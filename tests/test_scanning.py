@@ -1,7 +1,9 @@
+import dataclasses
 import json
 
 import pytest
 
+from qharness.activations.profile import InterventionPlan, Profile
 from qharness.activations.scan import ScanConfig
 from qharness.cli import main
 from qharness.errors import ConfigError, ModelLoadError
@@ -20,6 +22,7 @@ def test_scan_writes_profile_plots_and_leaderboard_rows(capsys, tiny_model_dir, 
     folder = next(out.iterdir())
     profile = json.loads((folder / "profile.json").read_text())
     assert profile["schema"] == "qharness.profile/1" and len(profile["layers"]) == 2
+    assert Profile.read(folder / "profile.json").model == str(tiny_model_dir)
     assert (folder / "magnitudes.png").read_bytes()[:4] == b"\x89PNG"
     assert (folder / "attention_sink.png").is_file()
     assert {r["metric"] for r in read_rows(results)} == {"massive_max", "massive_ratio", "first_massive_layer",
@@ -35,7 +38,7 @@ def test_intervention_rows_when_an_outlier_exists(tiny_model_dir, tiny_task_dir,
     profile = run_scan(ScanSpec(model=ModelSpec(str(tiny_model_dir)), config=ScanConfig(sequences=2, length=32),
                                 intervention_task=str(tiny_task_dir / "short.yaml"), out_dir=tmp_path / "scan",
                                 results=tmp_path / "lb.csv", progress=False), say=lambda m: None)
-    table = {row["condition"]: row["ppl"] for row in profile["intervention_table"]}
+    table = {row.condition: row.ppl for row in profile.intervention_table}
     assert set(table) == {"original", "zero", "mean"}
     assert table["zero"] != table["original"]
 
@@ -43,8 +46,8 @@ def test_intervention_rows_when_an_outlier_exists(tiny_model_dir, tiny_task_dir,
 def _with_plan(summarize):
     def patched(layers, records):
         summary = summarize(layers, records)
-        summary["intervention"] = {"layer": 0, "channels": [3], "mean_first": [0.5], "mean_rest": [0.1]}
-        return summary
+        plan = InterventionPlan(layer=0, criterion="outlier", channels=[3], mean_first=[0.5], mean_rest=[0.1])
+        return dataclasses.replace(summary, intervention=plan)
 
     return patched
 

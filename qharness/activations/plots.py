@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from qharness.activations.profile import Profile
 
 
 def _pyplot():
@@ -15,15 +18,14 @@ def _pyplot():
     return plt
 
 
-def plot_magnitudes(profile: dict[str, Any], path: Path, title: str) -> Path:
+def plot_magnitudes(profile: Profile, path: Path, title: str) -> Path:
     plt = _pyplot()
-    layers = [entry["layer"] for entry in profile["layers"]]
+    layers = [entry.layer for entry in profile.layers]
     fig, ax = plt.subplots(figsize=(7, 3.5))
     for rank, style in enumerate(("-o", "-s", "-^")):
-        values = [abs(entry["top"][rank]["value"]) if len(entry["top"]) > rank else float("nan")
-                  for entry in profile["layers"]]
+        values = [abs(entry.top[rank].value) if len(entry.top) > rank else float("nan") for entry in profile.layers]
         ax.plot(layers, values, style, markersize=3, label=f"top {rank + 1}")
-    ax.plot(layers, [entry["median"] for entry in profile["layers"]], "-", color="grey", label="median")
+    ax.plot(layers, [entry.median for entry in profile.layers], "-", color="grey", label="median")
     ax.set_yscale("log")
     ax.set_xlabel("layer")
     ax.set_ylabel("|activation| (layer output)")
@@ -35,13 +37,13 @@ def plot_magnitudes(profile: dict[str, Any], path: Path, title: str) -> Path:
     return path
 
 
-def plot_attention_sink(profile: dict[str, Any], path: Path, title: str) -> Path | None:
-    shares = [entry["attention_on_first"] for entry in profile["layers"]]
+def plot_attention_sink(profile: Profile, path: Path, title: str) -> Path | None:
+    shares = [entry.attention_on_first for entry in profile.layers]
     if all(share is None for share in shares):
         return None
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 3))
-    ax.bar([entry["layer"] for entry in profile["layers"]], [s or 0.0 for s in shares], color="tab:purple")
+    ax.bar([entry.layer for entry in profile.layers], [s or 0.0 for s in shares], color="tab:purple")
     ax.set_ylim(0, 1)
     ax.set_xlabel("layer")
     ax.set_ylabel("attention on position 0")

@@ -16,6 +16,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from qharness.activations.profile import (
+    SCHEMA,
+    InterventionPlan,
+    LayerProfile,
+    Profile,
+    ProfileSummary,
+    TopHit,
+)
 from qharness.activations.stats import (
     MASSIVE_ABS,
     MASSIVE_RATIO,
@@ -27,7 +35,7 @@ from qharness.activations.stats import (
 from qharness.errors import ConfigError
 from qharness.models.layers import decoder_layers
 
-SCHEMA = "qharness.profile/1"
+__all__ = ["SCHEMA", "ScanConfig", "scan"]
 DELIMITERS = {".", ",", ";", ":", "!", "?", "\n", ""}
 
 
@@ -117,8 +125,8 @@ def _record(record: LayerRecord, hidden: Tensor, ids: list[int], config: ScanCon
 
 
 def scan(model: nn.Module, tokenizer: Any, batches: list[Tensor], config: ScanConfig = ScanConfig(),
-         layers: nn.ModuleList | None = None) -> dict[str, Any]:
-    """The profile (a JSON-ready dict, schema `SCHEMA`) of `model` over `batches` of shape (1, T)."""
+         layers: nn.ModuleList | None = None) -> Profile:
+    """The profile of `model` over `batches` of shape (1, T)."""
     layers = layers if layers is not None else decoder_layers(model)
     records = [LayerRecord() for _ in layers]
     current: list[int] = []
@@ -135,68 +143,68 @@ def scan(model: nn.Module, tokenizer: Any, batches: list[Tensor], config: ScanCo
     return build_profile(records, config, len(batches))
 
 
-def _layer_entry(index: int, record: LayerRecord, sequences: int) -> dict[str, Any]:
+def _layer_entry(index: int, record: LayerRecord, sequences: int) -> LayerProfile:
     peak = max(range(len(record.stats)), key=lambda s: record.stats[s].max)
     stats = record.stats
-    return {
-        "layer": index,
-        "max": max(s.max for s in stats),
-        "median": sum(s.median for s in stats) / len(stats),
-        "ratio": sum(s.ratio for s in stats) / len(stats),
-        "kurtosis": sum(s.kurtosis for s in stats) / len(stats),
-        "top": [{**asdict(e), "token": t} for e, t in zip(stats[peak].top, record.top_tokens[peak], strict=True)],
-        "massive_fraction": sum(s.is_massive for s in stats) / len(stats),
-        "massive_channels": {str(c): n / sequences for c, n in record.massive_channels.most_common(16)},
-        "outlier_channels": {str(c): n / sequences for c, n in record.outlier_channels.most_common(16)},
-        "nonfinite": sum(s.nonfinite for s in stats),
-        "attention_on_first": (sum(record.attention_on_first) / len(record.attention_on_first)
-                               if record.attention_on_first else None),
-    }
+    return LayerProfile(
+        layer=index,
+        max=max(s.max for s in stats),
+        median=sum(s.median for s in stats) / len(stats),
+        ratio=sum(s.ratio for s in stats) / len(stats),
+        kurtosis=sum(s.kurtosis for s in stats) / len(stats),
+        top=[TopHit(**asdict(e), token=t) for e, t in zip(stats[peak].top, record.top_tokens[peak], strict=True)],
+        massive_fraction=sum(s.is_massive for s in stats) / len(stats),
+        massive_channels={str(c): n / sequences for c, n in record.massive_channels.most_common(16)},
+        outlier_channels={str(c): n / sequences for c, n in record.outlier_channels.most_common(16)},
+        nonfinite=sum(s.nonfinite for s in stats),
+        attention_on_first=(sum(record.attention_on_first) / len(record.attention_on_first)
+                            if record.attention_on_first else None),
+    )
 
 
-def build_profile(records: list[LayerRecord], config: ScanConfig, sequences: int) -> dict[str, Any]:
+def build_profile(records: list[LayerRecord], config: ScanConfig, sequences: int) -> Profile:
     layers = [_layer_entry(i, r, sequences) for i, r in enumerate(records)]
-    return {"schema": SCHEMA, "config": asdict(config), "sequences": sequences, "layers": layers,
-            "summary": summarize(layers, records)}
+    return Profile(config=asdict(config), sequences=sequences, layers=layers, summary=summarize(layers, records))
 
 
-def summarize(layers: list[dict[str, Any]], records: list[LayerRecord]) -> dict[str, Any]:
-    first_massive = next((e["layer"] for e in layers if e["massive_fraction"] >= 0.5), None)
-    first_outlier = next((e["layer"] for e in layers if any(v >= 0.5 for v in e["outlier_channels"].values())),
-                         None)
-    channels = ([int(c) for c, v in layers[first_outlier]["outlier_channels"].items() if v >= 0.5]
+def _intervention_plan(layers: list[LayerProfile], records: list[LayerRecord], target: int | None,
+                       criterion: str) -> InterventionPlan | None:
+    if target is None:
+        return None
+    record = records[target]
+    channels = layers[target].massive_channels if criterion == "massive" else layers[target].outlier_channels
+    targeted = sorted(int(c) for c, v in channels.items() if v >= 0.5)
+    return InterventionPlan(
+        layer=target, criterion=criterion, channels=targeted,
+        mean_first=[float(record.first_sum[c]) / len(record.stats) for c in targeted],
+        mean_rest=[float(record.rest_sum[c]) / max(record.rest_count, 1) for c in targeted],
+    )
+
+
+def summarize(layers: list[LayerProfile], records: list[LayerRecord]) -> ProfileSummary:
+    first_massive = next((e.layer for e in layers if e.massive_fraction >= 0.5), None)
+    first_outlier = next((e.layer for e in layers if any(v >= 0.5 for v in e.outlier_channels.values())), None)
+    channels = ([int(c) for c, v in layers[first_outlier].outlier_channels.items() if v >= 0.5]
                 if first_outlier is not None else [])
     after = records[first_outlier:] if first_outlier is not None else records
     tops = [(s.top[0], tokens[0]) for r in after for s, tokens in zip(r.stats, r.top_tokens, strict=True)]
     top_channels = Counter(entry.channel for entry, _ in tops)
-    peak = max(layers, key=lambda e: e["max"])
+    peak = max(layers, key=lambda e: e.max)
     # the paper intervenes at the first layer with massive activations; small models may have none, so the first
     # layer with outlier channels stands in
     target = first_massive if first_massive is not None else first_outlier
-    kind = "massive_channels" if first_massive is not None else "outlier_channels"
-    intervention = None
-    if target is not None:
-        record = records[target]
-        targeted = sorted(int(c) for c, v in layers[target][kind].items() if v >= 0.5)
-        intervention = {
-            "layer": target,
-            "criterion": kind.split("_")[0],
-            "channels": targeted,
-            "mean_first": [float(record.first_sum[c]) / len(record.stats) for c in targeted],
-            "mean_rest": [float(record.rest_sum[c]) / max(record.rest_count, 1) for c in targeted],
-        }
-    return {
-        "max": peak["max"],
-        "max_layer": peak["layer"],
-        "max_ratio": max(e["ratio"] for e in layers),
-        "first_massive_layer": first_massive,
-        "first_outlier_layer": first_outlier,
-        "outlier_channels": channels,
-        "bos_holds_max": sum(entry.position == 0 for entry, _ in tops) / len(tops),
-        "delimiter_holds_max": sum(entry.position > 0 and token_kind(t) == "delimiter" for entry, t in tops)
-        / len(tops),
-        "top_channel": top_channels.most_common(1)[0][0],
-        "top_channel_stability": top_channels.most_common(1)[0][1] / len(tops),
-        "overflow_layers": [e["layer"] for e in layers if e["nonfinite"]],
-        "intervention": intervention,
-    }
+    plan = _intervention_plan(layers, records, target, "massive" if first_massive is not None else "outlier")
+    return ProfileSummary(
+        max=peak.max,
+        max_layer=peak.layer,
+        max_ratio=max(e.ratio for e in layers),
+        first_massive_layer=first_massive,
+        first_outlier_layer=first_outlier,
+        outlier_channels=channels,
+        bos_holds_max=sum(entry.position == 0 for entry, _ in tops) / len(tops),
+        delimiter_holds_max=sum(entry.position > 0 and token_kind(t) == "delimiter" for entry, t in tops) / len(tops),
+        top_channel=top_channels.most_common(1)[0][0],
+        top_channel_stability=top_channels.most_common(1)[0][1] / len(tops),
+        overflow_layers=[e.layer for e in layers if e.nonfinite],
+        intervention=plan,
+    )

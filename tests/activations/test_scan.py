@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from qharness.activations.intervene import intervention, replaced
+from qharness.activations.profile import Profile
 from qharness.activations.scan import SCHEMA, ScanConfig, scan
 from qharness.models.layers import decoder_layers
 from qharness.quant.calibrate import calibration_batches
@@ -47,14 +48,15 @@ def test_scan_runs_on_every_supported_architecture(config_name, tiny_tokenizer, 
     model = build(config_name)
     attention_before = model.config._attn_implementation
     profile = scan(model, tiny_tokenizer, batches, ScanConfig(sequences=2, length=24))
-    assert len(decoder_layers(model)) == 3 and len(profile["layers"]) == 3
-    assert profile["schema"] == SCHEMA
-    for entry in profile["layers"]:
-        assert entry["max"] >= entry["median"] > 0
-        assert entry["attention_on_first"] is None or 0 <= entry["attention_on_first"] <= 1
-    json.dumps(profile)  # the profile is plain JSON
+    assert len(decoder_layers(model)) == 3 and len(profile.layers) == 3
+    assert profile.schema == SCHEMA
+    for entry in profile.layers:
+        assert entry.max >= entry.median > 0
+        assert entry.attention_on_first is None or 0 <= entry.attention_on_first <= 1
+    data = json.loads(json.dumps(profile.to_json()))  # the profile is plain JSON and reads back whole
+    assert data["schema"] == SCHEMA and Profile.from_json(data) == profile
     assert model.config._attn_implementation == attention_before  # eager only for the scan
-    assert any(entry["attention_on_first"] is not None for entry in profile["layers"])
+    assert any(entry.attention_on_first is not None for entry in profile.layers)
 
 
 def plant(layer: torch.nn.Module, position: int, channel: int, value: float):
@@ -74,14 +76,15 @@ def test_a_planted_outlier_is_found_at_its_layer_token_and_channel(tiny_model, t
         profile = scan(tiny_model, tiny_tokenizer, batches, ScanConfig(sequences=2, length=24))
     finally:
         handle.remove()
-    top = profile["layers"][1]["top"][0]
-    assert (top["position"], top["channel"], top["token"]) == (0, 5, "<|bos|>")
-    assert profile["layers"][1]["massive_fraction"] == 1.0
-    assert profile["layers"][0]["massive_fraction"] == 0.0
-    summary = profile["summary"]
-    assert summary["first_massive_layer"] == 1 and summary["bos_holds_max"] == 1.0 and summary["top_channel"] == 5
-    assert summary["intervention"]["layer"] == 1 and summary["intervention"]["channels"] == [5]
-    assert summary["intervention"]["mean_first"][0] == pytest.approx(
+    top = profile.layers[1].top[0]
+    assert (top.position, top.channel, top.token) == (0, 5, "<|bos|>")
+    assert profile.layers[1].massive_fraction == 1.0
+    assert profile.layers[0].massive_fraction == 0.0
+    summary = profile.summary
+    assert summary.first_massive_layer == 1 and summary.bos_holds_max == 1.0 and summary.top_channel == 5
+    assert summary.intervention.layer == 1 and summary.intervention.channels == [5]
+    assert summary.intervention.criterion == "massive"
+    assert summary.intervention.mean_first[0] == pytest.approx(
         5000.0 + profile_free_value(tiny_model, batches, layer=1, channel=5), rel=1e-4)
 
 
@@ -103,8 +106,8 @@ def test_overflow_is_reported_per_layer(tiny_model, tiny_tokenizer, batches):
         profile = scan(tiny_model, tiny_tokenizer, batches, ScanConfig(sequences=2, length=24, attention=False))
     finally:
         handle.remove()
-    assert profile["layers"][0]["nonfinite"] >= 2
-    assert 0 in profile["summary"]["overflow_layers"]
+    assert profile.layers[0].nonfinite >= 2
+    assert 0 in profile.summary.overflow_layers
 
 
 def test_replaced_changes_exactly_the_targeted_entries():
