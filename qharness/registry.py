@@ -1,5 +1,6 @@
-"""A name -> entry table filled by a decorator: quantization schemes, tasks, built-in models and (later) backends
-and mitigations all use it, so `qharness list X` and `--X name` read the same table and a new entry is one file.
+"""A name -> entry table filled by a decorator: quantization schemes, backends, tasks, built-in models, model
+sources and mitigations all use it, so `qharness list X` and `--X name` read the same table and a new entry is one
+file.
 
     SCHEMES = Registry("scheme")
 

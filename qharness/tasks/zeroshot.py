@@ -10,10 +10,10 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
-import os
 from typing import Any
 
 from qharness.errors import DataError, first_line
+from qharness.scoped import environment, logger_level
 from qharness.tasks.metrics import Metric
 from qharness.tasks.spec import TaskSpec
 
@@ -57,13 +57,12 @@ def zero_shot(model: Any, tokenizer: Any, task: TaskSpec, *, limit: int | None =
 
     if task.data is not None and not task.data_path.is_file():
         raise DataError(f"task '{task.name}': data file not found: {task.data_path}")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    logging.getLogger("lm_eval").setLevel(logging.INFO if progress else logging.ERROR)
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, add_bos_token=bos)
     # lm-eval passes its own disable flags to tqdm, so quiet runs catch its bars here instead.
     bars = contextlib.nullcontext() if progress else contextlib.redirect_stderr(io.StringIO())
     try:
-        with bars:
+        with environment(TOKENIZERS_PARALLELISM="false"), bars, \
+                logger_level("lm_eval", logging.INFO if progress else logging.ERROR):
+            lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, add_bos_token=bos)
             output = simple_evaluate(model=lm, tasks=[lm_eval_task(task)], limit=limit, bootstrap_iters=0,
                                      log_samples=False, random_seed=0, numpy_random_seed=0, torch_random_seed=0)
     except Exception as exc:

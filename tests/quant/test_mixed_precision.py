@@ -4,9 +4,8 @@ import pytest
 import torch
 
 from qharness.errors import QHarnessError
-from qharness.quant.calibrate import calibrate_
 from qharness.quant.schemes import Keep, PerGroup, TensorQuant, get_scheme
-from qharness.quant.sim import NF4_CODE, SimQuantLinear, fake_quantize
+from qharness.quant.sim import NF4_CODE, SimQuantLinear, calibrate_, fake_quantize
 
 
 def linear(in_features: int = 32, out_features: int = 8) -> torch.nn.Linear:
