@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import typing
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -53,6 +54,14 @@ def _names(text: str) -> tuple[str, ...]:
     return tuple(name.strip() for name in text.split(",") if name.strip())
 
 
+def _name_list(text: str) -> tuple[str, ...]:
+    """A non-empty comma-separated list: `--task ,` is a mistake, not a request for the defaults."""
+    names = _names(text)
+    if not names:
+        raise argparse.ArgumentTypeError(f"expected one or more comma-separated names, got '{text}'")
+    return names
+
+
 def _positions(text: str) -> tuple[int, ...]:
     try:
         return tuple(int(p) for p in _names(text))
@@ -63,9 +72,9 @@ def _positions(text: str) -> tuple[int, ...]:
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="smollm2-135m",
                         help="built-in name, local HF folder, .gguf file or hub id (default: smollm2-135m)")
-    parser.add_argument("--quant", default="int8", type=_names,
+    parser.add_argument("--quant", default="int8", type=_name_list,
                         help="comma-separated schemes (default: int8 = int8-w8a8-token); see `qharness list quants`")
-    parser.add_argument("--task", default=None, type=_names,
+    parser.add_argument("--task", default=None, type=_name_list,
                         help="comma-separated tasks (default: kjv-heldout,wordnet-heldout); see `qharness list tasks`")
     parser.add_argument("--backend", default="auto",
                         help="auto (real kernels on CUDA, sim on CPU) | sim | bnb | torchao | gptq | quanto "
@@ -178,9 +187,12 @@ def add_compare_arguments(parser: argparse.ArgumentParser) -> None:
 def cmd_compare(args: argparse.Namespace) -> int:
     from qharness.compare import compare
     from qharness.errors import DataError
+    from qharness.results import check_writable_dir
 
     if not args.results.is_file():
-        raise DataError(f"leaderboard not found: {args.results}; run `qharness run` first or pass --results")
+        kind = "a directory, not a CSV file" if args.results.is_dir() else "not found"
+        raise DataError(f"leaderboard {args.results} is {kind}; run `qharness run` first or pass --results FILE.csv")
+    check_writable_dir(args.out, "--out")
     summary = compare(args.results, args.out)
     print(f"{summary['degradations']} quantized results compared -> {args.out / 'report.md'}, "
           f"{args.out / 'report.html'}")
@@ -215,7 +227,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     spec = RunSpec(
         model=ModelSpec(args.model, dtype=args.dtype, device=args.device), quants=args.quant,
         backend=args.backend, keep=Keep(args.keep_positions, args.keep_channels),
-        tasks=args.task or DEFAULT_TASKS, bos=args.bos, limit=args.limit, batch_size=args.batch_size,
+        tasks=DEFAULT_TASKS if args.task is None else args.task, bos=args.bos, limit=args.limit,
+        batch_size=args.batch_size,
         seed=args.seed, results=args.results, force=args.force, progress=not args.quiet,
         layer_errors=args.layer_errors,
     )
@@ -349,11 +362,19 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], Callable[[argpars
 }
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse prints the whole usage block above a bad argument; every other error here is one line, so these
+    are too, pointing at --help for the usage."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"qharness: error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="qharness", description="How much do massive activations hurt INT8, INT4 and FP8 quantization?"
     )
-    sub = parser.add_subparsers(dest="command", metavar="command")
+    sub = parser.add_subparsers(dest="command", metavar="command", parser_class=OneLineParser)
     for name, (_, add_arguments, help_text, examples) in COMMANDS.items():
         command = sub.add_parser(name, help=help_text, description=help_text, epilog=examples,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -59,6 +59,15 @@ class TrainConfig:
                 raise ConfigError(f"train {name} must be >= 1, got {getattr(self, name)}")
         if self.context < 2:
             raise ConfigError(f"train context must be >= 2 (BOS and one token), got {self.context}")
+        if not self.lr > 0:
+            raise ConfigError(f"train lr must be > 0, got {self.lr}")
+        for name in ("weight_decay", "warmup", "grad_clip"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"train {name} must be >= 0, got {getattr(self, name)}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ConfigError(f"train min_lr_ratio must be in [0, 1] (1 = constant lr), got {self.min_lr_ratio}")
+        if self.budget_minutes is not None and self.budget_minutes < 0:
+            raise ConfigError(f"train budget must be >= 0 minutes, got {self.budget_minutes}")
 
 
 @dataclass(frozen=True)

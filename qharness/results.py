@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import fcntl
+import glob
 import io
 import json
 import os
@@ -22,6 +23,8 @@ import re
 import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+
+from qharness.errors import DataError
 
 COLUMNS = (
     # what was measured (the key)
@@ -93,12 +96,79 @@ def key(row: Row) -> tuple[str, ...]:
     return tuple(str(row.get(column, "")) for column in KEY_COLUMNS)
 
 
+REQUIRED_COLUMNS = (*KEY_COLUMNS, "value")  # every leaderboard qharness ever wrote has these
+NUMERIC_COLUMNS = ("value", "fp_value", "delta", "rel_delta")
+
+
+def _unreadable(path: Path, what: str) -> DataError:
+    return DataError(f"{path}: {what}; qharness never rewrites a leaderboard it cannot read whole, so nothing was "
+                     "computed or written: fix or delete that part (the other rows are intact), or pass another "
+                     "--results")
+
+
+def _check_record(header: list[str], record: list[str], line: int, is_last: bool, ends_cleanly: bool) -> str | None:
+    """Why a CSV record is not a leaderboard row, or None when it is one."""
+    if len(record) != len(header):
+        torn = " (cut off: the file ends inside it)" if is_last and not ends_cleanly else ""
+        return f"line {line} has {len(record)} fields, the header {len(header)}{torn}"
+    for column, value in zip(header, record, strict=True):
+        if column in NUMERIC_COLUMNS and value:
+            try:
+                float(value)
+            except ValueError:
+                return f"line {line}: {column} is {value[:20]!r}, not a number"
+    return None
+
+
 def read_rows(path: Path) -> list[Row]:
-    """Every row, with every current column (empty where an older file lacks it) and any extra ones it has."""
+    """Every row, with every current column (empty where an older file lacks it) and any extra ones it has.
+    A file that is not wholly a leaderboard (binary, wrong header, a torn or garbled line) raises DataError."""
+    if path.is_dir():
+        raise DataError(f"leaderboard {path} is a directory; pass a CSV file such as {path / 'leaderboard.csv'}")
     if not path.is_file():
         return []
-    with path.open(newline="", encoding="utf-8") as f:
-        return [{**dict.fromkeys(COLUMNS, ""), **row} for row in csv.DictReader(f)]
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise _unreadable(path, "not UTF-8 text (binary data?)") from None
+    if "\0" in text:
+        raise _unreadable(path, "contains NUL bytes (binary data?)")
+    reader = csv.reader(io.StringIO(text, newline=""))
+    try:
+        records = [(reader.line_num, record) for record in reader if record]
+    except csv.Error as exc:
+        raise _unreadable(path, f"not valid CSV ({exc})") from None
+    if not records:
+        return []
+    header = records[0][1]
+    missing = [column for column in REQUIRED_COLUMNS if column not in header]
+    if missing:
+        raise _unreadable(path, f"its header lacks the columns {missing[:4]}, so it is not a qharness leaderboard")
+    rows = []
+    for i, (line, record) in enumerate(records[1:], start=2):
+        problem = _check_record(header, record, line, i == len(records), text.endswith("\n"))
+        if problem:
+            raise _unreadable(path, problem)
+        rows.append({**dict.fromkeys(COLUMNS, ""), **dict(zip(header, record, strict=True))})
+    return rows
+
+
+def check_writable(path: Path, flag: str = "--results") -> None:
+    """Before any compute: `path` can be created or replaced (its folder is a writable folder) and, if it exists,
+    reads as a leaderboard. Raises a one-line DataError naming the flag."""
+    if path.is_dir():
+        raise DataError(f"{flag} {path} is a directory; pass a CSV file such as {path / 'leaderboard.csv'}")
+    check_writable_dir(path.parent, flag)
+    read_rows(path)
+
+
+def check_writable_dir(folder: Path, flag: str) -> None:
+    """`folder` exists as a writable directory or can be created as one."""
+    existing = next((p for p in (folder, *folder.parents) if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise DataError(f"{flag}: cannot create {folder}: {existing} is a file, not a folder")
+    if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
+        raise DataError(f"{flag}: cannot write in {existing} (permission denied); pass a path you can write to")
 
 
 @contextlib.contextmanager
@@ -112,10 +182,20 @@ def locked(path: Path) -> Iterator[None]:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
+def _file_mode(path: Path) -> int:
+    """The mode the new file should have: the old file's, else what open() would give (0666 less the umask)."""
+    if path.exists():
+        return path.stat().st_mode & 0o7777
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def write_atomic(path: Path, text: str) -> None:
     """Write `text` to `path` so that readers and crashes only ever see the old or the new whole file."""
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, _file_mode(path))  # mkstemp makes it private (0600); a replaced file keeps its own mode
         with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
             f.write(text)
             f.flush()
@@ -142,6 +222,8 @@ def append_rows(path: Path, new_rows: Iterable[Row]) -> None:
     """Add rows; a row whose key is already there replaces the old one (a forced recompute)."""
     new_rows = [{c: "" if v is None else str(v) for c, v in row.items()} for row in new_rows]
     with locked(path):
+        for orphan in path.parent.glob(f"{glob.escape(path.name)}.*.tmp"):  # every writer holds the lock, so a
+            orphan.unlink(missing_ok=True)  # temp file seen here was left by one killed mid-write
         replaced = {key(row) for row in new_rows}
         kept = [row for row in read_rows(path) if key(row) not in replaced]
         write_atomic(path, to_csv([*kept, *new_rows]))

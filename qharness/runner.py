@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import gc
 import json
+import math
 import time
 import uuid
 from collections.abc import Callable
@@ -20,7 +21,7 @@ from typing import Any
 import torch
 
 from qharness import provenance
-from qharness.errors import ConfigError
+from qharness.errors import ConfigError, QHarnessError
 from qharness.models.sources import (
     LoadedModel,
     ModelSpec,
@@ -36,7 +37,17 @@ from qharness.quant.backend import QuantContext, select_backend
 from qharness.quant.calibrate import CALIBRATION_LENGTH, calibration_batches, calibration_text
 from qharness.quant.footprint import weight_bytes
 from qharness.quant.schemes import SCHEMES, Keep, QuantScheme, get_scheme
-from qharness.results import BASELINE, Row, append_rows, existing_keys, key, layer_errors_path, make_row, write_atomic
+from qharness.results import (
+    BASELINE,
+    Row,
+    append_rows,
+    check_writable,
+    existing_keys,
+    key,
+    layer_errors_path,
+    make_row,
+    write_atomic,
+)
 from qharness.tasks import TaskSpec, get_task, load_task_text
 from qharness.tasks.metrics import Metric
 from qharness.tasks.perplexity import perplexity
@@ -66,6 +77,8 @@ class RunSpec:
     def __post_init__(self) -> None:
         if self.limit is not None and self.limit < 1:
             raise ConfigError(f"limit must be >= 1 window, got {self.limit}")
+        if self.batch_size < 1:
+            raise ConfigError(f"batch size must be >= 1 window per forward pass, got {self.batch_size}")
         if not self.tasks:
             raise ConfigError("no task given; pass --task with at least one task name")
 
@@ -99,8 +112,9 @@ def _key_fields(spec: RunSpec, cell: Cell, metric: str, device_type: str, dtype:
 
 
 def plan_cells(spec: RunSpec) -> tuple[list[Cell], dict[str, QuantScheme]]:
-    """Resolve every name (failing before any model loads) and list the cells this run covers."""
+    """Resolve every name and check the leaderboard (failing before any model loads); list the cells to run."""
     classify(spec.model.name)
+    check_writable(spec.results)
     schemes = {SCHEMES.resolve(q): get_scheme(q) for q in spec.quants}
     limit = context_limit(spec.model.name)
     tasks = [within_context(get_task(name), limit) for name in spec.tasks]
@@ -115,6 +129,31 @@ def plan_cells(spec: RunSpec) -> tuple[list[Cell], dict[str, QuantScheme]]:
             cell.row_keys = {m: key(make_row(**_key_fields(spec, cell, m, device.type, dtype))) for m in task.metrics}
             cells.append(cell)
     return cells, schemes
+
+
+def check_keep(keep: Keep, loaded: LoadedModel, tasks: list[TaskSpec]) -> None:
+    """Kept positions and channels must exist: an index past the end would keep nothing while the row says it did."""
+    hidden = getattr(loaded.model.config, "hidden_size", None) or getattr(loaded.model.config, "n_embd", None)
+    wide = [c for c in keep.channels if hidden is not None and c >= hidden]
+    if wide:
+        raise ConfigError(f"--keep-channels {','.join(map(str, wide))} is past the model's hidden size {hidden}; "
+                          f"valid channels are 0..{hidden - 1} (`qharness scan` names the massive ones)")
+    windows = [task.context_length for task in tasks if task.kind == "perplexity"]
+    longest = max(windows, default=None)
+    far = [p for p in keep.positions if longest is not None and p >= longest]
+    if far:
+        raise ConfigError(f"--keep-positions {','.join(map(str, far))} is past the end of every window (the longest "
+                          f"is {longest} tokens); valid positions are 0..{longest - 1}, 0 being BOS")
+
+
+def check_finite(metric: Metric, cell: Cell, dtype: str) -> None:
+    """A NaN or inf metric is an overflow, not a result: say so and store nothing (a rerun would skip it)."""
+    if math.isfinite(metric.value):
+        return
+    hint = ("fp16 overflows past 65504, where massive activations live: use --dtype bf16 or fp32"
+            if dtype == "fp16" else "the model's activations or the scheme's arithmetic overflowed; try --dtype fp32")
+    raise QHarnessError(f"{cell.task.name} [{cell.quant}]: {metric.name} came out {metric.value} in {dtype}, not "
+                        f"stored; {hint}")
 
 
 def _evaluate(loaded: LoadedModel, task: TaskSpec, spec: RunSpec) -> list[Metric]:
@@ -171,6 +210,7 @@ def run(spec: RunSpec, say: Callable[[str], None] = print) -> RunReport:
     ensure(spec.model.name, progress=spec.progress)
     say(f"loading {spec.model.name} ...")
     loaded = load_model(spec.model, progress=spec.progress)
+    check_keep(spec.keep, loaded, [cell.task for cell in cells])
     run_id = uuid.uuid4().hex[:12]
     rows: dict[tuple[str, ...], Row] = dict(done)
     targets = target_linears(loaded.model)
@@ -182,6 +222,8 @@ def run(spec: RunSpec, say: Callable[[str], None] = print) -> RunReport:
         start = time.perf_counter()
         metrics = _evaluate(model, cell.task, spec)
         seconds = time.perf_counter() - start
+        for metric in metrics:
+            check_finite(metric, cell, dtype_name(model.dtype))
         scheme = schemes.get(cell.quant)
         new_rows = []
         for metric in metrics:

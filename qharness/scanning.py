@@ -15,10 +15,21 @@ from qharness.activations.intervene import intervention
 from qharness.activations.plots import plot_attention_sink, plot_magnitudes
 from qharness.activations.profile import InterventionResult, Profile, ProfileSummary
 from qharness.activations.scan import ScanConfig, scan
+from qharness.errors import ConfigError
 from qharness.models.layers import decoder_layers, layers_at
 from qharness.models.sources import LoadedModel, ModelSpec, classify, context_limit, dtype_name, load_model
 from qharness.quant.calibrate import calibration_batches, calibration_text
-from qharness.results import BASELINE, SCAN_TASK, Row, append_rows, make_row, slug, write_atomic
+from qharness.results import (
+    BASELINE,
+    SCAN_TASK,
+    Row,
+    append_rows,
+    check_writable,
+    check_writable_dir,
+    make_row,
+    slug,
+    write_atomic,
+)
 from qharness.tasks import get_task, load_task_text
 from qharness.tasks.perplexity import perplexity
 from qharness.tasks.spec import within_context
@@ -42,6 +53,11 @@ class ScanSpec:
     out_dir: Path = Path("results/scan")
     results: Path = Path("results/leaderboard.csv")
     progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.intervention_limit < 1:
+            raise ConfigError(f"intervention limit must be >= 1 window per condition, got {self.intervention_limit}; "
+                              "pass --no-intervention to skip the intervention")
 
 
 def intervention_table(loaded: LoadedModel, layers: Any, summary: ProfileSummary,
@@ -84,6 +100,8 @@ def profile_dir(spec: ScanSpec) -> Path:
 
 def run_scan(spec: ScanSpec, say: Callable[[str], None] = print) -> Profile:
     classify(spec.model.name)
+    check_writable(spec.results)
+    check_writable_dir(spec.out_dir, "--out")
     limit = context_limit(spec.model.name)
     if limit is not None and spec.config.length > limit:
         say(f"{spec.model.name} takes at most {limit} tokens: scanning sequences of {limit}")

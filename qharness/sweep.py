@@ -21,7 +21,7 @@ atomic and locked.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,7 @@ from qharness.models.sources import ModelSpec
 from qharness.quant.schemes import Keep
 from qharness.results import scan_dir
 from qharness.runner import DEFAULT_TASKS, RunReport, RunSpec, run
+from qharness.typecheck import from_mapping
 
 ENGINES = ("local", "ray")
 
@@ -57,27 +58,29 @@ class SweepConfig:
             raise ConfigError(f"unknown sweep engine '{self.engine}'; valid: {', '.join(ENGINES)}")
         if not self.models or not self.quants:
             raise ConfigError("a sweep needs at least one model and one quant")
+        if self.limit is not None and self.limit < 1:
+            raise ConfigError(f"sweep limit must be >= 1 window, got {self.limit}")
+        if self.batch_size < 1:
+            raise ConfigError(f"sweep batch_size must be >= 1, got {self.batch_size}")
         strays = sorted(set(self.tasks_for) - set(self.models))
         if strays:
             raise ConfigError(f"tasks_for names {strays}, which are not in the sweep's models")
 
     @classmethod
     def from_file(cls, path: Path) -> SweepConfig:
+        """Read and check the whole file (syntax, keys, every value's type) before anything loads."""
         if not path.is_file():
             raise ConfigError(f"sweep config not found: {path}")
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        try:
+            raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except (yaml.YAMLError, UnicodeDecodeError) as exc:
+            mark = getattr(exc, "problem_mark", None)
+            line = f" at line {mark.line + 1}" if mark is not None else ""
+            problem = getattr(exc, "problem", None) or type(exc).__name__
+            raise ConfigError(f"{path}: not valid YAML{line} ({problem})") from None
         if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: a sweep config is a mapping of keys")
-        valid = {f.name for f in fields(cls)}
-        unknown = set(raw) - valid
-        if unknown:
-            raise ConfigError(f"{path}: unknown sweep keys {sorted(unknown)}; valid keys: {sorted(valid)}")
-        tuples = {k: tuple(v) for k, v in raw.items() if k in ("models", "quants", "tasks") and isinstance(v, list)}
-        if isinstance(raw.get("tasks_for"), dict):
-            tuples["tasks_for"] = {model: tuple(tasks) for model, tasks in raw["tasks_for"].items()}
-        if "keep_positions" in raw:
-            tuples["keep_positions"] = tuple(tuple(p) for p in raw["keep_positions"])
-        return cls(**{**raw, **tuples})
+            raise ConfigError(f"{path}: a sweep config is a mapping of keys (models, quants, tasks, ...)")
+        return cls(**from_mapping(cls, raw, str(path)))
 
     def run_specs(self) -> list[RunSpec]:
         return [

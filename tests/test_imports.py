@@ -14,7 +14,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "qharness"
 # Lowest first: a module may import modules of its own layer and of the layers below, never above.
 LAYERS: tuple[tuple[str, ...], ...] = (
     ("qharness.errors", "qharness.registry", "qharness.cache", "qharness.provenance", "qharness.recipe",
-     "qharness.results", "qharness.scoped"),
+     "qharness.results", "qharness.scoped", "qharness.typecheck"),
     ("qharness.models", "qharness.tasks"),
     ("qharness.activations", "qharness.quant"),
     ("qharness.training",),
@@ -37,8 +37,9 @@ def imports_of(path: Path, modules: set[str]) -> set[str]:
             found.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
-            if node.level:
-                base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else []))
+            if node.level:  # from .x import y: relative to the package, one level up per extra dot
+                parts = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join([*parts, base] if base else parts)
             found.add(base)
             found.update(f"{base}.{alias.name}" for alias in node.names)
     return {name for name in found if name in modules}
@@ -99,8 +100,8 @@ def test_the_checker_sees_function_level_imports(tmp_path):
 @pytest.mark.parametrize("argv", [["--help"], ["run", "--help"], ["train", "--help"], ["list", "models"],
                                   ["list", "quants"], ["list", "tasks"]])
 def test_help_and_list_import_no_torch(argv):
-    code = ("import sys\nfrom qharness.cli import main\ntry:\n    main(%r)\nexcept SystemExit:\n    pass\n"
+    code = (f"import sys\nfrom qharness.cli import main\ntry:\n    main({argv!r})\nexcept SystemExit:\n    pass\n"
             "heavy = sorted(m for m in ('torch', 'transformers', 'lm_eval') if m in sys.modules)\n"
-            "assert not heavy, heavy\n") % (argv,)
+            "assert not heavy, heavy\n")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]

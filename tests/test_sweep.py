@@ -57,7 +57,7 @@ def test_bad_sweep_configs_are_one_line(tmp_path):
     with pytest.raises(ConfigError, match="sweep config not found"):
         SweepConfig.from_file(tmp_path / "nope.yaml")
     (tmp_path / "s.yaml").write_text("models: [m]\nquants: [int8]\nengines: ray\n")
-    with pytest.raises(ConfigError, match=r"unknown sweep keys \['engines'\]"):
+    with pytest.raises(ConfigError, match=r"unknown keys \['engines'\]; valid keys"):
         SweepConfig.from_file(tmp_path / "s.yaml")
     (tmp_path / "s.yaml").write_text("models: [m]\nquants: [int8]\nengine: spark\n")
     with pytest.raises(ConfigError, match="unknown sweep engine 'spark'; valid: local, ray"):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -12,6 +12,7 @@ import yaml
 
 from qharness.errors import ConfigError, DataError, first_line
 from qharness.registry import Registry
+from qharness.typecheck import from_mapping
 
 Kind = Literal["perplexity", "zero-shot"]
 KINDS = ("perplexity", "zero-shot")
@@ -61,16 +62,11 @@ class TaskSpec:
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any], root: Path) -> TaskSpec:
-        valid = {f.name for f in fields(cls)} - {"root"}
-        unknown = set(raw) - valid
-        if unknown:
-            raise ConfigError(f"task keys {sorted(unknown)} are not valid; valid keys: {sorted(valid)}")
-        missing = {"name", "kind"} - set(raw)
+        checked = from_mapping(cls, raw, f"task {raw.get('name', '?')!s}", skip=("root",))
+        missing = {"name", "kind"} - set(checked)
         if missing:
             raise ConfigError(f"task {raw.get('name', '?')} is missing {sorted(missing)}")
-        if isinstance(raw.get("metric_names"), list):
-            raw = {**raw, "metric_names": tuple(raw["metric_names"])}
-        return cls(**raw, root=str(root))
+        return cls(**checked, root=str(root))
 
     @property
     def data_path(self) -> Path:

@@ -31,10 +31,10 @@ def test_task_file_by_path_and_hash_follows_data(tiny_task_dir):
 def test_bad_task_files_name_the_problem(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("name: x\nkind: perplexity\ndata: d.txt\ncontxt_length: 5\n")
-    with pytest.raises(ConfigError, match=r"task keys \['contxt_length'\] are not valid; valid keys: "):
+    with pytest.raises(ConfigError, match=r"task x: unknown keys \['contxt_length'\]; valid keys: "):
         read_task_file(bad)
     bad.write_text("name: x\nkind: ranking\ndata: d.txt\n")
-    with pytest.raises(ConfigError, match="task 'x': unknown kind 'ranking'; valid: perplexity"):
+    with pytest.raises(ConfigError, match="task x: kind is 'ranking' \(str\); expected 'perplexity' or 'zero-shot'"):
         read_task_file(bad)
     bad.write_text("- a\n- b\n")
     with pytest.raises(ConfigError, match="must hold a mapping"):

@@ -92,8 +92,13 @@ def source_for(name: str) -> Source:
     """The source that reads `name`; raises with every accepted form (and close names) when none does."""
     sources = _load_sources()
     for source in sources:
-        if source.matches(name):
-            return source
+        try:
+            if source.matches(name):
+                return source
+        except OSError as exc:  # a name the file system cannot even look up (too long, bad characters)
+            shown = name if len(name) <= 60 else name[:57] + "..."
+            raise ModelLoadError(f"model '{shown}' cannot be looked up as a path ({exc.strerror}); give "
+                                 "a shorter path, a built-in name, a zoo name or a hub id") from None
     known = [known for source in sources for known in source.names()]
     close = difflib.get_close_matches(name, known, n=3, cutoff=0.6)
     hint = f"did you mean {', '.join(repr(c) for c in close)}? " if close else ""

@@ -1,0 +1,194 @@
+"""Bad input, driven through the command line as a user would: exit code 2, one line `qharness: error: ...` that
+names the problem, no traceback, and the leaderboard (when there is one) byte for byte as it was."""
+
+from __future__ import annotations
+
+import os
+import stat
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from qharness.cli import main
+from qharness.results import KEY_COLUMNS, append_rows, read_rows
+
+Setup = Callable[[Path, Path, Path], list[str]]  # (tmp, tiny model folder, tiny task yaml) -> argv
+
+
+def _leaderboard(tmp: Path) -> Path:
+    path = tmp / "lb.csv"
+    append_rows(path, [{**dict.fromkeys(KEY_COLUMNS, "x"), "task": "a", "value": "1.5"},
+                       {**dict.fromkeys(KEY_COLUMNS, "x"), "task": "b", "value": "2.5"}])
+    return path
+
+
+def _damaged(change: Callable[[str], str] | bytes) -> Setup:
+    """A run against a leaderboard that was damaged after qharness wrote it."""
+
+    def setup(tmp: Path, model: Path, task: Path) -> list[str]:
+        path = _leaderboard(tmp)
+        if isinstance(change, bytes):
+            path.write_bytes(path.read_bytes() + change)
+        else:
+            path.write_text(change(path.read_text()))
+        return ["run", "--model", str(model), "--task", str(task), "--results", str(path), "--quiet"]
+
+    return setup
+
+
+def _sweep(body: str) -> Setup:
+    def setup(tmp: Path, model: Path, task: Path) -> list[str]:
+        (tmp / "grid.yaml").write_text(body.format(model=model, task=task, tmp=tmp))
+        return ["sweep", str(tmp / "grid.yaml"), "--quiet"]
+
+    return setup
+
+
+def _run(*extra: str) -> Setup:
+    return lambda tmp, model, task: ["run", "--model", str(model), "--task", str(task), "--results",
+                                     str(tmp / "lb.csv"), "--quiet", *extra]
+
+
+def _bad_task(tmp: Path, model: Path, task: Path) -> list[str]:
+    (tmp / "bad.yaml").write_text("name: bad\nkind: perplexity\ndata: data/short.txt\ncontext_length: lots\n")
+    return ["run", "--model", str(model), "--task", str(tmp / "bad.yaml"), "--results", str(tmp / "lb.csv")]
+
+
+def _results_is_a_folder(tmp: Path, model: Path, task: Path) -> list[str]:
+    (tmp / "folder").mkdir()
+    return ["run", "--model", str(model), "--task", str(task), "--results", str(tmp / "folder"), "--quiet"]
+
+
+def _results_under_a_file(tmp: Path, model: Path, task: Path) -> list[str]:
+    (tmp / "afile").write_text("x")
+    return ["scan", "--model", str(model), "--results", str(tmp / "afile" / "lb.csv"), "--out", str(tmp / "s"),
+            "--quiet"]
+
+
+def _scan_out_under_a_file(tmp: Path, model: Path, task: Path) -> list[str]:
+    (tmp / "afile").write_text("x")
+    return ["scan", "--model", str(model), "--results", str(tmp / "lb.csv"), "--out", str(tmp / "afile" / "s"),
+            "--quiet"]
+
+
+def _compare_out_is_a_file(tmp: Path, model: Path, task: Path) -> list[str]:
+    (tmp / "afile").write_text("x")
+    return ["compare", "--results", str(_leaderboard(tmp)), "--out", str(tmp / "afile")]
+
+
+def _compare_damaged(tmp: Path, model: Path, task: Path) -> list[str]:
+    path = _leaderboard(tmp)
+    path.write_text(path.read_text() + "garbage,line\n")
+    return ["compare", "--results", str(path), "--out", str(tmp / "out")]
+
+
+def _train(*extra: str) -> Setup:
+    return lambda tmp, model, task: ["train", "--out", str(tmp / "run"), "--quiet", *extra]
+
+
+CASES: dict[str, tuple[Setup, str]] = {
+    # wrong science, refused before any compute
+    "keep position past every window": (_run("--quant", "int8-w8a8-tensor", "--keep-positions", "999999"),
+                                        "--keep-positions 999999 is past the end of every window (the longest is 64"),
+    "keep channel past the hidden size": (_run("--quant", "int8-w8a8-tensor", "--keep-channels", "99999"),
+                                          "--keep-channels 99999 is past the model's hidden size 64"),
+    # a leaderboard damaged by something else: refused, never rewritten
+    "torn last line": (_damaged(lambda text: text + "m,int8,sim,,t,h,ppl,Tr"), "(cut off: the file ends inside it)"),
+    "garbage line": (_damaged(lambda text: text + "this is not,a row\n"), "line 4 has 2 fields, the header 33"),
+    "unterminated quote": (_damaged(lambda text: text + '"m,int8\n'), "line 4 has 1 fields"),
+    "binary junk": (_damaged(b"\x00\xff\xfe junk"), "not UTF-8 text (binary data?)"),
+    "wrong header": (_damaged(lambda text: "a,b,c\n1,2,3\n"), "its header lacks the columns ['model', 'quant'"),
+    "value not a number": (_damaged(lambda text: text.replace("1.5", "one and a half")),
+                           "value is 'one and a half', not a number"),
+    # paths that cannot be written, checked before loading a model
+    "--results is a folder": (_results_is_a_folder, "is a directory; pass a CSV file such as"),
+    "--results under a file": (_results_under_a_file, "afile is a file, not a folder"),
+    "scan --out under a file": (_scan_out_under_a_file, "--out: cannot create"),
+    "compare --out is a file": (_compare_out_is_a_file, "--out: cannot create"),
+    "compare a damaged leaderboard": (_compare_damaged, "line 4 has 2 fields"),
+    "compare a folder": (lambda tmp, m, t: ["compare", "--results", str(tmp)], "is a directory, not a CSV file"),
+    # sweep files, checked whole before anything loads
+    "sweep YAML syntax": (_sweep("models: [a\nquants: [int8]\n"), "not valid YAML at line"),
+    "sweep limit: two": (_sweep("models: [{model}]\nquants: [int8]\nlimit: two\n"),
+                         "limit is 'two' (str); expected an integer or null"),
+    "sweep limit: 1.5": (_sweep("models: [{model}]\nquants: [int8]\nlimit: 1.5\n"), "limit is 1.5 (float)"),
+    "sweep results: 42": (_sweep("models: [{model}]\nquants: [int8]\nresults: 42\n"),
+                          "results is 42 (int); expected a string"),
+    "sweep keep_positions: 0": (_sweep("models: [{model}]\nquants: [int8]\nkeep_positions: 0\n"),
+                                "keep_positions is 0 (int); expected a list of a list of an integer"),
+    "sweep models: a string": (_sweep("models: {model}\nquants: [int8]\n"), "models is '"),
+    "sweep scan: no as a string": (_sweep("models: [{model}]\nquants: [int8]\nscan: 'no'\n"),
+                                   "scan is 'no' (str); expected true or false"),
+    "sweep unknown key": (_sweep("models: [{model}]\nquants: [int8]\nmodel: x\n"), "unknown keys ['model']"),
+    # tasks, models, numbers
+    "task context_length: lots": (_bad_task, "context_length is 'lots' (str); expected an integer"),
+    "model name too long": (lambda tmp, m, t: ["run", "--model", "x" * 300, "--results", str(tmp / "lb.csv")],
+                            "cannot be looked up as a path (File name too long)"),
+    "unknown zoo model": (lambda tmp, m, t: ["run", "--model", "zoo:lama-base", "--results", str(tmp / "lb.csv")],
+                          "did you mean 'zoo:llama-base'"),
+    "--batch-size 0": (_run("--batch-size", "0"), "batch size must be >= 1"),
+    "--task ,": (_run("--task", ","), "expected one or more comma-separated names, got ','"),
+    "--quant ,": (_run("--quant", ","), "expected one or more comma-separated names, got ','"),
+    "--intervention-limit 0": (lambda tmp, m, t: ["scan", "--model", str(m), "--intervention-limit", "0",
+                                                  "--results", str(tmp / "lb.csv")],
+                               "intervention limit must be >= 1 window per condition"),
+    "train --lr -1": (_train("--lr", "-1"), "train lr must be > 0, got -1.0"),
+    "train --min-lr-ratio 2": (_train("--min-lr-ratio", "2"), "min_lr_ratio must be in [0, 1]"),
+    "unknown argument": (lambda tmp, m, t: ["run", "--bogus"], "unrecognized arguments: --bogus"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_bad_input_is_one_line_and_changes_nothing(case, capsys, tmp_path, tiny_model_dir, tiny_task_dir):
+    setup, message = CASES[case]
+    argv = setup(tmp_path, tiny_model_dir, tiny_task_dir / "short.yaml")
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    try:
+        code = main(argv)
+    except SystemExit as exc:  # argparse's errors exit from inside main
+        code = exc.code
+    out, err = capsys.readouterr()
+    assert code == 2, (out, err)
+    assert err.startswith("qharness: error: ") and err.count("\n") == 1 and "Traceback" not in err, err
+    assert message in err, err
+    after = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file() and not p.name.endswith(".lock")}
+    assert after == {p: b for p, b in before.items() if not p.name.endswith(".lock")}  # nothing written or changed
+    assert not (tmp_path / "run").exists()  # train refused before making its folder
+
+
+def test_a_non_finite_metric_is_an_error_and_not_stored(capsys, tmp_path, tiny_model_dir, tiny_task_dir):
+    """fp16 overflow: logits past 65504 make the loss inf; the run says so and stores nothing, so a rerun with
+    another dtype computes the cell instead of skipping it."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / "loud"
+    shutil.copytree(tiny_model_dir, folder)
+    weights = load_file(folder / "model.safetensors")
+    weights["lm_head.weight"] = weights["lm_head.weight"] * 1e6  # logits far beyond fp16's range
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    results = tmp_path / "lb.csv"
+    code = main(["run", "--model", str(folder), "--task", str(tiny_task_dir / "short.yaml"), "--dtype", "fp16",
+                 "--results", str(results), "--quiet", "--limit", "1"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "in fp16, not stored; fp16 overflows past 65504" in err, err
+    assert read_rows(results) == []
+    assert torch.isfinite(weights["lm_head.weight"]).all()  # the model itself is finite: the overflow is fp16's
+
+
+def test_a_rewritten_leaderboard_keeps_its_mode_and_orphans_are_cleaned(tmp_path):
+    path = _leaderboard(tmp_path)
+    os.chmod(path, 0o644)
+    orphan = tmp_path / "lb.csv.abc123.tmp"  # what a writer killed mid-write leaves behind
+    orphan.write_text("half a file")
+    append_rows(path, [{**dict.fromkeys(KEY_COLUMNS, "y"), "value": "3.0"}])
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644
+    assert not orphan.exists() and len(read_rows(path)) == 3
+    fresh = tmp_path / "new.csv"
+    append_rows(fresh, [{**dict.fromkeys(KEY_COLUMNS, "y"), "value": "3.0"}])
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(fresh.stat().st_mode) == 0o666 & ~umask
