@@ -34,7 +34,7 @@ def test_bad_task_files_name_the_problem(tmp_path):
     with pytest.raises(ConfigError, match=r"task x: unknown keys \['contxt_length'\]; valid keys: "):
         read_task_file(bad)
     bad.write_text("name: x\nkind: ranking\ndata: d.txt\n")
-    with pytest.raises(ConfigError, match="task x: kind is 'ranking' \(str\); expected 'perplexity' or 'zero-shot'"):
+    with pytest.raises(ConfigError, match=r"task x: kind is 'ranking' \(str\); expected 'perplexity' or 'zero-shot'"):
         read_task_file(bad)
     bad.write_text("- a\n- b\n")
     with pytest.raises(ConfigError, match="must hold a mapping"):
