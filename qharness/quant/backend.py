@@ -116,6 +116,9 @@ class Backend:
               targets: Mapping[str, nn.Module] | None = None) -> None:
         """Raise a one-line BackendUnavailable unless this backend can run `scheme` on `device` for a model of
         `dtype` whose target Linears are `targets` (either None: not known yet, not checked)."""
+        if scheme is not None and not self.runs(scheme):  # first: installing the library would not help
+            raise BackendUnavailable(f"backend '{self.name}' does not implement scheme '{scheme.name}'; "
+                                     f"its backends: {', '.join(backends_for(scheme)) or 'none'}")
         missing = [p for p in self.requires if not _installed(p)]
         if missing:
             pip = " ".join(PIP_NAMES.get(p, p) for p in missing)
@@ -127,9 +130,6 @@ class Backend:
                                          f"{device.type}; use --backend sim (same math, any device) or another device")
             return
         caps = self.runs(scheme)
-        if not caps:
-            raise BackendUnavailable(f"backend '{self.name}' does not implement scheme '{scheme.name}'; "
-                                     f"its backends: {', '.join(backends_for(scheme)) or 'none'}")
         cap = next((c for c in caps if c.device == device.type), None)
         if cap is None:
             raise BackendUnavailable(f"backend '{self.name}' runs '{scheme.name}' on "

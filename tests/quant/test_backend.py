@@ -173,3 +173,9 @@ def test_a_backend_outside_its_table_is_refused_and_a_recipe_miss_is_an_error():
 
 def test_backends_for_orders_by_preference():
     assert backends_for(get_scheme("fp8-e4m3-weight")) == ("torchao", "quanto", "sim")
+
+
+def test_a_scheme_the_backend_lacks_is_named_before_a_missing_library(monkeypatch):
+    monkeypatch.setattr(backend_module, "_installed", lambda package: False)
+    with pytest.raises(BackendUnavailable, match="^backend 'bnb' does not implement scheme 'int8-w8a8-tensor'"):
+        select_backend(get_scheme("int8-w8a8-tensor"), CPU, "bnb")
