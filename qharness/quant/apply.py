@@ -65,14 +65,17 @@ def quantize_(
     skip: Callable[[str], bool] = lambda name: False,
     context: QuantContext | None = None,
 ) -> str:
-    """Quantize the target Linears of `model` in place; returns the name of the backend that did it."""
-    device = next(model.parameters()).device
-    context = context or QuantContext(device)
-    chosen = select_backend(scheme, device, backend)
+    """Quantize the target Linears of `model` in place; returns the name of the backend that did it. The backend
+    is checked against this model's dtype and widths first, so `auto` falls back (to sim) where a kernel declines
+    the model, and a named backend that declines it raises before any weight changes."""
+    first = next(model.parameters())
+    context = context or QuantContext(first.device)
+    targets = target_linears(model, skip)
+    chosen = select_backend(scheme, first.device, backend, dtype=first.dtype, targets=targets)
     impl = load_backends().get(chosen)
     keep = keep or Keep()
     if keep and not impl.supports_keep:
         raise BackendUnavailable(f"backend '{chosen}' cannot keep token positions or channels in full precision; "
                                  "use --backend sim")
-    impl.apply(model, scheme, target_linears(model, skip), keep, context)
+    impl.apply(model, scheme, targets, keep, context)
     return chosen

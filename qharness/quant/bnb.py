@@ -2,27 +2,31 @@
 
 Both run on CPU in bitsandbytes >= 0.45 as well as on CUDA. NF4 uses blocks of 64 without double quantization
 of the block scales, so its weights equal `sim`'s NF4 exactly; LLM.int8() matches `sim`'s `llm-int8` within
-float rounding (tests/quant/test_bnb.py).
+float rounding (tests/quant/test_bnb.py). bitsandbytes quantizes an Int8Params weight only when it moves *from the
+CPU* to a device, so each module is built on the CPU and then moved, whatever the model's device.
 """
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
+
 from torch import nn
 
-from qharness.quant.backend import BACKENDS, Backend, QuantContext
+from qharness.quant.backend import BACKENDS, Backend, QuantContext, everywhere, recipe
 from qharness.quant.schemes import Keep, QuantScheme
-
-SCHEMES_HERE = ("llm-int8", "nf4")
 
 
 def _int8_linear(linear: nn.Linear, threshold: float) -> nn.Module:
     from bitsandbytes.nn import Int8Params, Linear8bitLt
 
+    _silence_fp16_cast_warning()
     module = Linear8bitLt(linear.in_features, linear.out_features, bias=linear.bias is not None,
                           has_fp16_weights=False, threshold=threshold)
-    module.weight = Int8Params(linear.weight.data.clone(), requires_grad=False, has_fp16_weights=False)
+    # a weight already on CUDA would move without being quantized (Int8Params.to quantizes only from the CPU)
+    module.weight = Int8Params(linear.weight.data.to("cpu", copy=True), requires_grad=False, has_fp16_weights=False)
     if linear.bias is not None:
-        module.bias = nn.Parameter(linear.bias.data.clone(), requires_grad=False)
+        module.bias = nn.Parameter(linear.bias.data.to("cpu", copy=True), requires_grad=False)
     return module.to(linear.weight.device)  # the move quantizes the weight
 
 
@@ -31,30 +35,51 @@ def _nf4_linear(linear: nn.Linear, blocksize: int) -> nn.Module:
 
     module = Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
                         compute_dtype=linear.weight.dtype, quant_type="nf4", compress_statistics=False)
-    module.weight = Params4bit(linear.weight.data.clone(), requires_grad=False, quant_type="nf4",
+    # built on the CPU like the int8 weight: Params4bit also quantizes on its first move to a device
+    module.weight = Params4bit(linear.weight.data.to("cpu", copy=True), requires_grad=False, quant_type="nf4",
                                blocksize=blocksize, compress_statistics=False)
     if linear.bias is not None:
-        module.bias = nn.Parameter(linear.bias.data.clone(), requires_grad=False)
+        module.bias = nn.Parameter(linear.bias.data.to("cpu", copy=True), requires_grad=False)
     return module.to(linear.weight.device)
+
+
+class _DropFp16CastNotice(logging.Filter):
+    """bitsandbytes logs "inputs will be cast from <dtype> to float16" at WARNING on every LLM.int8() forward call
+    of an fp32 or bf16 model (thousands of lines per evaluation). The cast is the method (int8 quantization of fp16
+    activations, documented above), not a problem with the run."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("MatMul8bitLt: inputs will be cast")
+
+
+def _silence_fp16_cast_warning() -> None:
+    logger = logging.getLogger("bitsandbytes.autograd._functions")
+    if not any(isinstance(f, _DropFp16CastNotice) for f in logger.filters):
+        logger.addFilter(_DropFp16CastNotice())
+
+
+# scheme -> how to build one quantized Linear from a float one; a scheme missing here is an error, not NF4
+BUILDERS: dict[str, Callable[[nn.Linear, QuantScheme], nn.Module]] = {
+    "llm-int8": lambda linear, scheme: _int8_linear(linear, scheme.outlier_threshold or 0.0),
+    "nf4": lambda linear, scheme: _nf4_linear(linear, scheme.weights.granularity.size),
+}
 
 
 def apply_bnb(model: nn.Module, scheme: QuantScheme, targets: dict[str, nn.Linear], keep: Keep,
               context: QuantContext) -> None:
     from qharness.quant.apply import swap_module
 
+    build = recipe(BUILDERS, "bnb", scheme)
     for name, linear in targets.items():
-        if scheme.name == "llm-int8":
-            new = _int8_linear(linear, scheme.outlier_threshold or 0.0)
-        else:
-            new = _nf4_linear(linear, scheme.weights.granularity.size)
-        swap_module(model, name, new.train(linear.training))  # in training mode bnb on CPU skips the int8 activations
-
+        # in training mode bnb on CPU skips the int8 activations
+        swap_module(model, name, build(linear, scheme).train(linear.training))
 
 
 BACKENDS.add("bnb", Backend(
     name="bnb",
     description="bitsandbytes: LLM.int8() with fp16 outlier columns, NF4 (CPU and CUDA)",
     apply=apply_bnb,
+    capabilities={"llm-int8": everywhere(), "nf4": everywhere()},
     requires=("bitsandbytes",),
-    schemes=SCHEMES_HERE,
+    preference=30,
 ))

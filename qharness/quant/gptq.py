@@ -7,6 +7,15 @@ gptqmodel, load its result back, and move its quantized Linears into our model b
 untouched by GPTQ). A model quantized in memory by gptqmodel 7.6 gives NaN logits until saved and reloaded.
 The scheme is symmetric: on CPU, gptqmodel 7.6's asymmetric (sym=False) result had about 5x the logit error of
 plain round-to-nearest on a tiny Llama, while the symmetric one is below it (tests/quant/test_gptq.py).
+
+Two things gptqmodel 7.6 decides for itself unless told (read from its loader):
+- the quantization device: `QuantizeConfig.device` left None becomes CUDA whenever CUDA is visible, whatever
+  `GPTQModel.load(device=...)` says (that argument is not used for quantization), so we set it to our device;
+- the weight layout: it rebuilds the model from the saved folder with the model's own classes, so GPT-2's
+  projections are transformers' Conv1D again, whose weights are (in, out). `target_linears` already turned them
+  into nn.Linear (out, in), so we save those transposed back; saved as they are, the square attention `c_proj`
+  loaded silently transposed.
+On CUDA its kernels compute in fp16 or bf16; an fp32 model is refused (`check`), not cast behind the user's back.
 """
 
 from __future__ import annotations
@@ -22,10 +31,13 @@ import torch
 from torch import nn
 
 from qharness.errors import QHarnessError
-from qharness.quant.backend import BACKENDS, Backend, QuantContext
+from qharness.quant.backend import BACKENDS, Backend, Capability, QuantContext, recipe
 from qharness.quant.schemes import Keep, QuantScheme
 
-SCHEMES_HERE = ("gptq-int4-g128",)
+# scheme -> (where it runs, bits): on CUDA gptqmodel's kernels (marlin, exllama, triton) take fp16 / bf16 only
+SCHEMES_HERE = {
+    "gptq-int4-g128": ((Capability("cpu"), Capability("cuda", dtypes=(torch.bfloat16, torch.float16))), 4),
+}
 
 
 def apply_gptq(model: nn.Module, scheme: QuantScheme, targets: dict[str, nn.Linear], keep: Keep,
@@ -38,17 +50,19 @@ def apply_gptq(model: nn.Module, scheme: QuantScheme, targets: dict[str, nn.Line
         raise QHarnessError("backend 'gptq' needs the tokenizer in its QuantContext to save the model")
     os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(torch.get_num_threads()))  # it assumes many cores
     logging.getLogger("gptqmodel").setLevel(logging.WARNING)
+    _, bits = recipe(SCHEMES_HERE, "gptq", scheme)
     dtype = next(model.parameters()).dtype
     device = str(context.device)
     calibration = [{"input_ids": ids[0].tolist(), "attention_mask": [1] * ids.shape[1]}
                    for ids in context.calibration_batches(scheme.name)]
-    config = QuantizeConfig(bits=4, group_size=scheme.weights.granularity.size, sym=scheme.weights.symmetric)
+    config = QuantizeConfig(bits=bits, group_size=scheme.weights.granularity.size, sym=scheme.weights.symmetric,
+                            device=device)
     # gptqmodel prints banners and configs to stdout; keep stdout for our results table
     with tempfile.TemporaryDirectory(prefix="qharness-gptq-") as tmp, contextlib.redirect_stdout(sys.stderr):
         source, quantized_dir = Path(tmp) / "fp", Path(tmp) / "gptq"
-        model.save_pretrained(source)
+        model.save_pretrained(source, state_dict=native_state_dict(model))
         context.tokenizer.save_pretrained(source)
-        gptq_model = GPTQModel.load(str(source), config, device=device, dtype=dtype)
+        gptq_model = GPTQModel.load(str(source), config, dtype=dtype)  # the device is config.device
         gptq_model.quantize(calibration, batch_size=1)
         gptq_model.save(str(quantized_dir))
         # the fused CPU kernel needs whole groups; the plain torch kernel handles a ragged last group (SmolLM2: 576)
@@ -62,6 +76,17 @@ def apply_gptq(model: nn.Module, scheme: QuantScheme, targets: dict[str, nn.Line
         swap_module(model, name, module if kernel_dtype == dtype else DtypeBridge(module, kernel_dtype))
 
 
+def native_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """`model`'s weights in the layout its own class loads: a Linear that `target_linears` made from a Conv1D goes
+    back to Conv1D's (in, out). Which modules those are comes from the class built on the meta device (no memory,
+    no weights), not from names."""
+    with torch.device("meta"):
+        native = type(model)(model.config)
+    conv1d = {name for name, module in native.named_modules() if type(module).__name__ == "Conv1D"}
+    return {key: value.T.contiguous() if key.endswith(".weight") and key.rpartition(".")[0] in conv1d else value
+            for key, value in model.state_dict().items()}
+
+
 class DtypeBridge(nn.Module):
     """Runs a quantized Linear that only computes in `dtype` inside a model of another dtype."""
 
@@ -73,11 +98,11 @@ class DtypeBridge(nn.Module):
         return self.inner(x.to(self.dtype)).to(x.dtype)
 
 
-
 BACKENDS.add("gptq", Backend(
     name="gptq",
-    description="GPTQ through gptqmodel: calibrated 4-bit g128 weights (CPU and CUDA)",
+    description="GPTQ through gptqmodel: calibrated 4-bit g128 weights (CPU; CUDA in fp16/bf16)",
     apply=apply_gptq,
+    capabilities={name: caps for name, (caps, _) in SCHEMES_HERE.items()},
     requires=("gptqmodel",),
-    schemes=SCHEMES_HERE,
+    preference=20,
 ))

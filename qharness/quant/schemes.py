@@ -1,7 +1,8 @@
 """Quantization schemes: what is quantized (weights, activations), to which format, at which granularity.
 
 A scheme is data (`QuantScheme`); the arithmetic lives in `sim.py` (the reference) and in library backends.
-Add a scheme: one function returning a `QuantScheme`, decorated with `@SCHEMES.register("name")`.
+Add a scheme: one function returning a `QuantScheme`, decorated with `@SCHEMES.register("name")`; `sim` runs it,
+and a library backend runs it once its capability table (quant/backend.py) lists it.
 Names read `<format>-<what>-<activation granularity>`, e.g. `int8-w8a8-token`.
 """
 
@@ -87,13 +88,20 @@ class QuantScheme:
     activations: TensorQuant | None  # None: weight-only
     description: str = ""
     reference: str = ""  # where the scheme comes from
-    backends: tuple[str, ...] = ("sim",)  # who implements it, in order of preference on CUDA
     outlier_threshold: float | None = None  # LLM.int8(): input columns with any |x| above it stay in fp
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def weight_bits(self) -> int | None:
         return BITS[self.weights.format] if self.weights else None
+
+    @property
+    def backends(self) -> tuple[str, ...]:
+        """Who implements it, most preferred on CUDA first: read from the backends' own capability tables
+        (quant/backend.py), the one place that says which backend runs which scheme."""
+        from qharness.quant.backend import backends_for  # backends import schemes, not the other way round
+
+        return backends_for(self)
 
     @property
     def needs_calibration(self) -> bool:
@@ -150,7 +158,6 @@ def int8_w8a8_token() -> QuantScheme:
         activations=TensorQuant("int8", PerToken()),
         description="INT8 weights per output channel, INT8 activations per token (dynamic), symmetric",
         reference=f"the W8A8 per-token baseline of {SMOOTHQUANT}",
-        backends=("sim", "torchao"),
     )
 
 
@@ -163,7 +170,6 @@ def int8_weight_channel() -> QuantScheme:
         activations=None,
         description="INT8 weight-only, one scale per output channel, symmetric",
         reference="round-to-nearest weight-only; torchao Int8WeightOnlyConfig",
-        backends=("sim", "torchao", "quanto"),
     )
 
 
@@ -186,7 +192,6 @@ def int8_w8a8_tensor_static() -> QuantScheme:
         activations=TensorQuant("int8", PerTensor(), dynamic=False, observer="minmax"),
         description="INT8 weights per channel, INT8 activations with a static per-tensor scale (calibrated max)",
         reference=f"static W8A8 of {SMOOTHQUANT}",
-        backends=("sim", "quanto"),
     )
 
 
@@ -209,7 +214,6 @@ def llm_int8() -> QuantScheme:
         activations=TensorQuant("int8", PerToken()),
         description="LLM.int8(): W8A8 per token/channel, input columns with any |x| > 6 kept in 16-bit",
         reference=LLM_INT8,
-        backends=("bnb", "sim"),
         outlier_threshold=6.0,
     )
 
@@ -223,7 +227,6 @@ def int4_weight_g128() -> QuantScheme:
         activations=None,
         description="INT4 weight-only round-to-nearest, asymmetric, groups of 128 input channels",
         reference="RTN g128 baseline of GPTQ/AWQ papers; torchao IntxWeightOnlyConfig(int4, PerGroup(128))",
-        backends=("sim", "torchao"),
     )
 
 
@@ -235,7 +238,6 @@ def gptq_int4_g128() -> QuantScheme:
         activations=None,
         description="GPTQ 4-bit, symmetric, groups of 128: calibrated second-order weight rounding (gptqmodel)",
         reference="Frantar et al. 2023, GPTQ (arXiv 2210.17323); gptqmodel",
-        backends=("gptq",),
     )
 
 
@@ -247,7 +249,6 @@ def nf4() -> QuantScheme:
         activations=None,
         description="NF4 weight-only (normal-float 4-bit codebook, absmax blocks of 64)",
         reference="Dettmers et al. 2023, QLoRA (arXiv 2305.14314); bitsandbytes Linear4bit",
-        backends=("bnb", "sim"),
     )
 
 
@@ -260,7 +261,6 @@ def fp8_e4m3_w8a8_tensor() -> QuantScheme:
         activations=TensorQuant("fp8_e4m3", PerTensor()),
         description="FP8 E4M3 weights and activations, one dynamic scale per tensor (amax -> 448)",
         reference=f"{FP8_FORMATS}; torchao Float8DynamicActivationFloat8Weight(PerTensor)",
-        backends=("sim", "torchao"),
     )
 
 
@@ -272,7 +272,6 @@ def fp8_e4m3_w8a8_token() -> QuantScheme:
         activations=TensorQuant("fp8_e4m3", PerToken()),
         description="FP8 E4M3, per-channel weight and per-token activation scales ('rowwise')",
         reference=f"{FP8_FORMATS}; torchao Float8DynamicActivationFloat8Weight(PerRow)",
-        backends=("sim", "torchao"),
     )
 
 
@@ -284,7 +283,6 @@ def fp8_e4m3_weight() -> QuantScheme:
         activations=None,
         description="FP8 E4M3 weight-only, one scale per output channel",
         reference=f"{FP8_FORMATS}; torchao Float8WeightOnlyConfig",
-        backends=("sim", "torchao", "quanto"),
     )
 
 

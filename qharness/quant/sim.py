@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from qharness.errors import QHarnessError
-from qharness.quant.backend import BACKENDS, Backend, QuantContext
+from qharness.quant.backend import BACKENDS, Backend, QuantContext, everywhere
 from qharness.quant.schemes import Keep, PerChannel, PerGroup, PerTensor, PerToken, QuantScheme, TensorQuant
 
 INT_RANGE = {"int8": (-128, 127), "int4": (-8, 7)}
@@ -243,5 +243,9 @@ BACKENDS.add("sim", Backend(
     name="sim",
     description="pure-torch fake quantization: the reference arithmetic, any device",
     apply=apply_sim,
+    # every scheme on every device and dtype, except GPTQ: its calibrated rounding is a different method, and
+    # round-to-nearest under its name would be a wrong number
+    default=everywhere(),
+    capabilities={"gptq-int4-g128": ()},
     supports_keep=True,
 ))

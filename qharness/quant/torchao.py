@@ -1,78 +1,94 @@
 """torchao backend: real int8 / int4 / fp8 kernels through `torchao.quantization.quantize_`.
 
 On CPU: int8 weight-only, int8 dynamic W8A8, int4 grouped weight-only (IntxWeightOnly), fp8 weight-only.
-On CUDA: the same plus fp8 dynamic W8A8 (needs compute capability >= 8.9) and the tinygemm int4 kernel.
-Numerics against `sim` (tests/quant/test_torchao.py): fp8 weight-only and int4 g128 agree to float rounding; int8
-differs by one grid convention (torchao scales by amax/127.5, sim and bitsandbytes by amax/127), within 1%.
+On CUDA: the same plus fp8 dynamic W8A8 (compute capability >= 8.9) and the tinygemm int4 kernel.
+Numerics against `sim` (tests/quant/test_torchao.py): fp8 weight-only and int4 g128 agree to float rounding on CPU;
+int8 differs by one grid convention (torchao scales by amax/127.5, sim and bitsandbytes by amax/127), within 1%.
+
+Limits read from torchao 0.18's source, declared in `SCHEMES_HERE` so `check` refuses before any weight moves:
+- int4 on CUDA: Int4WeightOnlyConfig's default packing (PLAIN, version 2) runs on the `mslk` package, which we do
+  not install; the tinygemm packing (`tile_packed_to_4d`) is built in but takes bfloat16 weights only and needs
+  compute capability >= 8.0 (Int4TilePackedTo4dTensor.from_hp).
+- int4 and fp8 W8A8 leave a Linear in full precision, logging at INFO only, when its input width is not a whole
+  number of groups (int4) or a width is not a multiple of 16 (fp8 `_scaled_mm`): the model is refused instead.
+- fp8 W8A8 per row (`fp8-e4m3-w8a8-token`) asserts bfloat16 weights; both fp8 W8A8 need compute capability >= 8.9.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
 
-from qharness.errors import BackendUnavailable
-from qharness.quant.backend import BACKENDS, Backend, QuantContext
+from qharness.quant.backend import BACKENDS, Backend, Capability, QuantContext, everywhere, recipe
 from qharness.quant.schemes import Keep, QuantScheme
 
-FP8_DYNAMIC = ("fp8-e4m3-w8a8-tensor", "fp8-e4m3-w8a8-token")
-SCHEMES_HERE = ("int8-weight-channel", "int8-w8a8-token", "int4-weight-g128", "fp8-e4m3-weight", *FP8_DYNAMIC)
+FP8_MM = dict(min_compute=(8, 9), width_multiple=16)  # torch._scaled_mm on CUDA
 
 
-def torchao_config(scheme: QuantScheme, device: torch.device) -> Any:
-    from torchao.quantization import (
-        Float8DynamicActivationFloat8WeightConfig,
-        Float8WeightOnlyConfig,
-        Int8DynamicActivationInt8WeightConfig,
-        Int8WeightOnlyConfig,
-        PerRow,
-        PerTensor,
-    )
+def _int8_weight_only(scheme: QuantScheme, device: torch.device) -> Any:
+    from torchao.quantization import Int8WeightOnlyConfig
 
-    if scheme.name == "int8-weight-channel":
-        return Int8WeightOnlyConfig()
-    if scheme.name == "int8-w8a8-token":
-        return Int8DynamicActivationInt8WeightConfig()
-    if scheme.name == "int4-weight-g128":
-        return _int4_config(scheme.weights.granularity.size, device)
-    if scheme.name == "fp8-e4m3-weight":
-        return Float8WeightOnlyConfig()
-    granularity = PerRow() if scheme.name == "fp8-e4m3-w8a8-token" else PerTensor()
-    return Float8DynamicActivationFloat8WeightConfig(granularity=granularity)
+    return Int8WeightOnlyConfig()
 
 
-def _int4_config(group_size: int, device: torch.device) -> Any:
+def _int8_dynamic(scheme: QuantScheme, device: torch.device) -> Any:
+    from torchao.quantization import Int8DynamicActivationInt8WeightConfig
+
+    return Int8DynamicActivationInt8WeightConfig()
+
+
+def _int4_weight_only(scheme: QuantScheme, device: torch.device) -> Any:
     from torchao.quantization import Int4WeightOnlyConfig, IntxWeightOnlyConfig
     from torchao.quantization.granularity import PerGroup
     from torchao.quantization.quant_primitives import MappingType
+    from torchao.quantization.quantize_.workflows import Int4PackingFormat
 
-    if device.type == "cuda":  # the tinygemm kernel; its zero point lives in the float domain
-        return Int4WeightOnlyConfig(group_size=group_size)
+    group_size = scheme.weights.granularity.size
+    if device.type == "cuda":  # tinygemm: its zero point lives in the float domain, so not bit-equal to sim
+        return Int4WeightOnlyConfig(group_size=group_size, int4_packing_format=Int4PackingFormat.TILE_PACKED_TO_4D)
     return IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(group_size),
                                 mapping_type=MappingType.ASYMMETRIC)
 
 
-def check_fp8_device(scheme: QuantScheme, device: torch.device) -> None:
-    if scheme.name in FP8_DYNAMIC:
-        capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
-        if capability is None or capability < (8, 9):
-            where = f"compute capability {capability[0]}.{capability[1]}" if capability else device.type
-            raise BackendUnavailable(f"torchao's fp8 dynamic W8A8 ('{scheme.name}') needs a CUDA GPU of compute "
-                                     f"capability >= 8.9, not {where}; use --backend sim (same math, any device)")
+def _fp8_weight_only(scheme: QuantScheme, device: torch.device) -> Any:
+    from torchao.quantization import Float8WeightOnlyConfig
+
+    return Float8WeightOnlyConfig()
+
+
+def _fp8_dynamic(granularity: str) -> Callable[[QuantScheme, torch.device], Any]:
+    def config(scheme: QuantScheme, device: torch.device) -> Any:
+        from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, PerTensor
+
+        return Float8DynamicActivationFloat8WeightConfig(granularity=PerRow() if granularity == "row" else PerTensor())
+
+    return config
+
+
+# scheme -> (where and how it runs, the torchao config that runs it): the one table for this backend
+SCHEMES_HERE: dict[str, tuple[tuple[Capability, ...], Callable[[QuantScheme, torch.device], Any]]] = {
+    "int8-weight-channel": (everywhere(), _int8_weight_only),
+    "int8-w8a8-token": (everywhere(), _int8_dynamic),
+    "int4-weight-g128": ((Capability("cpu", whole_groups=True),
+                          Capability("cuda", dtypes=(torch.bfloat16,), min_compute=(8, 0), whole_groups=True)),
+                         _int4_weight_only),
+    "fp8-e4m3-weight": (everywhere(), _fp8_weight_only),
+    "fp8-e4m3-w8a8-tensor": ((Capability("cuda", **FP8_MM),), _fp8_dynamic("tensor")),
+    "fp8-e4m3-w8a8-token": ((Capability("cuda", dtypes=(torch.bfloat16,), **FP8_MM),), _fp8_dynamic("row")),
+}
+
+
+def torchao_config(scheme: QuantScheme, device: torch.device) -> Any:
+    return recipe(SCHEMES_HERE, "torchao", scheme)[1](scheme, device)
 
 
 def apply_torchao(model: nn.Module, scheme: QuantScheme, targets: dict[str, nn.Linear], keep: Keep,
                   context: QuantContext) -> None:
     from torchao.quantization import quantize_ as torchao_quantize_
 
-    if scheme.name == "int4-weight-g128":
-        size = scheme.weights.granularity.size
-        ragged = [name for name, linear in targets.items() if linear.in_features % size]
-        if ragged:
-            raise BackendUnavailable(f"torchao int4 needs input widths divisible by {size}; {ragged[0]} has "
-                                     f"{targets[ragged[0]].in_features}; use --backend sim (ragged groups)")
     names = set(targets)
     torchao_quantize_(model, torchao_config(scheme, context.device), filter_fn=lambda module, fqn: fqn in names)
 
@@ -81,7 +97,7 @@ BACKENDS.add("torchao", Backend(
     name="torchao",
     description="torchao kernels: int8 weight-only / dynamic W8A8, int4 g128, fp8 (fp8 W8A8 on CUDA >= 8.9)",
     apply=apply_torchao,
+    capabilities={name: caps for name, (caps, _) in SCHEMES_HERE.items()},
     requires=("torchao",),
-    schemes=SCHEMES_HERE,
-    scheme_check=check_fp8_device,
+    preference=20,
 ))

@@ -4,7 +4,7 @@ import torch
 from qharness.errors import BackendUnavailable
 from qharness.quant import backend as backend_module
 from qharness.quant.apply import quantize_
-from qharness.quant.backend import load_backends, select_backend
+from qharness.quant.backend import Backend, Capability, backends_for, load_backends, recipe, select_backend
 from qharness.quant.schemes import SCHEMES, Keep, get_scheme
 
 CPU = torch.device("cpu")
@@ -14,8 +14,42 @@ class FakeCuda:
     type = "cuda"
 
 
+def linears(*shapes: tuple[int, int]) -> dict[str, torch.nn.Linear]:
+    """Targets of the given (in, out) widths, as `select_backend(targets=...)` sees a model."""
+    return {f"layers.{i}.proj": torch.nn.Linear(i_f, o_f) for i, (i_f, o_f) in enumerate(shapes)}
+
+
+@pytest.fixture()
+def h100(monkeypatch):
+    """A CUDA device of compute capability 9.0 with every library installed and every build tool present: each
+    test then takes away the one thing it checks."""
+    monkeypatch.setattr(backend_module, "_installed", lambda package: True)
+    monkeypatch.setattr(backend_module, "compute_capability", lambda device: (9, 0))
+    monkeypatch.setattr(backend_module, "TOOLS", {name: (lambda: True, hint)
+                                                  for name, (_, hint) in backend_module.TOOLS.items()})
+    return FakeCuda()
+
+
 def test_every_registered_backend_is_listed():
-    assert {"sim", "bnb", "torchao"} <= set(load_backends().names())
+    assert {"sim", "bnb", "torchao", "gptq", "quanto"} <= set(load_backends().names())
+
+
+def test_list_backends_reads_the_same_attributes_as_before():
+    # cli.py's `qharness list backends` prints description, requires and devices
+    torchao = load_backends().get("torchao")
+    assert torchao.devices == ("cpu", "cuda") and torchao.requires == ("torchao",) and torchao.description
+    assert load_backends().get("sim").devices == ("cpu", "cuda")
+
+
+def test_scheme_backends_come_from_the_backends_tables():
+    for name in SCHEMES.names():
+        scheme = get_scheme(name)
+        declared = tuple(entry.name for entry in load_backends() if entry.obj.runs(scheme))
+        assert scheme.backends and sorted(scheme.backends) == sorted(declared), name
+    assert get_scheme("llm-int8").backends == ("bnb", "sim")  # most preferred on CUDA first, sim last
+    assert get_scheme("int8-weight-channel").backends == ("torchao", "quanto", "sim")
+    assert get_scheme("gptq").backends == ("gptq",)  # sim does not pass round-to-nearest off as GPTQ
+    assert get_scheme("int8-w8a8-tensor").backends == ("sim",)
 
 
 def test_auto_on_cpu_is_sim_whenever_sim_implements_the_scheme():
@@ -23,16 +57,26 @@ def test_auto_on_cpu_is_sim_whenever_sim_implements_the_scheme():
         assert select_backend(get_scheme(name), CPU) == "sim"
 
 
-def test_auto_on_cuda_prefers_library_kernels(monkeypatch):
-    monkeypatch.setattr(backend_module.Backend, "check", lambda self, device, scheme=None: None)
-    assert select_backend(get_scheme("llm-int8"), FakeCuda()) == "bnb"
-    assert select_backend(get_scheme("int8"), FakeCuda()) == "torchao"
-    assert select_backend(get_scheme("int8-w8a8-tensor"), FakeCuda()) == "sim"  # no library implements it
+def test_auto_on_cuda_prefers_library_kernels(h100):
+    assert select_backend(get_scheme("llm-int8"), h100) == "bnb"
+    assert select_backend(get_scheme("int8"), h100) == "torchao"
+    assert select_backend(get_scheme("fp8-e4m3-weight"), h100, dtype=torch.bfloat16) == "torchao"
+    assert select_backend(get_scheme("int8-w8a8-tensor"), h100) == "sim"  # no library implements it
+
+
+def test_auto_on_cuda_falls_back_to_sim_when_torchao_declines_the_model(h100):
+    int4 = get_scheme("int4")
+    assert select_backend(int4, h100, dtype=torch.bfloat16, targets=linears((128, 64), (256, 128))) == "torchao"
+    assert select_backend(int4, h100, dtype=torch.bfloat16, targets=linears((128, 64), (576, 128))) == "sim"
+    assert select_backend(int4, h100, dtype=torch.float32, targets=linears((128, 64))) == "sim"  # tinygemm: bf16
+    fp8_token = get_scheme("fp8-e4m3-w8a8-token")
+    assert select_backend(fp8_token, h100, dtype=torch.float16) == "sim"
+    assert select_backend(fp8_token, h100, dtype=torch.bfloat16, targets=linears((72, 64))) == "sim"  # not x16
 
 
 def test_explicit_backend_must_implement_the_scheme():
-    with pytest.raises(BackendUnavailable, match="backend 'bnb' does not implement scheme 'int8-w8a8-tensor'; "
-                                                 "its backends: sim"):
+    with pytest.raises(BackendUnavailable, match="^backend 'bnb' does not implement scheme 'int8-w8a8-tensor'; "
+                                                 "its backends: sim$"):
         select_backend(get_scheme("int8-w8a8-tensor"), CPU, "bnb")
 
 
@@ -43,33 +87,95 @@ def test_missing_library_names_the_install_command(monkeypatch):
         select_backend(get_scheme("nf4"), CPU, "bnb")
 
 
-@pytest.mark.needs("torchao")
-def test_torchao_fp8_dynamic_on_cpu_says_what_would_work():
-    with pytest.raises(BackendUnavailable, match=r"needs a CUDA GPU of compute capability >= 8.9, not cpu; "
-                                                 r"use --backend sim"):
+def test_cuda_only_scheme_on_cpu_says_what_would_work(monkeypatch):
+    monkeypatch.setattr(backend_module, "_installed", lambda package: True)
+    with pytest.raises(BackendUnavailable, match=r"^backend 'torchao' runs 'fp8-e4m3-w8a8-tensor' on cuda, not cpu; "
+                                                 r"use --backend sim \(same math, any device\)$"):
         select_backend(get_scheme("fp8"), CPU, "torchao")
 
 
+def test_old_gpu_is_refused_with_the_capability_it_needs(h100, monkeypatch):
+    monkeypatch.setattr(backend_module, "compute_capability", lambda device: (8, 6))
+    with pytest.raises(BackendUnavailable, match=r"^backend 'torchao' runs 'fp8-e4m3-w8a8-tensor' on cuda with "
+                                                 r"compute capability >= 8.9, not 8.6; use --backend sim"):
+        select_backend(get_scheme("fp8"), h100, "torchao")
+    monkeypatch.setattr(backend_module, "compute_capability", lambda device: (7, 5))
+    with pytest.raises(BackendUnavailable, match=r"'int4-weight-g128' on cuda with compute capability >= 8.0, "
+                                                 r"not 7.5"):
+        select_backend(get_scheme("int4"), h100, "torchao")
+
+
+@pytest.mark.parametrize(("scheme", "backend", "dtype", "message"), [
+    ("int4", "torchao", torch.float32,
+     r"^backend 'torchao' runs 'int4-weight-g128' on cuda in bf16 only, not fp32; pass --dtype bf16 or use "
+     r"--backend sim \(same math, any device\)$"),
+    ("fp8-e4m3-w8a8-token", "torchao", torch.float16,
+     r"^backend 'torchao' runs 'fp8-e4m3-w8a8-token' on cuda in bf16 only, not fp16; pass --dtype bf16 or use "
+     r"--backend sim"),
+    ("gptq", "gptq", torch.float32,
+     r"^backend 'gptq' runs 'gptq-int4-g128' on cuda in bf16 or fp16 only, not fp32; pass --dtype bf16 or use "
+     r"--device cpu$"),
+])
+def test_dtype_the_kernel_cannot_take_is_refused_up_front(h100, scheme, backend, dtype, message):
+    with pytest.raises(BackendUnavailable, match=message):
+        select_backend(get_scheme(scheme), h100, backend, dtype=dtype)
+    select_backend(get_scheme(scheme), h100, backend)  # dtype unknown (the runner's plan): not refused yet
+
+
+def test_dtype_limits_are_per_device():
+    # the same schemes in fp32 on CPU: IntxWeightOnly and gptqmodel's CPU path take it
+    assert select_backend(get_scheme("int4"), CPU, "torchao", dtype=torch.float32) == "torchao"
+
+
+def test_ragged_widths_name_the_layer_and_the_fallback(h100):
+    with pytest.raises(BackendUnavailable, match=r"^backend 'torchao' runs 'int4-weight-g128' on input widths "
+                                                 r"divisible by 128; layers.1.proj has 576; use --backend sim"):
+        select_backend(get_scheme("int4"), h100, "torchao", torch.bfloat16, linears((128, 64), (576, 128)))
+    with pytest.raises(BackendUnavailable, match=r"^backend 'torchao' runs 'fp8-e4m3-w8a8-tensor' on widths "
+                                                 r"divisible by 16; layers.0.proj is 72x64; use --backend sim"):
+        select_backend(get_scheme("fp8"), h100, "torchao", torch.bfloat16, linears((72, 64)))
+
+
+def test_quanto_fp8_on_cuda_without_a_compiler_says_what_to_install(h100, monkeypatch):
+    tools = dict(backend_module.TOOLS, nvcc=(lambda: False, backend_module.TOOLS["nvcc"][1]))
+    monkeypatch.setattr(backend_module, "TOOLS", tools)
+    with pytest.raises(BackendUnavailable, match=r"^backend 'quanto' runs 'fp8-e4m3-weight' on cuda with a kernel it "
+                                                 r"compiles at first use, which needs nvcc \(not found\): install the "
+                                                 r"CUDA toolkit \(nvcc\) and set CUDA_HOME; or use --backend "
+                                                 r"torchao or --backend sim"):
+        select_backend(get_scheme("fp8-e4m3-weight"), h100, "quanto", dtype=torch.bfloat16)
+    assert select_backend(get_scheme("int8-weight-channel"), h100, "quanto") == "quanto"  # int8: no build
+
+
+def test_no_backend_at_all_lists_every_reason(h100):
+    with pytest.raises(BackendUnavailable, match=r"^no backend can run scheme 'gptq-int4-g128' on cuda: backend "
+                                                 r"'gptq' runs 'gptq-int4-g128' on cuda in bf16 or fp16 only"):
+        select_backend(get_scheme("gptq"), h100, dtype=torch.float32)
+
+
 def test_keep_needs_a_backend_that_supports_it(tiny_model, monkeypatch):
-    monkeypatch.setattr(backend_module.Backend, "check", lambda self, device, scheme=None: None)
+    monkeypatch.setattr(backend_module, "_installed", lambda package: True)
     with pytest.raises(BackendUnavailable, match="backend 'bnb' cannot keep token positions or channels"):
         quantize_(tiny_model, get_scheme("nf4"), backend="bnb", keep=Keep(positions=(0,)))
 
 
-def test_schemes_and_backends_agree_on_who_implements_what():
-    backends = load_backends()
-    for scheme_name in SCHEMES.names():
-        for backend_name in get_scheme(scheme_name).backends:
-            implemented = backends.get(backend_name).schemes
-            assert implemented is None or scheme_name in implemented, (scheme_name, backend_name)
-    for entry in backends:
-        for scheme_name in entry.obj.schemes or ():
-            assert entry.name in get_scheme(scheme_name).backends, (entry.name, scheme_name)
-
-
-def test_backend_refuses_a_scheme_outside_its_list():
-    from qharness.quant.backend import Backend
-
-    narrow = Backend(name="narrow", description="", apply=lambda *a: None, schemes=("nf4",))
-    with pytest.raises(BackendUnavailable, match="backend 'narrow' implements nf4, not 'int8-w8a8-token'"):
+def test_a_backend_outside_its_table_is_refused_and_a_recipe_miss_is_an_error():
+    narrow = Backend(name="narrow", description="", apply=lambda *a: None,
+                     capabilities={"nf4": (Capability("cpu"),)})
+    assert narrow.schemes == ("nf4",) and narrow.devices == ("cpu",)
+    with pytest.raises(BackendUnavailable, match="^backend 'narrow' does not implement scheme 'int8-w8a8-token'; "
+                                                 "its backends: torchao, sim$"):
         narrow.check(CPU, get_scheme("int8"))
+    with pytest.raises(BackendUnavailable, match="^backend 'bnb' does not implement scheme 'int4-weight-g128'; "
+                                                 "it implements llm-int8, nf4$"):
+        recipe({"llm-int8": 1, "nf4": 2}, "bnb", get_scheme("int4"))
+
+
+def test_backends_for_orders_by_preference():
+    assert backends_for(get_scheme("fp8-e4m3-weight")) == ("torchao", "quanto", "sim")
+
+
+def test_a_scheme_the_backend_lacks_is_named_before_a_missing_library(monkeypatch):
+    monkeypatch.setattr(backend_module, "_installed", lambda package: False)
+    with pytest.raises(BackendUnavailable, match="^backend 'bnb' does not implement scheme 'int8-w8a8-tensor'"):
+        select_backend(get_scheme("int8-w8a8-tensor"), CPU, "bnb")

@@ -51,3 +51,52 @@ def test_tiny_model_logits_agree_with_sim(tiny_model, scheme, tolerance):
     with torch.inference_mode():
         bnb_logits, sim_logits = tiny_model(ids).logits, sim_model(ids).logits
     assert (bnb_logits - sim_logits).abs().max() / sim_logits.abs().max() < tolerance
+
+
+def test_llm_int8_does_not_log_a_cast_notice_per_call(caplog):
+    from qharness.quant.bnb import _int8_linear
+
+    torch.manual_seed(0)
+    module = _int8_linear(torch.nn.Linear(64, 32), 6.0).eval()
+    with caplog.at_level("WARNING"), torch.inference_mode():
+        out = module(torch.randn(3, 64))  # fp32 in: bitsandbytes casts to fp16 and would log it every call
+    assert out.dtype == torch.float32 and torch.isfinite(out).all()
+    assert not [r for r in caplog.records if "cast" in r.getMessage()]
+
+
+def test_a_scheme_outside_the_table_is_an_error_not_nf4(tiny_model):
+    from qharness.errors import BackendUnavailable
+    from qharness.quant.apply import target_linears
+    from qharness.quant.backend import QuantContext
+    from qharness.quant.bnb import apply_bnb
+    from qharness.quant.schemes import Keep
+
+    targets = target_linears(tiny_model)
+    with pytest.raises(BackendUnavailable, match="^backend 'bnb' does not implement scheme 'int4-weight-g128'; "
+                                                 "it implements llm-int8, nf4$"):
+        apply_bnb(tiny_model, get_scheme("int4"), targets, Keep(), QuantContext(torch.device("cpu")))
+    assert type(tiny_model.model.layers[0].mlp.down_proj) is torch.nn.Linear
+
+
+# On CUDA the model is moved first and quantized there: the weights must be quantized by the move from the CPU
+# inside _int8_linear (a CUDA weight would stay fp), and the numbers match sim as on the CPU. bitsandbytes computes
+# in fp16 on CUDA, so the model runs in fp16 here; the tolerances are the CPU test's
+@pytest.mark.gpu
+@pytest.mark.parametrize(("scheme", "dtype", "tolerance"), [("llm-int8", torch.float16, 0.02),
+                                                            ("llm-int8", torch.bfloat16, 0.03),
+                                                            ("nf4", torch.float16, 0.01),
+                                                            ("nf4", torch.bfloat16, 0.02)])
+def test_cuda_logits_agree_with_sim(tiny_model, scheme, dtype, tolerance):
+    model = tiny_model.to("cuda", dtype)
+    ids = torch.randint(0, model.config.vocab_size, (2, 16), device="cuda")
+    sim_model = copy.deepcopy(model)
+    with torch.inference_mode():
+        reference = model(ids).logits.float()
+        assert quantize_(model, get_scheme(scheme)) == "bnb"  # auto on CUDA prefers the library kernel
+        quantize_(sim_model, get_scheme(scheme), backend="sim")
+        bnb_logits, sim_logits = model(ids).logits.float(), sim_model(ids).logits.float()
+    layer = model.model.layers[0].mlp.down_proj
+    assert layer.weight.device.type == "cuda"
+    assert layer.weight.dtype == (torch.int8 if scheme == "llm-int8" else torch.uint8)  # quantized, not fp
+    assert (bnb_logits - sim_logits).abs().max() / sim_logits.abs().max() < tolerance
+    assert not torch.allclose(bnb_logits, reference, atol=1e-5)

@@ -45,6 +45,73 @@ def test_logits_agree_with_sim(scheme, tolerance):
 def test_ragged_int4_groups_point_to_sim(tiny_model):
     from qharness.errors import BackendUnavailable
 
-    with pytest.raises(BackendUnavailable, match="torchao int4 needs input widths divisible by 128; .* has 64; "
-                                                 "use --backend sim"):
+    # torchao 0.18 would leave such a Linear in full precision (logged at INFO) and the row would lie
+    with pytest.raises(BackendUnavailable, match=r"^backend 'torchao' runs 'int4-weight-g128' on input widths "
+                                                 r"divisible by 128; model.layers.0.self_attn.q_proj has 64; "
+                                                 r"use --backend sim"):
         quantize_(tiny_model, get_scheme("int4"), backend="torchao")
+    assert type(tiny_model.model.layers[0].self_attn.q_proj) is torch.nn.Linear  # refused before any swap
+
+
+def test_cuda_int4_uses_the_built_in_tinygemm_packing():
+    from torchao.quantization import Int4WeightOnlyConfig
+    from torchao.quantization.quantize_.workflows import Int4PackingFormat
+
+    from qharness.quant.torchao import torchao_config
+
+    # the default (PLAIN) packing imports the mslk package, which nothing here installs
+    config = torchao_config(get_scheme("int4"), torch.device("cuda"))
+    assert isinstance(config, Int4WeightOnlyConfig)
+    assert config.int4_packing_format == Int4PackingFormat.TILE_PACKED_TO_4D and config.group_size == 128
+
+
+def compare_on_cuda(scheme: str, dtype: torch.dtype) -> tuple[float, bool]:
+    """(max |torchao - sim| / max |sim| over the logits, whether torchao changed them at all) on CUDA."""
+    model = make_model().to("cuda", dtype)
+    sim_model = copy.deepcopy(model)
+    ids = torch.randint(0, 300, (2, 16), device="cuda")
+    with torch.inference_mode():
+        reference = model(ids).logits.float()
+        assert quantize_(model, get_scheme(scheme), backend="torchao") == "torchao"
+        quantize_(sim_model, get_scheme(scheme), backend="sim")
+        ao, sim = model(ids).logits.float(), sim_model(ids).logits.float()
+    assert torch.isfinite(ao).all()
+    return ((ao - sim).abs().max() / sim.abs().max()).item(), not torch.allclose(ao, reference, atol=1e-6)
+
+
+# fp32 where torchao's CUDA path takes it: the CPU test's tolerances. bf16 (what the kernel demands for int4 and
+# fp8 per row) rounds every matmul to 8 mantissa bits, so sim and the kernel can only agree to bf16's resolution
+# (~0.4% per value, more over two layers); tinygemm also keeps its int4 zero point in the float domain
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    ("scheme", "dtype", "tolerance"),
+    [
+        ("int8-weight-channel", torch.float32, 0.02),
+        ("int8-w8a8-token", torch.float32, 0.03),
+        ("fp8-e4m3-weight", torch.float32, 1e-4),
+        ("fp8-e4m3-w8a8-tensor", torch.float32, 0.02),
+        ("int8-weight-channel", torch.bfloat16, 0.03),
+        ("int4-weight-g128", torch.bfloat16, 0.03),
+        ("fp8-e4m3-weight", torch.bfloat16, 0.03),
+        ("fp8-e4m3-w8a8-tensor", torch.bfloat16, 0.03),
+        ("fp8-e4m3-w8a8-token", torch.bfloat16, 0.03),
+    ],
+)
+def test_cuda_kernels_agree_with_sim(scheme, dtype, tolerance):
+    error, changed = compare_on_cuda(scheme, dtype)
+    assert error < tolerance, error
+    assert changed  # it did quantize
+
+
+@pytest.mark.gpu
+def test_cuda_refusals_and_the_auto_fallback(tiny_model):
+    from qharness.errors import BackendUnavailable
+
+    fp32 = make_model().to("cuda")
+    with pytest.raises(BackendUnavailable, match="in bf16 only, not fp32; pass --dtype bf16"):
+        quantize_(fp32, get_scheme("int4"), backend="torchao")
+    assert quantize_(fp32, get_scheme("int4")) == "sim"  # auto: tinygemm declines fp32, sim runs it
+    with pytest.raises(BackendUnavailable, match="'fp8-e4m3-w8a8-token' on cuda in bf16 only, not fp16"):
+        quantize_(make_model().to("cuda", torch.float16), get_scheme("fp8-e4m3-w8a8-token"), backend="torchao")
+    ragged = tiny_model.to("cuda", torch.bfloat16)  # hidden 64: no whole group of 128
+    assert quantize_(ragged, get_scheme("int4")) == "sim"
