@@ -19,7 +19,7 @@ import torch
 from qharness.errors import BackendUnavailable
 from qharness.models.sources import ModelSpec, load_model
 from qharness.quant.apply import quantize_, target_linears
-from qharness.quant.backend import QuantContext, load_backends
+from qharness.quant.backend import QuantContext, backends_for, load_backends
 from qharness.quant.calibrate import calibration_batches, calibration_text
 from qharness.quant.footprint import weight_bytes
 from qharness.quant.schemes import SCHEMES, get_scheme
@@ -53,9 +53,9 @@ def main() -> None:
     rows = [("fp", "-", "-", f"{fp_time * 1e3:.0f}", "1.00", f"{weight_bytes(targets, None) / 2**20:.1f}")]
     for name in args.schemes.split(","):
         scheme = get_scheme(name)
-        for backend in scheme.backends:
+        for backend in backends_for(scheme):
             try:
-                load_backends().get(backend).check(loaded.device, scheme)
+                load_backends().get(backend).check(loaded.device, scheme, loaded.dtype, targets)
                 model = copy.deepcopy(loaded.model)
                 start = time.perf_counter()
                 quantize_(model, scheme, backend=backend, context=context)

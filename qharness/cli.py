@@ -312,6 +312,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
 
 def cmd_list(args: argparse.Namespace) -> int:
     from qharness.models.builtin import BUILTIN_MODELS
+    from qharness.quant.backend import backends_for
     from qharness.quant.schemes import SCHEMES
     from qharness.tasks.spec import all_tasks
 
@@ -330,7 +331,7 @@ def cmd_list(args: argparse.Namespace) -> int:
             aliases = SCHEMES.aliases_of(entry.name)
             also = f" (alias: {', '.join(aliases)})" if aliases else ""
             scheme = entry.obj()
-            print(f"  {entry.name:30} {scheme.description}{also} [{', '.join(scheme.backends)}]")
+            print(f"  {entry.name:30} {scheme.description}{also} [{', '.join(backends_for(scheme))}]")
     if args.what in ("all", "backends"):
         from qharness.quant.backend import load_backends
 

@@ -119,16 +119,33 @@ def plan_cells(spec: RunSpec) -> tuple[list[Cell], dict[str, QuantScheme]]:
     limit = context_limit(spec.model.name)
     tasks = [within_context(get_task(name), limit) for name in spec.tasks]
     device = resolve_device(spec.model.device)
-    dtype = dtype_name(resolve_dtype(spec.model.dtype, device))
-    backends = {name: select_backend(scheme, device, spec.backend) for name, scheme in schemes.items()}
+    torch_dtype = resolve_dtype(spec.model.dtype, device)
+    backends = {name: select_backend(scheme, device, spec.backend, dtype=torch_dtype)
+                for name, scheme in schemes.items()}
     hashes = {task.name: task.content_hash() for task in tasks}
     cells = []
     for quant in (FP, *schemes):
         for task in tasks:
             cell = Cell(quant, backends.get(quant, ""), task, hashes[task.name])
-            cell.row_keys = {m: key(make_row(**_key_fields(spec, cell, m, device.type, dtype))) for m in task.metrics}
+            _key_cell(spec, cell, device.type, dtype_name(torch_dtype))
             cells.append(cell)
     return cells, schemes
+
+
+def _key_cell(spec: RunSpec, cell: Cell, device_type: str, dtype: str) -> None:
+    cell.row_keys = {m: key(make_row(**_key_fields(spec, cell, m, device_type, dtype))) for m in cell.task.metrics}
+
+
+def reselect_backends(spec: RunSpec, cells: list[Cell], schemes: dict[str, QuantScheme], loaded: LoadedModel,
+                      targets: dict[str, Any]) -> None:
+    """Once the model is loaded its Linears' widths are known: `auto` moves a scheme off a backend that cannot take
+    them (torchao int4 on widths that are not whole groups) to the next one, and the cells' keys follow, since the
+    backend is part of a row's key. A backend asked for by name that cannot take them raises here, before compute."""
+    for quant, scheme in schemes.items():
+        chosen = select_backend(scheme, loaded.device, spec.backend, dtype=loaded.dtype, targets=targets)
+        for cell in (c for c in cells if c.quant == quant and c.backend != chosen):
+            cell.backend = chosen
+            _key_cell(spec, cell, loaded.device.type, dtype_name(loaded.dtype))
 
 
 def check_keep(keep: Keep, loaded: LoadedModel, tasks: list[TaskSpec]) -> None:
@@ -211,9 +228,12 @@ def run(spec: RunSpec, say: Callable[[str], None] = print) -> RunReport:
     say(f"loading {spec.model.name} ...")
     loaded = load_model(spec.model, progress=spec.progress)
     check_keep(spec.keep, loaded, [cell.task for cell in cells])
+    targets = target_linears(loaded.model)
+    reselect_backends(spec, cells, schemes, loaded, targets)
+    keys = [k for cell in cells for k in cell.row_keys.values()]
+    todo = [c for c in cells if any(k not in done for k in c.row_keys.values())]
     run_id = uuid.uuid4().hex[:12]
     rows: dict[tuple[str, ...], Row] = dict(done)
-    targets = target_linears(loaded.model)
     fp_values = {(c.task.name, m): float(done[k]["value"])  # baselines already measured are read, not recomputed
                  for c in cells if c.quant == FP for m, k in c.row_keys.items() if k in done}
 

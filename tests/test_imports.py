@@ -32,7 +32,12 @@ def imports_of(path: Path, modules: set[str]) -> set[str]:
     """Every qharness module `path` imports, at the top or inside a function (both are dependencies)."""
     found = set()
     package = module_name(path) if path.name == "__init__.py" else module_name(path).rpartition(".")[0]
-    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    typing_only = {id(n) for block in ast.walk(tree) if isinstance(block, ast.If)
+                   and getattr(block.test, "id", None) == "TYPE_CHECKING" for n in ast.walk(block)}
+    for node in ast.walk(tree):
+        if id(node) in typing_only:  # `if TYPE_CHECKING:` imports name types for annotations; nothing runs them
+            continue
         if isinstance(node, ast.Import):
             found.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom):
@@ -97,8 +102,8 @@ def test_the_checker_sees_function_level_imports(tmp_path):
     assert "qharness.training.ensure" in graph["qharness.runner"]
 
 
-@pytest.mark.parametrize("argv", [["--help"], ["run", "--help"], ["train", "--help"], ["list", "models"],
-                                  ["list", "quants"], ["list", "tasks"]])
+@pytest.mark.parametrize("argv", [["--help"], ["run", "--help"], ["train", "--help"], ["list"], ["list", "models"],
+                                  ["list", "quants"], ["list", "backends"], ["list", "tasks"]])
 def test_help_and_list_import_no_torch(argv):
     code = (f"import sys\nfrom qharness.cli import main\ntry:\n    main({argv!r})\nexcept SystemExit:\n    pass\n"
             "heavy = sorted(m for m in ('torch', 'transformers', 'lm_eval') if m in sys.modules)\n"

@@ -6,11 +6,12 @@ import time
 import pytest
 
 from qharness.errors import ConfigError
+from qharness.quant.backend import backends_for
 from qharness.quant.schemes import SCHEMES
 from qharness.results import key, read_rows
 from qharness.sweep import SweepConfig, sweep
 
-SIM_SCHEMES = [name for name in SCHEMES.names() if "sim" in SCHEMES.get(name)().backends]
+SIM_SCHEMES = [name for name in SCHEMES.names() if "sim" in backends_for(SCHEMES.get(name)())]
 
 
 def write_config(tmp_path, model_dir, task_dir, quants, **extra) -> SweepConfig:

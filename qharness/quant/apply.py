@@ -12,30 +12,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import torch
 from torch import nn
 
 from qharness.errors import BackendUnavailable
 from qharness.models.layers import decoder_layers
 from qharness.quant.backend import QuantContext, load_backends, select_backend
+from qharness.quant.modules import conv1d_to_linear, swap_module
 from qharness.quant.schemes import Keep, QuantScheme
-
-
-def conv1d_to_linear(conv: nn.Module) -> nn.Linear:
-    """transformers' Conv1D computes x @ W + b with W of shape (in, out): the same map as Linear with W.T."""
-    in_features, out_features = conv.weight.shape
-    linear = nn.Linear(in_features, out_features, bias=conv.bias is not None,
-                       device=conv.weight.device, dtype=conv.weight.dtype)
-    with torch.no_grad():
-        linear.weight.copy_(conv.weight.T)
-        if conv.bias is not None:
-            linear.bias.copy_(conv.bias)
-    return linear
-
-
-def swap_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name), child, new)
 
 
 def target_linears(model: nn.Module, skip: Callable[[str], bool] = lambda name: False) -> dict[str, nn.Linear]:

@@ -20,16 +20,17 @@ import os
 import shutil
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING, Any
 
 from qharness.errors import BackendUnavailable, QHarnessError
 from qharness.registry import Registry
 
-MODULES = ("qharness.quant.sim", "qharness.quant.bnb", "qharness.quant.torchao", "qharness.quant.gptq",
-           "qharness.quant.quanto")
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+# Declarations import no torch (kernels and libraries load inside `apply`), so `qharness list` stays fast.
+MODULES = ("qharness.quant.bnb", "qharness.quant.torchao", "qharness.quant.gptq", "qharness.quant.quanto")
 PIP_NAMES = {"bitsandbytes": "bitsandbytes", "torchao": "torchao", "gptqmodel": "gptqmodel",
              "optimum.quanto": "optimum-quanto"}
 
@@ -60,7 +61,7 @@ class Capability:
     """How a backend runs one scheme on one device type: the limits `check` enforces before quantizing."""
 
     device: str  # "cpu" or "cuda"
-    dtypes: tuple[torch.dtype, ...] = ()  # model dtypes its kernels compute in; () any
+    dtypes: tuple[str, ...] = ()  # model dtypes its kernels compute in, by --dtype name (bf16, fp16); () any
     min_compute: tuple[int, int] | None = None  # CUDA compute capability the kernel needs
     whole_groups: bool = False  # every target's input width must be a multiple of the scheme's weight group size
     width_multiple: int = 1  # every target's input and output widths must be multiples of this
@@ -146,10 +147,9 @@ class Backend:
             if have < cap.min_compute:
                 raise BackendUnavailable(f"{what} with compute capability >= {cap.min_compute[0]}.{cap.min_compute[1]}"
                                          f", not {have[0]}.{have[1]}; {_alternatives(self, scheme, device)}")
-        if dtype is not None and cap.dtypes and dtype not in cap.dtypes:
-            wanted = " or ".join(_dtype_name(d) for d in cap.dtypes)
-            raise BackendUnavailable(f"{what} in {wanted} only, not {_dtype_name(dtype)}; pass --dtype "
-                                     f"{_dtype_name(cap.dtypes[0])} or {_alternatives(self, scheme, device)}")
+        if dtype is not None and cap.dtypes and _dtype_name(dtype) not in cap.dtypes:
+            raise BackendUnavailable(f"{what} in {' or '.join(cap.dtypes)} only, not {_dtype_name(dtype)}; pass "
+                                     f"--dtype {cap.dtypes[0]} or {_alternatives(self, scheme, device)}")
         absent = [tool for tool in cap.needs if not TOOLS[tool][0]()]
         if absent:
             hints = "; ".join(TOOLS[tool][1] for tool in absent)
@@ -194,6 +194,8 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 
 def compute_capability(device: torch.device) -> tuple[int, int]:
+    import torch
+
     return tuple(torch.cuda.get_device_capability(device)) if device.type == "cuda" else (0, 0)
 
 
@@ -205,17 +207,33 @@ def _installed(package: str) -> bool:
 
 
 BACKENDS: Registry[Backend] = Registry("backend")
-_loaded = False
 
 
 def load_backends() -> Registry[Backend]:
-    """Import every backend module once; each registers itself (heavy libraries load only when used)."""
-    global _loaded
-    if not _loaded:
-        for module in MODULES:
-            importlib.import_module(module)
-        _loaded = True
+    """Every backend, each registered by importing its module (a no-op after the first time: modules are cached by
+    the import system, so no flag of our own says whether it happened)."""
+    for module in MODULES:
+        importlib.import_module(module)
     return BACKENDS
+
+
+def _apply_sim(*args: Any) -> None:
+    from qharness.quant.sim import apply_sim  # the arithmetic imports torch; the declaration below does not
+
+    apply_sim(*args)
+
+
+# The reference backend, declared here rather than in sim.py so that listing it loads no torch.
+BACKENDS.add("sim", Backend(
+    name="sim",
+    description="pure-torch fake quantization: the reference arithmetic, any device",
+    apply=_apply_sim,
+    # every scheme on every device and dtype, except GPTQ: its calibrated rounding is a different method, and
+    # round-to-nearest under its name would be a wrong number
+    default=everywhere(),
+    capabilities={"gptq-int4-g128": ()},
+    supports_keep=True,
+))
 
 
 def backends_for(scheme: Any) -> tuple[str, ...]:

@@ -10,14 +10,17 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-
-from torch import nn
+from typing import TYPE_CHECKING
 
 from qharness.quant.backend import BACKENDS, Backend, QuantContext, everywhere, recipe
 from qharness.quant.schemes import Keep, QuantScheme
 
+if TYPE_CHECKING:
+    from torch import nn
+
 
 def _int8_linear(linear: nn.Linear, threshold: float) -> nn.Module:
+    import torch
     from bitsandbytes.nn import Int8Params, Linear8bitLt
 
     _silence_fp16_cast_warning()
@@ -26,11 +29,12 @@ def _int8_linear(linear: nn.Linear, threshold: float) -> nn.Module:
     # a weight already on CUDA would move without being quantized (Int8Params.to quantizes only from the CPU)
     module.weight = Int8Params(linear.weight.data.to("cpu", copy=True), requires_grad=False, has_fp16_weights=False)
     if linear.bias is not None:
-        module.bias = nn.Parameter(linear.bias.data.to("cpu", copy=True), requires_grad=False)
+        module.bias = torch.nn.Parameter(linear.bias.data.to("cpu", copy=True), requires_grad=False)
     return module.to(linear.weight.device)  # the move quantizes the weight
 
 
 def _nf4_linear(linear: nn.Linear, blocksize: int) -> nn.Module:
+    import torch
     from bitsandbytes.nn import Linear4bit, Params4bit
 
     module = Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
@@ -39,7 +43,7 @@ def _nf4_linear(linear: nn.Linear, blocksize: int) -> nn.Module:
     module.weight = Params4bit(linear.weight.data.to("cpu", copy=True), requires_grad=False, quant_type="nf4",
                                blocksize=blocksize, compress_statistics=False)
     if linear.bias is not None:
-        module.bias = nn.Parameter(linear.bias.data.to("cpu", copy=True), requires_grad=False)
+        module.bias = torch.nn.Parameter(linear.bias.data.to("cpu", copy=True), requires_grad=False)
     return module.to(linear.weight.device)
 
 
@@ -67,7 +71,7 @@ BUILDERS: dict[str, Callable[[nn.Linear, QuantScheme], nn.Module]] = {
 
 def apply_bnb(model: nn.Module, scheme: QuantScheme, targets: dict[str, nn.Linear], keep: Keep,
               context: QuantContext) -> None:
-    from qharness.quant.apply import swap_module
+    from qharness.quant.modules import swap_module
 
     build = recipe(BUILDERS, "bnb", scheme)
     for name, linear in targets.items():

@@ -22,34 +22,44 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import sys
 import tempfile
 from pathlib import Path
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING
 
 from qharness.errors import QHarnessError
 from qharness.quant.backend import BACKENDS, Backend, Capability, QuantContext, recipe
 from qharness.quant.schemes import Keep, QuantScheme
+from qharness.scoped import environment, logger_level
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 # scheme -> (where it runs, bits): on CUDA gptqmodel's kernels (marlin, exllama, triton) take fp16 / bf16 only
 SCHEMES_HERE = {
-    "gptq-int4-g128": ((Capability("cpu"), Capability("cuda", dtypes=(torch.bfloat16, torch.float16))), 4),
+    "gptq-int4-g128": ((Capability("cpu"), Capability("cuda", dtypes=("bf16", "fp16"))), 4),
 }
 
 
 def apply_gptq(model: nn.Module, scheme: QuantScheme, targets: dict[str, nn.Linear], keep: Keep,
                context: QuantContext) -> None:
-    from gptqmodel import BACKEND, GPTQModel, QuantizeConfig
-
-    from qharness.quant.apply import swap_module
+    import torch
 
     if context.tokenizer is None:
         raise QHarnessError("backend 'gptq' needs the tokenizer in its QuantContext to save the model")
-    os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(torch.get_num_threads()))  # it assumes many cores
-    logging.getLogger("gptqmodel").setLevel(logging.WARNING)
+    # gptqmodel assumes many cores, reads its worker count from the environment when imported, and logs at INFO
+    with environment(GPTQMODEL_CPU_WORKERS=str(torch.get_num_threads())), logger_level("gptqmodel", logging.WARNING):
+        _quantize_with_gptqmodel(model, scheme, targets, context)
+
+
+def _quantize_with_gptqmodel(model: nn.Module, scheme: QuantScheme, targets: dict[str, nn.Linear],
+                             context: QuantContext) -> None:
+    import torch
+    from gptqmodel import BACKEND, GPTQModel, QuantizeConfig
+
+    from qharness.quant.modules import DtypeBridge, swap_module
+
     _, bits = recipe(SCHEMES_HERE, "gptq", scheme)
     dtype = next(model.parameters()).dtype
     device = str(context.device)
@@ -80,22 +90,13 @@ def native_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """`model`'s weights in the layout its own class loads: a Linear that `target_linears` made from a Conv1D goes
     back to Conv1D's (in, out). Which modules those are comes from the class built on the meta device (no memory,
     no weights), not from names."""
+    import torch
+
     with torch.device("meta"):
         native = type(model)(model.config)
     conv1d = {name for name, module in native.named_modules() if type(module).__name__ == "Conv1D"}
     return {key: value.T.contiguous() if key.endswith(".weight") and key.rpartition(".")[0] in conv1d else value
             for key, value in model.state_dict().items()}
-
-
-class DtypeBridge(nn.Module):
-    """Runs a quantized Linear that only computes in `dtype` inside a model of another dtype."""
-
-    def __init__(self, inner: nn.Module, dtype: torch.dtype) -> None:
-        super().__init__()
-        self.inner, self.dtype = inner, dtype
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.inner(x.to(self.dtype)).to(x.dtype)
 
 
 BACKENDS.add("gptq", Backend(

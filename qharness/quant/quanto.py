@@ -13,11 +13,13 @@ plain path, but we do not carve that case out: fp32 on CUDA is not what anyone r
 
 from __future__ import annotations
 
-import torch
-from torch import nn
+from typing import TYPE_CHECKING
 
 from qharness.quant.backend import BACKENDS, Backend, Capability, QuantContext, everywhere, recipe
 from qharness.quant.schemes import Keep, QuantScheme
+
+if TYPE_CHECKING:
+    from torch import nn
 
 # scheme -> (where it runs, quanto's weight qtype, its activation qtype or None): the one table for this backend
 SCHEMES_HERE: dict[str, tuple[tuple[Capability, ...], str, str | None]] = {
@@ -30,6 +32,7 @@ SCHEMES_HERE: dict[str, tuple[tuple[Capability, ...], str, str | None]] = {
 def apply_quanto(model: nn.Module, scheme: QuantScheme, targets: dict[str, nn.Linear], keep: Keep,
                  context: QuantContext) -> None:
     import optimum.quanto
+    import torch
     from optimum.quanto import Calibration, freeze, quantize
 
     _, weights, activations = recipe(SCHEMES_HERE, "quanto", scheme)

@@ -96,14 +96,6 @@ class QuantScheme:
         return BITS[self.weights.format] if self.weights else None
 
     @property
-    def backends(self) -> tuple[str, ...]:
-        """Who implements it, most preferred on CUDA first: read from the backends' own capability tables
-        (quant/backend.py), the one place that says which backend runs which scheme."""
-        from qharness.quant.backend import backends_for  # backends import schemes, not the other way round
-
-        return backends_for(self)
-
-    @property
     def needs_calibration(self) -> bool:
         return self.activations is not None and not self.activations.dynamic
 

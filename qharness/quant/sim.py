@@ -24,14 +24,18 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from qharness.errors import QHarnessError
-from qharness.quant.backend import BACKENDS, Backend, QuantContext, everywhere
+from qharness.quant.modules import swap_module
 from qharness.quant.schemes import Keep, PerChannel, PerGroup, PerTensor, PerToken, QuantScheme, TensorQuant
+
+if TYPE_CHECKING:
+    from qharness.quant.backend import QuantContext
 
 INT_RANGE = {"int8": (-128, 127), "int4": (-8, 7)}
 FP8_DTYPE = {"fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
@@ -228,8 +232,6 @@ def calibrate_(model: nn.Module, batches: Iterable[Tensor]) -> int:
 
 def apply_sim(model: nn.Module, scheme: QuantScheme, targets: dict[str, nn.Linear], keep: Keep,
               context: QuantContext) -> None:
-    from qharness.quant.apply import swap_module
-
     hidden = getattr(getattr(model, "config", None), "hidden_size", None)
     positions_only = Keep(positions=keep.positions)
     for name, linear in targets.items():  # hidden channels are only meaningful where the input is the hidden state
@@ -238,14 +240,3 @@ def apply_sim(model: nn.Module, scheme: QuantScheme, targets: dict[str, nn.Linea
     if scheme.needs_calibration:
         calibrate_(model, context.calibration_batches(scheme.name))
 
-
-BACKENDS.add("sim", Backend(
-    name="sim",
-    description="pure-torch fake quantization: the reference arithmetic, any device",
-    apply=apply_sim,
-    # every scheme on every device and dtype, except GPTQ: its calibrated rounding is a different method, and
-    # round-to-nearest under its name would be a wrong number
-    default=everywhere(),
-    capabilities={"gptq-int4-g128": ()},
-    supports_keep=True,
-))

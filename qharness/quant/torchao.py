@@ -17,13 +17,14 @@ Limits read from torchao 0.18's source, declared in `SCHEMES_HERE` so `check` re
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING, Any
 
 from qharness.quant.backend import BACKENDS, Backend, Capability, QuantContext, everywhere, recipe
 from qharness.quant.schemes import Keep, QuantScheme
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 FP8_MM = dict(min_compute=(8, 9), width_multiple=16)  # torch._scaled_mm on CUDA
 
@@ -41,6 +42,7 @@ def _int8_dynamic(scheme: QuantScheme, device: torch.device) -> Any:
 
 
 def _int4_weight_only(scheme: QuantScheme, device: torch.device) -> Any:
+    import torch
     from torchao.quantization import Int4WeightOnlyConfig, IntxWeightOnlyConfig
     from torchao.quantization.granularity import PerGroup
     from torchao.quantization.quant_primitives import MappingType
@@ -73,11 +75,11 @@ SCHEMES_HERE: dict[str, tuple[tuple[Capability, ...], Callable[[QuantScheme, tor
     "int8-weight-channel": (everywhere(), _int8_weight_only),
     "int8-w8a8-token": (everywhere(), _int8_dynamic),
     "int4-weight-g128": ((Capability("cpu", whole_groups=True),
-                          Capability("cuda", dtypes=(torch.bfloat16,), min_compute=(8, 0), whole_groups=True)),
+                          Capability("cuda", dtypes=("bf16",), min_compute=(8, 0), whole_groups=True)),
                          _int4_weight_only),
     "fp8-e4m3-weight": (everywhere(), _fp8_weight_only),
     "fp8-e4m3-w8a8-tensor": ((Capability("cuda", **FP8_MM),), _fp8_dynamic("tensor")),
-    "fp8-e4m3-w8a8-token": ((Capability("cuda", dtypes=(torch.bfloat16,), **FP8_MM),), _fp8_dynamic("row")),
+    "fp8-e4m3-w8a8-token": ((Capability("cuda", dtypes=("bf16",), **FP8_MM),), _fp8_dynamic("row")),
 }
 
 

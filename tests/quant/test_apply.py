@@ -3,7 +3,7 @@ import torch
 
 from qharness.errors import UnknownName
 from qharness.quant.apply import quantize_, target_linears
-from qharness.quant.backend import QuantContext
+from qharness.quant.backend import QuantContext, backends_for
 from qharness.quant.calibrate import calibration_batches
 from qharness.quant.schemes import SCHEMES, get_scheme
 from qharness.quant.sim import SimQuantLinear
@@ -40,7 +40,7 @@ def sqnr_floor(scheme) -> float:
     return 20.0 if scheme.weight_bits == 8 else 10.0
 
 
-@pytest.mark.parametrize("name", [n for n in SCHEMES.names() if "sim" in SCHEMES.get(n)().backends])
+@pytest.mark.parametrize("name", [n for n in SCHEMES.names() if "sim" in backends_for(SCHEMES.get(n)())])
 def test_every_scheme_keeps_shapes_and_meets_its_sqnr_floor(tiny_model, tiny_tokenizer, heldout_text, name):
     scheme = get_scheme(name)
     ids = torch.randint(0, tiny_model.config.vocab_size, (2, 16))

@@ -13,6 +13,12 @@ from qharness.quant.schemes import get_scheme
 pytestmark = pytest.mark.needs("gptqmodel")
 
 
+@pytest.fixture(autouse=True)
+def _logs_in_a_temporary_folder(tmp_path, monkeypatch):
+    """gptqmodel writes its quantization logs into ./logs; keep them out of the checkout."""
+    monkeypatch.chdir(tmp_path)
+
+
 @pytest.mark.parametrize("hidden", [128, 192])  # whole groups of 128, and a ragged last group (as SmolLM2's 576)
 def test_gptq_quantizes_every_target_and_beats_round_to_nearest(tiny_tokenizer, heldout_text, hidden):
     from transformers import LlamaConfig, LlamaForCausalLM

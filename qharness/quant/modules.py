@@ -1,0 +1,35 @@
+"""Module surgery every backend shares: put a module in place of another by name, turn GPT-2's Conv1D into the
+nn.Linear it computes, and run a module that computes in one dtype inside a model of another."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def conv1d_to_linear(conv: nn.Module) -> nn.Linear:
+    """transformers' Conv1D computes x @ W + b with W of shape (in, out): the same map as Linear with W.T."""
+    in_features, out_features = conv.weight.shape
+    linear = nn.Linear(in_features, out_features, bias=conv.bias is not None,
+                       device=conv.weight.device, dtype=conv.weight.dtype)
+    with torch.no_grad():
+        linear.weight.copy_(conv.weight.T)
+        if conv.bias is not None:
+            linear.bias.copy_(conv.bias)
+    return linear
+
+
+def swap_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name), child, new)
+
+
+class DtypeBridge(nn.Module):
+    """Runs a quantized Linear that only computes in `dtype` inside a model of another dtype."""
+
+    def __init__(self, inner: nn.Module, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.inner, self.dtype = inner, dtype
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(x.to(self.dtype)).to(x.dtype)
