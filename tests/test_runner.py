@@ -128,3 +128,31 @@ def test_zero_shot_task_gives_one_row_per_metric_with_chance(tiny_model_dir, tin
     assert all(r["chance"] == "0.25" and r["metric_kind"] == "zero-shot" for r in report.rows)
     assert all(r["context_length"] == "" for r in report.rows)
     assert run(spec, say=lambda m: None).computed == 0
+
+
+def test_auto_moves_a_scheme_off_a_backend_that_declines_the_loaded_model(tiny_model_dir, tiny_task_dir, tmp_path,
+                                                                           monkeypatch):
+    """Planned before loading (widths unknown) on a kernel backend, the scheme moves to the one that takes the
+    model once its Linears are known, and the rows are keyed by the backend that really ran."""
+    def select(scheme, device, requested="auto", dtype=None, targets=None):
+        # auto on a GPU: torchao before the model is loaded; with the 64-wide Linears known, it declines -> sim
+        return "torchao" if targets is None else "sim"
+
+    monkeypatch.setattr(runner, "select_backend", select)
+    results = tmp_path / "leaderboard.csv"
+    report = run(spec_for(tiny_model_dir, tiny_task_dir, results), say=lambda m: None)
+    assert report.computed == 2
+    assert [r["backend"] for r in read_rows(results)] == ["", "sim"]
+    again = run(spec_for(tiny_model_dir, tiny_task_dir, results), say=lambda m: None)
+    assert again.computed == 0  # the second run finds the sim-keyed rows after its own re-selection
+
+
+@pytest.mark.needs("torchao")
+def test_a_named_backend_that_cannot_take_the_model_stops_before_compute(tiny_model_dir, tiny_task_dir, tmp_path):
+    from qharness.errors import BackendUnavailable
+
+    results = tmp_path / "leaderboard.csv"
+    with pytest.raises(BackendUnavailable, match="divisible by 128"):
+        run(spec_for(tiny_model_dir, tiny_task_dir, results, quants=("int4-weight-g128",), backend="torchao"),
+            say=lambda m: None)
+    assert not results.exists()
