@@ -190,8 +190,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from qharness.results import check_writable_dir
 
     if not args.results.is_file():
-        kind = "a directory, not a CSV file" if args.results.is_dir() else "not found"
-        raise DataError(f"leaderboard {args.results} is {kind}; run `qharness run` first or pass --results FILE.csv")
+        what = (f"leaderboard {args.results} is a directory, not a CSV file" if args.results.is_dir()
+                else f"leaderboard not found: {args.results}")
+        raise DataError(f"{what}; run `qharness run` first or pass --results FILE.csv")
     check_writable_dir(args.out, "--out")
     summary = compare(args.results, args.out)
     print(f"{summary['degradations']} quantized results compared -> {args.out / 'report.md'}, "
