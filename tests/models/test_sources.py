@@ -52,3 +52,25 @@ def test_classify_rejects_with_the_valid_forms(tmp_path):
 def test_spec_validation():
     with pytest.raises(ConfigError, match="unknown dtype 'float64'"):
         ModelSpec(dtype="float64")
+
+
+def test_quiet_loading_silences_the_gguf_bar_and_restores_everything():
+    """transformers' GGUF conversion draws its own tqdm bar; quiet runs swap in a disabled one for the call only, and
+    the library's logging settings come back as they were."""
+    import logging
+
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+    from transformers.utils import logging as hf_logging
+
+    from qharness.models.loading import quiet_transformers
+
+    original, verbosity = gguf_utils.tqdm, hf_logging.get_verbosity()
+    gguf_level = logging.getLogger("gguf").level
+    with quiet_transformers(progress=False):
+        assert gguf_utils.tqdm is not original
+        assert gguf_utils.tqdm(range(3)).disable
+        assert hf_logging.get_verbosity() == hf_logging.ERROR
+    assert gguf_utils.tqdm is original and hf_logging.get_verbosity() == verbosity
+    assert logging.getLogger("gguf").level == gguf_level
+    with quiet_transformers(progress=True):
+        assert gguf_utils.tqdm is original
