@@ -10,7 +10,6 @@ the 4.3 M-token training text), about 7 minutes per model on 2 cores.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 from collections.abc import Iterator
@@ -72,9 +71,12 @@ def folder_for(name: str, recipe: Recipe) -> Path:
 
 @contextmanager
 def exclusive(folder: Path) -> Iterator[None]:
-    """One trainer per model: a sweep's workers asking for the same zoo model wait for the first to finish."""
-    with (folder / ".lock").open("w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    """One trainer per model: a sweep's workers asking for the same zoo model wait for the first to finish. Under
+    `accelerate launch` the main process holds it for all ranks (taken by each, it deadlocked; see
+    loop.main_process_lock)."""
+    from qharness.training.loop import main_process_lock
+
+    with main_process_lock(folder / ".lock"):
         yield
 
 
