@@ -119,6 +119,21 @@ def _run_group(specs: list[RunSpec], scan: bool = False) -> list[RunReport]:
     return reports
 
 
+def gpus_per_task(device: str, cluster_gpus: float) -> int:
+    """The GPUs one Ray task asks for: 1 when the run's device is CUDA ('cuda', or 'auto' on a cluster with GPUs),
+    else 0. Ray hides every GPU from a task that asks for none (an empty CUDA_VISIBLE_DEVICES), so without this a
+    sweep on a GPU machine silently ran on the CPU ('auto') or failed ('cuda'). One GPU per task also means one
+    model per GPU at a time, the others queue, instead of all of them sharing (and running out of) one GPU."""
+    if device == "cpu":
+        return 0
+    if cluster_gpus >= 1:
+        return 1
+    if device == "cuda":  # asking Ray for a GPU it does not have would leave the task pending forever
+        raise BackendUnavailable("sweep device 'cuda' but the Ray cluster has no GPU; set device: cpu or auto, "
+                                 "or start Ray where GPUs are visible (ray.init(num_gpus=...))")
+    return 0
+
+
 def _run_ray(specs: list[RunSpec], scan: bool) -> list[RunReport]:
     try:
         import ray
@@ -129,8 +144,10 @@ def _run_ray(specs: list[RunSpec], scan: bool) -> list[RunReport]:
     groups: dict[str, list[RunSpec]] = {}
     for spec in specs:
         groups.setdefault(spec.model.name, []).append(spec)
+    cluster_gpus = ray.cluster_resources().get("GPU", 0)
     remote_group = ray.remote(_run_group)
-    futures = [remote_group.remote(group, scan) for group in groups.values()]
+    futures = [remote_group.options(num_gpus=gpus_per_task(group[0].model.device, cluster_gpus)).remote(group, scan)
+               for group in groups.values()]
     return [report for reports in ray.get(futures) for report in reports]
 
 

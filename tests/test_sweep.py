@@ -5,11 +5,11 @@ import time
 
 import pytest
 
-from qharness.errors import ConfigError
+from qharness.errors import BackendUnavailable, ConfigError
 from qharness.quant.backend import backends_for
 from qharness.quant.schemes import SCHEMES
 from qharness.results import key, read_rows
-from qharness.sweep import SweepConfig, sweep
+from qharness.sweep import SweepConfig, gpus_per_task, sweep
 
 SIM_SCHEMES = [name for name in SCHEMES.names() if "sim" in backends_for(SCHEMES.get(name)())]
 
@@ -63,6 +63,20 @@ def test_bad_sweep_configs_are_one_line(tmp_path):
     (tmp_path / "s.yaml").write_text("models: [m]\nquants: [int8]\nengine: spark\n")
     with pytest.raises(ConfigError, match="unknown sweep engine 'spark'; valid: local, ray"):
         SweepConfig.from_file(tmp_path / "s.yaml")
+
+
+@pytest.mark.parametrize(("device", "cluster_gpus", "wanted"), [
+    ("cuda", 1, 1), ("cuda", 8, 1),  # one GPU per model: the others queue rather than share it
+    ("auto", 1, 1), ("auto", 0, 0),  # auto means CUDA exactly when the cluster has a GPU
+    ("cpu", 0, 0), ("cpu", 4, 0),  # a CPU sweep never holds a GPU
+])
+def test_ray_tasks_ask_for_a_gpu_exactly_when_the_device_is_cuda(device, cluster_gpus, wanted):
+    assert gpus_per_task(device, cluster_gpus) == wanted
+
+
+def test_ray_refuses_cuda_on_a_cluster_without_gpus():
+    with pytest.raises(BackendUnavailable, match="sweep device 'cuda' but the Ray cluster has no GPU; set device"):
+        gpus_per_task("cuda", 0)
 
 
 @pytest.mark.needs("ray")

@@ -1,9 +1,10 @@
 """The training loop: next-token loss on random windows of one token stream, BOS first in every sequence.
 
 It runs through accelerate, so the same code is one process on a CPU here and data-parallel over GPUs under
-`accelerate launch -m qharness train ...` at scale (each process draws its own batches; the main one logs and
-checkpoints); the loop itself stays nanoGPT-short because the mitigations need two things a generic
-Trainer hides: a hook after every optimizer step (TVR's rescale) and the live max/median activation ratio in the log.
+`accelerate launch -m qharness train ...` at scale (each process draws its own batches; the main one logs,
+checkpoints and saves while the others wait for it where they would race it); the loop itself stays nanoGPT-short
+because the mitigations need two things a generic Trainer hides: a hook after every optimizer step (TVR's rescale)
+and the live max/median activation ratio in the log.
 A checkpoint (safetensors weights, optimizer and scheduler state, step) is written atomically every
 `checkpoint_every` steps and when the time budget runs out; calling `train` again on the same folder resumes.
 """
@@ -14,7 +15,8 @@ import json
 import math
 import shutil
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -77,8 +79,59 @@ def activation_probe(model: nn.Module, probe: Tensor) -> dict[str, float]:
             "bos_holds_max": float(top.top[0].position == 0)}
 
 
+def process_state() -> Any:
+    """accelerate's view of this process: one process here, its rank and the world size under `accelerate launch`.
+    A per-process singleton, made with the device choice `train`'s Accelerator makes (accelerate refuses to change
+    it once made)."""
+    from accelerate import PartialState
+
+    return PartialState(cpu=not torch.cuda.is_available())
+
+
+def main_process_decides(value: bool) -> bool:
+    """The main process's `value` on every process (one broadcast), so data-parallel processes take one branch."""
+    state = process_state()
+    if state.num_processes == 1:
+        return value
+    from accelerate.utils import broadcast_object_list
+
+    box = [value]
+    broadcast_object_list(box, from_process=0)
+    return bool(box[0])
+
+
+def _try_flock(handle: Any) -> bool:
+    import fcntl
+
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
+
+
+@contextmanager
+def main_process_lock(path: Path, poll_seconds: float = 1.0) -> Iterator[None]:
+    """An exclusive file lock on `path` for this whole job. One process: wait for it. Data-parallel: the main
+    process holds it for all of them. Taken by every process it deadlocks: rank 1 blocks on the lock rank 0 holds
+    while rank 0 blocks in its first collective, waiting for rank 1. Waiting for rank 0 in a barrier instead would
+    hit the collective timeout (10-30 minutes) whenever another job holds the lock longer. So the main process only
+    tries the lock, and one broadcast per try tells every process whether it got it: they enter together, and no
+    collective ever waits on the file lock. Released when the main process leaves."""
+    import fcntl
+
+    state = process_state()
+    with path.open("w") as handle:
+        if state.num_processes == 1:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        else:
+            while not main_process_decides(state.is_main_process and _try_flock(handle)):
+                time.sleep(poll_seconds)
+        yield
+
+
 def save_checkpoint(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer, step: int,
-                    cfg: TrainConfig) -> None:
+                    cfg: TrainConfig, world_size: int = 1) -> None:
     from safetensors.torch import save_model
 
     staging = folder.with_name(folder.name + ".tmp")
@@ -86,7 +139,8 @@ def save_checkpoint(folder: Path, model: nn.Module, optimizer: torch.optim.Optim
     staging.mkdir(parents=True)
     save_model(model, str(staging / "model.safetensors"))
     torch.save(optimizer.state_dict(), staging / "optimizer.pt")
-    (staging / "state.json").write_text(json.dumps({"step": step, "config": asdict(cfg)}, indent=1))
+    state = {"step": step, "config": asdict(cfg), "world_size": world_size}
+    (staging / "state.json").write_text(json.dumps(state, indent=1))
     previous = folder.with_name(folder.name + ".old")
     if folder.exists():
         folder.rename(previous)
@@ -94,8 +148,10 @@ def save_checkpoint(folder: Path, model: nn.Module, optimizer: torch.optim.Optim
     shutil.rmtree(previous, ignore_errors=True)
 
 
-def load_checkpoint(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> int:
-    """Restore a checkpoint into model and optimizer; returns its step (0 when there is none)."""
+def load_checkpoint(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer, cfg: TrainConfig,
+                    world_size: int = 1, device: torch.device | str = "cpu") -> int:
+    """Restore a checkpoint into model and optimizer; returns its step (0 when there is none). The world size is
+    part of the recipe: each process draws its own batch, so 2 processes train on twice the tokens per step."""
     from safetensors.torch import load_model
 
     if not folder.exists() and folder.with_name(folder.name + ".old").exists():
@@ -109,9 +165,19 @@ def load_checkpoint(folder: Path, model: nn.Module, optimizer: torch.optim.Optim
         changed = sorted(k for k in wanted if saved.get(k) != wanted[k])
         raise ConfigError(f"checkpoint in {folder} was trained with other settings ({', '.join(changed)}); "
                           "use a new output folder or the same settings")
+    saved_world = state.get("world_size", 1)  # checkpoints from before it was recorded: written by one process
+    if saved_world != world_size:
+        raise ConfigError(f"checkpoint in {folder} was trained by {saved_world} processes, this run has {world_size} "
+                          f"(it changes the batches); resume with accelerate launch --num_processes {saved_world} "
+                          "or use a new output folder")
     load_model(model, str(folder / "model.safetensors"))
     # Our own file, written by save_checkpoint; weights_only keeps torch.load from running arbitrary pickles anyway.
-    optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
+    # map_location: the state was saved from the main process's device (cuda:0); unmapped, every rank would load it
+    # there, and a CPU-only resume would fail. accelerate names a data-parallel CPU process's device 'cpu:0', which
+    # torch.load cannot map to.
+    device = torch.device(device)
+    location = "cpu" if device.type == "cpu" else device
+    optimizer.load_state_dict(torch.load(folder / "optimizer.pt", map_location=location, weights_only=True))
     return int(state["step"])
 
 
@@ -130,13 +196,15 @@ def train(model: nn.Module, tokens: Tensor, cfg: TrainConfig, out_dir: Path, bos
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
-    step = load_checkpoint(out_dir / CHECKPOINT, model, optimizer, cfg)
+    world, is_main = accelerator.num_processes, accelerator.is_main_process
+    with accelerator.main_process_first():  # the main process repairs a checkpoint killed mid-swap before others read
+        step = load_checkpoint(out_dir / CHECKPOINT, model, optimizer, cfg, world, accelerator.device)
     model, optimizer = accelerator.prepare(model, optimizer)
     inner = accelerator.unwrap_model(model)
     probe = sample_batch(tokens, -1, cfg, bos_id)[:2].to(accelerator.device)
-    log = (out_dir / LOG).open("a")
+    log = (out_dir / LOG).open("a") if is_main else None
     losses: list[float] = []
-    bar = tqdm(total=cfg.steps, initial=step, desc="train", unit="step", disable=not progress)
+    bar = tqdm(total=cfg.steps, initial=step, desc="train", unit="step", disable=not (progress and is_main))
     model.train()
     while step < cfg.steps:
         if cfg.budget_minutes is not None:  # decided together, so data-parallel processes stop at one step
@@ -158,19 +226,24 @@ def train(model: nn.Module, tokens: Tensor, cfg: TrainConfig, out_dir: Path, bos
             hook(inner, step)
         losses.append(loss.item())
         bar.update(1)
-        if (step % cfg.log_every == 0 or step == cfg.steps) and accelerator.is_main_process:
-            entry = {"step": step, "loss": sum(losses) / len(losses), "lr": learning_rate(step - 1, cfg),
-                     **activation_probe(inner, probe)}
-            log.write(json.dumps(entry) + "\n")
-            log.flush()
-            bar.set_postfix(loss=f"{entry['loss']:.3f}", max=f"{entry['max_abs']:.0f}", ratio=f"{entry['ratio']:.0f}")
+        if step % cfg.log_every == 0 or step == cfg.steps:  # every process: the loss is averaged over all of them
+            mean = torch.tensor(sum(losses) / len(losses), device=accelerator.device)
+            loss_all = accelerator.reduce(mean, reduction="mean").item()
             losses = []
-        if step % cfg.checkpoint_every == 0 and accelerator.is_main_process:
-            save_checkpoint(out_dir / CHECKPOINT, inner, optimizer, step, cfg)
+            if log is not None:
+                entry = {"step": step, "loss": loss_all, "lr": learning_rate(step - 1, cfg),
+                         **activation_probe(inner, probe)}
+                log.write(json.dumps(entry) + "\n")
+                log.flush()
+                bar.set_postfix(loss=f"{loss_all:.3f}", max=f"{entry['max_abs']:.0f}", ratio=f"{entry['ratio']:.0f}")
+        if step % cfg.checkpoint_every == 0 and is_main:
+            save_checkpoint(out_dir / CHECKPOINT, inner, optimizer, step, cfg, world)
     bar.close()
-    log.close()
-    if accelerator.is_main_process:
-        save_checkpoint(out_dir / CHECKPOINT, inner, optimizer, step, cfg)
+    if log is not None:
+        log.close()
+    if is_main:
+        save_checkpoint(out_dir / CHECKPOINT, inner, optimizer, step, cfg, world)
+    accelerator.wait_for_everyone()  # the others read the log below only once the main process has written it
     model.eval()
     last = json.loads((out_dir / LOG).read_text().splitlines()[-1]) if (out_dir / LOG).stat().st_size else {}
     return TrainResult(step, step >= cfg.steps, float(last.get("loss", math.nan)), time.monotonic() - started)

@@ -15,7 +15,7 @@ from qharness.models import mitigations
 from qharness.models.loading import quiet_transformers
 from qharness.provenance import row_fields
 from qharness.training.architectures import new_model
-from qharness.training.loop import LOG, TrainResult, train
+from qharness.training.loop import LOG, TrainResult, process_state, train
 from qharness.training.text import training_corpus
 
 
@@ -44,12 +44,15 @@ def train_model(recipe: Any, out_dir: Path, progress: bool = True, budget_minute
     mitigations.initialize_(model, applied)
     hooks = [m.after_step for m in applied if m.after_step is not None]
     result = train(model, tokens, cfg, out_dir, tokenizer.bos_token_id, hooks, progress)
-    if result.finished:
+    state = process_state()
+    if result.finished and state.is_main_process:  # one writer: every rank swapping the same folder would race
         log = [json.loads(line) for line in (out_dir / LOG).read_text().splitlines()]
         info = {"recipe": {"arch": asdict(recipe.arch), "train": asdict(recipe.train),
                            "mitigation": recipe.mitigation, "digest": recipe.digest()},
+                "processes": state.num_processes,  # data-parallel processes: each drew batch_size sequences a step
                 "corpus": manifest, "final": log[-1] if log else {}, "seconds_last_call": result.seconds,
                 "parameters": sum(p.numel() for p in model.parameters()),
                 **row_fields(next(model.parameters()).device)}
         save_trained(model, tokenizer, out_dir / "model", info, progress)
+    state.wait_for_everyone()  # the others return once the model is there for them to load
     return result

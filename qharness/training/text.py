@@ -78,12 +78,17 @@ def training_corpus(progress: bool = True) -> tuple[Any, torch.Tensor, dict[str,
     """(tokenizer, token stream, manifest), building and caching them on first use."""
     from transformers import AutoTokenizer
 
+    from qharness.training.loop import process_state
+
     folder = cache_dir("zoo", f"text-v{VERSION}")
     manifest_path = folder / "manifest.json"
-    if not manifest_path.exists():
-        if progress:
-            print("zoo: fetching and tokenizing the training text (once; about a minute)")
-        build(folder, training_texts())
+    # Under `accelerate launch` the main process fetches and tokenizes; the others wait, then read its cache (on a
+    # node that does not share the cache they find none and build their own, as a single process would).
+    with process_state().main_process_first():
+        if not manifest_path.exists():
+            if progress:
+                print("zoo: fetching and tokenizing the training text (once; about a minute)")
+            build(folder, training_texts())
     manifest = json.loads(manifest_path.read_text())
     if hashlib.sha256((folder / "tokens.npy").read_bytes()).hexdigest() != manifest["sha256"]:
         raise DataError(f"cached training tokens in {folder} do not match their manifest; delete the folder")

@@ -5,7 +5,6 @@ model at a time, resuming its checkpoint if a run was interrupted.
 
 from __future__ import annotations
 
-import fcntl
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -15,9 +14,12 @@ from qharness.models.sources.zoo import folder_for, recipe_for
 
 @contextmanager
 def exclusive(folder: Path) -> Iterator[None]:
-    """One trainer per model: a sweep's workers asking for the same zoo model wait for the first to finish."""
-    with (folder / ".lock").open("w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    """One trainer per model: a sweep's workers asking for the same zoo model wait for the first to finish. Under
+    `accelerate launch` the main process holds it for all ranks (taken by each, it deadlocked; see
+    loop.main_process_lock)."""
+    from qharness.training.loop import main_process_lock
+
+    with main_process_lock(folder / ".lock"):
         yield
 
 

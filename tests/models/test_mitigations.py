@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from qharness.models import mitigations
 from qharness.models.layers import decoder_layers, is_norm, norm_modules
 from qharness.models.mitigations import load_mitigations
 from qharness.models.mitigations.dyt import ALPHA_ATTENTION, ALPHA_OTHER, DyT, apply_dyt_
@@ -72,3 +73,42 @@ def test_lir_init_scales_by_layer_index(tiny_model):
         stds[index].append(weight.std().item())
     assert sum(stds[1]) / len(stds[1]) == pytest.approx(0.5, rel=0.1)
     assert sum(stds[2]) / len(stds[2]) == pytest.approx(0.5 / 2**0.5, rel=0.1)
+
+
+BF16_SPECS = [*load_mitigations().names(), "tvr+kv_bias", "tvr+dyt", "kv_bias+gated_attention+clipped_softmax+dyt"]
+
+
+def saved_mitigated(folder, arch: str, spec: str):
+    """A tiny fp32 model with `spec`, its new parameters moved off their neutral start, saved as a folder."""
+    from qharness.training.architectures import ArchConfig, new_model
+
+    model = new_model(ArchConfig(arch=arch, d_model=32, layers=2, heads=2, context=32, vocab_size=64), 0, 1, seed=0)
+    mitigations.initialize_(model, mitigations.build_(model, spec))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if any(part in name for part in ("kv_bias", "gate", "alpha")):
+                param.normal_(0.5, 0.2)
+    model.save_pretrained(folder, safe_serialization=True)
+    return model.eval()
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("spec", BF16_SPECS)
+def test_mitigated_models_load_and_run_in_the_dtype_asked_for(arch, spec, tmp_path):
+    from transformers import AutoConfig
+
+    from qharness.models.loading import load_mitigated
+
+    reference = saved_mitigated(tmp_path, arch, spec)
+    ids = torch.randint(2, 64, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = reference(ids).logits
+        fp32 = load_mitigated(tmp_path, AutoConfig.from_pretrained(tmp_path), torch.float32).eval()
+        bf16 = load_mitigated(tmp_path, AutoConfig.from_pretrained(tmp_path), torch.bfloat16).eval()
+        assert {p.dtype for p in fp32.parameters()} == {torch.float32}  # fp32 stays fp32: nothing is cast down
+        assert {p.dtype for p in bf16.parameters()} == {torch.bfloat16}  # the mitigation's modules too
+        assert torch.equal(fp32(ids).logits, expected)
+        logits = bf16(ids).logits  # fp32 modules in a bf16 model failed here: "mat1 and mat2 must have the same dtype"
+    assert logits.dtype == torch.bfloat16
+    error = (logits.float() - expected).norm() / expected.norm()
+    assert error < 0.02, f"bf16 relative error {error:.4f}"  # bf16 rounding (8 bits), not a wrong computation

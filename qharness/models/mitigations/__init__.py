@@ -66,6 +66,14 @@ def build_(model: Any, spec: str) -> list[Mitigation]:
     return mitigations
 
 
+def placed_like(module: Any, reference: Any) -> Any:
+    """`module` on the device and in the floating dtype of `reference`'s parameters (the module it attaches to or
+    replaces). New modules are born fp32 on the CPU; left there, a bf16 or CUDA model fails at their first matmul
+    ("mat1 and mat2 must have the same dtype"), and the weights loaded into them later would be upcast to fp32."""
+    param = next((p for p in reference.parameters() if p.is_floating_point()), None)
+    return module if param is None else module.to(device=param.device, dtype=param.dtype)
+
+
 def initialize_(model: Any, mitigations: list[Mitigation]) -> None:
     for mitigation in mitigations:
         if mitigation.init is not None:

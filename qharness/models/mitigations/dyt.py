@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from qharness.models.layers import decoder_layers, is_norm, norm_modules
-from qharness.models.mitigations import MITIGATIONS, Mitigation
+from qharness.models.mitigations import MITIGATIONS, Mitigation, placed_like
 
 ALPHA_ATTENTION = 1.0
 ALPHA_OTHER = 0.5
@@ -49,7 +49,8 @@ def apply_dyt_(model: nn.Module) -> int:
         dim = norm.weight.numel() if getattr(norm, "weight", None) is not None else model.config.hidden_size
         alpha = ALPHA_ATTENTION if id(norm) in before_attention else ALPHA_OTHER
         parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent), child, DyT(dim, alpha).to(next(model.parameters()).device))
+        reference = norm if getattr(norm, "weight", None) is not None else model  # a norm without affine weights
+        setattr(model.get_submodule(parent), child, placed_like(DyT(dim, alpha), reference))
         replaced += 1
     return replaced
 

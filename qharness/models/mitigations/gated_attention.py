@@ -7,15 +7,14 @@ from torch import nn
 
 from qharness.models.attention import AttentionGate, stash_gate_input, use_mitigated_attention_
 from qharness.models.layers import attention_modules
-from qharness.models.mitigations import MITIGATIONS, Mitigation
+from qharness.models.mitigations import MITIGATIONS, Mitigation, placed_like
 
 
 def add_attention_gate_(model: nn.Module) -> None:
     config = model.config
     for attention in attention_modules(model):
-        attention.gate = AttentionGate(config.hidden_size, config.num_attention_heads, attention.head_dim).to(
-            next(attention.parameters()).device
-        )
+        gate = AttentionGate(config.hidden_size, config.num_attention_heads, attention.head_dim)
+        attention.gate = placed_like(gate, attention)
         attention.register_forward_pre_hook(stash_gate_input, with_kwargs=True)
     use_mitigated_attention_(model)
 

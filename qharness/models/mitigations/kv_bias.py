@@ -8,14 +8,14 @@ from torch import nn
 
 from qharness.models.attention import KVBias, use_mitigated_attention_
 from qharness.models.layers import attention_modules
-from qharness.models.mitigations import MITIGATIONS, Mitigation
+from qharness.models.mitigations import MITIGATIONS, Mitigation, placed_like
 
 
 def add_kv_bias_(model: nn.Module) -> None:
     config = model.config
     for attention in attention_modules(model):
         kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-        attention.kv_bias = KVBias(kv_heads, attention.head_dim).to(next(attention.parameters()).device)
+        attention.kv_bias = placed_like(KVBias(kv_heads, attention.head_dim), attention)
     use_mitigated_attention_(model)
 
 
