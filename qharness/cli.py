@@ -11,7 +11,7 @@ import sys
 import typing
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from qharness.errors import QHarnessError
 
@@ -246,14 +246,13 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     if args.model:
         return _train_named(args.model, args.budget, progress=not args.quiet)
+    if args.from_model:
+        return _train_from(args)
     if args.out is None:
         raise QHarnessError("qharness train needs --out FOLDER (or --model zoo:<arch>-<mitigation>)")
     recipe = Recipe(arch=ArchConfig(arch=args.arch, d_model=args.d_model, layers=args.layers, heads=args.heads,
-                                    context=args.context),
-                    train=TrainConfig(steps=args.steps, batch_size=args.batch_size, context=args.context,
-                                      lr=args.lr, weight_decay=args.weight_decay, seed=args.seed,
-                                      warmup=args.warmup, min_lr_ratio=args.min_lr_ratio,
-                                      grad_clip=args.grad_clip),
+                                    context=args.context or TrainConfig().context),
+                    train=train_config(args, TrainConfig()),
                     mitigation=args.mitigation)
     mitigations.resolve(recipe.mitigation)
     result = train_model(recipe, args.out, progress=not args.quiet, budget_minutes=args.budget)
@@ -272,8 +271,9 @@ def _train_named(name: str, budget: float | None, progress: bool) -> int:
     from qharness.training.ensure import TRAINERS, ensure
 
     if classify(name) not in TRAINERS:
-        raise QHarnessError(f"'{name}' is not a model qharness trains; --model takes a zoo name "
-                            "(zoo:llama-base, zoo:gpt2-kv_bias, ...; `qharness list models`)")
+        raise QHarnessError(f"'{name}' is not a model qharness trains; --model takes a zoo or tune name "
+                            "(zoo:llama-base, tune:smollm2-135m-none, ...; `qharness list models`), or continue "
+                            f"training it with --from {name} --out FOLDER")
     path = ensure(name, progress=progress, budget_minutes=budget)
     if path is None:
         print(f"{name}: stopped by the {budget}-minute budget with a checkpoint; "
@@ -283,32 +283,77 @@ def _train_named(name: str, budget: float | None, progress: bool) -> int:
     return 0
 
 
-def add_train_arguments(parser: argparse.ArgumentParser) -> None:
-    from qharness.recipe import ArchConfig, TrainConfig
+TRAIN_FLAGS = ("steps", "batch_size", "context", "lr", "weight_decay", "warmup", "min_lr_ratio", "grad_clip", "seed")
 
-    arch, train = ArchConfig(), TrainConfig()
-    parser.add_argument("--model", default=None, help="a zoo name (zoo:llama-base, ...): train it into the cache")
-    parser.add_argument("--arch", default=arch.arch, help="llama (GLU) or gpt2 (non-GLU)")
+
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    from qharness.recipe import TUNE_TRAIN, ArchConfig, TrainConfig
+
+    arch, scratch = ArchConfig(), TrainConfig()
+    parser.add_argument("--model", default=None,
+                        help="a zoo or tune name (zoo:llama-base, tune:smollm2-135m-none): train it into the cache")
+    parser.add_argument("--from", dest="from_model", default=None, metavar="MODEL",
+                        help="continue training this model (any --model name) instead of starting from scratch")
+    parser.add_argument("--arch", default=arch.arch, help="llama (GLU) or gpt2 (non-GLU), from scratch")
     parser.add_argument("--mitigation", default="none",
                         help="none, or mitigations joined by '+': kv_bias, tvr, dyt, gated_attention, "
-                             "clipped_softmax (e.g. tvr+kv_bias)")
+                             "clipped_softmax, outlier_penalty (e.g. tvr+kv_bias); with --from: none or "
+                             "outlier_penalty")
+    parser.add_argument("--data", nargs="+", default=None, metavar="PATH",
+                        help="with --from: text files, folders, .jsonl ('text') or .parquet ('text') to train on "
+                             "(default: the built-in training text, never the held-out evaluation text)")
+    parser.add_argument("--penalty-threshold", type=float, default=None,
+                        help="outlier_penalty: |h| above this is penalized (default 64)")
+    parser.add_argument("--penalty-strength", type=float, default=None,
+                        help="outlier_penalty: weight of the penalty against the loss (default 0.05)")
     parser.add_argument("--budget", type=float, default=None, metavar="MINUTES",
                         help="stop after this many minutes with a checkpoint; rerun to continue")
     parser.add_argument("--out", type=Path, default=None, help="folder for the checkpoint, log and model")
-    parser.add_argument("--steps", type=int, default=train.steps)
-    parser.add_argument("--batch-size", type=int, default=train.batch_size)
-    parser.add_argument("--context", type=int, default=train.context)
-    parser.add_argument("--lr", type=float, default=train.lr)
-    parser.add_argument("--weight-decay", type=float, default=train.weight_decay)
-    parser.add_argument("--warmup", type=int, default=train.warmup, help="linear warmup steps")
-    parser.add_argument("--min-lr-ratio", type=float, default=train.min_lr_ratio,
-                        help="cosine decay ends at lr x this (1 = constant lr)")
-    parser.add_argument("--grad-clip", type=float, default=train.grad_clip, help="max gradient norm; 0 = off")
-    parser.add_argument("--seed", type=int, default=train.seed)
+    for flag in TRAIN_FLAGS:
+        kind = type(getattr(scratch, flag))
+        parser.add_argument(f"--{flag.replace('_', '-')}", type=kind, default=None,
+                            help=f"default {getattr(scratch, flag)} from scratch, {getattr(TUNE_TRAIN, flag)} "
+                                 "with --from")
     parser.add_argument("--d-model", type=int, default=arch.d_model)
     parser.add_argument("--layers", type=int, default=arch.layers)
     parser.add_argument("--heads", type=int, default=arch.heads)
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def train_config(args: argparse.Namespace, defaults: Any) -> Any:
+    """`defaults` (a TrainConfig) with every train flag the user gave put in."""
+    from dataclasses import replace
+
+    return replace(defaults, **{flag: getattr(args, flag) for flag in TRAIN_FLAGS if getattr(args, flag) is not None})
+
+
+def _train_from(args: argparse.Namespace) -> int:
+    """`train --from MODEL --mitigation M --out DIR`: continued training into a folder of your own."""
+    from dataclasses import replace
+
+    from qharness.models.sources.tune import recipe_for
+    from qharness.results import check_writable_dir
+    from qharness.training.ensure import ensure
+    from qharness.training.tune import continue_training
+
+    if args.out is None:
+        raise QHarnessError(f"qharness train --from needs --out FOLDER (or --model tune:{args.from_model}-"
+                            f"{args.mitigation} to train into the cache)")
+    recipe = recipe_for(f"tune:{args.from_model}-{args.mitigation}")  # checks the base and the mitigation
+    penalty = {k: v for k, v in (("threshold", args.penalty_threshold), ("strength", args.penalty_strength))
+               if v is not None}
+    recipe = replace(recipe, train=train_config(args, recipe.train), penalty=tuple(sorted(penalty.items())),
+                     data=tuple(args.data or ()))
+    check_writable_dir(args.out, "--out")
+    ensure(recipe.base, progress=not args.quiet)
+    result = continue_training(recipe, args.out, progress=not args.quiet, budget_minutes=args.budget)
+    if not result.finished:
+        print(f"stopped by the {args.budget}-minute budget at step {result.step} of {recipe.train.steps} "
+              f"(checkpoint in {args.out}); run the same command again to continue")
+    else:
+        print(f"trained {recipe.base} + {recipe.mitigation} for {result.step} more steps, final loss "
+              f"{result.loss:.3f} -> {args.out / 'model'}  (use it as --model {args.out / 'model'})")
+    return 0
 
 
 def cmd_list(args: argparse.Namespace) -> int:

@@ -11,6 +11,7 @@ A checkpoint (safetensors weights, optimizer and scheduler state, step) is writt
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import shutil
@@ -182,8 +183,9 @@ def load_checkpoint(folder: Path, model: nn.Module, optimizer: torch.optim.Optim
 
 
 def train(model: nn.Module, tokens: Tensor, cfg: TrainConfig, out_dir: Path, bos_id: int,
-          hooks: Sequence[StepHook] = (), progress: bool = True) -> TrainResult:
-    """Train `model` in place on `tokens` (1-D) until cfg.steps or the time budget; resumes from out_dir."""
+          hooks: Sequence[StepHook] = (), progress: bool = True, penalty: Any = None) -> TrainResult:
+    """Train `model` in place on `tokens` (1-D) until cfg.steps or the time budget; resumes from out_dir. A
+    `penalty` (a loss-side mitigation with `attached(model)` and `take()`) adds its term to every step's loss."""
     from accelerate import Accelerator
     from tqdm.auto import tqdm
 
@@ -206,38 +208,48 @@ def train(model: nn.Module, tokens: Tensor, cfg: TrainConfig, out_dir: Path, bos
     losses: list[float] = []
     bar = tqdm(total=cfg.steps, initial=step, desc="train", unit="step", disable=not (progress and is_main))
     model.train()
-    while step < cfg.steps:
-        if cfg.budget_minutes is not None:  # decided together, so data-parallel processes stop at one step
-            over = torch.tensor(float(time.monotonic() - started > cfg.budget_minutes * 60), device=accelerator.device)
-            if accelerator.reduce(over, reduction="max").item():
-                break
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate(step, cfg)
-        batch = sample_batch(tokens, step, cfg, bos_id, accelerator.process_index, accelerator.num_processes)
-        batch = batch.to(accelerator.device)
-        loss = model(input_ids=batch, labels=batch).loss
-        accelerator.backward(loss)
-        if cfg.grad_clip > 0:
-            accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        for hook in hooks:
-            hook(inner, step)
-        losses.append(loss.item())
-        bar.update(1)
-        if step % cfg.log_every == 0 or step == cfg.steps:  # every process: the loss is averaged over all of them
-            mean = torch.tensor(sum(losses) / len(losses), device=accelerator.device)
-            loss_all = accelerator.reduce(mean, reduction="mean").item()
-            losses = []
-            if log is not None:
-                entry = {"step": step, "loss": loss_all, "lr": learning_rate(step - 1, cfg),
-                         **activation_probe(inner, probe)}
-                log.write(json.dumps(entry) + "\n")
-                log.flush()
-                bar.set_postfix(loss=f"{loss_all:.3f}", max=f"{entry['max_abs']:.0f}", ratio=f"{entry['ratio']:.0f}")
-        if step % cfg.checkpoint_every == 0 and is_main:
-            save_checkpoint(out_dir / CHECKPOINT, inner, optimizer, step, cfg, world)
+    penalties: list[float] = []
+    with penalty.attached(inner) if penalty is not None else contextlib.nullcontext():
+        while step < cfg.steps:
+            if cfg.budget_minutes is not None:  # decided together, so data-parallel processes stop at one step
+                over = torch.tensor(float(time.monotonic() - started > cfg.budget_minutes * 60),
+                                    device=accelerator.device)
+                if accelerator.reduce(over, reduction="max").item():
+                    break
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate(step, cfg)
+            batch = sample_batch(tokens, step, cfg, bos_id, accelerator.process_index, accelerator.num_processes)
+            batch = batch.to(accelerator.device)
+            loss = model(input_ids=batch, labels=batch).loss
+            extra = penalty.take() if penalty is not None else None
+            accelerator.backward(loss if extra is None else loss + extra)
+            if extra is not None:
+                penalties.append(extra.item())
+            if cfg.grad_clip > 0:
+                accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            for hook in hooks:
+                hook(inner, step)
+            losses.append(loss.item())
+            bar.update(1)
+            if step % cfg.log_every == 0 or step == cfg.steps:  # every process: the loss is averaged over all of them
+                mean = torch.tensor(sum(losses) / len(losses), device=accelerator.device)
+                loss_all = accelerator.reduce(mean, reduction="mean").item()
+                losses = []
+                if log is not None:
+                    entry = {"step": step, "loss": loss_all, "lr": learning_rate(step - 1, cfg),
+                             **activation_probe(inner, probe)}
+                    if penalties:  # the loss-side mitigation's term, mean over the interval (this process's)
+                        entry["penalty"] = sum(penalties) / len(penalties)
+                        penalties.clear()
+                    log.write(json.dumps(entry) + "\n")
+                    log.flush()
+                    bar.set_postfix(loss=f"{loss_all:.3f}", max=f"{entry['max_abs']:.0f}",
+                                    ratio=f"{entry['ratio']:.0f}")
+            if step % cfg.checkpoint_every == 0 and is_main:
+                save_checkpoint(out_dir / CHECKPOINT, inner, optimizer, step, cfg, world)
     bar.close()
     if log is not None:
         log.close()

@@ -21,7 +21,7 @@ from qharness.errors import ConfigError
 from qharness.registry import Registry
 
 MODULES = tuple(f"qharness.models.mitigations.{name}"
-                for name in ("dyt", "tvr", "kv_bias", "gated_attention", "clipped_softmax"))
+                for name in ("dyt", "tvr", "kv_bias", "gated_attention", "clipped_softmax", "outlier_penalty"))
 CONFIG_KEY = "qharness_mitigation"
 NONE = "none"
 
@@ -34,6 +34,10 @@ class Mitigation:
     build: Callable[[Any], Any] | None = None  # (model) -> None: change the architecture in place
     init: Callable[[Any], Any] | None = None  # (model) -> None: starting weights
     after_step: Callable[[Any, int], Any] | None = None  # (model, step) -> None: after each optimizer step
+    # (settings dict or None) -> a penalty with attached(model) and take(): a term added to the training loss
+    penalty: Callable[[dict[str, float] | None], Any] | None = None
+    # whether it can be added to a trained model without changing the function it computes (train --from)
+    preserves_function: bool = False
 
 
 MITIGATIONS: Registry[Mitigation] = Registry("mitigation")

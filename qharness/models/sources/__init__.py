@@ -77,6 +77,7 @@ class Source:
     # the others' baseline; "" for a model that belongs to none
     family: Callable[[str], str] = lambda name: ""
     describe_name: Callable[[str], dict[str, str]] | None = None  # arch/mitigation/family from the name alone
+    requires: Callable[[str], tuple[str, ...]] = lambda name: ()  # models this one is made from (ensured first)
 
 
 SOURCES: Registry[Source] = Registry("model source")
