@@ -131,3 +131,19 @@ def test_tasks_for_gives_one_model_its_own_tasks(tiny_model_dir, tiny_task_dir, 
     assert spec.tasks == (str(tiny_task_dir / "other.yaml"),)
     with pytest.raises(ConfigError, match="not in the sweep's models"):
         write_config(tmp_path, tiny_model_dir, tiny_task_dir, ["int8"], tasks_for="{elsewhere: [x]}")
+
+
+def test_the_shipped_tune_sweep_sets_each_mitigation_against_the_continued_control(monkeypatch, tmp_path):
+    from pathlib import Path
+
+    from qharness.models.sources import source_for
+    from qharness.runner import plan_cells
+
+    monkeypatch.setenv("QHARNESS_CACHE", str(tmp_path))  # planning must not need (or make) a trained model
+    config = SweepConfig.from_file(Path(__file__).resolve().parents[1] / "sweeps" / "tune.yaml")
+    tuned = [m for m in config.models if m.startswith("tune:")]
+    assert "smollm2-135m" in config.models and "tune:smollm2-135m-none" in tuned and len(tuned) >= 2
+    assert {source_for(m).family(m) for m in tuned} == {"tune:smollm2-135m"}
+    for spec in config.run_specs():
+        assert plan_cells(spec)[0]
+    assert not any(tmp_path.iterdir())
