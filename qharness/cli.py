@@ -305,7 +305,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--penalty-threshold", type=float, default=None,
                         help="outlier_penalty: |h| above this is penalized (default 64)")
     parser.add_argument("--penalty-strength", type=float, default=None,
-                        help="outlier_penalty: weight of the penalty against the loss (default 0.05)")
+                        help="outlier_penalty: weight of the penalty against the loss (default 1.0)")
     parser.add_argument("--budget", type=float, default=None, metavar="MINUTES",
                         help="stop after this many minutes with a checkpoint; rerun to continue")
     parser.add_argument("--out", type=Path, default=None, help="folder for the checkpoint, log and model")
