@@ -127,15 +127,8 @@ def continue_training(recipe: TuneRecipe, out_dir: Path, progress: bool = True, 
 
 def train_tune_model(name: str, progress: bool = True, budget_minutes: float | None = None) -> Path | None:
     """Train the tune: model `name` unless it is trained; its model folder, or None when the budget stopped it."""
-    from qharness.training.zoo import exclusive
+    from qharness.training.zoo import train_once
 
     recipe = recipe_for(name)
-    folder = folder_for(name)
-    folder.mkdir(parents=True, exist_ok=True)
-    with exclusive(folder):
-        if not (folder / "model" / "config.json").exists():
-            if progress:
-                print(f"{name}: not trained yet; training it now ({recipe.train.steps} steps from {recipe.base})")
-            if not continue_training(recipe, folder, progress, budget_minutes).finished:
-                return None
-    return folder / "model"
+    return train_once(name, folder_for(name), f"{recipe.train.steps} steps from {recipe.base}",
+                      lambda folder: continue_training(recipe, folder, progress, budget_minutes), progress)

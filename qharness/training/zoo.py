@@ -5,11 +5,15 @@ model at a time, resuming its checkpoint if a run was interrupted.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from qharness.models.sources.zoo import folder_for, recipe_for
+
+if TYPE_CHECKING:
+    from qharness.training.loop import TrainResult
 
 
 @contextmanager
@@ -23,17 +27,25 @@ def exclusive(folder: Path) -> Iterator[None]:
         yield
 
 
+def train_once(name: str, folder: Path, announce: str, run: Callable[[Path], TrainResult],
+               progress: bool = True) -> Path | None:
+    """The cached model folder of `name` (folder/model), trained by `run(folder)` unless it is there; None when a
+    budget stopped the training first. One trainer per folder at a time (zoo and tune models alike)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with exclusive(folder):
+        if not (folder / "model" / "config.json").exists():
+            if progress:
+                print(f"{name}: not trained yet; training it now ({announce}, resumable)")
+            if not run(folder).finished:
+                return None
+    return folder / "model"
+
+
 def train_zoo_model(name: str, progress: bool = True, budget_minutes: float | None = None) -> Path | None:
     """Train `name` unless it is trained; returns its model folder, or None when the budget stopped it first."""
     from qharness.training.run import train_model
 
     recipe = recipe_for(name)
-    folder = folder_for(name)
-    folder.mkdir(parents=True, exist_ok=True)
-    with exclusive(folder):
-        if not (folder / "model" / "config.json").exists():
-            if progress:
-                print(f"{name}: not trained yet; training it now ({recipe.train.steps} steps, resumable)")
-            if not train_model(recipe, folder, progress=progress, budget_minutes=budget_minutes).finished:
-                return None
-    return folder / "model"
+    return train_once(name, folder_for(name), f"{recipe.train.steps} steps",
+                      lambda folder: train_model(recipe, folder, progress=progress, budget_minutes=budget_minutes),
+                      progress)
