@@ -371,6 +371,8 @@ def cmd_list(args: argparse.Namespace) -> int:
         print("  zoo (trained here on first use, about 7 min each; `qharness train --model NAME`):")
         for name in zoo.GRID:
             print(f"  {name:24} {'trained' if zoo.is_trained(name) else 'not trained yet'}")
+        print("  tune:<model>-<mitigation>  a model trained further here with a mitigation, on first use (about 3 min "
+              "for smollm2-135m): tune:smollm2-135m-none (the control), tune:smollm2-135m-outlier_penalty")
     if args.what in ("all", "quants"):
         print("quants:")
         for entry in SCHEMES:
