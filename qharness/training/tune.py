@@ -2,9 +2,10 @@
 trained on first use): the model as `--model` loads it, in fp32, the mitigation added without changing what it
 computes, then the same loop as the zoo's on text tokenized with the model's own tokenizer.
 
-Only mitigations that keep the model's function at step 0 can be added this way today (none, the control, and the
-loss-side outlier penalty); the architectural ones (KV bias, DyT, gated attention, clipped softmax) and TVR change a
-trained model's outputs the moment they are inserted and are refused with that reason.
+A mitigation is added either because it keeps the model's function (none, the control; the loss-side outlier
+penalty) or through its `retrofit`, which sets what it adds so the function moves as little as it can (KV bias:
+k' = v' = 0), the change measured on calibration text and recorded in training.json. The others (DyT, gated
+attention, clipped softmax, TVR) have no retrofit yet and are refused with that reason.
 """
 
 from __future__ import annotations
@@ -98,6 +99,22 @@ def tuning_tokens(tokenizer: Any, data: tuple[str, ...], progress: bool = True) 
     return torch.from_numpy(np.load(path, allow_pickle=False).astype(np.int64))
 
 
+def retrofit_(model: Any, spec: str, tokenizer: Any) -> float:
+    """Add the mitigations of `spec` to a trained model as `retrofit` prescribes; returns how much that changed its
+    function: max |logits after - logits before| / max |logits before| on two sequences of the calibration text."""
+    from qharness.quant.calibrate import calibration_batches, calibration_text
+
+    batches = calibration_batches(tokenizer, calibration_text(), n=2, length=128,
+                                  device=next(model.parameters()).device)
+    with torch.no_grad():
+        before = [model(input_ids=ids).logits for ids in batches]
+        for mitigation in mitigations.build_(model, spec):
+            if mitigation.retrofit is not None:
+                mitigation.retrofit(model)
+        after = [model(input_ids=ids).logits for ids in batches]
+    return max(float((a - b).abs().max() / b.abs().max()) for a, b in zip(after, before, strict=True))
+
+
 def continue_training(recipe: TuneRecipe, out_dir: Path, progress: bool = True, budget_minutes: float | None = None,
                       device: str = "auto") -> TrainResult:
     """Train `recipe.base` further with `recipe.mitigation` in out_dir (checkpoint, log) and save the model to
@@ -107,7 +124,11 @@ def continue_training(recipe: TuneRecipe, out_dir: Path, progress: bool = True, 
 
     loaded = load_model(ModelSpec(recipe.base, dtype="fp32", device=device), progress=progress)
     model, tokenizer = loaded.model, loaded.tokenizer
-    applied = mitigations.build_(model, recipe.mitigation)  # records the spec; these add no module
+    change = retrofit_(model, recipe.mitigation, tokenizer)
+    if progress and recipe.mitigation != "none":
+        print(f"{recipe.mitigation} added to {recipe.base}: logits moved by {change:.2%} of their largest value "
+              "before any step")
+    applied = mitigations.resolve(recipe.mitigation)
     penalties = [m.penalty(dict(recipe.penalty)) for m in applied if m.penalty is not None]
     if len(penalties) > 1:
         raise ConfigError(f"mitigation '{recipe.mitigation}' joins {len(penalties)} loss penalties; use one")
@@ -119,6 +140,7 @@ def continue_training(recipe: TuneRecipe, out_dir: Path, progress: bool = True, 
     if result.finished:
         log = [json.loads(line) for line in (out_dir / LOG).read_text().splitlines()]
         info = {"recipe": {**asdict(recipe), "digest": recipe.digest()}, "base_source": loaded.source,
+                "retrofit_logit_change": change,
                 "final": log[-1] if log else {}, "tokens_seen": cfg.steps * cfg.batch_size * cfg.context,
                 **row_fields(next(model.parameters()).device)}
         save_trained(model, tokenizer, out_dir / "model", info, progress)

@@ -51,8 +51,9 @@ def test_names_parse_and_say_what_is_supported():
     assert classify("tune:smollm2-135m-none") == "tune"
     assert tune_names.parse("tune:smollm2-135m-outlier_penalty") == ("smollm2-135m", "outlier_penalty")
     assert tune_names.family("tune:smollm2-135m-none") == "tune:smollm2-135m"
-    with pytest.raises(UnknownName, match="cannot yet be added to a trained model .* takes none or outlier_penalty"):
-        classify("tune:smollm2-135m-kv_bias")
+    with pytest.raises(UnknownName, match="cannot yet be added to a trained model .* none or kv_bias, outlier_pen"):
+        classify("tune:smollm2-135m-dyt")
+    assert classify("tune:smollm2-135m-outlier_penalty+kv_bias") == "tune"
     with pytest.raises(Exception, match="unknown model 'nope'"):
         classify("tune:nope-none")
     with pytest.raises(UnknownName, match="write tune:<model>-<mitigation>"):
@@ -118,3 +119,24 @@ def test_train_from_refuses_what_it_cannot_do(capsys, tmp_path, tiny_model_dir):
     assert main(["train", "--from", "no-such-model", "--out", str(tmp_path / "y")]) == 2
     assert "unknown model 'no-such-model'" in capsys.readouterr().err
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def test_kv_bias_is_retrofitted_with_a_silent_sink_and_its_cost_recorded(tmp_path, tiny_model_dir, monkeypatch):
+    monkeypatch.setenv("QHARNESS_CACHE", str(tmp_path / "cache"))
+    _train_from(tmp_path, tiny_model_dir, "kv_bias", "kv")
+    info = json.loads((tmp_path / "kv" / "model" / "training.json").read_text())
+    assert 0 < info["retrofit_logit_change"] < 1  # the sink takes some softmax share, and it is measured
+    reloaded = load_model(ModelSpec(str(tmp_path / "kv" / "model"), device="cpu")).model
+    assert reloaded.config.qharness_mitigation == "kv_bias"
+    biases = [m.kv_bias for m in reloaded.modules() if hasattr(m, "kv_bias")]
+    assert biases and all(b.k.abs().max() > 0 for b in biases)  # they started at zero and trained
+
+
+def test_retrofit_zeroes_the_sink(tiny_model_dir):
+    from qharness.models.mitigations.kv_bias import zero_kv_bias_
+
+    model = load_model(ModelSpec(str(tiny_model_dir), device="cpu")).model
+    build_(model, "kv_bias")
+    zero_kv_bias_(model)
+    biases = [m.kv_bias for m in model.modules() if hasattr(m, "kv_bias")]
+    assert len(biases) == 2 and all(not b.k.any() and not b.v.any() for b in biases)

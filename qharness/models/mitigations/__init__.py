@@ -38,6 +38,9 @@ class Mitigation:
     penalty: Callable[[dict[str, float] | None], Any] | None = None
     # whether it can be added to a trained model without changing the function it computes (train --from)
     preserves_function: bool = False
+    # (model) -> None: after `build`, set what it added so a trained model's function changes as little as it can
+    # (train --from measures and records how much it still does); None: it cannot be added to a trained model
+    retrofit: Callable[[Any], Any] | None = None
 
 
 MITIGATIONS: Registry[Mitigation] = Registry("mitigation")

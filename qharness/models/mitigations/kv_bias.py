@@ -4,6 +4,7 @@ The arithmetic lives in qharness/models/attention.py."""
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from qharness.models.attention import KVBias, use_mitigated_attention_
@@ -19,9 +20,20 @@ def add_kv_bias_(model: nn.Module) -> None:
     use_mitigated_attention_(model)
 
 
+@torch.no_grad()
+def zero_kv_bias_(model: nn.Module) -> None:
+    """For a trained model: k' = v' = 0. The sink then adds nothing to any head's output, but it still takes the
+    softmax share 1 / (1 + sum_j exp(s_j)) of each query, so the function changes by as much as the heads' scores
+    leave room for: little where a head already sinks its attention into BOS with a large score."""
+    for attention in attention_modules(model):
+        attention.kv_bias.k.zero_()
+        attention.kv_bias.v.zero_()
+
+
 MITIGATIONS.add("kv_bias", Mitigation(
     name="kv_bias",
     description="learnable k', v' per layer and head prepended to keys and values (not rotated), init N(0, 0.02)",
     reference="Sun et al. 2024, Massive Activations in Large Language Models (arXiv 2402.17762), sec. 5",
     build=add_kv_bias_,
+    retrofit=zero_kv_bias_,
 ))

@@ -37,9 +37,9 @@ def recipe_for(name: str) -> TuneRecipe:
     if base.startswith(PREFIX):
         raise UnknownName(f"'{name}': the base of a tuned model is a pretrained model, not another tune: name")
     source_for(base)  # raises for an unknown base
-    unfit = [m.name for m in mitigations.resolve(mitigation) if not m.preserves_function]
+    unfit = [m.name for m in mitigations.resolve(mitigation) if not (m.preserves_function or m.retrofit)]
     if unfit:
-        fit = sorted(e.name for e in mitigations.load_mitigations() if e.obj.preserves_function)
+        fit = sorted(e.name for e in mitigations.load_mitigations() if e.obj.preserves_function or e.obj.retrofit)
         raise UnknownName(f"mitigation '{'+'.join(unfit)}' cannot yet be added to a trained model without changing "
                           f"what it computes; continued training takes none or {', '.join(fit)}")
     return replace(RECIPE, base=base, mitigation=mitigation)
