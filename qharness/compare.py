@@ -11,7 +11,8 @@ Reads the leaderboard (and the per-layer error files) and writes results/report.
 - the mitigations: for models trained here with one recipe and different mitigations (a `family` in the
   leaderboard, e.g. the zoo's zoo:llama-*), each one's max activation and max/median ratio, its full-precision
   perplexity (the quality cost, against its family's member without a mitigation) and the relative perplexity change
-  under the headline schemes (the quantizability gain);
+  under the headline schemes (the quantizability gain); a family trained from another model (tune:) starts with that
+  model, and each member's max |h| over its training steps is plotted when its training log is in the cache;
 - a heatmap of relative perplexity change (model x scheme) and degradation against max activation.
 """
 
@@ -157,10 +158,25 @@ def correlations(items: list[Degradation], measures: dict[str, dict[str, float]]
     return out
 
 
+REFERENCE = "reference"  # the mitigation label of the model a family was trained from (the pretrained model)
+
+
+def with_references(families: dict[str, tuple[str, str]]) -> dict[str, tuple[str, str]]:
+    """`families` plus, for a family trained from another model (tune: models), that model as its reference row."""
+    from qharness.models.sources import related
+
+    out = dict(families)
+    for model, (family, _) in families.items():
+        for base in related(model)[0]:
+            out.setdefault(base, (family, REFERENCE))
+    return out
+
+
 def mitigation_table(measures: dict[str, dict[str, float]], items: list[Degradation],
                      families: dict[str, tuple[str, str]]) -> dict[str, Any]:
     """One row per model of a family on one perplexity task (kjv-heldout when present): activation measures, fp
-    quality against its family's baseline (mitigation none), and the ppl change per headline scheme present."""
+    quality against its family's baseline (mitigation none), and the ppl change per headline scheme present. A
+    family's reference (the model it was trained from) comes first."""
     plain = [d for d in items if d.model in families and d.metric == "ppl" and not d.keep]
     tasks = sorted({d.task for d in plain}, key=lambda t: (t != "kjv-heldout", t))
     if not tasks:
@@ -172,10 +188,12 @@ def mitigation_table(measures: dict[str, dict[str, float]], items: list[Degradat
     baselines = {family: fp[model] for model, (family, mitigation) in families.items()
                  if mitigation == "none" and model in fp}
     table = []
-    order = {model: (family, mitigation != "none", mitigation) for model, (family, mitigation) in families.items()}
+    rank = {REFERENCE: 0, "none": 1}
+    order = {model: (family, rank.get(mitigation, 2), mitigation) for model, (family, mitigation) in families.items()}
     for model in sorted(fp, key=order.__getitem__):
         base = baselines.get(families[model][0])
-        table.append({"model": model, "bos_holds_max": None, **measures.get(model, {}),
+        label = f"{model} (trained from)" if families[model][1] == REFERENCE else model
+        table.append({"model": label, "bos_holds_max": None, **measures.get(model, {}),
                       "fp_ppl": fp[model], "fp_vs_base": fp[model] / base - 1 if base else None,
                       **{scheme: rel.get((model, scheme)) for scheme in schemes}})
     return {"task": task, "schemes": schemes, "rows": table}
@@ -349,6 +367,31 @@ def plot_heatmap(items: list[Degradation], path: Path) -> Path | None:
     return path
 
 
+def plot_training(families: dict[str, tuple[str, str]], path: Path) -> Path | None:
+    """max |h| on the training loop's probe batch against the step, for every model of a family trained here:
+    how fast each mitigation shrinks the activation (and whether it grows back)."""
+    from qharness.models.sources import related
+
+    logs = {model: log for model in sorted(families) if (log := related(model)[1]) is not None}
+    if not logs:
+        return None
+    from qharness.activations.plots import _pyplot
+
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for model, log in logs.items():
+        entries = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+        ax.plot([e["step"] for e in entries], [e["max_abs"] for e in entries], "-o", markersize=3, label=model)
+    ax.set_yscale("log")
+    ax.set_xlabel("training step")
+    ax.set_ylabel("max |h| (probe batch)")
+    ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def plot_against_activation(items: list[Degradation], measures: dict[str, dict[str, float]],
                             path: Path) -> Path | None:
     points = [(measures[d.model]["massive_max"], d.rel * 100, d.quant) for d in items
@@ -385,10 +428,12 @@ def compare(results: Path, out_dir: Path) -> dict[str, Any]:
     layer_entries = load_layer_errors(layer_errors_dir(results))
     plots = [str(p) for p in (plot_heatmap(items, out_dir / "degradation_heatmap.png"),
                               plot_against_activation(items, measures, out_dir / "degradation_vs_activation.png"),
-                              plot_layer_errors(layer_entries, out_dir / "layer_error_vs_activation.png"))
+                              plot_layer_errors(layer_entries, out_dir / "layer_error_vs_activation.png"),
+                              plot_training(model_families(rows), out_dir / "max_activation_in_training.png"))
              if p is not None]
     layers = layer_error_summary(layer_entries)
-    mitigations = mitigation_table(measures, items, model_families(rows))
+    families = with_references(model_families(rows))
+    mitigations = mitigation_table(measures, items, families)
     markdown = markdown_report(items, checks, corr, plots, layers, mitigations)
     write_atomic(out_dir / "report.md", markdown)
     write_atomic(out_dir / "report.html", html_report(markdown))

@@ -135,8 +135,30 @@ def test_mitigation_table_reads_families_from_the_columns_not_the_names(tmp_path
     assert table["rows"][1]["fp_vs_base"] == pytest.approx(0.0) and table["rows"][0]["int8-w8a8-tensor"] == 1.0
 
 
-def test_a_leaderboard_from_before_the_model_columns_gives_the_same_report(tmp_path):
+def test_a_tuned_family_shows_the_model_it_came_from_and_its_training_curve(tmp_path, monkeypatch):
+    from qharness.models import sources
+
+    log = tmp_path / "train_log.jsonl"
+    log.write_text('{"step": 5, "max_abs": 900.0}\n{"step": 10, "max_abs": 90.0}\n')
+    monkeypatch.setattr(sources, "related", lambda name: (("base",), log) if name.startswith("tune:") else ((), None))
+
+    def member(model, mitigation, value, fp):
+        return {**row(model, "int8-w8a8-tensor", value, fp, task="kjv-heldout"), "arch": "llama",
+                "mitigation": mitigation, "family": "tune:base" if model.startswith("tune:") else ""}
+
+    rows = [member("base", "none", 60.0, 20.0), member("tune:base-none", "none", 44.0, 22.0),
+            member("tune:base-outlier_penalty", "outlier_penalty", 23.0, 22.0)]
+    append_rows(tmp_path / "lb.csv", rows)
+    summary = compare(tmp_path / "lb.csv", tmp_path / "out")
+    assert [r["model"] for r in summary["mitigations"]["rows"]] == [
+        "base (trained from)", "tune:base-none", "tune:base-outlier_penalty"]
+    assert summary["mitigations"]["rows"][0]["fp_vs_base"] == pytest.approx(20.0 / 22.0 - 1)
+    assert (tmp_path / "out" / "max_activation_in_training.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_leaderboard_from_before_the_model_columns_gives_the_same_report(tmp_path, monkeypatch):
     """tests/data/legacy_leaderboard: a leaderboard and its report.md, both written by qharness at ebb4a33."""
+    monkeypatch.setenv("QHARNESS_CACHE", str(tmp_path / "cache"))  # no trained zoo model adds a training plot
     import shutil
     from pathlib import Path
 

@@ -21,6 +21,7 @@ import importlib
 import pkgutil
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from qharness.errors import BackendUnavailable, ConfigError, ModelLoadError, QHarnessError
@@ -78,6 +79,7 @@ class Source:
     family: Callable[[str], str] = lambda name: ""
     describe_name: Callable[[str], dict[str, str]] | None = None  # arch/mitigation/family from the name alone
     requires: Callable[[str], tuple[str, ...]] = lambda name: ()  # models this one is made from (ensured first)
+    history: Callable[[str], Path | None] = lambda name: None  # its training log (train_log.jsonl), if trained here
 
 
 SOURCES: Registry[Source] = Registry("model source")
@@ -159,6 +161,17 @@ def load_model(spec: ModelSpec, progress: bool = True) -> LoadedModel:
     model.to(device).eval()
     return LoadedModel(model, tokenizer, spec, provenance, device, dtype, arch=model.config.model_type,
                        mitigation=mitigations.recorded(model.config), family=source.family(spec.name))
+
+
+def related(name: str) -> tuple[tuple[str, ...], Path | None]:
+    """What a model's source knows beyond loading it: the models it was made from, and its training log; nothing
+    for a name that no longer resolves here (a leaderboard row's deleted folder)."""
+    try:
+        source = source_for(name)
+    except QHarnessError:
+        return (), None
+    log = source.history(name)
+    return source.requires(name), log if log is not None and log.is_file() else None
 
 
 def name_columns(name: str) -> dict[str, str]:

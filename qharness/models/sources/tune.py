@@ -88,4 +88,5 @@ SOURCES.add("tune", Source(
     family=family,
     describe_name=describe_name,
     requires=lambda name: (parse(name)[0],),
+    history=lambda name: folder_for(name) / "train_log.jsonl",
 ))

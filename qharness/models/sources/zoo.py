@@ -119,4 +119,5 @@ SOURCES.add("zoo", Source(
     names=lambda: list(GRID),
     family=family,
     describe_name=describe_name,
+    history=lambda name: folder_for(name) / "train_log.jsonl",
 ))
