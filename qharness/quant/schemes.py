@@ -222,6 +222,42 @@ def int4_weight_g128() -> QuantScheme:
     )
 
 
+QUAROT = "Ashkboos et al. 2024, QuaRot (arXiv 2404.00456)"
+
+
+@SCHEMES.register("int4-w4a8-token")
+def int4_w4a8_token() -> QuantScheme:
+    return QuantScheme(
+        name="int4-w4a8-token",
+        weights=TensorQuant("int4", PerChannel()),
+        activations=TensorQuant("int8", PerToken()),
+        description="INT4 weights per output channel, INT8 activations per token (dynamic), symmetric",
+        reference=f"the W4A8 setting of {QUAROT} and its successors, round-to-nearest",
+    )
+
+
+@SCHEMES.register("int4-w4a4-token")
+def int4_w4a4_token() -> QuantScheme:
+    return QuantScheme(
+        name="int4-w4a4-token",
+        weights=TensorQuant("int4", PerChannel()),
+        activations=TensorQuant("int4", PerToken()),
+        description="INT4 weights per output channel, INT4 activations per token (dynamic), symmetric",
+        reference=f"the W4A4 round-to-nearest baseline of {QUAROT}",
+    )
+
+
+@SCHEMES.register("int4-w4a4-tensor")
+def int4_w4a4_tensor() -> QuantScheme:
+    return QuantScheme(
+        name="int4-w4a4-tensor",
+        weights=TensorQuant("int4", PerChannel()),
+        activations=TensorQuant("int4", PerTensor()),
+        description="INT4 weights per output channel, INT4 activations with one scale per tensor (dynamic)",
+        reference=f"W4A4 with per-tensor activation scales, the setting outlier tokens break most ({QUAROT})",
+    )
+
+
 @SCHEMES.register("gptq-int4-g128", aliases=("gptq",))
 def gptq_int4_g128() -> QuantScheme:
     return QuantScheme(

@@ -71,3 +71,18 @@ def test_gpt2_conv1d_is_converted_to_an_equivalent_linear():
     assert len(targets) == 2 * 4  # c_attn, c_proj (attention), c_fc, c_proj (MLP)
     assert all(isinstance(m, torch.nn.Linear) for m in targets.values())
     assert torch.allclose(before, after, atol=1e-5)
+
+
+def test_four_bit_activations_cost_more_than_eight_and_per_tensor_most(tiny_model, heldout_text):
+    """W4A8 -> W4A4 per token -> W4A4 per tensor: each step down in activation precision loses signal."""
+    import copy
+
+    ids = torch.randint(0, tiny_model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        reference = tiny_model(ids).logits
+        sqnr = {}
+        for name in ("int4-w4a8-token", "int4-w4a4-token", "int4-w4a4-tensor"):
+            model = copy.deepcopy(tiny_model)
+            quantize_(model, get_scheme(name), backend="sim")
+            sqnr[name] = sqnr_db(reference, model(ids).logits)
+    assert sqnr["int4-w4a8-token"] > sqnr["int4-w4a4-token"] > sqnr["int4-w4a4-tensor"], sqnr
