@@ -155,9 +155,7 @@ def read_rows(path: Path) -> list[Row]:
 
 def check_writable(path: Path, flag: str = "--results") -> None:
     """Before any compute: `path` can be created or replaced (its folder is a writable folder) and, if it exists,
-    reads as a leaderboard. Raises a one-line DataError naming the flag."""
-    if path.is_dir():
-        raise DataError(f"{flag} {path} is a directory; pass a CSV file such as {path / 'leaderboard.csv'}")
+    reads as a leaderboard (read_rows also refuses a directory). Raises a one-line DataError."""
     check_writable_dir(path.parent, flag)
     read_rows(path)
 

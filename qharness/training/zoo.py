@@ -10,6 +10,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from qharness.models.sources import is_trained_run
 from qharness.models.sources.zoo import folder_for, recipe_for
 
 if TYPE_CHECKING:
@@ -33,7 +34,7 @@ def train_once(name: str, folder: Path, announce: str, run: Callable[[Path], Tra
     budget stopped the training first. One trainer per folder at a time (zoo and tune models alike)."""
     folder.mkdir(parents=True, exist_ok=True)
     with exclusive(folder):
-        if not (folder / "model" / "config.json").exists():
+        if not is_trained_run(folder):
             if progress:
                 print(f"{name}: not trained yet; training it now ({announce}, resumable)")
             if not run(folder).finished:

@@ -163,12 +163,34 @@ def load_model(spec: ModelSpec, progress: bool = True) -> LoadedModel:
                        mitigation=mitigations.recorded(model.config), family=source.family(spec.name))
 
 
-def related(name: str) -> tuple[tuple[str, ...], Path | None]:
-    """What a model's source knows beyond loading it: the models it was made from, and its training log; nothing
-    for a name that no longer resolves here (a leaderboard row's deleted folder)."""
+def is_trained_run(run_folder: Path) -> bool:
+    """Whether a training run folder holds its finished model (run_folder/model, swapped in whole when saved)."""
+    return (run_folder / "model" / "config.json").is_file()
+
+
+def read_trained(name: str, run_folder: Path, dtype: Any, provenance: str, cost: str = "") -> tuple[Any, Any, str]:
+    """`read` for a model trained here (zoo, tune): its run folder's model, or a one-line refusal saying how to
+    train it; loading never trains."""
+    from qharness.models.loading import load_pretrained
+
+    if not is_trained_run(run_folder):
+        raise ModelLoadError(f"{name} is not trained yet; `qharness train --model {name}` trains it{cost}, and "
+                             "`qharness run` / `scan` / `sweep` do so on first use")
+    return (*load_pretrained(str(run_folder / "model"), dtype), provenance)
+
+
+def _source_if_any(name: str) -> Source | None:
+    """The source of `name`, or None for a name that no longer resolves here (a leaderboard row's deleted folder)."""
     try:
-        source = source_for(name)
+        return source_for(name)
     except QHarnessError:
+        return None
+
+
+def related(name: str) -> tuple[tuple[str, ...], Path | None]:
+    """What a model's source knows beyond loading it: the models it was made from, and its training log."""
+    source = _source_if_any(name)
+    if source is None:
         return (), None
     log = source.history(name)
     return source.requires(name), log if log is not None and log.is_file() else None
@@ -177,8 +199,5 @@ def related(name: str) -> tuple[tuple[str, ...], Path | None]:
 def name_columns(name: str) -> dict[str, str]:
     """What a model's name alone says about it (arch, mitigation, family), for leaderboard rows written before those
     columns existed; only names that encode them (the zoo's) say anything."""
-    try:
-        source = source_for(name)
-    except QHarnessError:  # a row's model need not exist here any more (a deleted folder)
-        return {}
-    return source.describe_name(name) if source.describe_name else {}
+    source = _source_if_any(name)
+    return source.describe_name(name) if source is not None and source.describe_name else {}

@@ -11,8 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from qharness.cache import cache_path
-from qharness.errors import ModelLoadError, UnknownName
-from qharness.models.sources import SOURCES, Source, source_for
+from qharness.errors import UnknownName
+from qharness.models.sources import SOURCES, Source, read_trained, source_for
 from qharness.recipe import TuneRecipe
 
 PREFIX = "tune:"
@@ -55,22 +55,9 @@ def folder_for(name: str) -> Path:
     return cache_path("tune", "models", f"{label}-{recipe_for(name).digest()}")
 
 
-def model_folder(name: str) -> Path:
-    return folder_for(name) / "model"
-
-
-def is_trained(name: str) -> bool:
-    return (model_folder(name) / "config.json").is_file()
-
-
 def read(name: str, dtype: Any) -> tuple[Any, Any, str]:
-    from qharness.models.loading import load_pretrained
-
-    if not is_trained(name):
-        raise ModelLoadError(f"{name} is not trained yet; `qharness train --model {name}` trains it, and "
-                             "`qharness run` / `scan` / `sweep` do so on first use")
-    model, tokenizer = load_pretrained(str(model_folder(name)), dtype)
-    return model, tokenizer, f"{name} (trained here from {parse(name)[0]}, recipe {recipe_for(name).digest()})"
+    return read_trained(name, folder_for(name), dtype,
+                        f"{name} (trained here from {parse(name)[0]}, recipe {recipe_for(name).digest()})")
 
 
 def describe_name(name: str) -> dict[str, str]:

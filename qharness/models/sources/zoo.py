@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from qharness.cache import cache_path
-from qharness.errors import ModelLoadError, QHarnessError, UnknownName
-from qharness.models.sources import SOURCES, Source
+from qharness.errors import QHarnessError, UnknownName
+from qharness.models.sources import SOURCES, Source, is_trained_run, read_trained
 from qharness.recipe import ARCHES, Recipe
 
 PREFIX = "zoo:"
@@ -63,17 +63,13 @@ def folder_for(name: str) -> Path:
     return cache_path("zoo", "models", f"{name.removeprefix(PREFIX)}-{_recipe(name).digest()}")
 
 
-def model_folder(name: str) -> Path:
-    return folder_for(name) / "model"
-
-
 def is_trained(name: str) -> bool:
-    return (model_folder(name) / "config.json").is_file()
+    return is_trained_run(folder_for(name))
 
 
 def describe(name: str) -> dict[str, Any]:
     """What a trained zoo model's folder says about its training (empty if not trained yet)."""
-    path = model_folder(name) / "training.json"
+    path = folder_for(name) / "model" / "training.json"
     return json.loads(path.read_text()) if path.exists() else {}
 
 
@@ -91,13 +87,8 @@ def matches(name: str) -> bool:
 
 
 def read(name: str, dtype: Any) -> tuple[Any, Any, str]:
-    from qharness.models.loading import load_pretrained
-
-    if not is_trained(name):
-        raise ModelLoadError(f"{name} is not trained yet; `qharness train --model {name}` trains it (about 7 min "
-                             "on 2 cores), and `qharness run` / `scan` / `sweep` do so on first use")
-    model, tokenizer = load_pretrained(str(model_folder(name)), dtype)
-    return model, tokenizer, f"{name} (trained here, recipe {_recipe(name).digest()})"
+    return read_trained(name, folder_for(name), dtype, f"{name} (trained here, recipe {_recipe(name).digest()})",
+                        cost=" (about 7 min on 2 cores)")
 
 
 def family(name: str) -> str:
