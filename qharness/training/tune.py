@@ -124,8 +124,11 @@ def continue_training(recipe: TuneRecipe, out_dir: Path, progress: bool = True, 
     """Train `recipe.base` further with `recipe.mitigation` in out_dir (checkpoint, log) and save the model to
     out_dir/model when done. Resumes a checkpoint of the same recipe. The base must exist (`ensure` it first)."""
     from qharness.tasks.perplexity import bos_token_id
-    from qharness.training.run import save_trained
+    from qharness.training.run import finished_run, save_final
 
+    done = finished_run(out_dir, recipe.digest())
+    if done is not None:
+        return done
     loaded = load_model(ModelSpec(recipe.base, dtype="fp32", device=device), progress=progress)
     model, tokenizer = loaded.model, loaded.tokenizer
     change = retrofit_(model, recipe.mitigation, tokenizer)
@@ -147,7 +150,7 @@ def continue_training(recipe: TuneRecipe, out_dir: Path, progress: bool = True, 
                 "retrofit_logit_change": change,
                 "final": log[-1] if log else {}, "tokens_seen": cfg.steps * cfg.batch_size * cfg.context,
                 **row_fields(next(model.parameters()).device)}
-        save_trained(model, tokenizer, out_dir / "model", info, progress)
+        save_final(model, tokenizer, out_dir, info, progress)
     return result
 
 

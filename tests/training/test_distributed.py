@@ -91,21 +91,15 @@ def test_two_processes_train_a_zoo_model_into_one_folder(monkeypatch, tmp_path):
     lines = calls.read_text().split()
     assert lines[0::2] == ["fetch-rank0", "save-rank0"]  # one corpus build, one save: the main process's
     folder = zoo_names.folder_for(name)
-    assert sorted(p.name for p in folder.iterdir() if not p.name.startswith(".")) == sorted([CHECKPOINT, LOG, "model"])
+    # finished: the model and its log stay, the checkpoint (only for resuming) is gone
+    assert sorted(p.name for p in folder.iterdir() if not p.name.startswith(".")) == sorted([LOG, "model"])
     info = json.loads((folder / "model" / "training.json").read_text())
     assert info["processes"] == PROCESSES and info["final"]["step"] == 6
-    assert json.loads((folder / CHECKPOINT / "state.json").read_text())["world_size"] == PROCESSES
-
-    from safetensors.torch import load_file
 
     from qharness.models.sources import ModelSpec, load_model
 
     loaded = load_model(ModelSpec(name, device="cpu"), progress=False)  # trained: read back, not retrained
     assert calls.read_text().split()[0::2] == ["fetch-rank0", "save-rank0"]
-    trained = load_file(folder / CHECKPOINT / "model.safetensors")
-    for key, value in loaded.model.state_dict().items():
-        if key in trained:
-            assert torch.equal(value, trained[key]), key  # the saved model is the checkpoint's final weights
     ids = loaded.tokenizer("In the beginning", return_tensors="pt")["input_ids"]
     assert torch.isfinite(loaded.model(ids).logits).all()
 

@@ -65,6 +65,22 @@ def test_loading_never_trains_ensure_does_then_reuses(tiny_zoo):
     assert (loaded.arch, loaded.mitigation, loaded.family) == ("llama", "kv_bias", "zoo:llama")
 
 
+def test_a_finished_run_keeps_no_checkpoint_and_a_rerun_trains_nothing(tiny_zoo, monkeypatch):
+    from qharness.training import run
+    from qharness.training.loop import CHECKPOINT
+
+    out = tiny_zoo / "out"
+    first = run.train_model(zoo.RECIPE, out, progress=False)
+    assert first.finished and (out / "model" / "model.safetensors").exists()
+    assert not (out / CHECKPOINT).exists()  # optimizer moments and a second copy of the weights: resuming only
+    monkeypatch.setattr(run, "train", lambda *a, **k: pytest.fail("a finished run must not train again"))
+    again = run.train_model(zoo.RECIPE, out, progress=False)
+    assert (again.step, again.finished, again.loss) == (first.step, True, pytest.approx(first.loss))
+    other = Recipe(arch=zoo.RECIPE.arch, train=zoo.RECIPE.train, mitigation="kv_bias")
+    with pytest.raises(ConfigError, match="already holds a model trained by another recipe"):
+        run.train_model(other, out, progress=False)
+
+
 @pytest.mark.parametrize("name", zoo.GRID)
 def test_every_variant_trains_scans_and_runs(name, tiny_zoo, tiny_task_dir):
     from qharness.quant.schemes import Keep
