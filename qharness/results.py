@@ -28,8 +28,8 @@ from qharness.errors import DataError
 
 COLUMNS = (
     # what was measured (the key)
-    "model", "quant", "backend", "keep", "task", "task_hash", "metric", "bos", "context_length", "limit", "dtype",
-    "device_type",
+    "model", "quant", "backend", "keep", "kv", "transform", "task", "task_hash", "metric", "bos", "context_length",
+    "limit", "dtype", "device_type",
     # the numbers
     "value", "fp_value", "delta", "rel_delta", "higher_is_better", "metric_kind", "n", "chance", "weight_bytes",
     # what the model is (from its config and source, so that readers never parse model names)
@@ -37,7 +37,7 @@ COLUMNS = (
     # how to reproduce it
     "model_source", "scheme", "seed", "versions", "device", "git_rev", "run_id", "time", "seconds",
 )
-KEY_COLUMNS = COLUMNS[:12]
+KEY_COLUMNS = COLUMNS[:14]
 BASELINE = "none"  # the quant of full-precision rows (and of scan rows)
 SCAN_TASK = "scan"  # the task of the scan's summary rows
 
@@ -96,7 +96,9 @@ def key(row: Row) -> tuple[str, ...]:
     return tuple(str(row.get(column, "")) for column in KEY_COLUMNS)
 
 
-REQUIRED_COLUMNS = (*KEY_COLUMNS, "value")  # every leaderboard qharness ever wrote has these
+# Every leaderboard qharness ever wrote has these (kv and transform came later: empty in older files, as in rows
+# that quantize no KV cache and transform nothing, so old rows keep their keys).
+REQUIRED_COLUMNS = tuple(c for c in KEY_COLUMNS if c not in ("kv", "transform")) + ("value",)
 NUMERIC_COLUMNS = ("value", "fp_value", "delta", "rel_delta")
 
 

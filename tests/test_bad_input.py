@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from qharness.cli import main
-from qharness.results import KEY_COLUMNS, append_rows, read_rows
+from qharness.results import COLUMNS, KEY_COLUMNS, append_rows, read_rows
 
 Setup = Callable[[Path, Path, Path], list[str]]  # (tmp, tiny model folder, tiny task yaml) -> argv
 
@@ -95,7 +95,8 @@ CASES: dict[str, tuple[Setup, str]] = {
                                           "--keep-channels 99999 is past the model's hidden size 64"),
     # a leaderboard damaged by something else: refused, never rewritten
     "torn last line": (_damaged(lambda text: text + "m,int8,sim,,t,h,ppl,Tr"), "(cut off: the file ends inside it)"),
-    "garbage line": (_damaged(lambda text: text + "this is not,a row\n"), "line 4 has 2 fields, the header 33"),
+    "garbage line": (_damaged(lambda text: text + "this is not,a row\n"),
+                     f"line 4 has 2 fields, the header {len(COLUMNS)}"),
     "unterminated quote": (_damaged(lambda text: text + '"m,int8\n'), "line 4 has 1 fields"),
     "binary junk": (_damaged(b"\x00\xff\xfe junk"), "not UTF-8 text (binary data?)"),
     "wrong header": (_damaged(lambda text: "a,b,c\n1,2,3\n"), "its header lacks the columns ['model', 'quant'"),
