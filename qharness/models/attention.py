@@ -52,10 +52,13 @@ class AttentionGate(nn.Module):
     The attention function never sees the layer's input, so a forward pre-hook on the attention module stashes it
     in `self.input` for the one call that follows."""
 
-    def __init__(self, hidden_size: int, heads: int, head_dim: int) -> None:
+    def __init__(self, hidden_size: int, heads: int, head_dim: int, scale: float = 1.0) -> None:
         super().__init__()
         self.proj = nn.Linear(hidden_size, heads * head_dim)
         self.heads, self.head_dim = heads, head_dim
+        # 1 from scratch (Qiu et al.); 2 for a gate added to a trained model, where 2 * sigmoid(0) = 1 passes the
+        # attention through unchanged at first while keeping sigmoid's full slope (see gated_attention.retrofit)
+        self.scale = scale
         self.input: Tensor | None = None
         nn.init.normal_(self.proj.weight, std=0.02)
         nn.init.zeros_(self.proj.bias)  # starts as a uniform 0.5: half of plain attention, learnable from there
@@ -65,6 +68,8 @@ class AttentionGate(nn.Module):
         if self.input is None:
             raise RuntimeError("AttentionGate called without the layer input; was the pre-hook removed?")
         gate = torch.sigmoid(self.proj(self.input)).view(*attn_output.shape[:2], self.heads, self.head_dim)
+        if self.scale != 1.0:
+            gate = gate * self.scale
         self.input = None
         return attn_output * gate.to(attn_output.dtype)
 
@@ -85,6 +90,13 @@ class SoftmaxClip(nn.Module):
 
     def extra_repr(self) -> str:
         return f"gamma={self.gamma}, zeta={self.zeta}"
+
+    def ramp_(self, step: int) -> None:
+        """For a clip added to a trained model (`ramp_steps` set): gamma goes linearly from 0 (plain softmax) to
+        `target_gamma` over the first `ramp_steps` optimizer steps."""
+        ramp = getattr(self, "ramp_steps", None)
+        if ramp:
+            self.gamma = self.target_gamma * min(1.0, step / ramp)
 
 
 def causal_mask(query_length: int, key_length: int, device: torch.device) -> Tensor:

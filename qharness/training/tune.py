@@ -3,9 +3,15 @@ trained on first use): the model as `--model` loads it, in fp32, the mitigation 
 computes, then the same loop as the zoo's on text tokenized with the model's own tokenizer.
 
 A mitigation is added either because it keeps the model's function (none, the control; the loss-side outlier
-penalty) or through its `retrofit`, which sets what it adds so the function moves as little as it can (KV bias:
-k' = v' = 0), the change measured on calibration text and recorded in training.json. The others (DyT, gated
-attention, clipped softmax, TVR) have no retrofit yet and are refused with that reason.
+penalty) or through its `retrofit`, which adds it so the function moves as little as it can; the change is
+measured on calibration text and recorded in training.json:
+- gated attention: gates 2 * sigmoid(0 x + 0) = 1, an exact pass-through that still learns (sigmoid's slope 1/4);
+- clipped softmax: gamma starts at 0 (exactly softmax) and ramps to its value over the first steps;
+- TVR: each decoder matrix's target std is its own pretrained std (0.02 would shrink SmolLM2's weights by 2x to
+  20x and break it), so TVR only stops the weights' variance growing during continued training;
+- KV bias: k' = v' = 0, a sink that adds nothing but still takes a softmax share (not exact);
+- DyT: cannot equal a norm (tanh cannot divide by each token's RMS), so each DyT is fitted to its norm's outputs
+  on calibration text (alpha by grid, gamma and beta by least squares per channel) and training does the rest.
 """
 
 from __future__ import annotations
@@ -106,15 +112,18 @@ def retrofit_(model: Any, spec: str, tokenizer: Any) -> float:
 
     resolved = mitigations.resolve(spec)
     if not any(m.build or m.retrofit for m in resolved):  # nothing touches a module: the function is the same
-        mitigations.build_(model, spec)  # still records the spec in the config
+        mitigations.record_(model, spec)
         return 0.0
     batches = calibration_batches(tokenizer, calibration_text(), n=2, length=128,
                                   device=next(model.parameters()).device)
     with torch.no_grad():
         before = [model(input_ids=ids).logits for ids in batches]
-        for mitigation in mitigations.build_(model, spec):
+        for mitigation in resolved:  # in the spec's order: each retrofit fits the model the previous one left
             if mitigation.retrofit is not None:
-                mitigation.retrofit(model)
+                mitigation.retrofit(model, batches)
+            elif mitigation.build is not None:  # preserves_function: its modules compute nothing new at first
+                mitigation.build(model)
+        mitigations.record_(model, spec)
         after = [model(input_ids=ids).logits for ids in batches]
     return max(float((a - b).abs().max() / b.abs().max()) for a, b in zip(after, before, strict=True))
 

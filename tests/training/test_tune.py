@@ -17,7 +17,7 @@ from qharness.models.sources import tune as tune_names
 from qharness.recipe import TUNE_TRAIN
 from qharness.tasks.spec import tasks_dir
 from qharness.training.ensure import ensure
-from qharness.training.tune import read_documents
+from qharness.training.tune import read_documents, retrofit_
 
 CALIBRATION = str(tasks_dir() / "data" / "calibration.txt")  # training-split text, shipped
 
@@ -51,9 +51,8 @@ def test_names_parse_and_say_what_is_supported():
     assert classify("tune:smollm2-135m-none") == "tune"
     assert tune_names.parse("tune:smollm2-135m-outlier_penalty") == ("smollm2-135m", "outlier_penalty")
     assert tune_names.family("tune:smollm2-135m-none") == "tune:smollm2-135m"
-    with pytest.raises(UnknownName, match="cannot yet be added to a trained model .* none or kv_bias, outlier_pen"):
-        classify("tune:smollm2-135m-dyt")
     assert classify("tune:smollm2-135m-outlier_penalty+kv_bias") == "tune"
+    assert classify("tune:smollm2-135m-dyt") == "tune"  # every registered mitigation has a retrofit
     with pytest.raises(Exception, match="unknown model 'nope'"):
         classify("tune:nope-none")
     with pytest.raises(UnknownName, match="write tune:<model>-<mitigation>"):
@@ -111,9 +110,14 @@ def test_a_tune_name_is_trained_on_first_use_then_read(tmp_path, tiny_model_dir,
     assert (loaded.mitigation, loaded.family) == ("none", f"tune:{tiny_model_dir}")
 
 
-def test_train_from_refuses_what_it_cannot_do(capsys, tmp_path, tiny_model_dir):
-    assert main(["train", "--from", str(tiny_model_dir), "--mitigation", "dyt", "--out", str(tmp_path / "x")]) == 2
-    assert "'dyt' cannot yet be added to a trained model" in capsys.readouterr().err
+def test_train_from_refuses_what_it_cannot_do(capsys, tmp_path, tiny_model_dir, monkeypatch):
+    from qharness.models.mitigations import MITIGATIONS, Mitigation, load_mitigations
+
+    load_mitigations()
+    monkeypatch.setitem(MITIGATIONS._entries, "newnorm", replace(MITIGATIONS.entry("dyt"), name="newnorm",
+                                                                 obj=Mitigation("newnorm", "a norm", "-")))
+    assert main(["train", "--from", str(tiny_model_dir), "--mitigation", "newnorm", "--out", str(tmp_path / "x")]) == 2
+    assert "'newnorm' cannot yet be added to a trained model" in capsys.readouterr().err
     assert main(["train", "--from", str(tiny_model_dir)]) == 2
     assert "needs --out FOLDER" in capsys.readouterr().err
     assert main(["train", "--from", "no-such-model", "--out", str(tmp_path / "y")]) == 2
@@ -133,10 +137,97 @@ def test_kv_bias_is_retrofitted_with_a_silent_sink_and_its_cost_recorded(tmp_pat
 
 
 def test_retrofit_zeroes_the_sink(tiny_model_dir):
-    from qharness.models.mitigations.kv_bias import zero_kv_bias_
-
-    model = load_model(ModelSpec(str(tiny_model_dir), device="cpu")).model
-    build_(model, "kv_bias")
-    zero_kv_bias_(model)
+    model, tokenizer = _tiny(tiny_model_dir)
+    assert 0 < retrofit_(model, "kv_bias", tokenizer) < 1
     biases = [m.kv_bias for m in model.modules() if hasattr(m, "kv_bias")]
     assert len(biases) == 2 and all(not b.k.any() and not b.v.any() for b in biases)
+
+
+def _tiny(folder):
+    loaded = load_model(ModelSpec(str(folder), device="cpu", dtype="fp32"))
+    return loaded.model, loaded.tokenizer
+
+
+# Exact in principle (a gate of 1.0, a clip that is the identity, no weight touched); what is left is fp32 rounding
+# of the same sums in another order (our explicit attention instead of SDPA: ~1e-7 relative per layer).
+EXACT = 1e-5
+
+
+@pytest.mark.parametrize("spec", ["gated_attention", "clipped_softmax", "tvr", "outlier_penalty",
+                                  "gated_attention+clipped_softmax+tvr"])
+def test_retrofits_keep_the_function(tiny_model_dir, spec):
+    model, tokenizer = _tiny(tiny_model_dir)
+    assert retrofit_(model, spec, tokenizer) <= EXACT
+    assert model.config.qharness_mitigation == spec
+
+
+def test_a_retrofitted_gate_passes_through_learns_and_reloads(tiny_model_dir, tmp_path):
+    model, tokenizer = _tiny(tiny_model_dir)
+    retrofit_(model, "gated_attention", tokenizer)
+    gate = model.model.layers[0].self_attn.gate
+    assert gate.scale == 2.0 and not gate.proj.weight.any()
+    ids = torch.arange(2, 30).unsqueeze(0)
+    model(ids, labels=ids).loss.backward()
+    assert gate.proj.bias.grad.abs().max() > 0  # not saturated: the gate learns from its first step
+    model.save_pretrained(tmp_path / "m", safe_serialization=True)
+    tokenizer.save_pretrained(tmp_path / "m")
+    reloaded = load_model(ModelSpec(str(tmp_path / "m"), device="cpu")).model
+    assert reloaded.model.layers[0].self_attn.gate.scale == 2.0
+    with torch.no_grad():
+        assert torch.allclose(reloaded(ids).logits, model(ids).logits, atol=1e-5)
+
+
+def test_a_retrofitted_clip_ramps_from_softmax_to_its_gamma(tiny_model_dir):
+    from qharness.models.attention import CLIP_GAMMA
+    from qharness.models.mitigations.clipped_softmax import RETROFIT_RAMP_STEPS, ramp_clips
+
+    model, tokenizer = _tiny(tiny_model_dir)
+    retrofit_(model, "clipped_softmax", tokenizer)
+    clip = model.model.layers[1].self_attn.softmax_clip
+    assert clip.gamma == 0.0
+    ramp_clips(model, RETROFIT_RAMP_STEPS // 2)
+    assert clip.gamma == pytest.approx(CLIP_GAMMA / 2)
+    ramp_clips(model, RETROFIT_RAMP_STEPS * 3)
+    assert clip.gamma == CLIP_GAMMA
+
+
+def test_retrofitted_tvr_pulls_weights_back_to_their_own_starting_std(tiny_model_dir):
+    from qharness.models.mitigations.tvr import RETROFIT_INTERVAL, decoder_matrices, tvr_after_step
+
+    model, tokenizer = _tiny(tiny_model_dir)
+    retrofit_(model, "tvr", tokenizer)
+    (_, first), (_, second) = decoder_matrices(model)[:2]
+    start_first, start_second = float(first.detach().std()), float(second.detach().std())
+    with torch.no_grad():
+        first.mul_(3.0)  # grew past 1.2x its own std: pulled back
+        second.mul_(1.1)  # within 1.2x: left alone
+    assert tvr_after_step(model, RETROFIT_INTERVAL - 1) == 0  # only every RETROFIT_INTERVAL steps
+    assert tvr_after_step(model, RETROFIT_INTERVAL) == 1
+    assert float(first.detach().std()) == pytest.approx(start_first, rel=1e-5)
+    assert float(second.detach().std()) == pytest.approx(1.1 * start_second, rel=1e-5)
+
+
+def test_dyt_is_fitted_to_the_norms_it_replaces(tiny_model_dir):
+    """No DyT equals a norm; the fitted one moves the logits less than DyT's own initialization does."""
+    from qharness.models.mitigations.dyt import DyT, fit_dyt_
+    from qharness.quant.calibrate import calibration_batches, calibration_text
+
+    model, tokenizer = _tiny(tiny_model_dir)
+    fitted = retrofit_(model, "dyt", tokenizer)
+    reference, _ = _tiny(tiny_model_dir)
+    plain, _ = _tiny(tiny_model_dir)
+    build_(plain, "dyt")  # DyT as it starts from scratch: alpha 1 / 0.5, gamma 1, beta 0
+    with torch.no_grad():
+        naive = max(float((plain(ids).logits - reference(ids).logits).abs().max() / reference(ids).logits.abs().max())
+                    for ids in calibration_batches(tokenizer, calibration_text(), n=2, length=128))
+    assert 0 < fitted < naive
+    # the fit itself: a DyT fitted to outputs it can produce exactly recovers its parameters
+    x = torch.randn(512, 8) * 3
+    target = DyT(8, 0.25)
+    with torch.no_grad():
+        target.weight.copy_(torch.linspace(0.5, 2.0, 8))
+        target.bias.copy_(torch.linspace(-1.0, 1.0, 8))
+        y = target(x)
+    fresh = DyT(8)
+    residual = fit_dyt_(fresh, x, y)
+    assert residual < 0.05 and fresh.alpha.item() == pytest.approx(0.25, rel=0.1)

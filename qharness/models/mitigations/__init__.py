@@ -38,9 +38,9 @@ class Mitigation:
     penalty: Callable[[dict[str, float] | None], Any] | None = None
     # whether it can be added to a trained model without changing the function it computes (train --from)
     preserves_function: bool = False
-    # (model) -> None: after `build`, set what it added so a trained model's function changes as little as it can
-    # (train --from measures and records how much it still does); None: it cannot be added to a trained model
-    retrofit: Callable[[Any], Any] | None = None
+    # (model, calibration input ids) -> None: add it to a trained model in place of `build`, so the function changes
+    # as little as it can (train --from measures and records how much it still does); None: it cannot be added
+    retrofit: Callable[[Any, list[Any]], Any] | None = None
 
 
 MITIGATIONS: Registry[Mitigation] = Registry("mitigation")
@@ -69,8 +69,13 @@ def build_(model: Any, spec: str) -> list[Mitigation]:
     for mitigation in mitigations:
         if mitigation.build is not None:
             mitigation.build(model)
-    setattr(model.config, CONFIG_KEY, spec if mitigations else NONE)
+    record_(model, spec)
     return mitigations
+
+
+def record_(model: Any, spec: str) -> None:
+    """Write the spec into the config, where `save_pretrained` keeps it for our loader to rebuild the modules."""
+    setattr(model.config, CONFIG_KEY, spec if resolve(spec) else NONE)
 
 
 def placed_like(module: Any, reference: Any) -> Any:

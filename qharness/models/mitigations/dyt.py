@@ -55,9 +55,60 @@ def apply_dyt_(model: nn.Module) -> int:
     return replaced
 
 
+# The fit of a DyT to a trained norm: alpha on a log grid, then gamma and beta per channel by least squares.
+ALPHA_GRID = torch.logspace(-4, 1, 61)
+
+
+@torch.no_grad()
+def retrofit_dyt_(model: nn.Module, batches: list[Tensor]) -> None:
+    """A norm divides each token by its own RMS and tanh cannot, so no DyT equals a trained norm. Each DyT starts as
+    the best fit to its norm's outputs on the calibration batches instead (alpha by grid; gamma, beta per channel by
+    least squares), the function change is measured by the caller, and continued training does the rest."""
+    captured = norm_inputs_and_outputs(model, batches)
+    apply_dyt_(model)
+    for name, (x, y) in captured.items():
+        fit_dyt_(model.get_submodule(name), x, y)
+
+
+def norm_inputs_and_outputs(model: nn.Module, batches: list[Tensor]) -> dict[str, tuple[Tensor, Tensor]]:
+    """Qualified norm name -> (inputs, outputs), each (tokens, channels) in fp32, over all batches."""
+    seen: dict[str, list[tuple[Tensor, Tensor]]] = {name: [] for name in norm_modules(model)}
+    handles = [module.register_forward_hook(
+        lambda m, args, out, name=name: seen[name].append((args[0].flatten(0, -2).float(), out.flatten(0, -2).float())))
+        for name, module in norm_modules(model).items()]
+    try:
+        for ids in batches:
+            model(input_ids=ids)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {name: (torch.cat([x for x, _ in pairs]), torch.cat([y for _, y in pairs])) for name, pairs in seen.items()}
+
+
+@torch.no_grad()
+def fit_dyt_(dyt: DyT, x: Tensor, y: Tensor) -> float:
+    """Set dyt's alpha, gamma, beta to minimise the squared error to y over x; returns the relative residual."""
+    y_centered = y - y.mean(0)
+    best = (float("inf"), 0.0, None, None)
+    for alpha in ALPHA_GRID.tolist():
+        t = torch.tanh(alpha * x)
+        t_centered = t - t.mean(0)
+        variance = t_centered.pow(2).sum(0).clamp_min(1e-12)
+        gamma = (t_centered * y_centered).sum(0) / variance
+        error = float((y_centered - gamma * t_centered).pow(2).sum())
+        if error < best[0]:
+            best = (error, alpha, gamma, y.mean(0) - gamma * t.mean(0))
+    error, alpha, gamma, beta = best
+    dyt.alpha.fill_(alpha)
+    dyt.weight.copy_(gamma.to(dyt.weight.dtype))
+    dyt.bias.copy_(beta.to(dyt.bias.dtype))
+    return (error / float(y_centered.pow(2).sum().clamp_min(1e-12))) ** 0.5
+
+
 MITIGATIONS.add("dyt", Mitigation(
     name="dyt",
     description="every norm becomes gamma * tanh(alpha * x) + beta (alpha 1.0 before attention, 0.5 elsewhere)",
     reference="Zhu et al. 2025, Transformers without Normalization (arXiv 2503.10622)",
     build=apply_dyt_,
+    retrofit=retrofit_dyt_,
 ))

@@ -20,6 +20,11 @@ def add_kv_bias_(model: nn.Module) -> None:
     use_mitigated_attention_(model)
 
 
+def retrofit_kv_bias_(model: nn.Module, batches: list[torch.Tensor]) -> None:
+    add_kv_bias_(model)
+    zero_kv_bias_(model)
+
+
 @torch.no_grad()
 def zero_kv_bias_(model: nn.Module) -> None:
     """For a trained model: k' = v' = 0. The sink then adds nothing to any head's output, but it still takes the
@@ -35,5 +40,5 @@ MITIGATIONS.add("kv_bias", Mitigation(
     description="learnable k', v' per layer and head prepended to keys and values (not rotated), init N(0, 0.02)",
     reference="Sun et al. 2024, Massive Activations in Large Language Models (arXiv 2402.17762), sec. 5",
     build=add_kv_bias_,
-    retrofit=zero_kv_bias_,
+    retrofit=retrofit_kv_bias_,
 ))

@@ -38,20 +38,41 @@ def lir_init_(model: nn.Module, config: TVRConfig = TVRConfig()) -> None:
 
 
 @torch.no_grad()
-def tvr_rescale_(model: nn.Module, config: TVRConfig = TVRConfig()) -> int:
-    """One rescale pass; returns how many weights were rescaled."""
+def rescale_(model: nn.Module, targets: list[float], threshold: float) -> int:
+    """One rescale pass, matrix i pulled back to std targets[i] if its std exceeds threshold x that; returns how many
+    weights were rescaled."""
     rescaled = 0
-    for _, weight in decoder_matrices(model):
+    for (_, weight), target in zip(decoder_matrices(model), targets, strict=True):
         std = weight.std()
-        if std > config.threshold * config.target:
+        if std > threshold * target:
             mean = weight.mean()
-            weight.sub_(mean).div_(std).mul_(config.target).add_(mean)
+            weight.sub_(mean).div_(std).mul_(target).add_(mean)
             rescaled += 1
     return rescaled
 
 
+def tvr_rescale_(model: nn.Module, config: TVRConfig = TVRConfig()) -> int:
+    return rescale_(model, [config.target] * len(decoder_matrices(model)), config.threshold)
+
+
+# A trained model's weights are far from TVR's 0.02 (SmolLM2-135M's 210 decoder matrices: std 0.047 to 0.40), and
+# pulling them there would destroy it. Continued training keeps TVR's rule with each matrix's own pretrained std as
+# its target: nothing changes at step 0, and the variance cannot grow past threshold x where it started.
+RETROFIT_ATTRIBUTE = "qharness_tvr_targets"  # on the model object, for the run only: nothing to save or reload
+RETROFIT_INTERVAL = 10  # continued training runs 40 steps by default (recipe.TUNE_TRAIN): 50 would never fire
+
+
+@torch.no_grad()
+def retrofit_tvr_(model: nn.Module, batches: list[torch.Tensor]) -> None:
+    setattr(model, RETROFIT_ATTRIBUTE, [float(weight.std()) for _, weight in decoder_matrices(model)])
+
+
 def tvr_after_step(model: nn.Module, step: int, config: TVRConfig = TVRConfig()) -> int:
-    """The training hook: rescale every `interval` steps (step counts from 1)."""
+    """The training hook: rescale every `interval` steps (step counts from 1), to each matrix's own starting std
+    when TVR was added to a trained model."""
+    own = getattr(model, RETROFIT_ATTRIBUTE, None)
+    if own is not None:
+        return rescale_(model, own, config.threshold) if step % RETROFIT_INTERVAL == 0 else 0
     return tvr_rescale_(model, config) if step % config.interval == 0 else 0
 
 
@@ -61,4 +82,5 @@ MITIGATIONS.add("tvr", Mitigation(
     reference="Target Variance Rescaling (arXiv 2503.17500)",
     init=lir_init_,
     after_step=tvr_after_step,
+    retrofit=retrofit_tvr_,
 ))
