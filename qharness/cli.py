@@ -373,6 +373,12 @@ def cmd_list(args: argparse.Namespace) -> int:
             print(f"  {name:24} {'trained' if zoo.is_trained(name) else 'not trained yet'}")
         print("  tune:<model>-<mitigation>  a model trained further here with a mitigation, on first use (about 3 min "
               "for smollm2-135m): tune:smollm2-135m-none (the control), tune:smollm2-135m-outlier_penalty")
+        from qharness.models.sources.pairs import PAIRS, PREFIX
+
+        print("  published pairs (hub checkpoints with and without a mitigation, online; family: mitigation):")
+        for pair in PAIRS:
+            refused = "  [needs remote code: refused]" if pair.needs_remote_code else ""
+            print(f"  {PREFIX + pair.alias:38} {pair.hub_id}  {pair.family}: {pair.mitigation}{refused}")
     if args.what in ("all", "quants"):
         print("quants:")
         for entry in SCHEMES:
