@@ -42,6 +42,7 @@ TRAIN_EXAMPLES = """examples:
   qharness train --arch gpt2 --mitigation tvr+dyt --budget 10 --out runs/g  # rerun the same line to continue
   qharness train --model zoo:llama-kv_bias                                  # train one zoo model into the cache
   qharness run --model runs/llama-base --quant int8                         # the result is a model folder
+  qharness train --from smollm2-135m --data hf:HuggingFaceFW/fineweb-edu:sample-10BT --out runs/s  # online
 """
 LIST_EXAMPLES = """examples:
   qharness list            # everything
@@ -300,8 +301,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                              "clipped_softmax, outlier_penalty (e.g. tvr+kv_bias); with --from: none or "
                              "outlier_penalty")
     parser.add_argument("--data", nargs="+", default=None, metavar="PATH",
-                        help="with --from: text files, folders, .jsonl ('text') or .parquet ('text') to train on "
-                             "(default: the built-in training text, never the held-out evaluation text)")
+                        help="with --from: text files, folders, .jsonl ('text'), .parquet ('text') or a hub dataset "
+                             "streamed as far as training needs, hf:DATASET[:CONFIG[:SPLIT[:FIELD]]] (online) "
+                             "(default: the built-in training text; text overlapping the evaluation text is dropped)")
     parser.add_argument("--penalty-threshold", type=float, default=None,
                         help="outlier_penalty: |h| above this is penalized (default 64)")
     parser.add_argument("--penalty-strength", type=float, default=None,
