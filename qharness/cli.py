@@ -70,6 +70,18 @@ def _positions(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers like 0,1, got '{text}'") from None
 
 
+def _minutes(text: str) -> float:
+    """A time budget: more than 0 minutes (0 or less could not train a step; leave --budget out for no limit)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected minutes as a number, got '{text}'") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be more than 0 minutes, got '{text}' (leave --budget out to train "
+                                         "without a time limit)")
+    return value
+
+
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="smollm2-135m",
                         help="built-in name, local HF folder, .gguf file or hub id (default: smollm2-135m)")
@@ -308,7 +320,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                         help="outlier_penalty: |h| above this is penalized (default 64)")
     parser.add_argument("--penalty-strength", type=float, default=None,
                         help="outlier_penalty: weight of the penalty against the loss (default 1.0)")
-    parser.add_argument("--budget", type=float, default=None, metavar="MINUTES",
+    parser.add_argument("--budget", type=_minutes, default=None, metavar="MINUTES",
                         help="stop after this many minutes with a checkpoint; rerun to continue")
     parser.add_argument("--out", type=Path, default=None, help="folder for the checkpoint, log and model")
     for flag in TRAIN_FLAGS:
