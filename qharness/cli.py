@@ -42,6 +42,7 @@ TRAIN_EXAMPLES = """examples:
   qharness train --arch gpt2 --mitigation tvr+dyt --budget 10 --out runs/g  # rerun the same line to continue
   qharness train --model zoo:llama-kv_bias                                  # train one zoo model into the cache
   qharness run --model runs/llama-base --quant int8                         # the result is a model folder
+  qharness train --from smollm2-135m --data hf:HuggingFaceFW/fineweb-edu:sample-10BT --out runs/s  # online
 """
 LIST_EXAMPLES = """examples:
   qharness list            # everything
@@ -67,6 +68,18 @@ def _positions(text: str) -> tuple[int, ...]:
         return tuple(int(p) for p in _names(text))
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers like 0,1, got '{text}'") from None
+
+
+def _minutes(text: str) -> float:
+    """A time budget: more than 0 minutes (0 or less could not train a step; leave --budget out for no limit)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected minutes as a number, got '{text}'") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be more than 0 minutes, got '{text}' (leave --budget out to train "
+                                         "without a time limit)")
+    return value
 
 
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
@@ -300,13 +313,14 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                              "clipped_softmax, outlier_penalty (e.g. tvr+kv_bias); with --from: none or "
                              "outlier_penalty")
     parser.add_argument("--data", nargs="+", default=None, metavar="PATH",
-                        help="with --from: text files, folders, .jsonl ('text') or .parquet ('text') to train on "
-                             "(default: the built-in training text, never the held-out evaluation text)")
+                        help="with --from: text files, folders, .jsonl ('text'), .parquet ('text') or a hub dataset "
+                             "streamed as far as training needs, hf:DATASET[:CONFIG[:SPLIT[:FIELD]]] (online) "
+                             "(default: the built-in training text; text overlapping the evaluation text is dropped)")
     parser.add_argument("--penalty-threshold", type=float, default=None,
                         help="outlier_penalty: |h| above this is penalized (default 64)")
     parser.add_argument("--penalty-strength", type=float, default=None,
                         help="outlier_penalty: weight of the penalty against the loss (default 1.0)")
-    parser.add_argument("--budget", type=float, default=None, metavar="MINUTES",
+    parser.add_argument("--budget", type=_minutes, default=None, metavar="MINUTES",
                         help="stop after this many minutes with a checkpoint; rerun to continue")
     parser.add_argument("--out", type=Path, default=None, help="folder for the checkpoint, log and model")
     for flag in TRAIN_FLAGS:
@@ -373,6 +387,12 @@ def cmd_list(args: argparse.Namespace) -> int:
             print(f"  {name:24} {'trained' if zoo.is_trained(name) else 'not trained yet'}")
         print("  tune:<model>-<mitigation>  a model trained further here with a mitigation, on first use (about 3 min "
               "for smollm2-135m): tune:smollm2-135m-none (the control), tune:smollm2-135m-outlier_penalty")
+        from qharness.models.sources.pairs import PAIRS, PREFIX
+
+        print("  published pairs (hub checkpoints with and without a mitigation, online; family: mitigation):")
+        for pair in PAIRS:
+            refused = "  [needs remote code: refused]" if pair.needs_remote_code else ""
+            print(f"  {PREFIX + pair.alias:38} {pair.hub_id}  {pair.family}: {pair.mitigation}{refused}")
     if args.what in ("all", "quants"):
         print("quants:")
         for entry in SCHEMES:

@@ -136,6 +136,16 @@ CASES: dict[str, tuple[Setup, str]] = {
                                "intervention limit must be >= 1 window per condition"),
     "train --lr -1": (_train("--lr", "-1"), "train lr must be > 0, got -1.0"),
     "train --min-lr-ratio 2": (_train("--min-lr-ratio", "2"), "min_lr_ratio must be in [0, 1]"),
+    "train --budget 0": (_train("--budget", "0"), "argument --budget: must be more than 0 minutes, got '0'"),
+    "train --from --budget -1": (lambda tmp, m, t: ["train", "--from", str(m), "--budget", "-1", "--out",
+                                                    str(tmp / "run")], "must be more than 0 minutes, got '-1'"),
+    "train --budget nan": (_train("--budget", "nan"), "must be more than 0 minutes, got 'nan'"),
+    "train --data an evaluation split": (
+        lambda tmp, m, t: ["train", "--from", str(m), "--data", "hf:Salesforce/wikitext:wikitext-2-raw-v1:test",
+                           "--out", str(tmp / "run"), "--quiet"],
+        "split 'test' of Salesforce/wikitext holds evaluation"),
+    "train --data hf: malformed": (lambda tmp, m, t: ["train", "--from", str(m), "--data", "hf:", "--out",
+                                                      str(tmp / "run")], "write hf:DATASET[:CONFIG[:SPLIT[:FIELD]]]"),
     "unknown argument": (lambda tmp, m, t: ["run", "--bogus"], "unrecognized arguments: --bogus"),
 }
 
@@ -193,3 +203,20 @@ def test_a_rewritten_leaderboard_keeps_its_mode_and_orphans_are_cleaned(tmp_path
     umask = os.umask(0)
     os.umask(umask)
     assert stat.S_IMODE(fresh.stat().st_mode) == 0o666 & ~umask
+
+
+
+def test_a_budget_that_ends_before_the_first_step_is_one_line_and_leaves_nothing(capsys, tmp_path, tiny_model_dir,
+                                                                                 monkeypatch):
+    """Setting up (loading the model, tokenizing) took the whole budget: nothing trained, so nothing is saved and no
+    half-made run folder is left behind (tests/training/test_loop.py checks a resumed folder is left as it was)."""
+    from qharness.tasks.spec import tasks_dir
+
+    monkeypatch.setenv("QHARNESS_CACHE", str(tmp_path / "cache"))
+    code = main(["train", "--from", str(tiny_model_dir), "--data", str(tasks_dir() / "data" / "calibration.txt"),
+                 "--steps", "4", "--context", "32", "--batch-size", "2", "--budget", "0.0000001",
+                 "--out", str(tmp_path / "run"), "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("qharness: error: the 1e-07-minute budget ran out before the first training "
+                                        "step") and err.count("\n") == 1, err
+    assert "give a larger --budget" in err and not (tmp_path / "run").exists()

@@ -182,6 +182,23 @@ def load_checkpoint(folder: Path, model: nn.Module, optimizer: torch.optim.Optim
     return int(state["step"])
 
 
+def _out_of_time(accelerator: Any, created: list[Path], cfg: TrainConfig, seconds: float, bar: Any, log: Any) -> None:
+    """The budget ran out before this call's first step: nothing trained, so nothing is saved, and what this call
+    created (a fresh run folder, an empty log) is removed before the one-line error."""
+    bar.close()
+    if log is not None:
+        log.close()
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        for path in reversed(created):  # the log before its folder
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink(missing_ok=True)
+    raise ConfigError(f"the {cfg.budget_minutes:g}-minute budget ran out before the first training step (setting up "
+                      f"took {seconds:.1f} s); nothing was trained or saved; give a larger --budget")
+
+
 def train(model: nn.Module, tokens: Tensor, cfg: TrainConfig, out_dir: Path, bos_id: int,
           hooks: Sequence[StepHook] = (), progress: bool = True, penalty: Any = None) -> TrainResult:
     """Train `model` in place on `tokens` (1-D) until cfg.steps or the time budget; resumes from out_dir. A
@@ -193,6 +210,7 @@ def train(model: nn.Module, tokens: Tensor, cfg: TrainConfig, out_dir: Path, bos
         raise ConfigError(f"training text has {len(tokens)} tokens, fewer than one sequence of {cfg.context}")
     started = time.monotonic()
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    created = [path for path in (out_dir, out_dir / LOG) if not path.exists()]  # removed if no step is taken
     out_dir.mkdir(parents=True, exist_ok=True)
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
@@ -201,6 +219,7 @@ def train(model: nn.Module, tokens: Tensor, cfg: TrainConfig, out_dir: Path, bos
     world, is_main = accelerator.num_processes, accelerator.is_main_process
     with accelerator.main_process_first():  # the main process repairs a checkpoint killed mid-swap before others read
         step = load_checkpoint(out_dir / CHECKPOINT, model, optimizer, cfg, world, accelerator.device)
+    first_step = step
     model, optimizer = accelerator.prepare(model, optimizer)
     inner = accelerator.unwrap_model(model)
     probe = sample_batch(tokens, -1, cfg, bos_id)[:2].to(accelerator.device)
@@ -215,6 +234,8 @@ def train(model: nn.Module, tokens: Tensor, cfg: TrainConfig, out_dir: Path, bos
                 over = torch.tensor(float(time.monotonic() - started > cfg.budget_minutes * 60),
                                     device=accelerator.device)
                 if accelerator.reduce(over, reduction="max").item():
+                    if step == first_step:
+                        _out_of_time(accelerator, created, cfg, time.monotonic() - started, bar, log)
                     break
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate(step, cfg)

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
@@ -32,23 +32,48 @@ from qharness.models import mitigations
 from qharness.models.sources import ModelSpec, load_model
 from qharness.models.sources.tune import folder_for, recipe_for
 from qharness.provenance import row_fields
-from qharness.recipe import TuneRecipe
+from qharness.recipe import TUNE_TRAIN, TuneRecipe
+from qharness.training.heldout import Decontaminator
+from qharness.training.hub_text import is_hub_text, stream_documents
+from qharness.training.hub_text import parse as parse_hub_text
 from qharness.training.loop import LOG, TrainResult, train
 from qharness.training.text import encode_stream, training_texts
 
 TEXT_SUFFIXES = (".txt", ".md", ".rst")
+TEXT_VERSION = 2  # part of the token cache's key: 2 drops documents that overlap the evaluation text
+TUNE_TOKENS = TUNE_TRAIN.steps * TUNE_TRAIN.batch_size * TUNE_TRAIN.context  # what one default run reads
 
 
-def read_documents(data: tuple[str, ...]) -> list[str]:
-    """Documents from text files, folders of them, JSON lines with a "text" field, or parquet files with a "text"
-    column; () is the built-in training text (never the held-out evaluation text)."""
+def read_documents(data: tuple[str, ...], needed_tokens: int = TUNE_TOKENS,
+                   count_tokens: Callable[[str], int] = lambda text: len(text.split()),
+                   say: Callable[[str], Any] = lambda message: None) -> list[str]:
+    """Documents from text files, folders of them, JSON lines with a "text" field, parquet files with a "text"
+    column, or hub datasets (`hf:...`, streamed until they hold `needed_tokens` as `count_tokens` counts); () is the
+    built-in training text. Any document that overlaps the evaluation text is dropped (heldout.py)."""
     if not data:
-        return training_texts()
-    documents = [doc for item in data for doc in _documents_of(Path(item).expanduser())]
+        return training_texts()  # split from the held-out text by construction
+    check_data(data)
+    guard = Decontaminator()
+    documents: list[str] = []
+    for item in data:
+        if is_hub_text(item):
+            documents += stream_documents(parse_hub_text(item), needed_tokens, count_tokens, guard.is_clean)
+        else:
+            documents += [doc for doc in _documents_of(Path(item).expanduser()) if guard.is_clean(doc)]
+    if guard.dropped:
+        say(f"tune: dropped {guard.dropped} document(s) that share a 13-word sequence with the evaluation text")
     if not any(doc.strip() for doc in documents):
-        raise DataError(f"--data {' '.join(data)} holds no text; give text files, a folder of them, .jsonl with a "
-                        "'text' field or .parquet with a 'text' column")
+        overlap = f" once {guard.dropped} overlapping the evaluation text are dropped" if guard.dropped else ""
+        raise DataError(f"--data {' '.join(data)} holds no text{overlap}; give text files, a folder of them, .jsonl "
+                        "with a 'text' field, .parquet with a 'text' column or hf:DATASET")
     return documents
+
+
+def check_data(data: tuple[str, ...]) -> None:
+    """The checks that need no reading: each hf: item's form and split (before a model loads)."""
+    for item in data:
+        if is_hub_text(item):
+            parse_hub_text(item)
 
 
 def _documents_of(path: Path) -> Iterator[str]:
@@ -90,15 +115,22 @@ def _jsonl_texts(path: Path, content: str) -> Iterator[str]:
         yield str(text)
 
 
-def tuning_tokens(tokenizer: Any, data: tuple[str, ...], progress: bool = True) -> torch.Tensor:
-    """The training text as one token stream of the model's own tokenizer, cached by (tokenizer, data)."""
+def tuning_tokens(tokenizer: Any, data: tuple[str, ...], progress: bool = True,
+                  needed_tokens: int = TUNE_TOKENS) -> torch.Tensor:
+    """The training text as one token stream of the model's own tokenizer, cached by (tokenizer, data, and for
+    streamed data the tokens asked for)."""
     vocab = json.dumps(sorted(tokenizer.get_vocab().items()))
-    key = hashlib.sha256(json.dumps([vocab, list(data)]).encode()).hexdigest()[:16]
+    streamed = [needed_tokens] if any(is_hub_text(item) for item in data) else []
+    key = hashlib.sha256(json.dumps([vocab, list(data), TEXT_VERSION, *streamed]).encode()).hexdigest()[:16]
     path = cache_dir("tune", "text") / f"{key}.npy"
     if not path.is_file():
-        if progress:
-            print("tune: reading and tokenizing the training text (once per tokenizer and data)")
-        stream = encode_stream(tokenizer, read_documents(data))
+        say = print if progress else (lambda message: None)
+        say("tune: reading and tokenizing the training text (once per tokenizer and data)")
+
+        def count(text: str) -> int:
+            return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+        stream = encode_stream(tokenizer, read_documents(data, needed_tokens, count, say))
         tmp = path.with_suffix(".tmp.npy")
         np.save(tmp, stream)
         tmp.replace(path)
@@ -138,6 +170,7 @@ def continue_training(recipe: TuneRecipe, out_dir: Path, progress: bool = True, 
     done = finished_run(out_dir, recipe.digest())
     if done is not None:
         return done
+    check_data(recipe.data)
     loaded = load_model(ModelSpec(recipe.base, dtype="fp32", device=device), progress=progress)
     model, tokenizer = loaded.model, loaded.tokenizer
     change = retrofit_(model, recipe.mitigation, tokenizer)
@@ -149,8 +182,8 @@ def continue_training(recipe: TuneRecipe, out_dir: Path, progress: bool = True, 
     if len(penalties) > 1:
         raise ConfigError(f"mitigation '{recipe.mitigation}' joins {len(penalties)} loss penalties; use one")
     hooks = [m.after_step for m in applied if m.after_step is not None]
-    tokens = tuning_tokens(tokenizer, recipe.data, progress)
     cfg = recipe.train if budget_minutes is None else replace(recipe.train, budget_minutes=budget_minutes)
+    tokens = tuning_tokens(tokenizer, recipe.data, progress, needed_tokens=cfg.steps * cfg.batch_size * cfg.context)
     result = train(model, tokens, cfg, out_dir, bos_token_id(tokenizer), hooks, progress,
                    penalty=penalties[0] if penalties else None)
     if result.finished:

@@ -1,6 +1,8 @@
 """The training loop: data, schedule, logging, checkpoint and resume, and the mitigations' hooks."""
 
 import json
+import time
+from dataclasses import replace
 
 import pytest
 import torch
@@ -8,6 +10,7 @@ import torch
 from qharness.errors import ConfigError
 from qharness.models import mitigations
 from qharness.models.mitigations.tvr import decoder_matrices
+from qharness.training import loop
 from qharness.training.architectures import ArchConfig, new_model
 from qharness.training.loop import CHECKPOINT, LOG, TrainConfig, learning_rate, sample_batch, train
 
@@ -90,12 +93,51 @@ def test_resume_refuses_other_settings(tokens, tiny_tokenizer, tmp_path):
         train(model, tokens, TrainConfig(steps=2, batch_size=2, context=32, lr=1e-4), tmp_path, 0, progress=False)
 
 
-def test_budget_stops_with_a_checkpoint(tokens, tiny_tokenizer, tmp_path):
+class Clock:
+    """time.monotonic's stand-in for the loop: one second passes per reading, so a budget stops at a known step."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def monotonic(self) -> float:
+        self.now += 1.0
+        return self.now
+
+    sleep = staticmethod(time.sleep)
+
+
+def test_budget_stops_with_a_checkpoint(tokens, tiny_tokenizer, tmp_path, monkeypatch):
+    monkeypatch.setattr(loop, "time", Clock())
     model, _ = tiny("gpt2", "none", tiny_tokenizer)
-    result = train(model, tokens, TrainConfig(steps=50, batch_size=2, context=32, budget_minutes=0.0), tmp_path,
-                   0, progress=False)
-    assert not result.finished and result.step == 0
-    assert json.loads((tmp_path / CHECKPOINT / "state.json").read_text())["step"] == 0
+    cfg = TrainConfig(steps=50, batch_size=2, context=32, budget_minutes=1.5 / 60)  # 1 s gone: a step; 2 s: stop
+    result = train(model, tokens, cfg, tmp_path, 0, progress=False)
+    assert not result.finished and result.step == 1
+    assert json.loads((tmp_path / CHECKPOINT / "state.json").read_text())["step"] == 1
+
+
+def test_a_budget_gone_before_the_first_step_saves_nothing_and_leaves_no_folder(tokens, tiny_tokenizer, tmp_path):
+    model, _ = tiny("gpt2", "none", tiny_tokenizer)
+    with pytest.raises(ConfigError, match="0-minute budget ran out before the first training step .* nothing was "
+                                          "trained or saved; give a larger --budget"):
+        train(model, tokens, TrainConfig(steps=50, batch_size=2, context=32, budget_minutes=0.0), tmp_path / "run", 0,
+              progress=False)
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_resumed_run_out_of_budget_before_its_first_step_is_left_as_it_was(tokens, tiny_tokenizer, tmp_path):
+    cfg = TrainConfig(steps=8, batch_size=2, context=32, log_every=2, checkpoint_every=2)
+
+    def kill_at_3(model, step):
+        if step == 3:
+            raise KeyboardInterrupt
+
+    model, _ = tiny("gpt2", "none", tiny_tokenizer)
+    with pytest.raises(KeyboardInterrupt):
+        train(model, tokens, cfg, tmp_path, 0, [kill_at_3], progress=False)
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    with pytest.raises(ConfigError, match="budget ran out before the first training step"):
+        train(model, tokens, replace(cfg, budget_minutes=0.0), tmp_path, 0, progress=False)
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
 
 
 def test_tvr_keeps_decoder_weights_at_the_target_during_training(tokens, tiny_tokenizer, tmp_path):

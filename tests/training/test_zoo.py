@@ -103,9 +103,16 @@ def test_every_variant_trains_scans_and_runs(name, tiny_zoo, tiny_task_dir):
         (arch, "none" if mitigation == "base" else mitigation, f"zoo:{arch}")}
 
 
-def test_cli_trains_a_zoo_model_within_a_budget_then_finishes(capsys, tiny_zoo):
-    assert main(["train", "--model", "zoo:gpt2-base", "--budget", "0", "--quiet"]) == 0
-    assert "stopped by the 0.0-minute budget" in capsys.readouterr().out
+def test_cli_trains_a_zoo_model_within_a_budget_then_finishes(capsys, tiny_zoo, monkeypatch):
+    from types import SimpleNamespace
+
+    from qharness.training import loop
+
+    readings = iter(range(1, 1000))  # one second per clock reading: a 1.5-second budget takes exactly one step
+    with monkeypatch.context() as patch:
+        patch.setattr(loop, "time", SimpleNamespace(monotonic=lambda: float(next(readings)), sleep=lambda s: None))
+        assert main(["train", "--model", "zoo:gpt2-base", "--budget", "0.025", "--quiet"]) == 0
+    assert "stopped by the 0.025-minute budget with a checkpoint" in capsys.readouterr().out
     assert main(["list", "models"]) == 0
     assert "zoo:gpt2-base" in capsys.readouterr().out
     assert main(["train", "--model", "zoo:gpt2-base", "--quiet"]) == 0

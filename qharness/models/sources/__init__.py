@@ -1,6 +1,7 @@
 """Where a model comes from: one registered `Source` per kind of name, tried in order.
 
     builtin   smollm2-135m                      a real model a package registry ships (builtin.py)
+    pairs     pair:osp-1.4b-muon                a public checkpoint trained with or without a mitigation (pairs.py)
     zoo       zoo:llama-kv_bias                 a small model trained here with one recipe (zoo.py)
     gguf      path/to/model.gguf                a local GGUF file, dequantized (gguf.py)
     folder    path/to/folder                    a local Hugging Face folder, safetensors only (folder.py)
@@ -37,7 +38,7 @@ DTYPE_NAMES: tuple[str, ...] = ("fp32", "bf16", "fp16")
 
 @dataclass(frozen=True)
 class ModelSpec:
-    name: str = "smollm2-135m"  # built-in name | zoo:<arch>-<mitigation> | folder | file.gguf | hub id "org/name"
+    name: str = "smollm2-135m"  # built-in | zoo:<arch>-<mitigation> | pair:<alias> | folder | file.gguf | "org/name"
     dtype: Dtype = "auto"  # auto: fp32 on CPU, bf16 on CUDA
     device: Device = "auto"  # auto: cuda when available, else cpu
 
@@ -159,8 +160,11 @@ def load_model(spec: ModelSpec, progress: bool = True) -> LoadedModel:
     with quiet_transformers(progress):
         model, tokenizer, provenance = source.read(spec.name, dtype)
     model.to(device).eval()
+    mitigation = mitigations.recorded(model.config)
+    if mitigation == mitigations.NONE and source.describe_name:  # a published model's name says what it was trained
+        mitigation = source.describe_name(spec.name).get("mitigation", mitigation)  # with; its config cannot
     return LoadedModel(model, tokenizer, spec, provenance, device, dtype, arch=model.config.model_type,
-                       mitigation=mitigations.recorded(model.config), family=source.family(spec.name))
+                       mitigation=mitigation, family=source.family(spec.name))
 
 
 def is_trained_run(run_folder: Path) -> bool:
