@@ -13,6 +13,9 @@ Reads the leaderboard (and the per-layer error files) and writes results/report.
   perplexity (the quality cost, against its family's member without a mitigation) and the relative perplexity change
   under the headline schemes (the quantizability gain); a family trained from another model (tune:) starts with that
   model, and each member's max |h| over its training steps is plotted when its training log is in the cache;
+- the fixes compared per scheme: keeping BOS, a post-hoc transform, a training-time mitigation (fixes.py);
+- what predicts the loss: rank correlation, pooled over every (model, scheme, task), of the perplexity change with
+  max/median, kurtosis and the layer-wise error growth, with a bootstrap interval (predictors.py);
 - a heatmap of relative perplexity change (model x scheme) and degradation against max activation.
 """
 
@@ -21,14 +24,18 @@ from __future__ import annotations
 import html
 import json
 from collections import defaultdict
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from qharness.results import SCAN_TASK, Row, is_baseline, layer_errors_dir, read_rows, write_atomic
+from qharness.degradation import Degradation, degradations
+from qharness.families import REFERENCE, model_families, with_references
+from qharness.fixes import fixes_markdown, fixes_table
+from qharness.predictors import predictor_points, predictors, predictors_markdown, profile_extras
+from qharness.rankstats import spearman
+from qharness.results import SCAN_TASK, Row, layer_errors_dir, read_rows, scan_dir, write_atomic
 
 PROFILE_MEASURES = ("massive_max", "massive_ratio")  # correlated with degradation
-SCAN_MEASURES = (*PROFILE_MEASURES, "bos_holds_max")  # read from the scan rows
+SCAN_MEASURES = (*PROFILE_MEASURES, "bos_holds_max", "first_massive_layer")  # read from the scan rows
 HEADLINE_SCHEMES = ("int8-w8a8-tensor", "int8-w8a8-tensor-static", "int8-w8a8-token", "int4-weight-g128", "nf4",
                     "fp8-e4m3-w8a8-tensor", "fp8-e5m2-w8a8-tensor")
 MODEL_COLUMNS = ("arch", "mitigation", "family")
@@ -51,53 +58,11 @@ def with_model_columns(rows: list[Row]) -> list[Row]:
     return out
 
 
-def model_families(rows: list[Row]) -> dict[str, tuple[str, str]]:
-    """model -> (family, mitigation) for every model that belongs to a family."""
-    return {row["model"]: (row["family"], row["mitigation"] or "none") for row in rows if row.get("family")}
-
-
-@dataclass(frozen=True)
-class Degradation:
-    model: str
-    quant: str
-    backend: str
-    keep: str
-    task: str
-    metric: str
-    value: float
-    fp_value: float
-    higher_is_better: bool
-
-    @property
-    def delta(self) -> float:
-        return self.value - self.fp_value
-
-    @property
-    def rel(self) -> float:
-        return self.delta / self.fp_value if self.fp_value else float("nan")
-
-    @property
-    def loss(self) -> float:
-        """How much worse, in the metric's own units (positive = worse)."""
-        return -self.delta if self.higher_is_better else self.delta
-
-
-def degradations(rows: list[Row]) -> list[Degradation]:
-    out = []
-    for row in rows:
-        if is_baseline(row) or row.get("task") == SCAN_TASK or not row.get("fp_value"):
-            continue
-        out.append(Degradation(row["model"], row["quant"], row.get("backend", ""), row.get("keep", ""),
-                               row["task"], row["metric"], float(row["value"]), float(row["fp_value"]),
-                               row.get("higher_is_better") == "True"))
-    return out
-
-
 def causal_checks(items: list[Degradation]) -> list[dict[str, Any]]:
     """For each scheme run both plain and with kept positions: the share of its loss that keeping recovers."""
-    plain = {(d.model, d.quant, d.task, d.metric): d for d in items if not d.keep}
+    plain = {(d.model, d.quant, d.task, d.metric): d for d in items if d.plain}
     checks = []
-    for kept in (d for d in items if d.keep):
+    for kept in (d for d in items if d.keep and not (d.transform or d.kv)):
         base = plain.get((kept.model, kept.quant, kept.task, kept.metric))
         if base is None:
             continue
@@ -106,30 +71,6 @@ def causal_checks(items: list[Degradation]) -> list[dict[str, Any]]:
                        "keep": kept.keep, "fp": base.fp_value, "plain": base.value, "kept": kept.value,
                        "recovered": recovered})
     return checks
-
-
-def rank(values: list[float]) -> list[float]:
-    order = sorted(range(len(values)), key=lambda i: values[i])
-    ranks = [0.0] * len(values)
-    i = 0
-    while i < len(order):
-        j = i
-        while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
-            j += 1
-        for k in range(i, j + 1):
-            ranks[order[k]] = (i + j) / 2  # ties share their mean rank
-        i = j + 1
-    return ranks
-
-
-def spearman(x: list[float], y: list[float]) -> float:
-    """Spearman's rank correlation (Pearson on ranks, ties averaged)."""
-    rx, ry = rank(x), rank(y)
-    mx, my = sum(rx) / len(rx), sum(ry) / len(ry)
-    cov = sum((a - mx) * (b - my) for a, b in zip(rx, ry, strict=True))
-    sx = sum((a - mx) ** 2 for a in rx) ** 0.5
-    sy = sum((b - my) ** 2 for b in ry) ** 0.5
-    return cov / (sx * sy) if sx and sy else float("nan")
 
 
 def profile_measures(rows: list[Row]) -> dict[str, dict[str, float]]:
@@ -144,7 +85,7 @@ def profile_measures(rows: list[Row]) -> dict[str, dict[str, float]]:
 def correlations(items: list[Degradation], measures: dict[str, dict[str, float]]) -> list[dict[str, Any]]:
     by_scheme: dict[tuple[str, str, str], dict[str, float]] = defaultdict(dict)
     for d in items:
-        if not d.keep and d.model in measures:
+        if d.plain and d.model in measures:
             by_scheme[(d.quant, d.task, d.metric)][d.model] = d.rel
     out = []
     for (quant, task, metric), per_model in sorted(by_scheme.items()):
@@ -158,26 +99,12 @@ def correlations(items: list[Degradation], measures: dict[str, dict[str, float]]
     return out
 
 
-REFERENCE = "reference"  # the mitigation label of the model a family was trained from (the pretrained model)
-
-
-def with_references(families: dict[str, tuple[str, str]]) -> dict[str, tuple[str, str]]:
-    """`families` plus, for a family trained from another model (tune: models), that model as its reference row."""
-    from qharness.models.sources import related
-
-    out = dict(families)
-    for model, (family, _) in families.items():
-        for base in related(model)[0]:
-            out.setdefault(base, (family, REFERENCE))
-    return out
-
-
 def mitigation_table(measures: dict[str, dict[str, float]], items: list[Degradation],
                      families: dict[str, tuple[str, str]]) -> dict[str, Any]:
     """One row per model of a family on one perplexity task (kjv-heldout when present): activation measures, fp
     quality against its family's baseline (mitigation none), and the ppl change per headline scheme present. A
     family's reference (the model it was trained from) comes first."""
-    plain = [d for d in items if d.model in families and d.metric == "ppl" and not d.keep]
+    plain = [d for d in items if d.model in families and d.metric == "ppl" and d.plain]
     tasks = sorted({d.task for d in plain}, key=lambda t: (t != "kjv-heldout", t))
     if not tasks:
         return {"task": None, "schemes": [], "rows": []}
@@ -203,18 +130,30 @@ def _fmt(value: float | None, spec: str) -> str:
     return "" if value is None else format(value, spec)
 
 
+def _massive(row: dict[str, Any]) -> str:
+    """The massive criterion (|h| > 100 and >= 1000 x median) as the scan found it: from which layer, or none."""
+    if row.get("first_massive_layer") is not None:
+        return f"from layer {row['first_massive_layer']:.0f}"
+    return "none" if row.get("massive_max") is not None else ""
+
+
 def mitigation_markdown(mitigations: dict[str, Any]) -> list[str]:
-    parts = ["", "## Mitigations: activations, quality and quantizability (zoo models)", ""]
+    parts = ["", "## Mitigations: activations, quality and quantizability (models trained here)", ""]
     if not mitigations["rows"]:
-        return parts + ["No zoo model (zoo:<arch>-<mitigation>) has results yet; see `qharness list models`."]
+        return parts + ["No model of a family (zoo:<arch>-<mitigation>, tune:<model>-<mitigation>) has results yet; "
+                        "see `qharness list models`."]
     schemes = mitigations["schemes"]
-    parts.append(f"Task {mitigations['task']}; max |h| and max/median from `qharness scan`; the scheme columns "
+    parts.append(f"Task {mitigations['task']}; max |h|, max/median, the massive criterion, the share of maxima on "
+                 "BOS and the attention on position 0 (mean over layers) from `qharness scan`; fp vs base is the "
+                 "full-precision perplexity against the family's member without a mitigation; the scheme columns "
                  "are the relative perplexity change under each scheme.")
     parts.append("")
-    header = ["model", "max abs", "max/median", "BOS holds max", "fp ppl", "fp vs base", *schemes]
+    header = ["model", "max abs", "max/median", "massive", "BOS holds max", "attn@0", "fp ppl", "fp vs base", *schemes]
     parts.append(_table(header, [[r["model"], _fmt(r.get("massive_max"), ".1f"), _fmt(r.get("massive_ratio"), ".0f"),
-                                  _fmt(r["bos_holds_max"], ".0%"), f"{r['fp_ppl']:.2f}",
-                                  _fmt(r["fp_vs_base"], "+.1%"), *[_fmt(r[s], "+.1%") for s in schemes]]
+                                  _massive(r), _fmt(r["bos_holds_max"], ".0%"), _fmt(r.get("attention_on_first"),
+                                                                                    ".2f"),
+                                  f"{r['fp_ppl']:.2f}", _fmt(r["fp_vs_base"], "+.1%"),
+                                  *[_fmt(r[s], "+.1%") for s in schemes]]
                                  for r in mitigations["rows"]]))
     return parts
 
@@ -266,16 +205,19 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
 
 def markdown_report(items: list[Degradation], checks: list[dict[str, Any]], corr: list[dict[str, Any]],
                     plots: list[str], layers: list[dict[str, Any]] | None = None,
-                    mitigations: dict[str, Any] | None = None) -> str:
+                    mitigations: dict[str, Any] | None = None, fixes: dict[str, Any] | None = None,
+                    predicted: list[dict[str, Any]] | None = None) -> str:
     parts = ["# qharness report", "",
              "Generated by `qharness compare` from the leaderboard. Perplexity is token-level (lower is better); "
              "zero-shot scores are accuracies (higher is better).", "", "## Degradation per scheme", ""]
-    rows = [[d.model, d.quant + (f" (keep {d.keep})" if d.keep else ""), d.backend, d.task, d.metric,
+    rows = [[d.model, d.label, d.backend, d.task, d.metric,
              f"{d.fp_value:.4g}", f"{d.value:.4g}", f"{d.delta:+.4g}", f"{d.rel:+.2%}"]
             for d in sorted(items, key=lambda d: (d.model, d.task, d.metric, d.rel))]
     parts.append(_table(["model", "scheme", "backend", "task", "metric", "fp", "quantized", "delta", "rel"], rows))
     if mitigations is not None:
         parts += mitigation_markdown(mitigations)
+    if fixes is not None:
+        parts += fixes_markdown(fixes, _table)
     parts += ["", "## Causal check: keep the massive-activation positions in full precision", ""]
     if checks:
         parts.append(_table(["model", "scheme", "task", "metric", "kept", "fp", "plain", "kept value", "recovered"],
@@ -292,6 +234,8 @@ def markdown_report(items: list[Degradation], checks: list[dict[str, Any]], corr
     else:
         parts.append("Needs at least 3 scanned models with results for the same scheme and task "
                      f"({max((c['models'] for c in corr), default=0)} so far).")
+    if predicted is not None:
+        parts += predictors_markdown(predicted, _table)
     parts += ["", "## Per layer: output error against activation magnitude", ""]
     if layers:
         parts.append(_table(["model", "scheme", "kept", "worst layer", "its error", "layer of the max activation",
@@ -338,7 +282,7 @@ def html_report(markdown: str) -> str:
 
 
 def plot_heatmap(items: list[Degradation], path: Path) -> Path | None:
-    ppl = [d for d in items if d.metric == "ppl" and not d.keep]
+    ppl = [d for d in items if d.metric == "ppl" and d.plain]
     if not ppl:
         return None
     from qharness.activations.plots import _pyplot
@@ -395,7 +339,7 @@ def plot_training(families: dict[str, tuple[str, str]], path: Path) -> Path | No
 def plot_against_activation(items: list[Degradation], measures: dict[str, dict[str, float]],
                             path: Path) -> Path | None:
     points = [(measures[d.model]["massive_max"], d.rel * 100, d.quant) for d in items
-              if d.metric == "ppl" and not d.keep and "massive_max" in measures.get(d.model, {})]
+              if d.metric == "ppl" and d.plain and "massive_max" in measures.get(d.model, {})]
     if not points:
         return None
     from qharness.activations.plots import _pyplot
@@ -422,6 +366,8 @@ def compare(results: Path, out_dir: Path) -> dict[str, Any]:
     rows = with_model_columns(read_rows(results))
     items = degradations(rows)
     measures = profile_measures(rows)
+    for model, extras in profile_extras(scan_dir(results)).items():
+        measures.setdefault(model, {}).update(extras)
     checks = causal_checks(items)
     corr = correlations(items, measures)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -434,10 +380,12 @@ def compare(results: Path, out_dir: Path) -> dict[str, Any]:
     layers = layer_error_summary(layer_entries)
     families = with_references(model_families(rows))
     mitigations = mitigation_table(measures, items, families)
-    markdown = markdown_report(items, checks, corr, plots, layers, mitigations)
+    fixes = fixes_table(items, families)
+    predicted = predictors(predictor_points(items, measures, layer_entries))
+    markdown = markdown_report(items, checks, corr, plots, layers, mitigations, fixes, predicted)
     write_atomic(out_dir / "report.md", markdown)
     write_atomic(out_dir / "report.html", html_report(markdown))
     summary = {"degradations": len(items), "causal_checks": checks, "correlations": corr, "plots": plots,
-               "layer_errors": layers, "mitigations": mitigations}
+               "layer_errors": layers, "mitigations": mitigations, "fixes": fixes, "predictors": predicted}
     write_atomic(out_dir / "report.json", json.dumps(summary, indent=1, default=str) + "\n")
     return summary

@@ -61,8 +61,11 @@ def test_compare_writes_report_html_and_plots(tmp_path):
     (corr,) = [c for c in summary["correlations"] if c["measure"] == "massive_max"]
     assert corr["models"] == 3 and corr["spearman"] == pytest.approx(1.0)
     page = (tmp_path / "out" / "report.html").read_text()
-    assert page.count("<table>") == 3 and "degradation_heatmap.png" in page
-    assert "No zoo model" in report
+    # degradation, fixes (m0 kept BOS), causal check, correlation, predictors
+    assert page.count("<table>") == 5 and "degradation_heatmap.png" in page
+    assert "| m0 | t | int8-w8a8-tensor | +10.0% | +5.0% | keep pos:0 |" in report
+    assert "| massive_ratio | 0 | 0 |  |  | too few points to conclude (n = 0, needs 8) |" in report
+    assert "No model of a family" in report
     assert "Run `qharness run --layer-errors` to measure it." in report
     assert (tmp_path / "out" / "degradation_heatmap.png").read_bytes()[:4] == b"\x89PNG"
     assert (tmp_path / "out" / "degradation_vs_activation.png").is_file()
@@ -114,7 +117,7 @@ def test_mitigation_table_sets_each_zoo_model_against_its_baseline(tmp_path):
     append_rows(tmp_path / "lb.csv", rows)
     compare(tmp_path / "lb.csv", tmp_path / "out")
     report = (tmp_path / "out" / "report.md").read_text()
-    assert "| zoo:llama-dyt | 20.0 |  |  | 22.00 | +10.0% | +2.3% |" in report
+    assert "| zoo:llama-dyt | 20.0 |  | none |  |  | 22.00 | +10.0% | +2.3% |" in report
 
 
 def test_mitigation_table_reads_families_from_the_columns_not_the_names(tmp_path):
@@ -171,7 +174,17 @@ def test_a_leaderboard_from_before_the_model_columns_gives_the_same_report(tmp_p
     rows = read_rows(results)
     assert all(set(COLUMNS) <= set(r) and r["arch"] == "" for r in rows)
     compare(results, tmp_path / "out")
-    assert (tmp_path / "out" / "report.md").read_text() == (legacy / "report.md").read_text()
+    # Every section the old report had reads the same today, but for the mitigations table, which gained columns
+    # (massive criterion, attention on position 0) and a heading for tune: models: its numbers are the same.
+    old, new = _sections((legacy / "report.md").read_text()), _sections((tmp_path / "out" / "report.md").read_text())
+    mitigations = "Mitigations: activations, quality and quantizability"
+    for heading, body in old.items():
+        if heading.startswith(mitigations):
+            continue
+        assert new[heading] == body, heading
+    (old_table,) = [body for heading, body in old.items() if heading.startswith(mitigations)]
+    (new_table,) = [body for heading, body in new.items() if heading.startswith(mitigations)]
+    assert _cells(old_table) <= _cells(new_table)
     append_rows(results, [row("new", "int8", 2.0, 1.0)])  # the old rows survive a write in the new layout
     assert len(read_rows(results)) == len(rows) + 1 and "arch" in results.read_text().splitlines()[0]
 
@@ -187,7 +200,7 @@ def test_report_renders_in_headless_chromium(tmp_path):
     page = (tmp_path / "out" / "report.html").as_uri()
     common = ["chromium", "--headless", "--no-sandbox", "--disable-gpu"]
     dom = subprocess.run([*common, "--dump-dom", page], capture_output=True, text=True, timeout=120).stdout
-    assert dom.count("<table>") == 2 and "Degradation per scheme" in dom  # degradation, correlation
+    assert dom.count("<table>") == 3 and "Degradation per scheme" in dom  # degradation, correlation, predictors
     shot = tmp_path / "page.png"
     subprocess.run([*common, f"--screenshot={shot}", "--window-size=1000,1400", page], capture_output=True,
                    timeout=120, check=True)
@@ -195,3 +208,62 @@ def test_report_renders_in_headless_chromium(tmp_path):
 
     pixels = Image.open(shot).convert("L")
     assert pixels.getextrema()[0] < 100  # dark text and plot ink, not a blank page
+
+
+def _sections(markdown: str) -> dict[str, str]:
+    return {part.split("\n", 1)[0]: part.split("\n", 1)[1] for part in markdown.split("\n## ")[1:]}
+
+
+def _cells(section: str) -> set[str]:
+    return {cell.strip() for line in section.splitlines() if line.startswith("| ") for cell in line.split("|")}
+
+
+def test_fixes_set_keep_transform_and_trained_mitigations_side_by_side():
+    from qharness.fixes import fixes_table
+
+    def member(model, quant, value, fp, mitigation, **extra):
+        return {**row(model, quant, value, fp, task="kjv-heldout"), "mitigation": mitigation,
+                "family": "tune:base" if model.startswith("tune:") else "", **extra}
+
+    rows = [member("base", "int8-w8a8-tensor", 40.0, 20.0, "none"),  # +100%
+            member("base", "int8-w8a8-tensor", 24.0, 20.0, "none", keep="pos:0"),  # +20%
+            member("base", "int8-w8a8-tensor", 30.0, 20.0, "none", transform="smoothquant"),  # +50%
+            member("base", "int8-w8a8-tensor", 21.0, 20.0, "none", kv="int4-token"),  # another scheme: not a fix
+            member("tune:base-none", "int8-w8a8-tensor", 33.0, 22.0, "none"),  # +50%
+            member("tune:base-kv_bias", "int8-w8a8-tensor", 23.1, 22.0, "kv_bias"),  # +5%
+            member("other", "int8-w8a8-tensor", 30.0, 20.0, "none")]  # no fix: not in the table
+    families = {"tune:base-none": ("tune:base", "none"), "tune:base-kv_bias": ("tune:base", "kv_bias"),
+                "base": ("tune:base", "reference")}
+    table = fixes_table(degradations(rows), families)
+    assert table["columns"] == ["plain", "keep pos:0", "transform smoothquant", "trained: none", "trained: kv_bias"]
+    (only,) = table["rows"]
+    assert only["model"] == "base" and only["best"] == "trained: kv_bias"
+    assert only["cells"] == pytest.approx({"plain": 1.0, "keep pos:0": 0.2, "transform smoothquant": 0.5,
+                                           "trained: none": 0.5, "trained: kv_bias": 0.05})
+
+
+def test_predictors_pool_every_model_and_scheme_with_an_interval():
+    from qharness.degradation import Degradation
+    from qharness.predictors import error_growth, predictor_points, predictors
+    from qharness.rankstats import bootstrap_interval
+
+    assert error_growth([{"layer": 0, "rel_error": 0.01}, {"layer": 2, "rel_error": 0.04},
+                         {"layer": 1, "rel_error": 0.5}]) == pytest.approx(2.0)  # (0.04 / 0.01) ** (1 / 2)
+    assert error_growth([{"layer": 0, "rel_error": 0.0}, {"layer": 1, "rel_error": 0.1}]) is None
+    models = [f"m{i}" for i in range(6)]
+    measures = {m: {"massive_ratio": 10.0 ** i, "max_kurtosis": float(i % 2)} for i, m in enumerate(models)}
+    items = [Degradation(m, q, "sim", "", "t", "ppl", 20.0 * (1 + 0.1 * i * s), 20.0, False)
+             for i, m in enumerate(models) for s, q in ((1, "a"), (2, "b"))]
+    items.append(Degradation("m0", "a", "sim", "pos:0", "t", "ppl", 99.0, 20.0, False))  # a fix: not a point
+    layers = [{"model": m, "quant": "a", "layers": [{"layer": 0, "rel_error": 0.1}, {"layer": 1, "rel_error": 0.1}]}
+              for m in models[:3]]
+    points = predictor_points(items, measures, layers)
+    assert len(points) == 12
+    by = {r["measure"]: r for r in predictors(points, resamples=500)}
+    ratio = by["massive_ratio"]
+    assert ratio["n"] == 12 and ratio["models"] == 6 and ratio["spearman"] > 0.5
+    assert ratio["low"] <= ratio["spearman"] <= ratio["high"] and ratio["verdict"].startswith("predicts it")
+    assert by["error_growth"]["n"] == 3 and by["error_growth"]["verdict"].startswith("too few points")
+    assert bootstrap_interval([1, 2, 3, 4], [1, 2, 3, 4], resamples=50) == pytest.approx((1.0, 1.0))
+    low, high = bootstrap_interval(list(range(30)), [(7 * i) % 30 for i in range(30)], resamples=300)
+    assert low < 0 < high  # unrelated: the interval spans 0

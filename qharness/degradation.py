@@ -1,0 +1,60 @@
+"""What a scheme cost: one `Degradation` per quantized leaderboard row (fp -> quantized value of one metric), the
+unit every table of the comparator is built from."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from qharness.results import SCAN_TASK, Row, is_baseline
+
+
+@dataclass(frozen=True)
+class Degradation:
+    model: str
+    quant: str
+    backend: str
+    keep: str
+    task: str
+    metric: str
+    value: float
+    fp_value: float
+    higher_is_better: bool
+    kv: str = ""  # the KV-cache setting ("" = the cache in full precision)
+    transform: str = ""  # the post-hoc transform applied before quantizing ("" = none)
+
+    @property
+    def delta(self) -> float:
+        return self.value - self.fp_value
+
+    @property
+    def rel(self) -> float:
+        return self.delta / self.fp_value if self.fp_value else float("nan")
+
+    @property
+    def loss(self) -> float:
+        """How much worse, in the metric's own units (positive = worse)."""
+        return -self.delta if self.higher_is_better else self.delta
+
+    @property
+    def plain(self) -> bool:
+        """The scheme alone: nothing kept in full precision, no transform, no KV-cache quantization."""
+        return not (self.keep or self.transform or self.kv)
+
+    @property
+    def label(self) -> str:
+        """The scheme with whatever was added to it, as the report's tables print it."""
+        extras = [f"transform {self.transform}" if self.transform else "", f"kv {self.kv}" if self.kv else "",
+                  f"keep {self.keep}" if self.keep else ""]
+        extras = [e for e in extras if e]
+        return self.quant + (f" ({', '.join(extras)})" if extras else "")
+
+
+def degradations(rows: list[Row]) -> list[Degradation]:
+    out = []
+    for row in rows:
+        if (is_baseline(row) and not row.get("kv")) or row.get("task") == SCAN_TASK or not row.get("fp_value"):
+            continue
+        out.append(Degradation(row["model"], row["quant"], row.get("backend", ""), row.get("keep", ""),
+                               row["task"], row["metric"], float(row["value"]), float(row["fp_value"]),
+                               row.get("higher_is_better") == "True", row.get("kv", ""), row.get("transform", "")))
+    return out
