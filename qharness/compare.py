@@ -87,7 +87,8 @@ def degradations(rows: list[Row]) -> list[Degradation]:
     for row in rows:
         if is_baseline(row) or row.get("task") == SCAN_TASK or not row.get("fp_value"):
             continue
-        out.append(Degradation(row["model"], row["quant"], row.get("backend", ""), row.get("keep", ""),
+        quant = row["quant"] + (f"+kv:{row['kv']}" if row.get("kv") else "")  # a KV setting is another scheme here
+        out.append(Degradation(row["model"], quant, row.get("backend", ""), row.get("keep", ""),
                                row["task"], row["metric"], float(row["value"]), float(row["fp_value"]),
                                row.get("higher_is_better") == "True"))
     return out
