@@ -22,6 +22,7 @@ RUN_EXAMPLES = """examples:
   qharness run                                          # smollm2-135m, int8, the offline held-out texts
   qharness run --model smollm2-135m --quant int8 --limit 2
   qharness run --model path/to/model.gguf --task kjv-heldout --no-bos
+  qharness run --quant none,int8 --kv int4-kivi+keep0 --limit 2   # also quantize the KV cache
   qharness run --model HuggingFaceTB/SmolLM2-135M --device cuda --dtype bf16   # online users
 """
 SCAN_EXAMPLES = """examples:
@@ -47,6 +48,7 @@ TRAIN_EXAMPLES = """examples:
 LIST_EXAMPLES = """examples:
   qharness list            # everything
   qharness list quants
+  qharness list kv
   qharness list tasks
 """
 
@@ -97,6 +99,9 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--keep-channels", default="", type=_positions, metavar="C,D",
                         help="hidden channels kept in full precision in the inputs that read the hidden state, "
                              "e.g. the massive channels `qharness scan` reports")
+    parser.add_argument("--kv", default="none", metavar="SETTING",
+                        help="also quantize the KV cache of every scheme, e.g. int4-token or int4-kivi+keep0; with "
+                             "--quant none only the cache (`qharness list kv`; default none)")
     parser.add_argument("--dtype", default="auto", help="auto (fp32 on CPU, bf16 on CUDA) | fp32 | bf16 | fp16")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
     parser.add_argument("--no-bos", dest="bos", action="store_false", help="do not prepend BOS to each window")
@@ -220,11 +225,12 @@ def format_table(rows: list[dict[str, str]]) -> str:
     header = ("task", "quant", "backend", "metric", "value", "fp", "delta", "rel", "chance")
     lines = [header]
     for row in rows:
-        is_fp = row["quant"] == "none"
+        is_fp = row["quant"] == "none" and not row.get("kv")
         rel = f"{float(row['rel_delta']):+.2%}" if row["rel_delta"] and not is_fp else ""
         delta = f"{float(row['delta']):+.4g}" if not is_fp else ""
         metric = f"{row['metric']} ({row['metric_kind']}, n={row['n']})"
         quant = row["quant"] + (f" keep {row['keep']}" if row.get("keep") else "")
+        quant += f" kv {row['kv']}" if row.get("kv") else ""
         chance = f"{float(row['chance']):.2f}" if row.get("chance") else ""
         lines.append((row["task"], quant, row["backend"], metric, f"{float(row['value']):.4f}",
                       f"{float(row['fp_value']):.4f}", delta, rel, chance))
@@ -244,7 +250,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         tasks=DEFAULT_TASKS if args.task is None else args.task, bos=args.bos, limit=args.limit,
         batch_size=args.batch_size,
         seed=args.seed, results=args.results, force=args.force, progress=not args.quiet,
-        layer_errors=args.layer_errors,
+        layer_errors=args.layer_errors, kv=args.kv,
     )
     report = run(spec, say=(lambda msg: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr)))
     print(f"model: {report.model}   computed {report.computed} of {len(report.rows)} rows -> {spec.results}")
@@ -400,6 +406,12 @@ def cmd_list(args: argparse.Namespace) -> int:
             also = f" (alias: {', '.join(aliases)})" if aliases else ""
             scheme = entry.obj()
             print(f"  {entry.name:30} {scheme.description}{also} [{', '.join(backends_for(scheme))}]")
+    if args.what in ("all", "kv"):
+        from qharness.quant.kv import KEEP_FIRST, KV_SETTINGS
+
+        print(f"kv (run --kv NAME; append +{KEEP_FIRST} to keep the first token's keys and values exact):")
+        for entry in KV_SETTINGS:
+            print(f"  {entry.name:30} {entry.obj().description}")
     if args.what in ("all", "backends"):
         from qharness.quant.backend import load_backends
 
@@ -416,7 +428,8 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def add_list_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("what", nargs="?", default="all", choices=("all", "models", "quants", "backends", "tasks"))
+    parser.add_argument("what", nargs="?", default="all", choices=("all", "models", "quants", "kv", "backends",
+                                                                          "tasks"))
 
 
 COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], Callable[[argparse.ArgumentParser], None], str,

@@ -70,7 +70,8 @@ def make_row(value: float | None = None, fp_value: float | None = None, **fields
 
 
 def is_baseline(row: Row) -> bool:
-    return row.get("quant", "") in ("", BASELINE)
+    """Full precision throughout: `quant none` with a quantized KV cache is a quantized row like any other."""
+    return row.get("quant", "") in ("", BASELINE) and not row.get("kv")
 
 
 def layer_errors_dir(results: Path) -> Path:

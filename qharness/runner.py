@@ -36,6 +36,7 @@ from qharness.quant.apply import quantize_, target_linears
 from qharness.quant.backend import QuantContext, select_backend
 from qharness.quant.calibrate import CALIBRATION_LENGTH, calibration_batches, calibration_text
 from qharness.quant.footprint import weight_bytes
+from qharness.quant.kv import check_kv_model, get_kv, kv_quantized, split_quants
 from qharness.quant.schemes import SCHEMES, Keep, QuantScheme, get_scheme
 from qharness.results import (
     BASELINE,
@@ -73,6 +74,7 @@ class RunSpec:
     force: bool = False  # recompute cells that are already in the leaderboard
     progress: bool = True
     layer_errors: bool = False  # also write each scheme's per-layer output error (results/layers/) for compare
+    kv: str = "none"  # KV-cache setting of every quantized cell (`qharness list kv`); none: a full-precision cache
 
     def __post_init__(self) -> None:
         if self.limit is not None and self.limit < 1:
@@ -92,6 +94,16 @@ class Cell:
     task: TaskSpec
     task_hash: str
     row_keys: dict[str, tuple[str, ...]] = field(default_factory=dict)  # metric -> leaderboard key
+    kv: str = ""  # the KV setting's name, "" for a full-precision cache
+
+    @property
+    def is_baseline(self) -> bool:
+        """The fp row every other row of the task is measured against (fp weights *and* an fp cache)."""
+        return self.quant == FP and not self.kv
+
+    @property
+    def label(self) -> str:
+        return self.quant + (f" kv {self.kv}" if self.kv else "")
 
 
 @dataclass
@@ -105,7 +117,8 @@ def _key_fields(spec: RunSpec, cell: Cell, metric: str, device_type: str, dtype:
     task = cell.task
     return {
         "model": spec.model.name, "quant": cell.quant, "backend": cell.backend,
-        "keep": "" if cell.quant == FP else spec.keep.label, "task": task.name, "task_hash": cell.task_hash,
+        "keep": "" if cell.quant == FP else spec.keep.label, "kv": cell.kv, "task": task.name,
+        "task_hash": cell.task_hash,
         "metric": metric, "bos": spec.bos, "context_length": task.context_length if task.kind == "perplexity" else None,
         "limit": spec.limit, "dtype": dtype, "device_type": device_type,
     }
@@ -115,7 +128,9 @@ def plan_cells(spec: RunSpec) -> tuple[list[Cell], dict[str, QuantScheme]]:
     """Resolve every name and check the leaderboard (failing before any model loads); list the cells to run."""
     classify(spec.model.name)
     check_writable(spec.results)
-    schemes = {SCHEMES.resolve(q): get_scheme(q) for q in spec.quants}
+    kv = get_kv(spec.kv)
+    quants, kv_only = split_quants(spec.quants, kv, bool(spec.keep))
+    schemes = {SCHEMES.resolve(q): get_scheme(q) for q in quants}
     limit = context_limit(spec.model.name)
     tasks = [within_context(get_task(name), limit) for name in spec.tasks]
     device = resolve_device(spec.model.device)
@@ -124,9 +139,10 @@ def plan_cells(spec: RunSpec) -> tuple[list[Cell], dict[str, QuantScheme]]:
                 for name, scheme in schemes.items()}
     hashes = {task.name: task.content_hash() for task in tasks}
     cells = []
-    for quant in (FP, *schemes):
+    kv_cells = [(FP, "")] + ([(FP, kv.name)] if kv_only else []) + [(q, kv.name if kv else "") for q in schemes]
+    for quant, kv_name in kv_cells:  # `--quant none --kv X`: fp weights, quantized cache, against the true fp row
         for task in tasks:
-            cell = Cell(quant, backends.get(quant, ""), task, hashes[task.name])
+            cell = Cell(quant, backends.get(quant, ""), task, hashes[task.name], kv=kv_name)
             _key_cell(spec, cell, device.type, dtype_name(torch_dtype))
             cells.append(cell)
     return cells, schemes
@@ -169,7 +185,7 @@ def check_finite(metric: Metric, cell: Cell, dtype: str) -> None:
         return
     hint = ("fp16 overflows past 65504, where massive activations live: use --dtype bf16 or fp32"
             if dtype == "fp16" else "the model's activations or the scheme's arithmetic overflowed; try --dtype fp32")
-    raise QHarnessError(f"{cell.task.name} [{cell.quant}]: {metric.name} came out {metric.value} in {dtype}, not "
+    raise QHarnessError(f"{cell.task.name} [{cell.label}]: {metric.name} came out {metric.value} in {dtype}, not "
                         f"stored; {hint}")
 
 
@@ -228,6 +244,8 @@ def run(spec: RunSpec, say: Callable[[str], None] = print) -> RunReport:
     say(f"loading {spec.model.name} ...")
     loaded = load_model(spec.model, progress=spec.progress)
     check_keep(spec.keep, loaded, [cell.task for cell in cells])
+    kv = get_kv(spec.kv)
+    check_kv_model(loaded.model, kv)
     targets = target_linears(loaded.model)
     reselect_backends(spec, cells, schemes, loaded, targets)
     keys = [k for cell in cells for k in cell.row_keys.values()]
@@ -235,10 +253,10 @@ def run(spec: RunSpec, say: Callable[[str], None] = print) -> RunReport:
     run_id = uuid.uuid4().hex[:12]
     rows: dict[tuple[str, ...], Row] = dict(done)
     fp_values = {(c.task.name, m): float(done[k]["value"])  # baselines already measured are read, not recomputed
-                 for c in cells if c.quant == FP for m, k in c.row_keys.items() if k in done}
+                 for c in cells if c.is_baseline for m, k in c.row_keys.items() if k in done}
 
     def compute(model: LoadedModel, cell: Cell) -> None:
-        say(f"evaluating {cell.task.name} [{cell.quant}]")
+        say(f"evaluating {cell.task.name} [{cell.label}]")
         start = time.perf_counter()
         metrics = _evaluate(model, cell.task, spec)
         seconds = time.perf_counter() - start
@@ -247,7 +265,7 @@ def run(spec: RunSpec, say: Callable[[str], None] = print) -> RunReport:
         scheme = schemes.get(cell.quant)
         new_rows = []
         for metric in metrics:
-            if cell.quant == FP:
+            if cell.is_baseline:
                 fp_values[(cell.task.name, metric.name)] = metric.value
             row = _result_row(spec, model, cell, metric, fp_values[(cell.task.name, metric.name)], scheme,
                               seconds, run_id, weight_bytes(targets, scheme))
@@ -256,8 +274,14 @@ def run(spec: RunSpec, say: Callable[[str], None] = print) -> RunReport:
         append_rows(spec.results, new_rows)
 
     for cell in todo:  # a missing baseline is computed first; a present one was read into fp_values above
-        if cell.quant == FP:
+        if cell.is_baseline:
             compute(loaded, cell)
+    kv_only = [c for c in todo if c.quant == FP and c.kv]
+    if kv_only:
+        say(f"quantizing the KV cache only ({kv.name}) ...")
+        with kv_quantized(loaded.model, kv):
+            for cell in kv_only:
+                compute(loaded, cell)
     length = min(CALIBRATION_LENGTH, context_limit(spec.model.name) or CALIBRATION_LENGTH)
     for quant, scheme in schemes.items():
         quant_cells = [c for c in todo if c.quant == quant]
@@ -273,8 +297,9 @@ def run(spec: RunSpec, say: Callable[[str], None] = print) -> RunReport:
         quantized = loaded.with_model(qmodel)
         if needs_layer_errors(spec, quant):
             write_layer_errors(spec, loaded, qmodel, quant, context)
-        for cell in quant_cells:
-            compute(quantized, cell)
+        with kv_quantized(qmodel, kv):
+            for cell in quant_cells:
+                compute(quantized, cell)
         del qmodel, quantized
         gc.collect()
     return RunReport([rows[k] for k in keys if k in rows], sum(1 for k in keys if k not in done), spec.model.name)

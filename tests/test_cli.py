@@ -14,7 +14,8 @@ def test_list_shows_every_registry(capsys):
     code, out, _ = run_cli(capsys, "list")
     assert code == 0
     for expected in ("smollm2-135m", "int8-w8a8-token", "(alias: int8)", "kjv-heldout", "wordnet-heldout",
-                     "llm-int8", "fp8-e4m3-unscaled", "int4-weight-g128", "torchao", "bnb"):
+                     "llm-int8", "fp8-e4m3-unscaled", "int4-weight-g128", "torchao", "bnb", "int4-kivi",
+                     "fp8-e4m3-token", "+keep0"):
         assert expected in out
 
 
@@ -81,3 +82,11 @@ def test_bad_keep_positions_is_an_argparse_error(capsys):
         main(["run", "--keep-positions", "bos"])
     assert info.value.code == 2
     assert "expected comma-separated integers like 0,1, got 'bos'" in capsys.readouterr().err
+
+
+def test_run_with_kv_only_prints_the_kv_row_against_fp(capsys, tiny_model_dir, tiny_task_dir, tmp_path):
+    code, out, _ = run_cli(capsys, "run", "--model", str(tiny_model_dir), "--task", str(tiny_task_dir / "short.yaml"),
+                           "--results", str(tmp_path / "lb.csv"), "--quiet", "--quant", "none", "--kv", "int4-token")
+    assert code == 0 and "computed 2 of 2 rows" in out
+    kv_line = next(line for line in out.splitlines() if "kv int4-token" in line)
+    assert kv_line.split()[:4] == ["short", "none", "kv", "int4-token"] and "%" in kv_line  # rel_delta shown

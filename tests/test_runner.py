@@ -156,3 +156,46 @@ def test_a_named_backend_that_cannot_take_the_model_stops_before_compute(tiny_mo
         run(spec_for(tiny_model_dir, tiny_task_dir, results, quants=("int4-weight-g128",), backend="torchao"),
             say=lambda m: None)
     assert not results.exists()
+
+
+def test_kv_cache_runs_are_keyed_by_kv_measured_against_true_fp_and_resume(tiny_model_dir, tiny_task_dir, tmp_path):
+    """`--quant none,int8 --kv X`: fp weights with a quantized cache, and int8 with it; both against the fp row
+    (fp weights *and* fp cache), which the run without --kv shares."""
+    results = tmp_path / "leaderboard.csv"
+    run(spec_for(tiny_model_dir, tiny_task_dir, results), say=lambda m: None)
+    spec = spec_for(tiny_model_dir, tiny_task_dir, results, quants=("none", "int8"), kv="int4-kivi+keep0")
+    report = run(spec, say=lambda m: None)
+    assert report.computed == 2  # the baseline is read back, not recomputed
+    fp, plain, kv_only, both = read_rows(results)
+    assert [(r["quant"], r["kv"]) for r in (fp, plain, kv_only, both)] == [
+        ("none", ""), ("int8-w8a8-token", ""), ("none", "int4-kivi+keep0"), ("int8-w8a8-token", "int4-kivi+keep0")]
+    assert kv_only["fp_value"] == both["fp_value"] == fp["value"]
+    assert float(kv_only["value"]) != float(fp["value"]) and float(kv_only["rel_delta"]) != 0
+    assert float(both["value"]) not in (float(plain["value"]), float(kv_only["value"]))
+    assert kv_only["keep"] == "" and kv_only["scheme"] == "" and kv_only["backend"] == ""
+    again = run(spec, say=lambda m: None)
+    assert again.computed == 0 and [r["value"] for r in again.rows] == [r["value"] for r in (fp, kv_only, both)]
+
+
+def test_a_kv_run_leaves_the_model_as_it_was(tiny_model_dir, tiny_task_dir, tmp_path, monkeypatch):
+    """The fp baseline computed in the same run as a KV-only cell must not see the quantized cache: the value is
+    the same as a run that never heard of --kv."""
+    alone = run(spec_for(tiny_model_dir, tiny_task_dir, tmp_path / "a.csv"), say=lambda m: None).rows[0]
+    mixed = run(spec_for(tiny_model_dir, tiny_task_dir, tmp_path / "b.csv", quants=("none",), kv="int4-token"),
+                say=lambda m: None).rows
+    assert mixed[0]["value"] == alone["value"] and mixed[0]["kv"] == ""
+    assert mixed[1]["value"] != alone["value"]
+
+
+def test_a_model_whose_attention_cannot_take_the_kv_setting_is_refused_before_compute(tiny_model_dir, tiny_task_dir,
+                                                                                     tmp_path, monkeypatch):
+    from transformers import LlamaForCausalLM
+
+    from qharness.errors import ConfigError
+
+    monkeypatch.setattr(LlamaForCausalLM, "_supports_attention_backend", False)
+    monkeypatch.setattr(runner, "_evaluate", lambda *a: pytest.fail("evaluated a run that should be refused"))
+    results = tmp_path / "leaderboard.csv"
+    with pytest.raises(ConfigError, match="--kv int8-token: LlamaForCausalLM does not take transformers' attention"):
+        run(spec_for(tiny_model_dir, tiny_task_dir, results, kv="int8-token"), say=lambda m: None)
+    assert not results.exists()

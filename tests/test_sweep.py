@@ -147,3 +147,11 @@ def test_the_shipped_tune_sweep_sets_each_mitigation_against_the_continued_contr
     for spec in config.run_specs():
         assert plan_cells(spec)[0]
     assert not any(tmp_path.iterdir())
+
+
+def test_sweep_kv_settings_are_runs_of_their_own_sharing_the_baseline(tiny_model_dir, tiny_task_dir, tmp_path):
+    config = write_config(tmp_path, tiny_model_dir, tiny_task_dir, ["int8"], kv="[none, int8-token+keep0]")
+    assert sweep(config, say=lambda m: None).computed == 3  # one baseline, int8, int8 with the KV cache
+    assert [(r["quant"], r["kv"]) for r in read_rows(tmp_path / "lb.csv")] == [
+        ("none", ""), ("int8-w8a8-token", ""), ("int8-w8a8-token", "int8-token+keep0")]
+    assert sweep(config, say=lambda m: None).computed == 0

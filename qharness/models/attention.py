@@ -16,6 +16,10 @@ and `save_pretrained` writes the parameters with the rest (our loader rebuilds t
 - Clipped softmax (Bondarenko et al. 2023, "Quantizable Transformers", arXiv 2306.12929):
   clip((zeta - gamma) * softmax(s) + gamma, 0, 1) with gamma < 0, so exact zeros are reachable at finite logits.
   It needs the probabilities, so it always runs the explicit (eager) computation, also under `qharness_sdpa`.
+
+KV-cache quantization (quant/kv.py) goes through the same door: `module.kv_quant`, when set, takes the keys (after
+RoPE) and values and returns what a quantized cache would hold, before the KV bias is prepended (k', v' are
+parameters, not cached tokens) and before eager or SDPA run, so both see exactly the same keys and values.
 """
 
 from __future__ import annotations
@@ -143,6 +147,9 @@ def mitigated_attention(use_sdpa: bool):
         scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
         kv_bias: KVBias | None = getattr(module, "kv_bias", None)
         clip: SoftmaxClip | None = getattr(module, "softmax_clip", None)
+        kv_quant = getattr(module, "kv_quant", None)
+        if kv_quant is not None:
+            key, value, attention_mask = kv_quant(query, key, value, attention_mask)
         if kv_bias is not None:
             key, value = kv_bias.prepend(key, value)
             attention_mask = with_sink_column(attention_mask, query, key[:, :, 1:])
