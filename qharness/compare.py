@@ -282,17 +282,17 @@ def html_report(markdown: str) -> str:
 
 
 def plot_heatmap(items: list[Degradation], path: Path) -> Path | None:
-    ppl = [d for d in items if d.metric == "ppl" and d.plain]
+    ppl = [d for d in items if d.metric == "ppl" and not (d.keep or d.transform)]  # a KV setting is a scheme here
     if not ppl:
         return None
     from qharness.activations.plots import _pyplot
 
     plt = _pyplot()
     models = sorted({d.model for d in ppl})
-    schemes = sorted({d.quant for d in ppl})
+    schemes = sorted({d.label for d in ppl})
     cell: dict[tuple[str, str], list[float]] = defaultdict(list)
     for d in ppl:
-        cell[(d.model, d.quant)].append(d.rel * 100)
+        cell[(d.model, d.label)].append(d.rel * 100)
     grid = [[sum(cell[(m, s)]) / len(cell[(m, s)]) if cell[(m, s)] else float("nan") for s in schemes]
             for m in models]
     fig, ax = plt.subplots(figsize=(2.0 + 0.6 * len(schemes), 1.2 + 0.5 * len(models)))

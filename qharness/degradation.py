@@ -52,7 +52,7 @@ class Degradation:
 def degradations(rows: list[Row]) -> list[Degradation]:
     out = []
     for row in rows:
-        if (is_baseline(row) and not row.get("kv")) or row.get("task") == SCAN_TASK or not row.get("fp_value"):
+        if is_baseline(row) or row.get("task") == SCAN_TASK or not row.get("fp_value"):
             continue
         out.append(Degradation(row["model"], row["quant"], row.get("backend", ""), row.get("keep", ""),
                                row["task"], row["metric"], float(row["value"]), float(row["fp_value"]),

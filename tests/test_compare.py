@@ -52,7 +52,8 @@ def test_causal_check_reports_the_share_of_loss_recovered():
 def test_kv_rows_are_schemes_of_their_own_and_quant_none_with_a_kv_cache_is_not_a_baseline():
     rows = [row("m", "none", 20.0, 20.0), row("m", "int8", 21.0, 20.0), row("m", "int8", 24.0, 20.0, keep="pos:0"),
             {**row("m", "none", 23.0, 20.0), "kv": "int4-token"}, {**row("m", "int8", 25.0, 20.0), "kv": "int4-token"}]
-    assert sorted(d.quant for d in degradations(rows)) == ["int8", "int8", "int8+kv:int4-token", "none+kv:int4-token"]
+    assert sorted(d.label for d in degradations(rows)) == ["int8", "int8 (keep pos:0)", "int8 (kv int4-token)",
+                                                           "none (kv int4-token)"]
     (check,) = causal_checks(degradations(rows))  # the kept run is set against plain int8, not int8 with the cache
     assert check["plain"] == 21.0
 
