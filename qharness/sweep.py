@@ -11,6 +11,7 @@ atomic and locked.
     tasks: [kjv-heldout, wordnet-heldout]
     tasks_for: {smollm2-135m: [kjv-heldout]}   # optional: other tasks for the models named
     keep_positions: [[], [0]]     # optional: also each scheme with BOS in full precision
+    transforms: ['', rotate]      # optional: also each scheme after a transform (`qharness list transforms`)
     limit: 2                      # optional: windows / items per task
     results: results/leaderboard.csv
     engine: local                 # or ray
@@ -44,6 +45,7 @@ class SweepConfig:
     tasks: tuple[str, ...] = DEFAULT_TASKS
     tasks_for: dict[str, tuple[str, ...]] = field(default_factory=dict)  # model -> its own task list
     keep_positions: tuple[tuple[int, ...], ...] = ((),)
+    transforms: tuple[str, ...] = ("",)  # '' for none, or a --transform value
     limit: int | None = None
     batch_size: int = 1
     dtype: str = "auto"
@@ -86,8 +88,9 @@ class SweepConfig:
         return [
             RunSpec(model=ModelSpec(model, dtype=self.dtype, device=self.device), quants=self.quants,
                     tasks=self.tasks_for.get(model, self.tasks), backend=self.backend, keep=Keep(positions),
-                    limit=self.limit, batch_size=self.batch_size, results=Path(self.results), progress=False)
-            for model in self.models for positions in self.keep_positions
+                    limit=self.limit, batch_size=self.batch_size, results=Path(self.results), progress=False,
+                    transform=transform)
+            for model in self.models for positions in self.keep_positions for transform in self.transforms
         ]
 
 
@@ -161,7 +164,8 @@ def sweep(config: SweepConfig, say: Callable[[str], Any] = print) -> SweepReport
         return SweepReport(_run_ray(specs, config.scan))
     report = SweepReport()
     for i, spec in enumerate(specs, 1):
-        say(f"[{i}/{len(specs)}] {spec.model.name}" + (f" keep {spec.keep.label}" if spec.keep.positions else ""))
+        say(f"[{i}/{len(specs)}] {spec.model.name}" + (f" keep {spec.keep.label}" if spec.keep.positions else "")
+            + (f" transform {spec.transform}" if spec.transform else ""))
         report.reports.append(run(spec, say=say))
         last_of_model = i == len(specs) or specs[i].model.name != spec.model.name
         if config.scan and last_of_model:
