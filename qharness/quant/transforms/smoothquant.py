@@ -3,9 +3,9 @@
 A group of Linears reading the same X computes X W^T = (X diag(s)^-1) (W diag(s))^T for any positive s. Per input
 channel j,
     s_j = max|X_j|^alpha / max|W_:,j|^(1 - alpha)
-with max|X_j| measured on the calibration text (tasks/data/calibration.txt, 8 x 256 tokens, BOS first) and
-max|W_:,j| over every Linear of the group. alpha = 0.5 gives X and W the same per-channel range; alpha = 1 flattens
-X's channels. The division by s is folded into the op that produces X, so nothing runs online:
+with max|X_j| measured on the calibration text (tasks/data/calibration.txt: the 8 x 256 tokens static schemes
+calibrate on) and max|W_:,j| over every Linear of the group. alpha = 0.5 gives X and W the same per-channel
+range; alpha = 1 flattens X's channels. The division by s is folded into the op that produces X, so nothing runs online:
 - q/k/v_proj read input_layernorm and gate/up_proj read post_attention_layernorm: the norm's weight (and bias) is
   divided by s. These are the paper's two smoothed inputs.
 - o_proj has no norm before it. Its input is attention's output, which is linear in v_proj's output channel by
