@@ -65,6 +65,13 @@ def is_norm(module: nn.Module) -> bool:
     return isinstance(module, NORM_CLASSES) or type(module).__name__.endswith(("RMSNorm", "LayerNorm"))
 
 
+def is_rms_norm(module: nn.Module) -> bool:
+    """An RMSNorm without a bias: x / rms(x) * g, which commutes with an orthogonal rotation once g is folded out
+    (LayerNorm's mean subtraction does not)."""
+    is_rms = isinstance(module, nn.RMSNorm) or type(module).__name__.endswith("RMSNorm")
+    return is_rms and getattr(module, "bias", None) is None
+
+
 def norm_modules(model: nn.Module) -> dict[str, nn.Module]:
     """Qualified name -> every normalization module of the model (decoder layers and the final norm)."""
     return {name: module for name, module in model.named_modules() if is_norm(module)}

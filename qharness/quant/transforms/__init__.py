@@ -120,7 +120,8 @@ def transform_(model: nn.Module, spec: TransformSpec, batches: list[Tensor]) -> 
     entry = TRANSFORMS.get(spec.name)
     with torch.inference_mode():
         before = model(input_ids=batches[0]).logits.double()
-    entry.apply(model, spec.argument, batches)
+    with torch.no_grad():  # weights are edited in place, never trained
+        entry.apply(model, spec.argument, batches)
     with torch.inference_mode():
         after = model(input_ids=batches[0]).logits.double()
     drift = ((after - before).abs().max() / before.abs().max()).item()

@@ -74,15 +74,16 @@ def _untie_(model: nn.Module, embed: nn.Embedding, lm_head: nn.Linear) -> None:
     from torch import nn
 
     if lm_head.weight is embed.weight:
-        lm_head.weight = nn.Parameter(embed.weight.detach().clone(), requires_grad=False)
+        lm_head.weight = nn.Parameter(embed.weight.detach().clone(), requires_grad=embed.weight.requires_grad)
         for config in {id(c): c for c in (model.config, model.config.get_text_config())}.values():
             config.tie_word_embeddings = False
 
 
 def _check_norms(layout: DecoderLayout) -> None:
+    from qharness.models.layers import is_rms_norm
+
     norms = [layout.final_norm, *(n for b in layout.blocks for n in (b.attn_norm, b.mlp_norm))]
-    other = next((n for n in norms if not type(n).__name__.endswith("RMSNorm")
-                  or getattr(n, "bias", None) is not None), None)
+    other = next((n for n in norms if not is_rms_norm(n)), None)
     if other is not None:  # LayerNorm subtracts the mean, which a rotation does not commute with
         raise ConfigError(f"transform 'rotate' needs RMSNorm (no bias) everywhere; this model has "
                           f"{type(other).__name__}")
