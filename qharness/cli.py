@@ -24,6 +24,8 @@ RUN_EXAMPLES = """examples:
   qharness run --model path/to/model.gguf --task kjv-heldout --no-bos
   qharness run --quant none,int8 --kv int4-kivi+keep0 --limit 2   # also quantize the KV cache
   qharness run --model HuggingFaceTB/SmolLM2-135M --device cuda --dtype bf16   # online users
+  qharness run --quant int4-w4a4-token --transform rotate --limit 2      # QuaRot's Hadamard rotation first
+  qharness run --quant int8-w8a8-tensor --transform smoothquant:0.8      # SmoothQuant, alpha 0.8
 """
 SCAN_EXAMPLES = """examples:
   qharness scan                                  # smollm2-135m: profile, intervention, plots -> results/scan/
@@ -114,6 +116,9 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress bars or status lines, only the table")
     parser.add_argument("--layer-errors", action="store_true",
                         help="also write each scheme's per-layer output error to results/layers/ (for compare)")
+    parser.add_argument("--transform", default="", metavar="NAME[:ARG]",
+                        help="rewrite the fp model before quantizing, keeping its logits: smoothquant[:alpha] "
+                             "(alpha in [0, 1], default 0.5) or rotate (`qharness list transforms`)")
 
 
 def add_scan_arguments(parser: argparse.ArgumentParser) -> None:
@@ -231,6 +236,7 @@ def format_table(rows: list[dict[str, str]]) -> str:
         metric = f"{row['metric']} ({row['metric_kind']}, n={row['n']})"
         quant = row["quant"] + (f" keep {row['keep']}" if row.get("keep") else "")
         quant += f" kv {row['kv']}" if row.get("kv") else ""
+        quant += f" after {row['transform']}" if row.get("transform") else ""
         chance = f"{float(row['chance']):.2f}" if row.get("chance") else ""
         lines.append((row["task"], quant, row["backend"], metric, f"{float(row['value']):.4f}",
                       f"{float(row['fp_value']):.4f}", delta, rel, chance))
@@ -250,7 +256,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         tasks=DEFAULT_TASKS if args.task is None else args.task, bos=args.bos, limit=args.limit,
         batch_size=args.batch_size,
         seed=args.seed, results=args.results, force=args.force, progress=not args.quiet,
-        layer_errors=args.layer_errors, kv=args.kv,
+        layer_errors=args.layer_errors, kv=args.kv, transform=args.transform,
     )
     report = run(spec, say=(lambda msg: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr)))
     print(f"model: {report.model}   computed {report.computed} of {len(report.rows)} rows -> {spec.results}")
@@ -420,6 +426,14 @@ def cmd_list(args: argparse.Namespace) -> int:
             backend = entry.obj
             needs = f" (needs {', '.join(backend.requires)}; {'/'.join(backend.devices)})" if backend.requires else ""
             print(f"  {entry.name:24} {backend.description}{needs}")
+    if args.what in ("all", "transforms"):
+        from qharness.quant.transforms import load_transforms
+
+        print("transforms (--transform NAME[:ARG], applied before quantizing; the fp logits are kept):")
+        for entry in load_transforms():
+            transform = entry.obj
+            needs = f" (needs {', '.join(transform.requires)})" if transform.requires else ""
+            print(f"  {entry.name:24} {transform.description}{needs}")
     if args.what in ("all", "tasks"):
         print("tasks:")
         for task in all_tasks():
@@ -428,8 +442,8 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def add_list_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("what", nargs="?", default="all", choices=("all", "models", "quants", "kv", "backends",
-                                                                          "tasks"))
+    parser.add_argument("what", nargs="?", default="all",
+                        choices=("all", "models", "quants", "kv", "backends", "transforms", "tasks"))
 
 
 COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], Callable[[argparse.ArgumentParser], None], str,

@@ -38,6 +38,7 @@ from qharness.quant.calibrate import CALIBRATION_LENGTH, calibration_batches, ca
 from qharness.quant.footprint import weight_bytes
 from qharness.quant.kv import check_kv_model, get_kv, kv_quantized, split_quants
 from qharness.quant.schemes import SCHEMES, Keep, QuantScheme, get_scheme
+from qharness.quant.transforms import check_transform, parse_transform, transform_
 from qharness.results import (
     BASELINE,
     Row,
@@ -75,6 +76,7 @@ class RunSpec:
     progress: bool = True
     layer_errors: bool = False  # also write each scheme's per-layer output error (results/layers/) for compare
     kv: str = "none"  # KV-cache setting of every quantized cell (`qharness list kv`); none: a full-precision cache
+    transform: str = ""  # applied to the fp model before each scheme: '' (none), 'smoothquant:0.5', 'rotate'
 
     def __post_init__(self) -> None:
         if self.limit is not None and self.limit < 1:
@@ -83,6 +85,10 @@ class RunSpec:
             raise ConfigError(f"batch size must be >= 1 window per forward pass, got {self.batch_size}")
         if not self.tasks:
             raise ConfigError("no task given; pass --task with at least one task name")
+        if self.layer_errors and self.transform.strip() not in ("", "none"):
+            raise ConfigError("--layer-errors compares each layer with the untransformed fp model, whose layers a "
+                              "transform changes by design (only the logits are kept); drop one of --layer-errors "
+                              "and --transform")
 
 
 @dataclass
@@ -93,6 +99,7 @@ class Cell:
     backend: str  # the backend that runs it ("" for FP)
     task: TaskSpec
     task_hash: str
+    transform: str = ""  # the transform's label ('' for none, and for FP: the baseline is never transformed)
     row_keys: dict[str, tuple[str, ...]] = field(default_factory=dict)  # metric -> leaderboard key
     kv: str = ""  # the KV setting's name, "" for a full-precision cache
 
@@ -117,7 +124,8 @@ def _key_fields(spec: RunSpec, cell: Cell, metric: str, device_type: str, dtype:
     task = cell.task
     return {
         "model": spec.model.name, "quant": cell.quant, "backend": cell.backend,
-        "keep": "" if cell.quant == FP else spec.keep.label, "kv": cell.kv, "task": task.name,
+        "keep": "" if cell.quant == FP else spec.keep.label, "kv": cell.kv, "transform": cell.transform,
+        "task": task.name,
         "task_hash": cell.task_hash,
         "metric": metric, "bos": spec.bos, "context_length": task.context_length if task.kind == "perplexity" else None,
         "limit": spec.limit, "dtype": dtype, "device_type": device_type,
@@ -138,11 +146,15 @@ def plan_cells(spec: RunSpec) -> tuple[list[Cell], dict[str, QuantScheme]]:
     backends = {name: select_backend(scheme, device, spec.backend, dtype=torch_dtype)
                 for name, scheme in schemes.items()}
     hashes = {task.name: task.content_hash() for task in tasks}
+    transform = parse_transform(spec.transform)
+    if transform is not None:
+        check_transform(transform, spec.keep.channels, backends)
     cells = []
     kv_cells = [(FP, "")] + ([(FP, kv.name)] if kv_only else []) + [(q, kv.name if kv else "") for q in schemes]
     for quant, kv_name in kv_cells:  # `--quant none --kv X`: fp weights, quantized cache, against the true fp row
         for task in tasks:
-            cell = Cell(quant, backends.get(quant, ""), task, hashes[task.name], kv=kv_name)
+            label = transform.label if transform is not None and quant != FP else ""
+            cell = Cell(quant, backends.get(quant, ""), task, hashes[task.name], label, kv=kv_name)
             _key_cell(spec, cell, device.type, dtype_name(torch_dtype))
             cells.append(cell)
     return cells, schemes
@@ -231,6 +243,20 @@ def write_layer_errors(spec: RunSpec, loaded: LoadedModel, qmodel: Any, quant: s
     return path
 
 
+def transformed(spec: RunSpec, model: Any, calibration: Callable[[], list[torch.Tensor]],
+                say: Callable[[str], None]) -> Any:
+    """A transformed copy of the fp model (the model itself when there is no transform), checked to compute the
+    same logits."""
+    transform = parse_transform(spec.transform)
+    if transform is None:
+        return model
+    say(f"transforming with {transform.label} ...")
+    copied = copy.deepcopy(model)
+    drift = transform_(copied, transform, calibration())
+    say(f"{transform.label}: fp logits moved by {drift:.1e} of their largest magnitude")
+    return copied
+
+
 def run(spec: RunSpec, say: Callable[[str], None] = print) -> RunReport:
     cells, schemes = plan_cells(spec)
     done = {} if spec.force else existing_keys(spec.results)
@@ -273,6 +299,14 @@ def run(spec: RunSpec, say: Callable[[str], None] = print) -> RunReport:
             rows[cell.row_keys[metric.name]] = row
         append_rows(spec.results, new_rows)
 
+    length = min(CALIBRATION_LENGTH, context_limit(spec.model.name) or CALIBRATION_LENGTH)
+
+    def calibration() -> list[torch.Tensor]:
+        return calibration_batches(loaded.tokenizer, calibration_text(), length=length, bos=spec.bos,
+                                   device=loaded.device)
+
+    # transformed before anything is computed, so a model the transform refuses leaves the leaderboard untouched
+    base = transformed(spec, loaded.model, calibration, say) if any(c.quant != FP for c in todo) else loaded.model
     for cell in todo:  # a missing baseline is computed first; a present one was read into fp_values above
         if cell.is_baseline:
             compute(loaded, cell)
@@ -282,17 +316,14 @@ def run(spec: RunSpec, say: Callable[[str], None] = print) -> RunReport:
         with kv_quantized(loaded.model, kv):
             for cell in kv_only:
                 compute(loaded, cell)
-    length = min(CALIBRATION_LENGTH, context_limit(spec.model.name) or CALIBRATION_LENGTH)
     for quant, scheme in schemes.items():
         quant_cells = [c for c in todo if c.quant == quant]
         if not quant_cells and not needs_layer_errors(spec, quant):
             continue
         backend = next(c.backend for c in cells if c.quant == quant)
         say(f"quantizing with {quant} [{backend}] ...")
-        qmodel = copy.deepcopy(loaded.model)
-        context = QuantContext(loaded.device, calibration=lambda: calibration_batches(
-            loaded.tokenizer, calibration_text(), length=length, bos=spec.bos, device=loaded.device),
-            tokenizer=loaded.tokenizer)
+        qmodel = copy.deepcopy(base)
+        context = QuantContext(loaded.device, calibration=calibration, tokenizer=loaded.tokenizer)
         quantize_(qmodel, scheme, backend=backend, keep=spec.keep, context=context)
         quantized = loaded.with_model(qmodel)
         if needs_layer_errors(spec, quant):

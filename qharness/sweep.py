@@ -12,6 +12,7 @@ atomic and locked.
     tasks_for: {smollm2-135m: [kjv-heldout]}   # optional: other tasks for the models named
     keep_positions: [[], [0]]     # optional: also each scheme with BOS in full precision
     kv: [none, int4-kivi+keep0]   # optional: also each scheme with a quantized KV cache (`qharness list kv`)
+    transforms: ['', rotate]      # optional: also each scheme after a transform (`qharness list transforms`)
     limit: 2                      # optional: windows / items per task
     results: results/leaderboard.csv
     engine: local                 # or ray
@@ -46,6 +47,7 @@ class SweepConfig:
     tasks_for: dict[str, tuple[str, ...]] = field(default_factory=dict)  # model -> its own task list
     keep_positions: tuple[tuple[int, ...], ...] = ((),)
     kv: tuple[str, ...] = ("none",)  # KV-cache settings, each a run of its own
+    transforms: tuple[str, ...] = ("",)  # '' for none, or a --transform value
     limit: int | None = None
     batch_size: int = 1
     dtype: str = "auto"
@@ -90,8 +92,10 @@ class SweepConfig:
         return [
             RunSpec(model=ModelSpec(model, dtype=self.dtype, device=self.device), quants=self.quants,
                     tasks=self.tasks_for.get(model, self.tasks), backend=self.backend, keep=Keep(positions),
-                    limit=self.limit, batch_size=self.batch_size, results=Path(self.results), progress=False, kv=kv)
+                    limit=self.limit, batch_size=self.batch_size, results=Path(self.results), progress=False,
+                    kv=kv, transform=transform)
             for model in self.models for positions in self.keep_positions for kv in self.kv
+            for transform in self.transforms
         ]
 
 
@@ -166,7 +170,8 @@ def sweep(config: SweepConfig, say: Callable[[str], Any] = print) -> SweepReport
     report = SweepReport()
     for i, spec in enumerate(specs, 1):
         say(f"[{i}/{len(specs)}] {spec.model.name}" + (f" keep {spec.keep.label}" if spec.keep.positions else "")
-            + (f" kv {spec.kv}" if spec.kv != "none" else ""))
+            + (f" kv {spec.kv}" if spec.kv != "none" else "")
+            + (f" transform {spec.transform}" if spec.transform else ""))
         report.reports.append(run(spec, say=say))
         last_of_model = i == len(specs) or specs[i].model.name != spec.model.name
         if config.scan and last_of_model:

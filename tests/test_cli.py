@@ -15,7 +15,7 @@ def test_list_shows_every_registry(capsys):
     assert code == 0
     for expected in ("smollm2-135m", "int8-w8a8-token", "(alias: int8)", "kjv-heldout", "wordnet-heldout",
                      "llm-int8", "fp8-e4m3-unscaled", "int4-weight-g128", "torchao", "bnb", "int4-kivi",
-                     "fp8-e4m3-token", "+keep0"):
+                     "fp8-e4m3-token", "+keep0", "smoothquant", "rotate"):
         assert expected in out
 
 
@@ -45,6 +45,11 @@ def test_run_prints_table_and_appends_rows(capsys, tiny_model_dir, tiny_task_dir
         (["run", "--backend", "gptqq"], "unknown backend 'gptqq'"),
         (["run", "--quant", "int8-w8a8-tensor", "--backend", "bnb"],
          "backend 'bnb' does not implement scheme 'int8-w8a8-tensor'; its backends: sim"),
+        (["run", "--transform", "spin"], "unknown transform 'spin'; known: rotate, smoothquant"),
+        (["run", "--transform", "smoothquant:1.5"], "transform 'smoothquant' takes alpha in [0, 1], got '1.5'"),
+        pytest.param(["run", "--transform", "rotate", "--keep-channels", "3"],
+                     "transform 'rotate' mixes the hidden channels", marks=pytest.mark.needs("torchao")),
+        (["run", "--transform", "rotate", "--layer-errors"], "--layer-errors compares each layer with the"),
     ],
 )
 def test_bad_input_is_one_line_exit_2_and_no_results(capsys, tmp_path, argv, message):

@@ -199,3 +199,63 @@ def test_a_model_whose_attention_cannot_take_the_kv_setting_is_refused_before_co
     with pytest.raises(ConfigError, match="--kv int8-token: LlamaForCausalLM does not take transformers' attention"):
         run(spec_for(tiny_model_dir, tiny_task_dir, results, kv="int8-token"), say=lambda m: None)
     assert not results.exists()
+
+
+def test_transformed_run_writes_the_transform_column_keeps_the_fp_baseline_and_resumes(tiny_model_dir,
+                                                                                       tiny_task_dir, tmp_path):
+    results = tmp_path / "leaderboard.csv"
+    plain = run(spec_for(tiny_model_dir, tiny_task_dir, results), say=lambda m: None)
+    said = []
+    smooth = run(spec_for(tiny_model_dir, tiny_task_dir, results, transform="smoothquant"), say=said.append)
+    assert smooth.computed == 1  # the fp baseline is the untransformed model's, read back
+    fp, quant = smooth.rows
+    assert (fp["transform"], quant["transform"]) == ("", "smoothquant:0.5")
+    assert quant["fp_value"] == plain.rows[0]["value"] == fp["value"]
+    assert quant["value"] != plain.rows[1]["value"]  # the smoothed model quantizes differently
+    assert any("fp logits moved by" in line for line in said)
+    again = run(spec_for(tiny_model_dir, tiny_task_dir, results, transform="smoothquant:0.5"), say=lambda m: None)
+    assert again.computed == 0 and again.rows == smooth.rows  # the default alpha is the same experiment
+    assert [r["transform"] for r in read_rows(results)] == ["", "", "smoothquant:0.5"]
+
+
+def test_a_transform_keeps_the_fp_logits_of_the_run_model(tiny_model_dir, tiny_task_dir, tmp_path, monkeypatch):
+    """The baseline a transformed row is compared with is the untransformed fp model's: the transformed fp model
+    scores the same perplexity."""
+    evaluated = []
+    real = runner._evaluate
+    monkeypatch.setattr(runner, "quantize_", lambda model, *a, **k: "sim")  # leave the transformed model fp
+    monkeypatch.setattr(runner, "_evaluate", lambda *a: (lambda m: (evaluated.append(m[0].value), m)[1])(real(*a)))
+    results = tmp_path / "leaderboard.csv"
+    run(spec_for(tiny_model_dir, tiny_task_dir, results, transform="smoothquant"), say=lambda m: None)
+    fp, transformed_fp = evaluated
+    assert transformed_fp == pytest.approx(fp, rel=1e-5)
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    (dict(transform="spin"), "unknown transform 'spin'; known: rotate, smoothquant"),
+    (dict(transform="smoothquant:2"), "transform 'smoothquant' takes alpha in [0, 1], got '2'"),
+])
+def test_bad_transform_fails_before_loading(tiny_model_dir, tiny_task_dir, tmp_path, monkeypatch, change, message):
+    from qharness.errors import QHarnessError
+
+    results = tmp_path / "leaderboard.csv"
+    monkeypatch.setattr(runner, "load_model", lambda spec: pytest.fail("loaded a model for a bad run"))
+    with pytest.raises(QHarnessError, match="^" + message.replace("[", r"\[").replace("]", r"\]")):
+        run(spec_for(tiny_model_dir, tiny_task_dir, results, **change), say=lambda m: None)
+    assert not results.exists()
+
+
+def test_a_model_the_transform_cannot_take_is_refused_before_anything_is_written(tiny_tokenizer, tiny_task_dir,
+                                                                                   tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from qharness.errors import ConfigError
+
+    folder = tmp_path / "gpt2"
+    config = GPT2Config(vocab_size=len(tiny_tokenizer), n_embd=32, n_layer=2, n_head=4, n_positions=64)
+    GPT2LMHeadModel(config).save_pretrained(folder)
+    tiny_tokenizer.save_pretrained(folder)
+    results = tmp_path / "leaderboard.csv"
+    with pytest.raises(ConfigError, match="^transform 'smoothquant' supports Llama-style decoders"):
+        run(spec_for(folder, tiny_task_dir, results, transform="smoothquant"), say=lambda m: None)
+    assert not results.exists()

@@ -31,6 +31,15 @@ def test_sweep_runs_the_grid_once_and_skips_it_after(tiny_model_dir, tiny_task_d
     assert sweep(config, say=lambda m: None).computed == 0
 
 
+def test_sweep_transforms_each_scheme_against_one_untransformed_baseline(tiny_model_dir, tiny_task_dir, tmp_path):
+    config = write_config(tmp_path, tiny_model_dir, tiny_task_dir, ["int8"], transforms="['', smoothquant]")
+    assert sweep(config, say=lambda m: None).computed == 3
+    rows = read_rows(tmp_path / "lb.csv")
+    assert [(r["quant"], r["transform"]) for r in rows] == [
+        ("none", ""), ("int8-w8a8-token", ""), ("int8-w8a8-token", "smoothquant:0.5")]
+    assert rows[2]["fp_value"] == rows[0]["value"]
+
+
 def test_killed_sweep_resumes_without_losing_or_duplicating_rows(tiny_model_dir, tiny_task_dir, tmp_path):
     write_config(tmp_path, tiny_model_dir, tiny_task_dir, SIM_SCHEMES)
     results = tmp_path / "lb.csv"

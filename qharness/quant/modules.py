@@ -1,5 +1,6 @@
 """Module surgery every backend shares: put a module in place of another by name, turn GPT-2's Conv1D into the
-nn.Linear it computes, and run a module that computes in one dtype inside a model of another."""
+nn.Linear it computes, run a module that computes in one dtype inside a model of another, and rotate a Linear's
+input at run time (the rotate transform)."""
 
 from __future__ import annotations
 
@@ -33,3 +34,16 @@ class DtypeBridge(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.inner(x.to(self.dtype)).to(x.dtype)
+
+
+class OnlineRotation(nn.Module):
+    """x -> linear(x R): R is fused into `linear`'s weight offline, so the pair computes what `linear` alone did,
+    while `linear` (and whatever later quantizes it) reads the rotated x."""
+
+    def __init__(self, linear: nn.Linear, rotation: torch.Tensor) -> None:
+        super().__init__()
+        self.linear = linear
+        self.register_buffer("rotation", rotation.float().to(linear.weight.device))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear((x.float() @ self.rotation).to(x.dtype))

@@ -1,0 +1,135 @@
+"""Post-hoc outlier transforms: rewrite a full-precision model into one that computes the same function but whose
+Linears read inputs that quantize better, before any scheme quantizes it. One file each, registered by name in
+`TRANSFORMS`; the command line takes `--transform NAME` or `--transform NAME:ARG` (`smoothquant:0.5`).
+
+A transform must not change what the fp model computes. `transform_` measures the logits of one calibration
+sequence before and after and refuses a model whose logits moved: a layout that only looks like one the transform
+knows (a mitigation's extra modules, another norm) is refused instead of silently changed. So the fp baseline of a
+transformed run is the untransformed model's, and its quantized rows name the transform in the `transform` column.
+
+Add a transform: a file here that registers a `Transform`, and its module name in `MODULES`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from qharness.errors import BackendUnavailable, ConfigError
+from qharness.registry import Registry
+
+if TYPE_CHECKING:
+    from torch import Tensor, nn
+
+MODULES = tuple(f"qharness.quant.transforms.{name}" for name in ("smoothquant", "rotate"))
+
+
+@dataclass(frozen=True)
+class Transform:
+    name: str
+    description: str
+    reference: str
+    apply: Callable[[nn.Module, float | None, list[Tensor]], None]  # (model, argument, calibration batches)
+    argument: str | None = None  # the name of its one numeric argument ("alpha"); None: it takes none
+    default: float | None = None  # the argument when none is given
+    bounds: tuple[float, float] = (0.0, 1.0)  # the argument's valid range, inclusive
+    requires: tuple[str, ...] = ()  # importable packages it needs
+    mixes_channels: bool = False  # hidden channel c no longer means what it did, so --keep-channels cannot apply
+    # backend -> why it cannot quantize the transformed model
+    refuses_backends: dict[str, str] = field(default_factory=dict)
+
+
+TRANSFORMS: Registry[Transform] = Registry("transform")
+
+
+def load_transforms() -> Registry[Transform]:
+    for module in MODULES:
+        importlib.import_module(module)
+    return TRANSFORMS
+
+
+@dataclass(frozen=True)
+class TransformSpec:
+    name: str  # canonical registry name
+    argument: float | None = None
+
+    @property
+    def label(self) -> str:
+        """What the leaderboard's `transform` column says: the argument always written, so `smoothquant` and
+        `smoothquant:0.5` are one experiment."""
+        return self.name if self.argument is None else f"{self.name}:{self.argument:g}"
+
+
+def parse_transform(text: str) -> TransformSpec | None:
+    """'' or 'none' -> None; 'rotate' -> rotate; 'smoothquant:0.8' -> smoothquant with alpha 0.8."""
+    if text.strip() in ("", "none"):
+        return None
+    name, has_argument, raw = text.strip().partition(":")
+    entry = load_transforms().get(name)
+    if entry.argument is None:
+        if has_argument:
+            raise ConfigError(f"transform '{entry.name}' takes no argument, got '{text}'; use --transform "
+                              f"{entry.name}")
+        return TransformSpec(entry.name)
+    low, high = entry.bounds
+    try:
+        value = float(raw) if has_argument else entry.default
+    except ValueError:
+        value = None
+    if value is None or not low <= value <= high:
+        raise ConfigError(f"transform '{entry.name}' takes {entry.argument} in [{low:g}, {high:g}], got '{raw}'; "
+                          f"e.g. --transform {entry.name}:{entry.default:g}")
+    return TransformSpec(entry.name, value)
+
+
+def check_transform(spec: TransformSpec, keep_channels: tuple[int, ...], backends: dict[str, str]) -> None:
+    """What can be refused before a model loads: a missing package, kept channels a rotation moves, a backend
+    that cannot quantize the transformed model (`backends`: scheme -> backend)."""
+    entry = TRANSFORMS.get(spec.name)
+    missing = [package for package in entry.requires if importlib.util.find_spec(package) is None]
+    if missing:
+        raise BackendUnavailable(f"transform '{spec.name}' needs {', '.join(missing)}: pip install "
+                                 f"{' '.join(missing)}")
+    if keep_channels and entry.mixes_channels:
+        raise ConfigError(f"transform '{spec.name}' mixes the hidden channels, so --keep-channels would keep "
+                          "others than those named; drop --keep-channels (or keep positions instead)")
+    for scheme, backend in backends.items():
+        if backend in entry.refuses_backends:
+            raise ConfigError(f"transform '{spec.name}' cannot run with backend '{backend}' (scheme {scheme}): "
+                              f"{entry.refuses_backends[backend]}; pick another --backend")
+
+
+def logit_tolerance(dtype: object) -> float:
+    """How far the transformed fp model's logits may move, relative to their largest magnitude. Measured: fp32
+    rounding moves SmolLM2-135M's by 2.5e-6 (smoothquant) and 3.5e-6 (rotate); 16-bit weights are rounded once more
+    after the transform, which moves a tiny Llama's by 1e-3 (fp16) to 1e-2 (bf16). A transform applied to a layout
+    it does not know (kv_bias's extra value) moved them by 0.31 (smoothquant) and 0.53 (rotate): far past either."""
+    import torch
+
+    return {torch.float64: 1e-8, torch.float32: 1e-3}.get(dtype, 5e-2)
+
+
+def transform_(model: nn.Module, spec: TransformSpec, batches: list[Tensor]) -> float:
+    """Transform `model` in place; returns how far its logits moved on the first batch (relative to their largest
+    magnitude). Raises ConfigError, with the model left transformed, when that is past `logit_tolerance`."""
+    import torch
+
+    entry = TRANSFORMS.get(spec.name)
+    with torch.inference_mode():
+        before = model(input_ids=batches[0]).logits.double()
+    with torch.no_grad():  # weights are edited in place, never trained
+        entry.apply(model, spec.argument, batches)
+    with torch.inference_mode():
+        after = model(input_ids=batches[0]).logits.double()
+    drift = ((after - before).abs().max() / before.abs().max()).item()
+    tolerance = logit_tolerance(next(model.parameters()).dtype)
+    if not drift <= tolerance:
+        from qharness.models.layers import LLAMA_STYLE
+
+        raise ConfigError(f"transform '{spec.label}' changed this model's fp logits by {drift:.1e} of their "
+                          f"largest magnitude (tolerance {tolerance:.0e}), so its layout is not what the transform "
+                          f"knows; it supports {LLAMA_STYLE}")
+    return drift

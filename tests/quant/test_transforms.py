@@ -1,0 +1,201 @@
+"""The post-hoc transforms (qharness/quant/transforms/): each keeps the fp model's logits, and does what its paper
+says to the inputs the Linears see."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from qharness.errors import ConfigError, UnknownName
+from qharness.quant.apply import target_linears
+from qharness.quant.transforms import TransformSpec, parse_transform, transform_
+from qharness.quant.transforms.smoothquant import input_maxima
+
+ROTATE = pytest.param("rotate", marks=pytest.mark.needs("torchao"))
+# fp32 rounds each product to about 6e-8 of its size; through two layers, a norm and a 400-wide head the logits of
+# the transformed tiny model move by 2e-7 to 5e-7 of their largest magnitude (measured). 1e-5 leaves room for other
+# seeds and BLAS orders while a transform that misses a part moves them by more than 1e-1 (test below).
+FP32_TOLERANCE = 1e-5
+
+
+def gqa_llama(vocab_size: int, tied: bool = False, seed: int = 0):
+    """A tiny Llama whose norms are not all ones (so folding them matters), with grouped-query attention."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         bos_token_id=0, eos_token_id=1, tie_word_embeddings=tied)
+    model = LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name:
+                param.uniform_(0.5, 1.5)
+    return model
+
+
+@pytest.fixture()
+def batches(tiny_tokenizer, heldout_text):
+    from qharness.quant.calibrate import calibration_batches, calibration_text
+
+    return calibration_batches(tiny_tokenizer, calibration_text(), n=4, length=64)
+
+
+def logits(model, batch):
+    with torch.inference_mode():
+        return model(input_ids=batch).logits.double()
+
+
+def relative_change(before, after) -> float:
+    return ((after - before).abs().max() / before.abs().max()).item()
+
+
+@pytest.mark.parametrize("tied", [False, True])
+@pytest.mark.parametrize("text", ["smoothquant", "smoothquant:0", "smoothquant:1", ROTATE])
+def test_each_transform_keeps_the_fp32_logits(tiny_tokenizer, batches, text, tied):
+    model = gqa_llama(len(tiny_tokenizer), tied=tied)
+    reference = copy.deepcopy(model)
+    drift = transform_(model, parse_transform(text), batches)
+    assert drift < FP32_TOLERANCE
+    unseen = torch.tensor([[0, *range(5, 60)]])  # not a calibration batch
+    assert relative_change(logits(reference, unseen), logits(model, unseen)) < FP32_TOLERANCE
+    params = dict(model.named_parameters())
+    assert any(n not in params or not torch.equal(p, params[n]) for n, p in reference.named_parameters())
+
+
+@pytest.mark.needs("torchao")
+def test_rotate_unties_tied_embeddings(tiny_tokenizer, batches):
+    model = gqa_llama(len(tiny_tokenizer), tied=True)
+    transform_(model, parse_transform("rotate"), batches)
+    assert model.lm_head.weight is not model.model.embed_tokens.weight
+    assert model.config.tie_word_embeddings is False
+
+
+@pytest.mark.needs("torchao")
+def test_rotate_spreads_an_injected_outlier_channel(tiny_tokenizer, batches):
+    """A massive channel (7, +60 in every token's embedding) dominates every Linear reading the residual stream;
+    the Hadamard spreads it over all 64 channels, so their largest input shrinks several-fold."""
+    model = gqa_llama(len(tiny_tokenizer))
+    with torch.no_grad():
+        model.model.embed_tokens.weight[:, 7] += 60
+    rotated = copy.deepcopy(model)
+    transform_(rotated, parse_transform("rotate"), batches)
+
+    def largest_inputs(m) -> dict[str, float]:
+        readers = {n: lin for n, lin in target_linears(m).items() if n.endswith(("q_proj", "gate_proj"))}
+        with input_maxima(list(readers.values())) as maxima, torch.inference_mode():
+            for batch in batches:
+                m(input_ids=batch)
+        return {n: maxima[lin].max().item() for n, lin in readers.items()}
+
+    before, after = largest_inputs(model), largest_inputs(rotated)
+    assert before.keys() == after.keys() and len(before) == 4
+    for name in before:
+        assert after[name] < before[name] / 3, (name, before[name], after[name])
+    down = target_linears(rotated)["model.layers.0.mlp.down_proj.linear"]  # the online Hadamard feeds it
+    assert type(rotated.get_submodule("model.layers.0.mlp.down_proj")).__name__ == "OnlineRotation"
+    assert down.in_features == 128
+
+
+def test_smoothquant_balances_activation_and_weight_ranges(tiny_tokenizer, batches):
+    """Each smoothed input channel's activation max becomes max|X_j| / s_j: alpha = 0.5 gives sqrt(max|X_j|
+    max|W_j|), the geometric mean of the two ranges; alpha = 1 gives 1 (all the range moved into the weights)."""
+    model = gqa_llama(len(tiny_tokenizer))
+
+    def readers(m):
+        layer = m.model.layers[1]
+        attn, mlp = layer.self_attn, layer.mlp
+        return {"qkv": (attn.q_proj, attn.k_proj, attn.v_proj), "gate/up": (mlp.gate_proj, mlp.up_proj),
+                "down": (mlp.down_proj,)}
+
+    def act_max(m):
+        groups = readers(m)
+        with input_maxima([g[0] for g in groups.values()]) as maxima, torch.inference_mode():
+            for batch in batches:
+                m(input_ids=batch)
+        return {name: maxima[g[0]] for name, g in groups.items()}
+
+    act = act_max(model)
+    weight = {name: torch.cat([lin.weight.detach().double() for lin in g]).abs().amax(dim=0)
+              for name, g in readers(model).items()}
+    for alpha in (0.5, 1.0):
+        smoothed = copy.deepcopy(model)
+        transform_(smoothed, TransformSpec("smoothquant", alpha), batches)
+        for name, after in act_max(smoothed).items():
+            expected = (act[name] * weight[name]).sqrt() if alpha == 0.5 else torch.ones_like(after)
+            torch.testing.assert_close(after, expected, rtol=1e-4, atol=0, msg=f"{name}, alpha {alpha}")
+
+
+def test_smoothquant_shares_one_scale_per_value_head(tiny_tokenizer, batches):
+    """o_proj's input is smoothed through v_proj's rows: query heads 0 and 1 read value head 0, so their
+    channels are divided by one shared s, and the smoothing still leaves the logits alone (test above)."""
+    model = gqa_llama(len(tiny_tokenizer))
+    smoothed = copy.deepcopy(model)
+    transform_(smoothed, parse_transform("smoothquant"), batches)
+    before, after = model.model.layers[0].self_attn.o_proj.weight, smoothed.model.layers[0].self_attn.o_proj.weight
+    s = (after.double() / before.double())[0].reshape(2, 2, 16)  # (kv head, query head in group, head dim)
+    torch.testing.assert_close(s[:, 0], s[:, 1])
+    assert not torch.allclose(s[0, 0], torch.ones(16, dtype=torch.float64))
+
+
+def test_a_model_the_transform_only_seems_to_know_is_refused(batches):
+    """kv_bias adds a learned value v' that v_proj does not produce: smoothing v_proj's rows would leave v'
+    unscaled, so o_proj would read it multiplied by s. The logit check catches that and refuses the model."""
+    from qharness.models import mitigations
+    from qharness.training.architectures import ArchConfig, new_model
+
+    model = new_model(ArchConfig(arch="llama", d_model=32, layers=2, heads=2, context=64, vocab_size=400), 0, 1,
+                      seed=0)
+    mitigations.initialize_(model, mitigations.build_(model, "kv_bias"))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "kv_bias" in name:
+                param.normal_(0.5, 0.2)
+    with pytest.raises(ConfigError, match=r"changed this model's fp logits by .* supports Llama-style decoders"):
+        transform_(model.eval(), parse_transform("smoothquant"), batches)
+
+
+@pytest.mark.parametrize("text", ["smoothquant", ROTATE])
+def test_gpt2_is_refused_naming_the_architectures_supported(text, batches):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=400, n_embd=32, n_layer=2, n_head=4, n_positions=64)).eval()
+    name = text.partition(":")[0]
+    with pytest.raises(ConfigError, match=rf"^transform '{name}' supports Llama-style decoders .*; GPT2LMHeadModel "
+                                          "is not one$"):
+        transform_(model, parse_transform(text), batches)
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("", None), ("none", None), ("smoothquant", "smoothquant:0.5"), ("smoothquant:0.8", "smoothquant:0.8"),
+    ("smoothquant:1", "smoothquant:1"), ("rotate", "rotate")])
+def test_labels_name_the_argument_always(text, expected):
+    spec = parse_transform(text)
+    assert (spec.label if spec else None) == expected
+
+
+@pytest.mark.parametrize(("text", "error", "message"), [
+    ("spin", UnknownName, "unknown transform 'spin'; known: rotate, smoothquant"),
+    ("smooth", UnknownName, "did you mean 'smoothquant'?"),
+    ("smoothquant:1.5", ConfigError, "transform 'smoothquant' takes alpha in [0, 1], got '1.5'; e.g. --transform "
+                                     "smoothquant:0.5"),
+    ("smoothquant:-0.1", ConfigError, "takes alpha in [0, 1], got '-0.1'"),
+    ("smoothquant:high", ConfigError, "takes alpha in [0, 1], got 'high'"),
+    ("rotate:0.5", ConfigError, "transform 'rotate' takes no argument, got 'rotate:0.5'; use --transform rotate"),
+])
+def test_bad_transform_names_what_is_valid(text, error, message):
+    with pytest.raises(error) as caught:
+        parse_transform(text)
+    assert message in str(caught.value) and "\n" not in str(caught.value)
+
+
+@pytest.mark.needs("torchao")
+def test_rotate_refuses_a_width_with_no_known_hadamard():
+    from qharness.quant.transforms.rotate import hadamard
+
+    with pytest.raises(ConfigError, match="this model has a width of 100$"):
+        hadamard(100, seed=0)  # 100 = 20 x 5: no power of 2 times a known order
+    q = hadamard(576, seed=0)  # SmolLM2's hidden size: 36 x 16
+    torch.testing.assert_close(q @ q.T, torch.eye(576, dtype=torch.float64), rtol=0, atol=1e-12)
