@@ -293,6 +293,41 @@ def int4_w4a4_tensor() -> QuantScheme:
     )
 
 
+# Weights grouped by 128 input channels, activations as in the per-channel schemes above: only the weight
+# granularity changes, so symmetric like them (the asymmetric g128 of int4-weight-g128 would change two things).
+@SCHEMES.register("int4-w4a8-token-g128")
+def int4_w4a8_token_g128() -> QuantScheme:
+    return QuantScheme(
+        name="int4-w4a8-token-g128",
+        weights=TensorQuant("int4", PerGroup(128)),
+        activations=TensorQuant("int8", PerToken()),
+        description="INT4 weights in groups of 128 input channels, INT8 activations per token (dynamic), symmetric",
+        reference=f"the W4A8 g128 setting of {QUAROT} and QServe (Lin et al. 2024, arXiv 2405.04532), RTN",
+    )
+
+
+@SCHEMES.register("int4-w4a4-token-g128")
+def int4_w4a4_token_g128() -> QuantScheme:
+    return QuantScheme(
+        name="int4-w4a4-token-g128",
+        weights=TensorQuant("int4", PerGroup(128)),
+        activations=TensorQuant("int4", PerToken()),
+        description="INT4 weights in groups of 128 input channels, INT4 activations per token (dynamic), symmetric",
+        reference=f"the W4A4 g128 round-to-nearest baseline of {QUAROT}",
+    )
+
+
+@SCHEMES.register("int4-w4a4-tensor-g128")
+def int4_w4a4_tensor_g128() -> QuantScheme:
+    return QuantScheme(
+        name="int4-w4a4-tensor-g128",
+        weights=TensorQuant("int4", PerGroup(128)),
+        activations=TensorQuant("int4", PerTensor()),
+        description="INT4 weights in groups of 128 input channels, INT4 activations with one scale per tensor",
+        reference=f"as int4-w4a4-tensor with grouped weights: isolates what the activations lose ({QUAROT})",
+    )
+
+
 @SCHEMES.register("gptq-int4-g128", aliases=("gptq",))
 def gptq_int4_g128() -> QuantScheme:
     return QuantScheme(
