@@ -140,7 +140,7 @@ def _quantize_grouped(x: Tensor, tq: TensorQuant) -> Tensor:
 
 def round_to_float(x: Tensor, fmt: str) -> Tensor:
     """`x` on the grid of float format `fmt`: nearest value, ties to even, saturating at +-max; NaN stays NaN."""
-    emax, mbits, emin, fmax = FLOAT_ELEMENT[fmt]
+    _, mbits, emin, fmax = FLOAT_ELEMENT[fmt]
     x = torch.clamp(x, -fmax, fmax)
     if fmt in FP8_DTYPE:
         return x.to(FP8_DTYPE[fmt]).to(x.dtype)
@@ -163,7 +163,7 @@ def _e8m0_scale(amax: Tensor, x: Tensor, fmt: str) -> Tensor:
 def _e4m3_scale(amax: Tensor, x: Tensor, fmt: str) -> Tensor:
     """NVFP4: E4M3 block scales relative to one fp32 scale that maps the tensor's amax onto 448 * fmax."""
     fmax = FLOAT_ELEMENT[fmt][3]
-    tensor_scale = _safe_scale(x.abs().amax() / (E4M3_MAX * fmax))
+    tensor_scale = _safe_scale(x.abs().amax().float() / (E4M3_MAX * fmax)).to(amax.dtype)  # stored as fp32
     block = torch.clamp(amax / fmax / tensor_scale, E4M3_MIN_NORMAL, E4M3_MAX)
     return block.to(torch.float8_e4m3fn).to(amax.dtype) * tensor_scale
 
