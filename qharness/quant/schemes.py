@@ -3,7 +3,9 @@
 A scheme is data (`QuantScheme`); the arithmetic lives in `sim.py` (the reference) and in library backends.
 Add a scheme: one function returning a `QuantScheme`, decorated with `@SCHEMES.register("name")`; `sim` runs it,
 and a library backend runs it once its capability table (quant/backend.py) lists it.
-Names read `<format>-<what>-<activation granularity>`, e.g. `int8-w8a8-token`.
+Names read `<format>-<what>-<activation granularity>`, e.g. `int8-w8a8-token`, with `-g<size>` when the weights are
+grouped unlike their format's default. Microscaling formats (`mxfp8`, `mxfp4`, `nvfp4`) fix their own block size and
+scale format, so their names stop at `<what>`.
 """
 
 from __future__ import annotations
@@ -14,9 +16,11 @@ from typing import Any, Literal
 from qharness.errors import ConfigError
 from qharness.registry import Registry
 
-Format = Literal["int8", "int4", "fp8_e4m3", "fp8_e5m2", "nf4"]
-FORMATS: tuple[str, ...] = ("int8", "int4", "fp8_e4m3", "fp8_e5m2", "nf4")
-BITS = {"int8": 8, "int4": 4, "fp8_e4m3": 8, "fp8_e5m2": 8, "nf4": 4}
+Format = Literal["int8", "int4", "fp8_e4m3", "fp8_e5m2", "fp4_e2m1", "nf4"]
+FORMATS: tuple[str, ...] = ("int8", "int4", "fp8_e4m3", "fp8_e5m2", "fp4_e2m1", "nf4")
+BITS = {"int8": 8, "int4": 4, "fp8_e4m3": 8, "fp8_e5m2": 8, "fp4_e2m1": 4, "nf4": 4}
+BLOCK_ELEMENTS = ("fp8_e4m3", "fp8_e5m2", "fp4_e2m1")  # element formats a microscaling block can hold
+BlockScale = Literal["e8m0", "e4m3"]
 Observer = Literal["minmax", "percentile"]
 
 
@@ -53,7 +57,25 @@ class PerGroup:
             raise ConfigError(f"group size must be >= 1, got {self.size}")
 
 
-Granularity = PerTensor | PerChannel | PerToken | PerGroup
+@dataclass(frozen=True)
+class PerBlock:
+    """Microscaling: one scale per `size` consecutive input channels of each row, itself stored in a narrow format.
+    `e8m0`: a bare power of two (OCP MX: MXFP8, MXFP4). `e4m3`: an FP8 E4M3 number times one fp32 scale per tensor
+    (NVIDIA's NVFP4), so the block scales use E4M3's range around the tensor's amax. A ragged last block gets its own
+    scale, as if padded with zeros."""
+
+    size: int = 32
+    scale: BlockScale = "e8m0"
+    kind: Literal["block"] = "block"
+
+    def __post_init__(self) -> None:
+        if self.size < 1:
+            raise ConfigError(f"block size must be >= 1, got {self.size}")
+        if self.scale not in ("e8m0", "e4m3"):
+            raise ConfigError(f"unknown block scale format '{self.scale}'; valid: e8m0, e4m3")
+
+
+Granularity = PerTensor | PerChannel | PerToken | PerGroup | PerBlock
 
 
 @dataclass(frozen=True)
@@ -79,6 +101,19 @@ class TensorQuant:
             raise ConfigError(f"unknown observer '{self.observer}'; valid: minmax, percentile")
         if not 0 < self.percentile <= 100:
             raise ConfigError(f"percentile must be in (0, 100], got {self.percentile}")
+        self._check_block()
+
+    def _check_block(self) -> None:
+        is_block = isinstance(self.granularity, PerBlock)
+        if self.format == "fp4_e2m1" and not is_block:
+            raise ConfigError(f"format 'fp4_e2m1' needs a PerBlock granularity (MX or NVFP4 scales), "
+                              f"not {self.granularity}")
+        if is_block and self.format not in BLOCK_ELEMENTS:
+            raise ConfigError(f"PerBlock holds float elements ({', '.join(BLOCK_ELEMENTS)}), not '{self.format}'")
+        if is_block and not self.dynamic:
+            raise ConfigError("PerBlock scales are dynamic (computed from each block at every pass); set dynamic=True")
+        if is_block and not self.scaled:
+            raise ConfigError("PerBlock is a scaled format; scaled=False applies to per-tensor fp8 only")
 
 
 @dataclass(frozen=True)
@@ -258,6 +293,41 @@ def int4_w4a4_tensor() -> QuantScheme:
     )
 
 
+# Weights grouped by 128 input channels, activations as in the per-channel schemes above: only the weight
+# granularity changes, so symmetric like them (the asymmetric g128 of int4-weight-g128 would change two things).
+@SCHEMES.register("int4-w4a8-token-g128")
+def int4_w4a8_token_g128() -> QuantScheme:
+    return QuantScheme(
+        name="int4-w4a8-token-g128",
+        weights=TensorQuant("int4", PerGroup(128)),
+        activations=TensorQuant("int8", PerToken()),
+        description="INT4 weights in groups of 128 input channels, INT8 activations per token (dynamic), symmetric",
+        reference=f"the W4A8 g128 setting of {QUAROT} and QServe (Lin et al. 2024, arXiv 2405.04532), RTN",
+    )
+
+
+@SCHEMES.register("int4-w4a4-token-g128")
+def int4_w4a4_token_g128() -> QuantScheme:
+    return QuantScheme(
+        name="int4-w4a4-token-g128",
+        weights=TensorQuant("int4", PerGroup(128)),
+        activations=TensorQuant("int4", PerToken()),
+        description="INT4 weights in groups of 128 input channels, INT4 activations per token (dynamic), symmetric",
+        reference=f"the W4A4 g128 round-to-nearest baseline of {QUAROT}",
+    )
+
+
+@SCHEMES.register("int4-w4a4-tensor-g128")
+def int4_w4a4_tensor_g128() -> QuantScheme:
+    return QuantScheme(
+        name="int4-w4a4-tensor-g128",
+        weights=TensorQuant("int4", PerGroup(128)),
+        activations=TensorQuant("int4", PerTensor()),
+        description="INT4 weights in groups of 128 input channels, INT4 activations with one scale per tensor",
+        reference=f"as int4-w4a4-tensor with grouped weights: isolates what the activations lose ({QUAROT})",
+    )
+
+
 @SCHEMES.register("gptq-int4-g128", aliases=("gptq",))
 def gptq_int4_g128() -> QuantScheme:
     return QuantScheme(
@@ -344,4 +414,66 @@ def fp8_e5m2_unscaled() -> QuantScheme:
         activations=TensorQuant("fp8_e5m2", PerTensor(), scaled=False),
         description="FP8 E5M2 plain cast, no scales: values past 57344 overflow to inf",
         reference=f"{FP8_FORMATS}: what happens without scaling",
+    )
+
+
+# ---- Microscaling (MX, NVFP4) -------------------------------------------------------------------------------------
+OCP_MX = "OCP Microscaling Formats (MX) v1.0 spec (2023); Rouhani et al. 2023 (arXiv 2310.10537)"
+NVFP4 = "NVIDIA NVFP4 (Blackwell): E2M1 in blocks of 16, E4M3 block scales, one fp32 scale per tensor"
+MX_BLOCK = PerBlock(32, "e8m0")
+NVFP4_BLOCK = PerBlock(16, "e4m3")
+
+
+@SCHEMES.register("mxfp8-w8a8")
+def mxfp8_w8a8() -> QuantScheme:
+    return QuantScheme(
+        name="mxfp8-w8a8",
+        weights=TensorQuant("fp8_e4m3", MX_BLOCK),
+        activations=TensorQuant("fp8_e4m3", MX_BLOCK),
+        description="MXFP8: E4M3 weights and activations, a power-of-two (E8M0) scale per 32 input channels",
+        reference=f"{OCP_MX}; torchao MXDynamicActivationMXWeightConfig(float8_e4m3fn)",
+    )
+
+
+@SCHEMES.register("mxfp4-w4a4")
+def mxfp4_w4a4() -> QuantScheme:
+    return QuantScheme(
+        name="mxfp4-w4a4",
+        weights=TensorQuant("fp4_e2m1", MX_BLOCK),
+        activations=TensorQuant("fp4_e2m1", MX_BLOCK),
+        description="MXFP4: FP4 E2M1 weights and activations, a power-of-two (E8M0) scale per 32 input channels",
+        reference=f"{OCP_MX}; torchao MXDynamicActivationMXWeightConfig(float4_e2m1fn_x2)",
+    )
+
+
+@SCHEMES.register("mxfp4-weight")
+def mxfp4_weight() -> QuantScheme:
+    return QuantScheme(
+        name="mxfp4-weight",
+        weights=TensorQuant("fp4_e2m1", MX_BLOCK),
+        activations=None,
+        description="MXFP4 weight-only: FP4 E2M1, a power-of-two (E8M0) scale per 32 input channels",
+        reference=OCP_MX,
+    )
+
+
+@SCHEMES.register("nvfp4-w4a4")
+def nvfp4_w4a4() -> QuantScheme:
+    return QuantScheme(
+        name="nvfp4-w4a4",
+        weights=TensorQuant("fp4_e2m1", NVFP4_BLOCK),
+        activations=TensorQuant("fp4_e2m1", NVFP4_BLOCK),
+        description="NVFP4: FP4 E2M1 weights and activations, E4M3 scale per 16 input channels + fp32 per tensor",
+        reference=f"{NVFP4}; torchao NVFP4DynamicActivationNVFP4WeightConfig",
+    )
+
+
+@SCHEMES.register("nvfp4-weight")
+def nvfp4_weight() -> QuantScheme:
+    return QuantScheme(
+        name="nvfp4-weight",
+        weights=TensorQuant("fp4_e2m1", NVFP4_BLOCK),
+        activations=None,
+        description="NVFP4 weight-only: FP4 E2M1, E4M3 scale per 16 input channels + fp32 per tensor",
+        reference=f"{NVFP4}; torchao NVFP4WeightOnlyConfig",
     )

@@ -10,6 +10,14 @@ Integer formats, asymmetric: s = (max - min) / (qmax - qmin),  z = qmin - round(
 FP8 (E4M3 max 448, E5M2 max 57344): s = amax / fmax,  x' = fp8(clamp(x / s, +-fmax)) * s  (round to nearest
     even by torch). Unscaled FP8 is the plain cast: E4M3 saturates at 448 (inf too), E5M2 overflows to inf.
 NF4 (QLoRA): s = absmax of the block, x' = s * (the NF4 code nearest to x / s).
+Microscaling, one scale per block of `size` input channels (OCP MX v1.0 section 6.3; NVIDIA NVFP4):
+    E8M0 (MXFP8, MXFP4): s = 2^clamp(floor(log2 amax_block) - emax_elem, -127, 127), emax_elem the element format's
+        largest exponent (E4M3 8, E5M2 15, E2M1 2); an all-zero block gets 2^-127.
+    E4M3 (NVFP4): s_t = amax_tensor / (448 * fmax_elem) in fp32, s = e4m3(clamp(amax_block / fmax_elem / s_t,
+        2^-6, 448)) * s_t, as torchao's nvfp4_quantize: the clamp at E4M3's smallest normal keeps an all-zero
+        block finite, and is where a tensor-wide outlier costs small blocks their precision.
+    x' = elem(x / s) * s, elem rounding to nearest even and saturating at the element format's max (E2M1: 6).
+    A NaN or inf in a block makes the whole block NaN (MX's NaN scale) rather than saturating it.
 Static scales: amax comes from calibration instead of the tensor; values past it clamp to the grid's edge.
 A zero amax gives s = 1 (the group is exactly zero). NaN and inf propagate: they are reported, never clipped.
 A fake-quantized product equals the integer GEMM it stands for, s_x s_w sum(q_x q_w), up to float rounding.
@@ -32,7 +40,16 @@ from torch import Tensor, nn
 
 from qharness.errors import QHarnessError
 from qharness.quant.modules import swap_module
-from qharness.quant.schemes import Keep, PerChannel, PerGroup, PerTensor, PerToken, QuantScheme, TensorQuant
+from qharness.quant.schemes import (
+    Keep,
+    PerBlock,
+    PerChannel,
+    PerGroup,
+    PerTensor,
+    PerToken,
+    QuantScheme,
+    TensorQuant,
+)
 
 if TYPE_CHECKING:
     from qharness.quant.backend import QuantContext
@@ -45,6 +62,11 @@ NF4_CODE = (
     -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
     0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
 )
+
+# float element formats: (largest exponent emax, mantissa bits, smallest normal exponent, largest value)
+FLOAT_ELEMENT = {"fp8_e4m3": (8, 3, -6, 448.0), "fp8_e5m2": (15, 2, -14, 57344.0), "fp4_e2m1": (2, 1, 0, 6.0)}
+E8M0_EXPONENTS = (-127, 127)  # 0xFF is NaN
+E4M3_MAX, E4M3_MIN_NORMAL = 448.0, 2.0**-6
 
 
 def _upcast(x: Tensor) -> Tensor:
@@ -116,9 +138,56 @@ def _quantize_grouped(x: Tensor, tq: TensorQuant) -> Tensor:
     return torch.cat(parts, dim=-1)
 
 
+def round_to_float(x: Tensor, fmt: str) -> Tensor:
+    """`x` on the grid of float format `fmt`: nearest value, ties to even, saturating at +-max; NaN stays NaN."""
+    _, mbits, emin, fmax = FLOAT_ELEMENT[fmt]
+    x = torch.clamp(x, -fmax, fmax)
+    if fmt in FP8_DTYPE:
+        return x.to(FP8_DTYPE[fmt]).to(x.dtype)
+    # no torch cast to FP4: round on the grid's local spacing, 2^(exponent - mantissa bits), subnormals below emin.
+    # frexp gives the exponent exactly (log2 rounds just below a power of two up to it); dividing by a power of
+    # two is exact, so torch.round's ties-to-even applies to the true value, and an even multiple of the spacing
+    # is an even mantissa.
+    _, exponent = torch.frexp(x)  # x = m 2^e with 0.5 <= |m| < 1, so floor(log2 |x|) = e - 1
+    spacing = torch.exp2((exponent - 1).clamp(min=emin).to(x.dtype) - mbits)
+    return torch.round(x / spacing) * spacing
+
+
+def _e8m0_scale(amax: Tensor, x: Tensor, fmt: str) -> Tensor:
+    """OCP MX: the power of two that puts amax in the element format's top binade."""
+    _, exponent = torch.frexp(amax)
+    shared = torch.where(amax > 0, exponent - 1 - FLOAT_ELEMENT[fmt][0], E8M0_EXPONENTS[0])
+    return torch.exp2(shared.clamp(*E8M0_EXPONENTS).to(amax.dtype))
+
+
+def _e4m3_scale(amax: Tensor, x: Tensor, fmt: str) -> Tensor:
+    """NVFP4: E4M3 block scales relative to one fp32 scale that maps the tensor's amax onto 448 * fmax."""
+    fmax = FLOAT_ELEMENT[fmt][3]
+    tensor_scale = _safe_scale(x.abs().amax().float() / (E4M3_MAX * fmax)).to(amax.dtype)  # stored as fp32
+    block = torch.clamp(amax / fmax / tensor_scale, E4M3_MIN_NORMAL, E4M3_MAX)
+    return block.to(torch.float8_e4m3fn).to(amax.dtype) * tensor_scale
+
+
+BLOCK_SCALES = {"e8m0": _e8m0_scale, "e4m3": _e4m3_scale}  # (block amax, whole tensor, element format) -> scale
+
+
+def _quantize_block(x: Tensor, tq: TensorQuant) -> Tensor:
+    """Microscaling along the last dim, every block at once: zero-pad to whole blocks (zeros change no amax)."""
+    size, width = tq.granularity.size, x.shape[-1]
+    xf = _upcast(x)
+    blocks = F.pad(xf, (0, -width % size)).unflatten(-1, (-1, size))  # (..., n_blocks, size)
+    amax = blocks.abs().amax(dim=-1, keepdim=True)  # NaN if the block has one
+    scale = BLOCK_SCALES[tq.granularity.scale](amax, xf, tq.format)
+    out = round_to_float(blocks / scale, tq.format) * scale
+    out = torch.where(torch.isfinite(amax), out, torch.nan)  # never saturate an inf into a finite value
+    return out.flatten(-2)[..., :width].to(x.dtype)
+
+
 def fake_quantize(x: Tensor, tq: TensorQuant, amax: Tensor | None = None) -> Tensor:
     """Quantize and dequantize `x` as `tq` says; same shape and dtype as `x`. `amax`: a static (calibrated)
     per-tensor range to use instead of the tensor's own."""
+    if isinstance(tq.granularity, PerBlock):
+        return _quantize_block(x, tq)
     if isinstance(tq.granularity, PerGroup):
         return _quantize_grouped(x, tq)
     dims = _reduce_dims(x, tq)

@@ -12,6 +12,13 @@ Limits read from torchao 0.18's source, declared in `SCHEMES_HERE` so `check` re
 - int4 and fp8 W8A8 leave a Linear in full precision, logging at INFO only, when its input width is not a whole
   number of groups (int4) or a width is not a multiple of 16 (fp8 `_scaled_mm`): the model is refused instead.
 - fp8 W8A8 per row (`fp8-e4m3-w8a8-token`) asserts bfloat16 weights; both fp8 W8A8 need compute capability >= 8.9.
+- MX and NVFP4 W8A8/W4A4 (torchao.prototype.mx_formats) multiply in `torch._scaled_mm` / `F.scaled_mm` with block
+  scales, which needs compute capability >= 10.0 (Blackwell); MX asserts bfloat16 weights. MX is configured with
+  the OCP floor scale rule (torchao's default is RCEIL) so it does sim's arithmetic. NVFP4 weight-only stores
+  packed FP4 and dequantizes before an ordinary matmul: no FP4 kernel, any CUDA device. Declared for CUDA only:
+  CPU runs the same prototype code as emulation, which is what sim is. These rows were read from the source and
+  their quantizers checked bit-exact against sim on CPU (tests/quant/test_torchao.py); none has been run on a
+  Blackwell GPU here.
 """
 
 from __future__ import annotations
@@ -70,6 +77,30 @@ def _fp8_dynamic(granularity: str) -> Callable[[QuantScheme, torch.device], Any]
     return config
 
 
+def _mx_dynamic(scheme: QuantScheme, device: torch.device) -> Any:
+    import torch
+    from torchao.prototype.mx_formats import MXDynamicActivationMXWeightConfig, ScaleCalculationMode
+
+    dtype = torch.float8_e4m3fn if scheme.weights.format == "fp8_e4m3" else torch.float4_e2m1fn_x2
+    return MXDynamicActivationMXWeightConfig(block_size=scheme.weights.granularity.size, activation_dtype=dtype,
+                                             weight_dtype=dtype, scaling_mode=ScaleCalculationMode.FLOOR)
+
+
+def _nvfp4_dynamic(scheme: QuantScheme, device: torch.device) -> Any:
+    from torchao.prototype.mx_formats import NVFP4DynamicActivationNVFP4WeightConfig
+
+    # the fused activation kernel lives in the mslk package, which we do not install
+    return NVFP4DynamicActivationNVFP4WeightConfig(use_triton_kernel=False, use_dynamic_per_tensor_scale=True)
+
+
+def _nvfp4_weight_only(scheme: QuantScheme, device: torch.device) -> Any:
+    from torchao.prototype.mx_formats import NVFP4WeightOnlyConfig
+
+    return NVFP4WeightOnlyConfig(use_dynamic_per_tensor_scale=True)
+
+
+BLOCK_MM = dict(min_compute=(10, 0), whole_groups=True, width_multiple=16)  # block-scaled _scaled_mm
+
 # scheme -> (where and how it runs, the torchao config that runs it): the one table for this backend
 SCHEMES_HERE: dict[str, tuple[tuple[Capability, ...], Callable[[QuantScheme, torch.device], Any]]] = {
     "int8-weight-channel": (everywhere(), _int8_weight_only),
@@ -80,6 +111,10 @@ SCHEMES_HERE: dict[str, tuple[tuple[Capability, ...], Callable[[QuantScheme, tor
     "fp8-e4m3-weight": (everywhere(), _fp8_weight_only),
     "fp8-e4m3-w8a8-tensor": ((Capability("cuda", **FP8_MM),), _fp8_dynamic("tensor")),
     "fp8-e4m3-w8a8-token": ((Capability("cuda", dtypes=("bf16",), **FP8_MM),), _fp8_dynamic("row")),
+    "mxfp8-w8a8": ((Capability("cuda", dtypes=("bf16",), **BLOCK_MM),), _mx_dynamic),
+    "mxfp4-w4a4": ((Capability("cuda", dtypes=("bf16",), **BLOCK_MM),), _mx_dynamic),
+    "nvfp4-w4a4": ((Capability("cuda", dtypes=("bf16",), **BLOCK_MM),), _nvfp4_dynamic),
+    "nvfp4-weight": ((Capability("cuda", dtypes=("bf16", "fp32"), width_multiple=16),), _nvfp4_weight_only),
 }
 
 

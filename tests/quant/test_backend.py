@@ -50,6 +50,8 @@ def test_scheme_backends_come_from_the_backends_tables():
     assert backends_for(get_scheme("int8-weight-channel")) == ("torchao", "quanto", "sim")
     assert backends_for(get_scheme("gptq")) == ("gptq",)  # sim does not pass round-to-nearest off as GPTQ
     assert backends_for(get_scheme("int8-w8a8-tensor")) == ("sim",)
+    assert backends_for(get_scheme("mxfp8-w8a8")) == ("torchao", "sim")
+    assert backends_for(get_scheme("mxfp4-weight")) == ("sim",)  # torchao 0.18 has no MX weight-only config
 
 
 def test_auto_on_cpu_is_sim_whenever_sim_implements_the_scheme():
@@ -62,6 +64,19 @@ def test_auto_on_cuda_prefers_library_kernels(h100):
     assert select_backend(get_scheme("int8"), h100) == "torchao"
     assert select_backend(get_scheme("fp8-e4m3-weight"), h100, dtype=torch.bfloat16) == "torchao"
     assert select_backend(get_scheme("int8-w8a8-tensor"), h100) == "sim"  # no library implements it
+
+
+def test_microscaling_kernels_need_blackwell_so_auto_runs_sim_on_h100(h100):
+    for name in ("mxfp8-w8a8", "mxfp4-w4a4", "nvfp4-w4a4"):
+        assert select_backend(get_scheme(name), h100, dtype=torch.bfloat16) == "sim"
+        with pytest.raises(BackendUnavailable, match=rf"^backend 'torchao' runs '{name}' on cuda with compute "
+                                                     r"capability >= 10.0, not 9.0; use --backend sim"):
+            select_backend(get_scheme(name), h100, "torchao", dtype=torch.bfloat16)
+    # NVFP4 weight-only dequantizes before an ordinary matmul: any CUDA device
+    assert select_backend(get_scheme("nvfp4-weight"), h100, dtype=torch.bfloat16) == "torchao"
+    assert select_backend(get_scheme("mxfp8-w8a8"), CPU, "sim") == "sim"
+    with pytest.raises(BackendUnavailable, match=r"^backend 'torchao' runs 'nvfp4-weight' on cuda, not cpu"):
+        select_backend(get_scheme("nvfp4-weight"), CPU, "torchao")
 
 
 def test_auto_on_cuda_falls_back_to_sim_when_torchao_declines_the_model(h100):

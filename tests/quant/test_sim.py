@@ -127,3 +127,23 @@ def test_w8a8_linear_equals_the_integer_gemm_it_simulates():
     expected = acc.double() * s_x * s_w.T + linear.bias.detach()
     assert torch.allclose(out, expected, rtol=1e-12, atol=1e-12)
     assert not math.isclose(out.abs().max().item(), linear(x).abs().max().item(), rel_tol=1e-9)  # it did quantize
+
+
+@pytest.mark.parametrize(("name", "activation_bits"), [("int4-w4a8-token-g128", 8), ("int4-w4a4-token-g128", 4)])
+def test_grouped_int4_weights_combine_with_per_token_activations(name, activation_bits):
+    """W4A8/W4A4 g128: per-token integer activations times INT4 weights with one symmetric scale per 128 inputs."""
+    torch.manual_seed(4)
+    linear = torch.nn.Linear(384, 16).double()  # 3 groups per row
+    x = torch.randn(2, 5, 384, dtype=torch.float64)
+    out = SimQuantLinear(linear, get_scheme(name))(x)
+
+    w = linear.weight.detach()
+    groups = w.view(16, 3, 128)
+    s_w = groups.abs().amax(dim=-1, keepdim=True) / 7
+    w_q = (torch.clamp(torch.round(groups / s_w), -8, 7) * s_w).view(16, 384)
+    qmax = 2 ** (activation_bits - 1) - 1
+    s_x = x.abs().amax(dim=-1, keepdim=True) / qmax
+    x_q = torch.clamp(torch.round(x / s_x), -qmax - 1, qmax) * s_x
+    assert torch.allclose(out, x_q @ w_q.T + linear.bias.detach(), rtol=1e-12, atol=1e-12)
+    per_channel = SimQuantLinear(linear, get_scheme(name.removesuffix("-g128"))).weight
+    assert (w_q - w).norm() < (per_channel - w).norm()  # a scale per 128 inputs tracks the weights more closely

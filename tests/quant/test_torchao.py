@@ -90,6 +90,7 @@ def compare_on_cuda(scheme: str, dtype: torch.dtype) -> tuple[float, bool]:
         ("int8-w8a8-token", torch.float32, 0.03),
         ("fp8-e4m3-weight", torch.float32, 1e-4),
         ("fp8-e4m3-w8a8-tensor", torch.float32, 0.02),
+        ("nvfp4-weight", torch.float32, 1e-4),  # dequantize + matmul, same arithmetic
         ("int8-weight-channel", torch.bfloat16, 0.03),
         ("int4-weight-g128", torch.bfloat16, 0.03),
         ("fp8-e4m3-weight", torch.bfloat16, 0.03),
@@ -101,6 +102,18 @@ def test_cuda_kernels_agree_with_sim(scheme, dtype, tolerance):
     error, changed = compare_on_cuda(scheme, dtype)
     assert error < tolerance, error
     assert changed  # it did quantize
+
+
+# Not yet run anywhere (no Blackwell GPU here): the tolerances are bf16's, as above, with room for bf16 rounding of
+# an activation to flip the occasional FP4 code
+@pytest.mark.gpu
+@pytest.mark.parametrize(("scheme", "tolerance"), [("mxfp8-w8a8", 0.03), ("mxfp4-w4a4", 0.1), ("nvfp4-w4a4", 0.1)])
+def test_blackwell_block_scaled_kernels_agree_with_sim(scheme, tolerance):
+    if torch.cuda.get_device_capability() < (10, 0):
+        pytest.skip("block-scaled _scaled_mm needs compute capability >= 10.0 (Blackwell)")
+    error, changed = compare_on_cuda(scheme, torch.bfloat16)
+    assert error < tolerance, error
+    assert changed
 
 
 @pytest.mark.gpu
@@ -115,3 +128,35 @@ def test_cuda_refusals_and_the_auto_fallback(tiny_model):
         quantize_(make_model().to("cuda", torch.float16), get_scheme("fp8-e4m3-w8a8-token"), backend="torchao")
     ragged = tiny_model.to("cuda", torch.bfloat16)  # hidden 64: no whole group of 128
     assert quantize_(ragged, get_scheme("int4")) == "sim"
+
+
+def test_nvfp4_weight_only_recipe_matches_sim_when_run_on_cpu():
+    """Declared for CUDA only (on CPU it is no kernel, just torchao's emulation), but the recipe is pure torch, so
+    its numerics are checked here: weights bit-equal to sim's, hence the same logits."""
+    from qharness.quant.apply import target_linears
+    from qharness.quant.backend import QuantContext
+    from qharness.quant.torchao import apply_torchao
+
+    model = make_model()
+    sim_model = copy.deepcopy(model)
+    ids = torch.randint(0, 300, (2, 16))
+    scheme = get_scheme("nvfp4-weight")
+    with torch.inference_mode():
+        reference = model(ids).logits
+        apply_torchao(model, scheme, target_linears(model), None, QuantContext(torch.device("cpu")))
+        quantize_(sim_model, scheme, backend="sim")
+        ao, sim = model(ids).logits, sim_model(ids).logits
+    assert torch.allclose(ao, sim, rtol=0, atol=1e-5)
+    assert not torch.allclose(ao, reference, atol=1e-3)  # it did quantize
+
+
+def test_mx_recipes_use_the_ocp_floor_scale_that_sim_implements():
+    from torchao.prototype.mx_formats import MXDynamicActivationMXWeightConfig, ScaleCalculationMode
+
+    from qharness.quant.torchao import torchao_config
+
+    for name, dtype in (("mxfp8-w8a8", torch.float8_e4m3fn), ("mxfp4-w4a4", torch.float4_e2m1fn_x2)):
+        config = torchao_config(get_scheme(name), torch.device("cuda"))
+        assert isinstance(config, MXDynamicActivationMXWeightConfig)
+        assert config.scaling_mode == ScaleCalculationMode.FLOOR  # torchao's default, RCEIL, rounds the scale up
+        assert (config.block_size, config.weight_dtype, config.activation_dtype) == (32, dtype, dtype)
