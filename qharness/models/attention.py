@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from qharness.errors import ConfigError
+
 EAGER = "qharness_eager"
 SDPA = "qharness_sdpa"
 KV_BIAS_INIT_STD = 0.02  # the paper's N(0, 0.02)
@@ -180,8 +182,19 @@ def eager_variant(implementation: str | None) -> str:
     return EAGER if implementation in (EAGER, SDPA) else "eager"
 
 
+def takes_registered_attention(model: nn.Module) -> bool:
+    """Whether `model` computes attention through transformers' AttentionInterface (Llama, Mistral, Qwen, GPT-2, OPT,
+    Phi, ...). One that does not (Falcon) would take our implementation's name and ignore it: a mitigation attached
+    to its attention modules would silently do nothing."""
+    return bool(getattr(model, "_supports_attention_backend", False)) and hasattr(model, "set_attn_implementation")
+
+
 def use_mitigated_attention_(model: nn.Module) -> None:
     """Route `model`'s attention through our implementations, eager if it was eager, else SDPA."""
+    if not takes_registered_attention(model):
+        raise ConfigError(f"{type(model).__name__} computes attention its own way, not through transformers' "
+                          "attention implementations, so KV bias, gated attention and clipped softmax cannot be "
+                          "inserted; they work on Llama, Mistral, Qwen, GPT-2, OPT, Phi and other models that do")
     register()
     current = getattr(model.config, "_attn_implementation", None)
     target = EAGER if current in ("eager", EAGER) else SDPA

@@ -208,10 +208,10 @@ def kv_quantized(model: nn.Module, setting: KVSetting | None) -> Iterator[list[K
     if setting is None:
         yield []
         return
-    from qharness.models.attention import use_mitigated_attention_
+    from qharness.models.attention import takes_registered_attention, use_mitigated_attention_
     from qharness.models.layers import attention_modules
 
-    if not getattr(model, "_supports_attention_backend", False) or not hasattr(model, "set_attn_implementation"):
+    if not takes_registered_attention(model):
         raise _refuse(model, setting, "does not take transformers' attention implementations")
     attentions = attention_modules(model)
     previous = model.config._attn_implementation

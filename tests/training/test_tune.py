@@ -231,3 +231,21 @@ def test_dyt_is_fitted_to_the_norms_it_replaces(tiny_model_dir):
     fresh = DyT(8)
     residual = fit_dyt_(fresh, x, y)
     assert residual < 0.05 and fresh.alpha.item() == pytest.approx(0.25, rel=0.1)
+
+
+def test_attention_mitigations_refuse_a_model_that_computes_attention_its_own_way(capsys, tmp_path, tiny_tokenizer):
+    """Falcon takes an attention implementation's name and ignores it: KV bias would be attached and never used."""
+    from transformers import FalconConfig, FalconForCausalLM
+
+    folder = tmp_path / "falcon"
+    FalconForCausalLM(FalconConfig(vocab_size=len(tiny_tokenizer), hidden_size=32, num_hidden_layers=2,
+                                   num_attention_heads=2)).save_pretrained(folder, safe_serialization=True)
+    tiny_tokenizer.save_pretrained(folder)
+    capsys.readouterr()  # the save's progress bar
+    for mitigation in ("kv_bias", "gated_attention", "clipped_softmax"):
+        assert main(["train", "--from", str(folder), "--mitigation", mitigation, "--out", str(tmp_path / "x"),
+                     "--quiet"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "FalconForCausalLM computes attention its own way" in err
+        assert "they work on Llama, Mistral, Qwen, GPT-2" in err
+    assert not (tmp_path / "x" / "model").exists()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from qharness.errors import ConfigError
 from qharness.models.layers import decoder_layers, is_norm, norm_modules
 from qharness.models.mitigations import MITIGATIONS, Mitigation, placed_like
 
@@ -52,6 +53,9 @@ def apply_dyt_(model: nn.Module) -> int:
         reference = norm if getattr(norm, "weight", None) is not None else model  # a norm without affine weights
         setattr(model.get_submodule(parent), child, placed_like(DyT(dim, alpha), reference))
         replaced += 1
+    if not replaced:
+        raise ConfigError(f"dyt replaces normalization layers and {type(model).__name__} has none qharness "
+                          "recognizes (torch's LayerNorm/RMSNorm or a class named *RMSNorm / *LayerNorm)")
     return replaced
 
 
