@@ -31,7 +31,7 @@ UTILIZATION = 0.4  # model FLOPs utilization a well-tuned small-model run reache
 
 @dataclass(frozen=True)
 class RecipeFile:
-    name: str  # the recipe's name, e.g. gpt2-124m-sun2024
+    name: str  # the recipe's name, e.g. gpt2-124m-sun2024 (default: the file's name)
     source: str = ""  # where the settings come from: paper and code
     data: str = BUILTIN  # "builtin" (the shipped training text) or "hf:<dataset>", the data the published run used
     tokenizer: str = BUILTIN  # the tokenizer the published run used (a record: the built-in text has its own)
@@ -82,7 +82,7 @@ def load_recipe_file(path: Path) -> RecipeFile:
                        skip=("arch", "train"))
     train = TrainConfig(**sections["train"])
     arch = ArchConfig(**{"context": train.context, **sections["arch"]})  # context is given once, under train
-    return RecipeFile(**top, arch=arch, train=train)
+    return RecipeFile(**{"name": path.stem, **top}, arch=arch, train=train)
 
 
 def with_overrides(base: RecipeFile, arch: dict[str, Any], train: dict[str, Any], mitigation: str | None,

@@ -71,10 +71,15 @@ def test_dry_run_prints_the_cost_and_trains_nothing(capsys, tmp_path):
     ("name: x\narch: {context: 64}\n", r"recipe x: arch context 64 differs from train context 128; .*under train$"),
     ("name: [x\n", r"recipe.yaml: not valid YAML at line 2"),
     ("- a list\n", r"recipe.yaml: a recipe is a mapping"),
+    ("train: {steps: -1}\n", r"train steps must be >= 1, got -1$"),
 ])
 def test_bad_recipe_files_are_one_line_errors(tmp_path, text, message):
     with pytest.raises(ConfigError, match=message):
         load_recipe_file(write(tmp_path, text))
+
+
+def test_a_recipe_is_named_after_its_file_unless_it_says(tmp_path):
+    assert load_recipe_file(write(tmp_path, "data: builtin\n")).name == "recipe"
 
 
 def test_cli_bad_values_are_one_line_errors(capsys, tmp_path):
