@@ -1,16 +1,26 @@
-"""Training step time of the zoo's architecture per mitigation, against the baseline (the cost of a mitigation).
+"""Training step time of the zoo's architecture per mitigation, against the baseline (the cost of a mitigation);
+with --tune, continued training of SmolLM2-135M through the loop against a bare step (the cost of the loop).
 
     python benchmarks/train_speed.py                   # llama and gpt2, every zoo mitigation, 30 steps each
     python benchmarks/train_speed.py --arch llama --steps 100 --threads 1
+    python benchmarks/train_speed.py --tune --steps 4  # SmolLM2-135M: bare steps vs the loop, tokens/s
 
 Random tokens stand in for the corpus (the step time does not depend on the text). Each row is the median step
 time of `--steps` steps after 5 warm-up steps, with batch 8 x 128 tokens as in the zoo's recipe; 4,000 steps at
 that rate is the cost of one zoo model.
+
+--tune times SmolLM2-135M (fp32, the built-in training text) at the tune recipe's batch and context (2 x 256) three
+ways: forward+backward alone, plus the AdamW step, and `train` (qharness.training.loop, as `continue_training` runs
+it: accelerate, accumulate(), lr schedule, logging with the activation probe every 5 steps). Each is the median of
+`--steps` steps after one warm-up step; the loop's row also gives its whole call (setup, probes, the checkpoint)
+divided by its steps. The bare step runs again after the loop: on a shared machine the two bare rows show how
+far the load drifted, and the loop's ratio means little when they differ.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import statistics
 import time
 
@@ -18,9 +28,9 @@ import torch
 
 from qharness.models import mitigations
 from qharness.models.sources import zoo
-from qharness.recipe import ArchConfig, TrainConfig
+from qharness.recipe import TUNE_TRAIN, ArchConfig, TrainConfig
 from qharness.training.architectures import new_model
-from qharness.training.loop import sample_batch
+from qharness.training.loop import sample_batch, train
 
 
 def step_times(arch: str, spec: str, steps: int) -> list[float]:
@@ -45,13 +55,78 @@ def step_times(arch: str, spec: str, steps: int) -> list[float]:
     return times[5:]
 
 
+def bare_steps(model: torch.nn.Module, tokens: torch.Tensor, cfg: TrainConfig, bos: int, steps: int,
+               with_optimizer: bool) -> float:
+    """Median seconds of forward+backward (and the AdamW step) over `steps` steps after one warm-up step."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95))
+    model.train()
+    times = []
+    for step in range(steps + 1):
+        batch = sample_batch(tokens, step, cfg, bos)
+        start = time.perf_counter()
+        model(input_ids=batch, labels=batch).loss.backward()
+        if with_optimizer:
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times[1:])
+
+
+def loop_steps(model: torch.nn.Module, tokens: torch.Tensor, cfg: TrainConfig, bos: int) -> tuple[float, float]:
+    """Median seconds between the loop's consecutive step hooks, and its whole call divided by its steps."""
+    import tempfile
+    from pathlib import Path
+
+    stamps: list[float] = []
+    with tempfile.TemporaryDirectory() as folder:
+        result = train(model, tokens, cfg, Path(folder), bos, [lambda m, s: stamps.append(time.perf_counter())],
+                       progress=False)
+    return statistics.median(b - a for a, b in itertools.pairwise(stamps)), result.seconds / cfg.steps
+
+
+def tune_table(steps: int) -> None:
+    """Bare steps before and after the loop, so a machine whose load drifts shows it rather than skewing the ratio."""
+    from dataclasses import replace
+
+    from qharness.models.sources import ModelSpec, load_model
+    from qharness.tasks.perplexity import bos_token_id
+    from qharness.training.tune import tuning_tokens
+
+    cfg = replace(TUNE_TRAIN, steps=steps + 1, log_every=5, checkpoint_every=10_000)
+    batch, context = cfg.batch_size, cfg.context
+    print(f"SmolLM2-135M fp32, threads {torch.get_num_threads()}, batch {batch} x {context} tokens, median of {steps}")
+    print(f"{'':36} {'s/step':>7} {'tokens/s':>9} {'vs bare':>8} {'whole call, s/step':>19}", flush=True)
+
+    def fresh() -> torch.nn.Module:
+        return load_model(ModelSpec("smollm2-135m", dtype="fp32", device="cpu"), progress=False).model
+
+    tokenizer = load_model(ModelSpec("smollm2-135m", dtype="fp32", device="cpu"), progress=False).tokenizer
+    tokens, bos = tuning_tokens(tokenizer, (), progress=False), bos_token_id(tokenizer)
+    base: list[float] = []
+
+    def row(what: str, median: float, whole: float | None = None) -> None:
+        ratio = f"{median / base[0]:7.2f}x" if base else f"{'':8}"
+        tail = f"{whole:19.2f}" if whole is not None else ""
+        print(f"{what:36} {median:7.2f} {batch * context / median:9.0f} {ratio} {tail}", flush=True)
+
+    row("forward+backward", bare_steps(fresh(), tokens, cfg, bos, steps, with_optimizer=False))
+    base.append(bare_steps(fresh(), tokens, cfg, bos, steps, with_optimizer=True))
+    row("forward+backward+AdamW (bare step)", base[0])
+    row("train loop (continue_training's)", *loop_steps(fresh(), tokens, cfg, bos))
+    row("bare step again, after the loop", bare_steps(fresh(), tokens, cfg, bos, steps, with_optimizer=True))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", choices=("llama", "gpt2", "both"), default="both")
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--tune", action="store_true", help="SmolLM2-135M: bare steps vs the training loop")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.tune:
+        tune_table(args.steps)
+        return
     names = [n for n in zoo.GRID if args.arch == "both" or n.startswith(f"zoo:{args.arch}-")]
     print(f"threads {args.threads}, batch 8 x 128, median of {args.steps} steps")
     print(f"{'model':28} {'ms/step':>8} {'vs base':>8} {'4000 steps, min':>16}")

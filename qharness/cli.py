@@ -46,6 +46,8 @@ TRAIN_EXAMPLES = """examples:
   qharness train --model zoo:llama-kv_bias                                  # train one zoo model into the cache
   qharness run --model runs/llama-base --quant int8                         # the result is a model folder
   qharness train --from smollm2-135m --data hf:HuggingFaceFW/fineweb-edu:sample-10BT --out runs/s  # online
+  qharness train --recipe recipes/gpt2-124m-sun2024.yaml --dry-run          # a published setting's cost (6NT)
+  qharness train --recipe recipes/llama-60m-gu2024.yaml --data builtin --steps 200 --out runs/gu
 """
 LIST_EXAMPLES = """examples:
   qharness list            # everything
@@ -266,20 +268,23 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from qharness.models import mitigations
-    from qharness.recipe import ArchConfig, Recipe, TrainConfig
+    from qharness.training.recipe_file import check_trainable, format_estimate
     from qharness.training.run import train_model
 
     if args.model:
         return _train_named(args.model, args.budget, progress=not args.quiet)
     if args.from_model:
         return _train_from(args)
+    scratch = _scratch_recipe(args)
+    if args.dry_run:
+        print(format_estimate(scratch))
+        return 0
     if args.out is None:
-        raise QHarnessError("qharness train needs --out FOLDER (or --model zoo:<arch>-<mitigation>)")
-    recipe = Recipe(arch=ArchConfig(arch=args.arch, d_model=args.d_model, layers=args.layers, heads=args.heads,
-                                    context=args.context or TrainConfig().context),
-                    train=train_config(args, TrainConfig()),
-                    mitigation=args.mitigation)
+        raise QHarnessError("qharness train needs --out FOLDER (or --model zoo:<arch>-<mitigation>, or --dry-run)")
+    check_trainable(scratch)
+    recipe = scratch.recipe()
     mitigations.resolve(recipe.mitigation)
+    _note_processes(scratch, args.quiet)
     result = train_model(recipe, args.out, progress=not args.quiet, budget_minutes=args.budget)
     if not result.finished:
         print(f"stopped by the {args.budget}-minute budget at step {result.step} of {recipe.train.steps} "
@@ -288,6 +293,31 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"trained {recipe.arch.arch} + {recipe.mitigation}: {result.step} steps, final loss {result.loss:.3f}"
               f" -> {args.out / 'model'}  (use it as --model {args.out / 'model'})")
     return 0
+
+
+ARCH_FLAGS = ("arch", "d_model", "layers", "heads")
+
+
+def _scratch_recipe(args: argparse.Namespace) -> Any:
+    """The from-scratch recipe: --recipe FILE (default: the zoo's settings) with every flag the user gave put in."""
+    from qharness.training.recipe_file import RecipeFile, load_recipe_file, with_overrides
+
+    base = load_recipe_file(args.recipe) if args.recipe else RecipeFile(name="command line")
+    arch = {flag: getattr(args, flag) for flag in ARCH_FLAGS if getattr(args, flag) is not None}
+    train = {flag: getattr(args, flag) for flag in TRAIN_FLAGS if getattr(args, flag) is not None}
+    return with_overrides(base, arch, train, args.mitigation, " ".join(args.data) if args.data else None)
+
+
+def _note_processes(scratch: Any, quiet: bool) -> None:
+    """Say so when this run's data-parallel processes differ from the recipe's: its steps see other batches."""
+    from qharness.training.loop import process_state
+
+    world = process_state().num_processes
+    if world != scratch.processes and not quiet:
+        t = scratch.train
+        print(f"note: recipe {scratch.name} ran on {scratch.processes} processes and this run has {world}, so a step "
+              f"sees {t.batch_size * t.grad_accum * world} sequences, not {scratch.sequences_per_step} (--grad-accum "
+              "or accelerate launch --num_processes matches it)", file=sys.stderr)
 
 
 def _train_named(name: str, budget: float | None, progress: bool) -> int:
@@ -308,7 +338,8 @@ def _train_named(name: str, budget: float | None, progress: bool) -> int:
     return 0
 
 
-TRAIN_FLAGS = ("steps", "batch_size", "context", "lr", "weight_decay", "warmup", "min_lr_ratio", "grad_clip", "seed")
+TRAIN_FLAGS = ("steps", "batch_size", "context", "lr", "weight_decay", "warmup", "min_lr_ratio", "grad_clip", "seed",
+               "precision", "grad_accum")
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
@@ -319,15 +350,21 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                         help="a zoo or tune name (zoo:llama-base, tune:smollm2-135m-none): train it into the cache")
     parser.add_argument("--from", dest="from_model", default=None, metavar="MODEL",
                         help="continue training this model (any --model name) instead of starting from scratch")
-    parser.add_argument("--arch", default=arch.arch, help="llama (GLU) or gpt2 (non-GLU), from scratch")
-    parser.add_argument("--mitigation", default="none",
+    parser.add_argument("--recipe", type=Path, default=None, metavar="FILE",
+                        help="from scratch: a recipe file (recipes/*.yaml); the flags below override its values")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="from scratch: print parameters, tokens, 6NT FLOPs and GPU-hours, and train nothing")
+    parser.add_argument("--arch", default=None,
+                        help=f"llama (GLU) or gpt2 (non-GLU), from scratch (default {arch.arch})")
+    parser.add_argument("--mitigation", default=None,
                         help="none, or mitigations joined by '+': kv_bias, tvr, dyt, gated_attention, "
                              "clipped_softmax, outlier_penalty (e.g. tvr+kv_bias); with --from: none or "
                              "outlier_penalty")
     parser.add_argument("--data", nargs="+", default=None, metavar="PATH",
                         help="with --from: text files, folders, .jsonl ('text'), .parquet ('text') or a hub dataset "
                              "streamed as far as training needs, hf:DATASET[:CONFIG[:SPLIT[:FIELD]]] (online) "
-                             "(default: the built-in training text; text overlapping the evaluation text is dropped)")
+                             "(default: the built-in training text; text overlapping the evaluation text is dropped); "
+                             "from scratch: builtin, to train a recipe of a hub dataset on the built-in text")
     parser.add_argument("--penalty-threshold", type=float, default=None,
                         help="outlier_penalty: |h| above this is penalized (default 64)")
     parser.add_argument("--penalty-strength", type=float, default=None,
@@ -340,9 +377,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         parser.add_argument(f"--{flag.replace('_', '-')}", type=kind, default=None,
                             help=f"default {getattr(scratch, flag)} from scratch, {getattr(TUNE_TRAIN, flag)} "
                                  "with --from")
-    parser.add_argument("--d-model", type=int, default=arch.d_model)
-    parser.add_argument("--layers", type=int, default=arch.layers)
-    parser.add_argument("--heads", type=int, default=arch.heads)
+    parser.add_argument("--d-model", type=int, default=None, help=f"default {arch.d_model}")
+    parser.add_argument("--layers", type=int, default=None, help=f"default {arch.layers}")
+    parser.add_argument("--heads", type=int, default=None, help=f"default {arch.heads}")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -364,8 +401,8 @@ def _train_from(args: argparse.Namespace) -> int:
 
     if args.out is None:
         raise QHarnessError(f"qharness train --from needs --out FOLDER (or --model tune:{args.from_model}-"
-                            f"{args.mitigation} to train into the cache)")
-    recipe = recipe_for(f"tune:{args.from_model}-{args.mitigation}")  # checks the base and the mitigation
+                            f"{args.mitigation or 'none'} to train into the cache)")
+    recipe = recipe_for(f"tune:{args.from_model}-{args.mitigation or 'none'}")  # checks the base and the mitigation
     penalty = {k: v for k, v in (("threshold", args.penalty_threshold), ("strength", args.penalty_strength))
                if v is not None}
     recipe = replace(recipe, train=train_config(args, recipe.train), penalty=tuple(sorted(penalty.items())),

@@ -9,12 +9,24 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import asdict, dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from qharness.errors import ConfigError
 
 Arch = Literal["llama", "gpt2"]
 ARCHES: tuple[str, ...] = ("llama", "gpt2")
+Precision = Literal["fp32", "bf16"]
+PRECISIONS: tuple[str, ...] = ("fp32", "bf16")
+# Fields added after models were cached under their recipes' digests, with the value that reproduces the old
+# behaviour: a field at that value stays out of the digest, so every existing digest (a cache folder's name) holds.
+LATER_FIELDS: dict[str, object] = {"mlp_hidden": None, "precision": "fp32", "grad_accum": 1}
+
+
+def digest_fields(config: Any) -> dict[str, Any]:
+    """A config's fields as the digest sees them: LATER_FIELDS at their old value left out, the budget too (how long a
+    call may run, not a setting)."""
+    return {k: v for k, v in asdict(config).items()
+            if k != "budget_minutes" and not (k in LATER_FIELDS and v == LATER_FIELDS[k])}
 
 
 @dataclass(frozen=True)
@@ -25,12 +37,15 @@ class ArchConfig:
     heads: int = 4  # attention heads (no grouped-query attention)
     context: int = 128  # longest sequence, BOS included (GPT-2's learned positions stop here)
     vocab_size: int = 4096  # the byte-level BPE trained on the training text
+    mlp_hidden: int | None = None  # MLP inner size; None: 8/3 x d_model rounded up to 32 (llama), 4 x d_model (gpt2)
 
     def __post_init__(self) -> None:
         if self.arch not in ARCHES:
             raise ConfigError(f"unknown architecture '{self.arch}'; valid: {', '.join(ARCHES)}")
         if self.d_model % self.heads:
             raise ConfigError(f"d_model {self.d_model} is not a multiple of heads {self.heads}")
+        if self.mlp_hidden is not None and self.mlp_hidden < 1:
+            raise ConfigError(f"mlp_hidden must be >= 1 (or null for the default), got {self.mlp_hidden}")
 
 
 @dataclass(frozen=True)
@@ -52,9 +67,13 @@ class TrainConfig:
     log_every: int = 100
     checkpoint_every: int = 500
     budget_minutes: float | None = None  # stop (with a checkpoint) after this much wall time in this call
+    precision: Precision = "fp32"  # bf16: forward under bf16 autocast; weights, gradients, AdamW state stay fp32
+    grad_accum: int = 1  # micro-batches per optimizer step: a step sees batch_size x grad_accum x processes sequences
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "context", "log_every", "checkpoint_every"):
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"train precision must be one of {', '.join(PRECISIONS)}, got '{self.precision}'")
+        for name in ("steps", "batch_size", "context", "log_every", "checkpoint_every", "grad_accum"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train {name} must be >= 1, got {getattr(self, name)}")
         if self.context < 2:
@@ -79,9 +98,8 @@ class Recipe:
     mitigation: str = "none"  # "none", a mitigation name, or several joined by '+'
 
     def digest(self) -> str:
-        """Ten hex digits of the settings' hash; the time budget is how long a call may run, not a setting."""
-        settings = {"arch": asdict(self.arch), "mitigation": self.mitigation,
-                    "train": {k: v for k, v in asdict(self.train).items() if k != "budget_minutes"}}
+        """Ten hex digits of the settings' hash (see digest_fields)."""
+        settings = {"arch": digest_fields(self.arch), "mitigation": self.mitigation, "train": digest_fields(self.train)}
         return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
 
 
@@ -104,6 +122,5 @@ class TuneRecipe:
 
     def digest(self) -> str:
         settings = {"base": self.base, "mitigation": self.mitigation, "penalty": dict(self.penalty),
-                    "data": list(self.data),
-                    "train": {k: v for k, v in asdict(self.train).items() if k != "budget_minutes"}}
+                    "data": list(self.data), "train": digest_fields(self.train)}
         return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]

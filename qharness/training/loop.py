@@ -5,6 +5,8 @@ It runs through accelerate, so the same code is one process on a CPU here and da
 checkpoints and saves while the others wait for it where they would race it); the loop itself stays nanoGPT-short
 because the mitigations need two things a generic Trainer hides: a hook after every optimizer step (TVR's rescale)
 and the live max/median activation ratio in the log.
+Each optimizer step accumulates gradients over `grad_accum` micro-batches (accelerate's accumulate()), and with
+precision bf16 runs the forward passes under bf16 autocast over fp32 weights (see `_accelerator`).
 A checkpoint (safetensors weights, optimizer and scheduler state, step) is written atomically every
 `checkpoint_every` steps and when the time budget runs out; calling `train` again on the same folder resumes.
 """
@@ -29,7 +31,7 @@ from qharness.activations.scan import layer_hooks
 from qharness.activations.stats import layer_stats
 from qharness.errors import ConfigError
 from qharness.models.layers import decoder_layers
-from qharness.recipe import TrainConfig
+from qharness.recipe import LATER_FIELDS, TrainConfig
 
 StepHook = Callable[[nn.Module, int], Any]  # (model, step) after each optimizer step; step counts from 1
 CHECKPOINT = "checkpoint"
@@ -45,13 +47,15 @@ class TrainResult:
 
 
 def sample_batch(tokens: Tensor, step: int, cfg: TrainConfig, bos_id: int, rank: int = 0, world: int = 1) -> Tensor:
-    """The batch of `step` on process `rank` of `world`, a function of (seed, step, rank) only: a resumed run sees
-    the same data as an unbroken one, and data-parallel processes see different data."""
+    """The batch_size x grad_accum sequences of `step` on process `rank` of `world`, a function of (seed, step, rank)
+    only: a resumed run sees the same data as an unbroken one, and data-parallel processes see different data. The
+    loop splits them into grad_accum micro-batches of batch_size rows, so batch b x grad_accum g draws the very rows
+    of batch b*g x grad_accum 1 (and grad_accum 1 draws what it drew before grad_accum existed)."""
     generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * world + rank)
-    span = cfg.context - 1
-    starts = torch.randint(0, len(tokens) - span, (cfg.batch_size,), generator=generator)
+    span, rows = cfg.context - 1, cfg.batch_size * cfg.grad_accum
+    starts = torch.randint(0, len(tokens) - span, (rows,), generator=generator)
     windows = tokens[starts[:, None] + torch.arange(span)]
-    return torch.cat([torch.full((cfg.batch_size, 1), bos_id, dtype=windows.dtype), windows], dim=1).long()
+    return torch.cat([torch.full((rows, 1), bos_id, dtype=windows.dtype), windows], dim=1).long()
 
 
 def learning_rate(step: int, cfg: TrainConfig) -> float:
@@ -160,11 +164,14 @@ def load_checkpoint(folder: Path, model: nn.Module, optimizer: torch.optim.Optim
     if not (folder / "state.json").exists():
         return 0
     state = json.loads((folder / "state.json").read_text())
-    saved = {k: v for k, v in state["config"].items() if k != "budget_minutes"}
-    wanted = {k: v for k, v in asdict(cfg).items() if k != "budget_minutes"}
-    if saved != wanted:
-        changed = sorted(k for k in wanted if saved.get(k) != wanted[k])
-        raise ConfigError(f"checkpoint in {folder} was trained with other settings ({', '.join(changed)}); "
+    # Every setting but the budget must match, precision and grad_accum included (they change the weights). A key
+    # the checkpoint lacks was written before the setting existed, when the loop behaved as its LATER_FIELDS value.
+    saved = {**LATER_FIELDS, **state["config"]}
+    wanted = asdict(cfg)
+    changed = sorted(k for k in wanted if k != "budget_minutes" and saved.get(k) != wanted[k])
+    if changed:
+        settings = ", ".join(f"{k} {saved.get(k)} -> {wanted[k]}" for k in changed)
+        raise ConfigError(f"checkpoint in {folder} was trained with other settings ({settings}); "
                           "use a new output folder or the same settings")
     saved_world = state.get("world_size", 1)  # checkpoints from before it was recorded: written by one process
     if saved_world != world_size:
@@ -199,17 +206,54 @@ def _out_of_time(accelerator: Any, created: list[Path], cfg: TrainConfig, second
                       f"took {seconds:.1f} s); nothing was trained or saved; give a larger --budget")
 
 
+def _accelerator(cfg: TrainConfig) -> Any:
+    """accelerate's Accelerator for this run. Its mixed precision stays 'no' and the loop autocasts to bf16 itself
+    (`_optimizer_step`): accelerate keeps the precision in a per-process singleton that refuses a second value, and one
+    process trains several recipes (the zoo, the tests); for bf16 accelerate does no more than that autocast (bf16
+    needs no loss scaler). 'no' also keeps `accelerate launch --mixed_precision` from overriding the recipe."""
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision="no",
+                              gradient_accumulation_steps=cfg.grad_accum)
+    launched = accelerator.gradient_accumulation_steps
+    if launched != cfg.grad_accum:  # the environment's ACCELERATE_GRADIENT_ACCUMULATION_STEPS won
+        raise ConfigError(f"accelerate was launched with gradient accumulation {launched} but the recipe says "
+                          f"{cfg.grad_accum}; drop it from accelerate launch and pass --grad-accum")
+    return accelerator
+
+
+def _optimizer_step(accelerator: Any, model: nn.Module, optimizer: Any, batch: Tensor, cfg: TrainConfig,
+                    penalty: Any) -> tuple[float, float | None]:
+    """One optimizer step over the grad_accum micro-batches of `batch`, through accelerate's accumulate(): backward
+    divides each micro-batch's loss by grad_accum, data-parallel gradients are reduced on the last one only, and the
+    prepared optimizer steps and zeroes only then. Returns the mean loss and mean penalty over the micro-batches."""
+    losses, extras = [], []
+    for micro in batch.split(cfg.batch_size):
+        with accelerator.accumulate(model):
+            with torch.autocast(accelerator.device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
+                loss = model(input_ids=micro, labels=micro).loss
+            extra = penalty.take() if penalty is not None else None
+            accelerator.backward(loss if extra is None else loss + extra)
+            if cfg.grad_clip > 0 and accelerator.sync_gradients:
+                accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+        if extra is not None:
+            extras.append(extra.item())
+    return sum(losses) / len(losses), sum(extras) / len(extras) if extras else None
+
+
 def train(model: nn.Module, tokens: Tensor, cfg: TrainConfig, out_dir: Path, bos_id: int,
           hooks: Sequence[StepHook] = (), progress: bool = True, penalty: Any = None) -> TrainResult:
     """Train `model` in place on `tokens` (1-D) until cfg.steps or the time budget; resumes from out_dir. A
     `penalty` (a loss-side mitigation with `attached(model)` and `take()`) adds its term to every step's loss."""
-    from accelerate import Accelerator
     from tqdm.auto import tqdm
 
     if len(tokens) < cfg.context:
         raise ConfigError(f"training text has {len(tokens)} tokens, fewer than one sequence of {cfg.context}")
     started = time.monotonic()
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    accelerator = _accelerator(cfg)
     created = [path for path in (out_dir, out_dir / LOG) if not path.exists()]  # removed if no step is taken
     out_dir.mkdir(parents=True, exist_ok=True)
     decay = [p for p in model.parameters() if p.dim() >= 2]
@@ -240,20 +284,13 @@ def train(model: nn.Module, tokens: Tensor, cfg: TrainConfig, out_dir: Path, bos
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate(step, cfg)
             batch = sample_batch(tokens, step, cfg, bos_id, accelerator.process_index, accelerator.num_processes)
-            batch = batch.to(accelerator.device)
-            loss = model(input_ids=batch, labels=batch).loss
-            extra = penalty.take() if penalty is not None else None
-            accelerator.backward(loss if extra is None else loss + extra)
+            loss, extra = _optimizer_step(accelerator, model, optimizer, batch.to(accelerator.device), cfg, penalty)
             if extra is not None:
-                penalties.append(extra.item())
-            if cfg.grad_clip > 0:
-                accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+                penalties.append(extra)
             step += 1
             for hook in hooks:
                 hook(inner, step)
-            losses.append(loss.item())
+            losses.append(loss)
             bar.update(1)
             if step % cfg.log_every == 0 or step == cfg.steps:  # every process: the loss is averaged over all of them
                 mean = torch.tensor(sum(losses) / len(losses), device=accelerator.device)

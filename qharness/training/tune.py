@@ -189,8 +189,8 @@ def continue_training(recipe: TuneRecipe, out_dir: Path, progress: bool = True, 
     if result.finished:
         log = [json.loads(line) for line in (out_dir / LOG).read_text().splitlines()]
         info = {"recipe": {**asdict(recipe), "digest": recipe.digest()}, "base_source": loaded.source,
-                "retrofit_logit_change": change,
-                "final": log[-1] if log else {}, "tokens_seen": cfg.steps * cfg.batch_size * cfg.context,
+                "retrofit_logit_change": change, "final": log[-1] if log else {},
+                "tokens_seen": cfg.steps * cfg.batch_size * cfg.grad_accum * cfg.context,
                 **row_fields(next(model.parameters()).device)}
         save_final(model, tokenizer, out_dir, info, progress)
     return result
