@@ -225,11 +225,17 @@ def test_resume_refuses_other_precision_or_accumulation(change, named, tokens, t
 
 def test_checkpoints_from_before_precision_and_grad_accum_resume(tokens, tiny_tokenizer, tmp_path):
     model, _ = tiny("llama", "none", tiny_tokenizer)
-    cfg = TrainConfig(steps=2, batch_size=2, context=32)
-    train(model, tokens, replace(cfg, budget_minutes=0.0), tmp_path, 0, progress=False)  # a checkpoint at step 0
+    cfg = TrainConfig(steps=3, batch_size=2, context=32, checkpoint_every=1)
+
+    def kill_at_2(model, step):
+        if step == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):  # killed after the checkpoint of step 1
+        train(model, tokens, cfg, tmp_path, 0, [kill_at_2], progress=False)
     state_path = tmp_path / CHECKPOINT / "state.json"
     state = json.loads(state_path.read_text())
     for key in ("precision", "grad_accum"):  # as a checkpoint written before these settings existed
         del state["config"][key]
     state_path.write_text(json.dumps(state))
-    assert train(model, tokens, cfg, tmp_path, 0, progress=False).step == 2
+    assert train(model, tokens, cfg, tmp_path, 0, progress=False).step == 3
