@@ -27,14 +27,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from qharness.errors import BackendUnavailable, ConfigError
 from qharness.models.sources import ModelSpec
 from qharness.quant.schemes import Keep
 from qharness.results import scan_dir
 from qharness.runner import DEFAULT_TASKS, RunReport, RunSpec, run
-from qharness.typecheck import from_mapping
+from qharness.typecheck import from_mapping, read_yaml_mapping
 
 ENGINES = ("local", "ray")
 
@@ -77,15 +75,7 @@ class SweepConfig:
         """Read and check the whole file (syntax, keys, every value's type) before anything loads."""
         if not path.is_file():
             raise ConfigError(f"sweep config not found: {path}")
-        try:
-            raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except (yaml.YAMLError, UnicodeDecodeError) as exc:
-            mark = getattr(exc, "problem_mark", None)
-            line = f" at line {mark.line + 1}" if mark is not None else ""
-            problem = getattr(exc, "problem", None) or type(exc).__name__
-            raise ConfigError(f"{path}: not valid YAML{line} ({problem})") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: a sweep config is a mapping of keys (models, quants, tasks, ...)")
+        raw = read_yaml_mapping(path, "a sweep config is a mapping of keys (models, quants, tasks, ...)")
         return cls(**from_mapping(cls, raw, str(path)))
 
     def run_specs(self) -> list[RunSpec]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import types
 import typing
 from dataclasses import fields
+from pathlib import Path
 from typing import Any
 
 from qharness.errors import ConfigError
@@ -96,3 +97,22 @@ def from_mapping(cls: type, raw: dict[str, Any], where: str, skip: tuple[str, ..
             raise ConfigError(f"{where}: {name} is {value!r} ({type(value).__name__}); expected "
                               f"{_describe(hints[name])}") from None
     return checked
+
+
+def read_yaml_mapping(path: Path, what: str) -> dict[str, Any]:
+    """The mapping a YAML file of ours holds (a sweep, a recipe, a task), or one line naming the file and what is
+    wrong: missing, not UTF-8, not YAML (with the line), or not a mapping (`what` says what it should hold)."""
+    import yaml
+
+    if not path.is_file():
+        raise ConfigError(f"file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = f" at line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{path}: not valid YAML{line} ({getattr(exc, 'problem', None) or type(exc).__name__})"
+                          ) from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: {what}, got {type(raw).__name__}")
+    return raw

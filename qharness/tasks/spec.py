@@ -8,11 +8,9 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-
 from qharness.errors import ConfigError, DataError, first_line
 from qharness.registry import Registry
-from qharness.typecheck import from_mapping
+from qharness.typecheck import from_mapping, read_yaml_mapping
 
 Kind = Literal["perplexity", "zero-shot"]
 KINDS = ("perplexity", "zero-shot")
@@ -129,14 +127,7 @@ def load_task_text(task: TaskSpec) -> str:
 
 
 def read_task_file(path: Path) -> TaskSpec:
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        where = getattr(exc, "problem_mark", None)
-        line = f" at line {where.line + 1}" if where is not None else ""
-        raise ConfigError(f"{path}: not valid YAML{line} ({getattr(exc, 'problem', None) or 'parse error'})") from exc
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: a task file must hold a mapping of keys, got {type(raw).__name__}")
+    raw = read_yaml_mapping(path, "a task file must hold a mapping of keys")
     return TaskSpec.from_dict(raw, path.parent)
 
 

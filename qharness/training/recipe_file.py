@@ -20,7 +20,7 @@ from typing import Any
 
 from qharness.errors import ConfigError, DataError
 from qharness.recipe import ArchConfig, Recipe, TrainConfig
-from qharness.typecheck import from_mapping
+from qharness.typecheck import from_mapping, read_yaml_mapping
 
 BUILTIN = "builtin"
 # Dense tensor-core peak of one H100 SXM or H200 (the same compute die) in TFLOP/s: BF16 989, TF32 495 (what fp32
@@ -59,19 +59,9 @@ class RecipeFile:
 
 def load_recipe_file(path: Path) -> RecipeFile:
     """Read and check the whole file (syntax, keys, every value's type) before anything is built."""
-    import yaml
-
     if not path.is_file():
         raise ConfigError(f"recipe file not found: {path}")
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        mark = getattr(exc, "problem_mark", None)
-        line = f" at line {mark.line + 1}" if mark is not None else ""
-        raise ConfigError(f"{path}: not valid YAML{line} ({getattr(exc, 'problem', None) or type(exc).__name__})"
-                          ) from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: a recipe is a mapping (name, data, arch, train, ...)")
+    raw = read_yaml_mapping(path, "a recipe is a mapping (name, data, arch, train, ...)")
     sections = {}
     for key, cls in (("arch", ArchConfig), ("train", TrainConfig)):
         section = raw.get(key, {})
