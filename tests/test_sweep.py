@@ -164,3 +164,23 @@ def test_sweep_kv_settings_are_runs_of_their_own_sharing_the_baseline(tiny_model
     assert [(r["quant"], r["kv"]) for r in read_rows(tmp_path / "lb.csv")] == [
         ("none", ""), ("int8-w8a8-token", ""), ("int8-w8a8-token", "int8-token+keep0")]
     assert sweep(config, say=lambda m: None).computed == 0
+
+
+def test_the_shipped_outliers_sweep_plans_every_kv_setting_and_transform():
+    """sweeps/outliers.yaml: every (kv, transform, keep) run plans without loading; rotate needs torchao for its
+    Hadamard matrices, so its runs are planned only where torchao is installed."""
+    from importlib.util import find_spec
+    from pathlib import Path
+
+    from qharness.runner import plan_cells
+
+    config = SweepConfig.from_file(Path(__file__).resolve().parents[1] / "sweeps" / "outliers.yaml")
+    assert {"int4-token+keep0", "int4-kivi"} <= set(config.kv) and {"smoothquant", "rotate"} <= set(config.transforms)
+    planned = set()
+    for spec in config.run_specs():
+        if spec.transform == "rotate" and find_spec("torchao") is None:
+            continue
+        cells, _ = plan_cells(spec)
+        planned |= {(c.quant, c.kv, c.transform) for c in cells}
+    assert ("int4-w4a4-token", "int4-kivi", "smoothquant:0.5") in planned
+    assert ("int8-w8a8-tensor", "int4-token+keep0", "") in planned
