@@ -27,7 +27,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from qharness.degradation import Degradation, degradations
+from qharness.degradation import Degradation, degradations, number, percent
 from qharness.families import REFERENCE, model_families, with_references
 from qharness.fixes import fixes_markdown, fixes_table
 from qharness.predictors import predictor_points, predictors, predictors_markdown, profile_extras
@@ -152,8 +152,8 @@ def mitigation_markdown(mitigations: dict[str, Any]) -> list[str]:
     parts.append(_table(header, [[r["model"], _fmt(r.get("massive_max"), ".1f"), _fmt(r.get("massive_ratio"), ".0f"),
                                   _massive(r), _fmt(r["bos_holds_max"], ".0%"), _fmt(r.get("attention_on_first"),
                                                                                     ".2f"),
-                                  f"{r['fp_ppl']:.2f}", _fmt(r["fp_vs_base"], "+.1%"),
-                                  *[_fmt(r[s], "+.1%") for s in schemes]]
+                                  number(r["fp_ppl"]), percent(r["fp_vs_base"]),
+                                  *[percent(r[s]) for s in schemes]]
                                  for r in mitigations["rows"]]))
     return parts
 

@@ -58,3 +58,17 @@ def degradations(rows: list[Row]) -> list[Degradation]:
                                row["task"], row["metric"], float(row["value"]), float(row["fp_value"]),
                                row.get("higher_is_better") == "True", row.get("kv", ""), row.get("transform", "")))
     return out
+
+
+def percent(value: float | None) -> str:
+    """A relative change as the report prints it; past +-10,000% (a broken model) in scientific notation."""
+    if value is None:
+        return ""
+    return f"{value:+.1%}" if abs(value) < 100 else f"{value * 100:+.2g}%"
+
+
+def number(value: float | None) -> str:
+    """A metric value as the report prints it: two decimals, or three significant digits past 100,000."""
+    if value is None:
+        return ""
+    return f"{value:.2f}" if abs(value) < 1e5 else f"{value:.3g}"

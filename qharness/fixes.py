@@ -14,8 +14,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from qharness.degradation import Degradation
+from qharness.degradation import Degradation, percent
 from qharness.families import REFERENCE
+
+MAX_FP_COST = 0.10  # a trained fix whose fp perplexity is worse than the control's by more is not a candidate
 
 
 def _fix(d: Degradation) -> str | None:
@@ -33,6 +35,7 @@ def fixes_table(items: list[Degradation], families: dict[str, tuple[str, str]]) 
     ppl = [d for d in items if d.metric == "ppl" and not d.kv]
     rel = {(d.model, d.task, d.quant, _fix(d) or "plain"): d.rel for d in ppl if d.plain or _fix(d)}
     fixed = {d.model for d in ppl if _fix(d)}
+    fp = {(d.model, d.task): d.fp_value for d in ppl}
     references = {model for model, (_, mitigation) in families.items() if mitigation == REFERENCE}
     rows, columns = [], ["plain"]
     for model in sorted(fixed | references):
@@ -50,12 +53,25 @@ def fixes_table(items: list[Degradation], families: dict[str, tuple[str, str]]) 
             if len(cells) < 2:
                 continue
             columns += [c for c in cells if c not in columns]
-            best = min((c for c in cells if c != "plain"), key=cells.__getitem__)
-            rows.append({"model": model, "task": task, "scheme": scheme, "cells": cells, "best": best})
+            costly = _costly(trained, families, fp.get, task)
+            candidates = [c for c in cells if c != "plain" and c not in costly]
+            best = min(candidates, key=cells.__getitem__) if candidates else ""
+            rows.append({"model": model, "task": task, "scheme": scheme, "cells": cells, "best": best,
+                         "costly": sorted(c for c in cells if c in costly)})
     ordered = ["plain", *sorted(c for c in columns if c.startswith("keep")),
                *sorted(c for c in columns if c.startswith("transform")),
                *[c for c in columns if c.startswith("trained")]]
     return {"columns": ordered, "rows": rows}
+
+
+def _costly(trained: list[str], families: dict[str, tuple[str, str]], fp: Any, task: str) -> set[str]:
+    """The `trained:` columns whose model lost more than MAX_FP_COST of fp perplexity against the control (its
+    family's `none` member): a quantization gain bought with quality is no fix."""
+    control = next((fp((m, task)) for m in trained if families[m][1] == "none"), None)
+    if control is None:
+        return set()
+    return {f"trained: {families[m][1]}" for m in trained
+            if fp((m, task)) is not None and fp((m, task)) > control * (1 + MAX_FP_COST)}
 
 
 def fixes_markdown(table: dict[str, Any], table_of: Any) -> list[str]:
@@ -65,10 +81,12 @@ def fixes_markdown(table: dict[str, Any], table_of: Any) -> list[str]:
                         "`--transform smoothquant`, or a `tune:` model trained from it with a mitigation."]
     parts += ["Relative perplexity change under each scheme (lower is better). `trained:` columns are the model "
               "trained further with that mitigation, each against its own full-precision perplexity; `trained: none` "
-              "is the same training without one (the control).", ""]
+              "is the same training without one (the control). * the trained model's fp perplexity is more than "
+              f"{MAX_FP_COST:.0%} worse than the control's, so it is no candidate for the best fix.", ""]
     columns = table["columns"]
     parts.append(table_of(["model", "task", "scheme", *columns, "best fix"],
                           [[r["model"], r["task"], r["scheme"],
-                            *[f"{r['cells'][c]:+.1%}" if c in r["cells"] else "" for c in columns], r["best"]]
+                            *[percent(r["cells"][c]) + ("*" if c in r["costly"] else "") if c in r["cells"] else ""
+                              for c in columns], r["best"]]
                            for r in table["rows"]]))
     return parts

@@ -228,6 +228,7 @@ def _cells(section: str) -> set[str]:
 
 
 def test_fixes_set_keep_transform_and_trained_mitigations_side_by_side():
+    from qharness.degradation import number, percent
     from qharness.fixes import fixes_table
 
     def member(model, quant, value, fp, mitigation, **extra):
@@ -240,15 +241,18 @@ def test_fixes_set_keep_transform_and_trained_mitigations_side_by_side():
             member("base", "int8-w8a8-tensor", 21.0, 20.0, "none", kv="int4-token"),  # another scheme: not a fix
             member("tune:base-none", "int8-w8a8-tensor", 33.0, 22.0, "none"),  # +50%
             member("tune:base-kv_bias", "int8-w8a8-tensor", 23.1, 22.0, "kv_bias"),  # +5%
+            member("tune:base-dyt", "int8-w8a8-tensor", 30.3, 30.0, "dyt"),  # +1%, but its fp is 36% worse
             member("other", "int8-w8a8-tensor", 30.0, 20.0, "none")]  # no fix: not in the table
     families = {"tune:base-none": ("tune:base", "none"), "tune:base-kv_bias": ("tune:base", "kv_bias"),
-                "base": ("tune:base", "reference")}
+                "tune:base-dyt": ("tune:base", "dyt"), "base": ("tune:base", "reference")}
     table = fixes_table(degradations(rows), families)
-    assert table["columns"] == ["plain", "keep pos:0", "transform smoothquant", "trained: none", "trained: kv_bias"]
+    assert table["columns"] == ["plain", "keep pos:0", "transform smoothquant", "trained: none", "trained: dyt",
+                                "trained: kv_bias"]
     (only,) = table["rows"]
-    assert only["model"] == "base" and only["best"] == "trained: kv_bias"
+    assert only["model"] == "base" and only["best"] == "trained: kv_bias" and only["costly"] == ["trained: dyt"]
     assert only["cells"] == pytest.approx({"plain": 1.0, "keep pos:0": 0.2, "transform smoothquant": 0.5,
-                                           "trained: none": 0.5, "trained: kv_bias": 0.05})
+                                           "trained: none": 0.5, "trained: kv_bias": 0.05, "trained: dyt": 0.01})
+    assert percent(0.123) == "+12.3%" and percent(5.6e33) == "+5.6e+35%" and number(5.6e35) == "5.6e+35"
 
 
 def test_predictors_pool_every_model_and_scheme_with_an_interval():
