@@ -88,6 +88,11 @@ class TrainConfig:
         if self.budget_minutes is not None and self.budget_minutes < 0:
             raise ConfigError(f"train budget must be >= 0 minutes, got {self.budget_minutes}")
 
+    @property
+    def tokens(self) -> int:
+        """The tokens one process trains on over the run: steps x batch_size x grad_accum sequences of context."""
+        return self.steps * self.batch_size * self.grad_accum * self.context
+
 
 @dataclass(frozen=True)
 class Recipe:

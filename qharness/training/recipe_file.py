@@ -111,7 +111,7 @@ def compute_estimate(recipe: RecipeFile) -> dict[str, float]:
         model = new_model(recipe.arch, 0, 1, seed=0)
     params = sum(p.numel() for p in model.parameters())
     embeddings = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Embedding))
-    tokens = recipe.train.steps * recipe.sequences_per_step * recipe.train.context
+    tokens = recipe.train.tokens * recipe.processes
     flops = 6 * params * tokens
     attention = 12 * recipe.arch.layers * recipe.arch.d_model * recipe.train.context * tokens
     peak = PEAK_TFLOPS[recipe.train.precision] * 1e12

@@ -41,7 +41,7 @@ from qharness.training.text import encode_stream, training_texts
 
 TEXT_SUFFIXES = (".txt", ".md", ".rst")
 TEXT_VERSION = 2  # part of the token cache's key: 2 drops documents that overlap the evaluation text
-TUNE_TOKENS = TUNE_TRAIN.steps * TUNE_TRAIN.batch_size * TUNE_TRAIN.context  # what one default run reads
+TUNE_TOKENS = TUNE_TRAIN.tokens  # what one default run reads
 
 
 def read_documents(data: tuple[str, ...], needed_tokens: int = TUNE_TOKENS,
@@ -183,14 +183,14 @@ def continue_training(recipe: TuneRecipe, out_dir: Path, progress: bool = True, 
         raise ConfigError(f"mitigation '{recipe.mitigation}' joins {len(penalties)} loss penalties; use one")
     hooks = [m.after_step for m in applied if m.after_step is not None]
     cfg = recipe.train if budget_minutes is None else replace(recipe.train, budget_minutes=budget_minutes)
-    tokens = tuning_tokens(tokenizer, recipe.data, progress, needed_tokens=cfg.steps * cfg.batch_size * cfg.context)
+    tokens = tuning_tokens(tokenizer, recipe.data, progress, needed_tokens=cfg.tokens)
     result = train(model, tokens, cfg, out_dir, bos_token_id(tokenizer), hooks, progress,
                    penalty=penalties[0] if penalties else None)
     if result.finished:
         log = [json.loads(line) for line in (out_dir / LOG).read_text().splitlines()]
         info = {"recipe": {**asdict(recipe), "digest": recipe.digest()}, "base_source": loaded.source,
                 "retrofit_logit_change": change, "final": log[-1] if log else {},
-                "tokens_seen": cfg.steps * cfg.batch_size * cfg.grad_accum * cfg.context,
+                "tokens_seen": cfg.tokens,
                 **row_fields(next(model.parameters()).device)}
         save_final(model, tokenizer, out_dir, info, progress)
     return result
