@@ -29,6 +29,7 @@ import torch
 from qharness.cache import cache_dir
 from qharness.errors import ConfigError, DataError
 from qharness.models import mitigations
+from qharness.models.drift import logit_drift
 from qharness.models.sources import ModelSpec, load_model
 from qharness.models.sources.tune import folder_for, recipe_for
 from qharness.provenance import row_fields
@@ -148,16 +149,16 @@ def retrofit_(model: Any, spec: str, tokenizer: Any) -> float:
         return 0.0
     batches = calibration_batches(tokenizer, calibration_text(), n=2, length=128,
                                   device=next(model.parameters()).device)
-    with torch.no_grad():
-        before = [model(input_ids=ids).logits for ids in batches]
+
+    def add() -> None:
         for mitigation in resolved:  # in the spec's order: each retrofit fits the model the previous one left
             if mitigation.retrofit is not None:
                 mitigation.retrofit(model, batches)
             elif mitigation.build is not None:  # preserves_function: its modules compute nothing new at first
                 mitigation.build(model)
         mitigations.record_(model, spec)
-        after = [model(input_ids=ids).logits for ids in batches]
-    return max(float((a - b).abs().max() / b.abs().max()) for a, b in zip(after, before, strict=True))
+
+    return logit_drift(model, batches, add)
 
 
 def continue_training(recipe: TuneRecipe, out_dir: Path, progress: bool = True, budget_minutes: float | None = None,

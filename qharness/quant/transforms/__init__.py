@@ -115,16 +115,10 @@ def logit_tolerance(dtype: object) -> float:
 def transform_(model: nn.Module, spec: TransformSpec, batches: list[Tensor]) -> float:
     """Transform `model` in place; returns how far its logits moved on the first batch (relative to their largest
     magnitude). Raises ConfigError, with the model left transformed, when that is past `logit_tolerance`."""
-    import torch
+    from qharness.models.drift import logit_drift
 
     entry = TRANSFORMS.get(spec.name)
-    with torch.inference_mode():
-        before = model(input_ids=batches[0]).logits.double()
-    with torch.no_grad():  # weights are edited in place, never trained
-        entry.apply(model, spec.argument, batches)
-    with torch.inference_mode():
-        after = model(input_ids=batches[0]).logits.double()
-    drift = ((after - before).abs().max() / before.abs().max()).item()
+    drift = logit_drift(model, batches[:1], lambda: entry.apply(model, spec.argument, batches))
     tolerance = logit_tolerance(next(model.parameters()).dtype)
     if not drift <= tolerance:
         from qharness.models.layers import LLAMA_STYLE
