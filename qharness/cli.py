@@ -286,12 +286,18 @@ def cmd_train(args: argparse.Namespace) -> int:
     mitigations.resolve(recipe.mitigation)
     _note_processes(scratch, args.quiet)
     result = train_model(recipe, args.out, progress=not args.quiet, budget_minutes=args.budget)
+    return _report_training(result, args, recipe.train.steps,
+                            f"trained {recipe.arch.arch} + {recipe.mitigation}: {result.step} steps")
+
+
+def _report_training(result: Any, args: argparse.Namespace, steps: int, done: str) -> int:
+    """The line a training into --out ends with: where a budget stopped it, or what was trained and where it is."""
     if not result.finished:
-        print(f"stopped by the {args.budget}-minute budget at step {result.step} of {recipe.train.steps} "
+        print(f"stopped by the {args.budget}-minute budget at step {result.step} of {steps} "
               f"(checkpoint in {args.out}); run the same command again to continue")
     else:
-        print(f"trained {recipe.arch.arch} + {recipe.mitigation}: {result.step} steps, final loss {result.loss:.3f}"
-              f" -> {args.out / 'model'}  (use it as --model {args.out / 'model'})")
+        print(f"{done}, final loss {result.loss:.3f} -> {args.out / 'model'}  (use it as --model "
+              f"{args.out / 'model'})")
     return 0
 
 
@@ -303,9 +309,13 @@ def _scratch_recipe(args: argparse.Namespace) -> Any:
     from qharness.training.recipe_file import RecipeFile, load_recipe_file, with_overrides
 
     base = load_recipe_file(args.recipe) if args.recipe else RecipeFile(name="command line")
-    arch = {flag: getattr(args, flag) for flag in ARCH_FLAGS if getattr(args, flag) is not None}
-    train = {flag: getattr(args, flag) for flag in TRAIN_FLAGS if getattr(args, flag) is not None}
-    return with_overrides(base, arch, train, args.mitigation, " ".join(args.data) if args.data else None)
+    return with_overrides(base, _given(args, ARCH_FLAGS), _given(args, TRAIN_FLAGS), args.mitigation,
+                          " ".join(args.data) if args.data else None)
+
+
+def _given(args: argparse.Namespace, flags: tuple[str, ...]) -> dict[str, Any]:
+    """The flags among `flags` the user gave (those left at None keep the recipe's value)."""
+    return {flag: getattr(args, flag) for flag in flags if getattr(args, flag) is not None}
 
 
 def _note_processes(scratch: Any, quiet: bool) -> None:
@@ -358,8 +368,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"llama (GLU) or gpt2 (non-GLU), from scratch (default {arch.arch})")
     parser.add_argument("--mitigation", default=None,
                         help="none, or mitigations joined by '+': kv_bias, tvr, dyt, gated_attention, "
-                             "clipped_softmax, outlier_penalty (e.g. tvr+kv_bias); with --from: none or "
-                             "outlier_penalty")
+                             "clipped_softmax, outlier_penalty (e.g. tvr+kv_bias); with --from each is added to "
+                             "the trained model as README 'Continued training' says")
     parser.add_argument("--data", nargs="+", default=None, metavar="PATH",
                         help="with --from: text files, folders, .jsonl ('text'), .parquet ('text') or a hub dataset "
                              "streamed as far as training needs, hf:DATASET[:CONFIG[:SPLIT[:FIELD]]] (online) "
@@ -387,7 +397,7 @@ def train_config(args: argparse.Namespace, defaults: Any) -> Any:
     """`defaults` (a TrainConfig) with every train flag the user gave put in."""
     from dataclasses import replace
 
-    return replace(defaults, **{flag: getattr(args, flag) for flag in TRAIN_FLAGS if getattr(args, flag) is not None})
+    return replace(defaults, **_given(args, TRAIN_FLAGS))
 
 
 def _train_from(args: argparse.Namespace) -> int:
@@ -410,13 +420,8 @@ def _train_from(args: argparse.Namespace) -> int:
     check_writable_dir(args.out, "--out")
     ensure(recipe.base, progress=not args.quiet)
     result = continue_training(recipe, args.out, progress=not args.quiet, budget_minutes=args.budget)
-    if not result.finished:
-        print(f"stopped by the {args.budget}-minute budget at step {result.step} of {recipe.train.steps} "
-              f"(checkpoint in {args.out}); run the same command again to continue")
-    else:
-        print(f"trained {recipe.base} + {recipe.mitigation} for {result.step} more steps, final loss "
-              f"{result.loss:.3f} -> {args.out / 'model'}  (use it as --model {args.out / 'model'})")
-    return 0
+    return _report_training(result, args, recipe.train.steps,
+                            f"trained {recipe.base} + {recipe.mitigation} for {result.step} more steps")
 
 
 def cmd_list(args: argparse.Namespace) -> int:

@@ -66,7 +66,7 @@ NF4_CODE = (
 # float element formats: (largest exponent emax, mantissa bits, smallest normal exponent, largest value)
 FLOAT_ELEMENT = {"fp8_e4m3": (8, 3, -6, 448.0), "fp8_e5m2": (15, 2, -14, 57344.0), "fp4_e2m1": (2, 1, 0, 6.0)}
 E8M0_EXPONENTS = (-127, 127)  # 0xFF is NaN
-E4M3_MAX, E4M3_MIN_NORMAL = 448.0, 2.0**-6
+E4M3_MAX, E4M3_MIN_NORMAL = FLOAT_ELEMENT["fp8_e4m3"][3], 2.0**-6
 
 
 def _upcast(x: Tensor) -> Tensor:

@@ -30,7 +30,7 @@ def parse(name: str) -> tuple[str, str]:
 
 def recipe_for(name: str) -> TuneRecipe:
     """The recipe of a tune: name; the base must be a model name of another kind, the mitigation one that can be
-    added to a trained model without changing its function."""
+    added to a trained model (it preserves the function, or has a retrofit)."""
     from qharness.models import mitigations
 
     base, mitigation = parse(name)
@@ -61,8 +61,7 @@ def read(name: str, dtype: Any) -> tuple[Any, Any, str]:
 
 
 def describe_name(name: str) -> dict[str, str]:
-    base, mitigation = parse(name)
-    return {"mitigation": mitigation, "family": family(name)}
+    return {"mitigation": parse(name)[1], "family": family(name)}
 
 
 SOURCES.add("tune", Source(
