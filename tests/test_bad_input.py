@@ -87,6 +87,11 @@ def _train(*extra: str) -> Setup:
     return lambda tmp, model, task: ["train", "--out", str(tmp / "run"), "--quiet", *extra]
 
 
+def _tune(mitigation: str, *extra: str) -> Setup:
+    return lambda tmp, model, task: ["train", "--from", str(model), "--mitigation", mitigation, "--out",
+                                     str(tmp / "run"), "--quiet", *extra]
+
+
 CASES: dict[str, tuple[Setup, str]] = {
     # wrong science, refused before any compute
     "keep position past every window": (_run("--quant", "int8-w8a8-tensor", "--keep-positions", "999999"),
@@ -156,6 +161,15 @@ CASES: dict[str, tuple[Setup, str]] = {
     "train --data hf: malformed": (lambda tmp, m, t: ["train", "--from", str(m), "--data", "hf:", "--out",
                                                       str(tmp / "run")], "write hf:DATASET[:CONFIG[:SPLIT[:FIELD]]]"),
     "unknown argument": (lambda tmp, m, t: ["run", "--bogus"], "unrecognized arguments: --bogus"),
+    "train --from --penalty-strength -1": (_tune("outlier_penalty", "--penalty-strength", "-1"),
+                                           "outlier_penalty strength must be a number > 0"),
+    "train --from --penalty-threshold 0": (_tune("outlier_penalty", "--penalty-threshold", "0"),
+                                           "outlier_penalty threshold must be a number > 0"),
+    "train --from --penalty-strength without the penalty": (
+        _tune("kv_bias", "--penalty-strength", "10"),
+        "--penalty-strength set a loss penalty but mitigation 'kv_bias' has none; add outlier_penalty"),
+    "train --from --penalty-threshold with none": (_tune("none", "--penalty-threshold", "8"),
+                                                   "use --mitigation outlier_penalty"),
 }
 
 

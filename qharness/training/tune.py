@@ -161,6 +161,24 @@ def retrofit_(model: Any, spec: str, tokenizer: Any) -> float:
     return logit_drift(model, batches, add)
 
 
+def loss_penalty(recipe: TuneRecipe) -> Any:
+    """The recipe's loss-side mitigation with its settings, or None. Settings without a mitigation that reads them
+    would be dropped in silence (a `--penalty-strength` run that is really the control), so they are refused."""
+    penalties = [m for m in mitigations.resolve(recipe.mitigation) if m.penalty is not None]
+    if len(penalties) > 1:
+        raise ConfigError(f"mitigation '{recipe.mitigation}' joins {len(penalties)} loss penalties; use one")
+    if not penalties:
+        if recipe.penalty:
+            given = ", ".join(f"--penalty-{key}" for key, _ in recipe.penalty)
+            raise ConfigError(f"{given} set a loss penalty but mitigation '{recipe.mitigation}' has none; add "
+                              f"outlier_penalty (e.g. --mitigation outlier_penalty+{recipe.mitigation})"
+                              if recipe.mitigation != mitigations.NONE else
+                              f"{given} set a loss penalty but mitigation 'none' has none; use --mitigation "
+                              "outlier_penalty")
+        return None
+    return penalties[0].penalty(dict(recipe.penalty))
+
+
 def continue_training(recipe: TuneRecipe, out_dir: Path, progress: bool = True, budget_minutes: float | None = None,
                       device: str = "auto") -> TrainResult:
     """Train `recipe.base` further with `recipe.mitigation` in out_dir (checkpoint, log) and save the model to
@@ -171,6 +189,7 @@ def continue_training(recipe: TuneRecipe, out_dir: Path, progress: bool = True, 
     done = finished_run(out_dir, recipe.digest())
     if done is not None:
         return done
+    penalty = loss_penalty(recipe)
     check_data(recipe.data)
     loaded = load_model(ModelSpec(recipe.base, dtype="fp32", device=device), progress=progress)
     model, tokenizer = loaded.model, loaded.tokenizer
@@ -179,14 +198,11 @@ def continue_training(recipe: TuneRecipe, out_dir: Path, progress: bool = True, 
         print(f"{recipe.mitigation} added to {recipe.base}: logits moved by {change:.2%} of their largest value "
               "before any step")
     applied = mitigations.resolve(recipe.mitigation)
-    penalties = [m.penalty(dict(recipe.penalty)) for m in applied if m.penalty is not None]
-    if len(penalties) > 1:
-        raise ConfigError(f"mitigation '{recipe.mitigation}' joins {len(penalties)} loss penalties; use one")
     hooks = [m.after_step for m in applied if m.after_step is not None]
     cfg = recipe.train if budget_minutes is None else replace(recipe.train, budget_minutes=budget_minutes)
     tokens = tuning_tokens(tokenizer, recipe.data, progress, needed_tokens=cfg.tokens)
     result = train(model, tokens, cfg, out_dir, bos_token_id(tokenizer), hooks, progress,
-                   penalty=penalties[0] if penalties else None)
+                   penalty=penalty)
     if result.finished:
         log = [json.loads(line) for line in (out_dir / LOG).read_text().splitlines()]
         info = {"recipe": {**asdict(recipe), "digest": recipe.digest()}, "base_source": loaded.source,

@@ -11,6 +11,7 @@ module, so it can be added to a pretrained model without changing the function i
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -18,6 +19,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from qharness.errors import ConfigError
 from qharness.models.layers import decoder_layers
 from qharness.models.mitigations import MITIGATIONS, Mitigation
 
@@ -28,6 +30,15 @@ class OutlierPenalty:
     strength: float = 1.0  # weight of the penalty against the next-token loss (0.05 barely moved SmolLM2's, 10 cost
     #                        38% more training loss: README, "Continued training")
     _terms: list[Tensor] = field(default_factory=list, repr=False)
+
+    def __post_init__(self) -> None:
+        # a threshold <= 0 divides by zero or penalizes every entry; a strength < 0 rewards massive activations
+        if not (self.threshold > 0 and math.isfinite(self.threshold)):
+            raise ConfigError(f"outlier_penalty threshold must be a number > 0 (the |h| that starts to cost), "
+                              f"got {self.threshold}")
+        if not (self.strength > 0 and math.isfinite(self.strength)):
+            raise ConfigError(f"outlier_penalty strength must be a number > 0 (use --mitigation none for no "
+                              f"penalty), got {self.strength}")
 
     def _record(self, module: nn.Module, args: object, output: object) -> None:
         hidden = output[0] if isinstance(output, tuple) else output
