@@ -17,7 +17,8 @@ Names read `<format>-<layout>[+keep0]`:
   whose outliers would otherwise stretch the scale of its block; cf. KVQuant's attention-sink-aware variant,
   Hooper et al. 2024, arXiv 2401.18079, and IntactKV, Liu et al. 2024, arXiv 2403.01241).
 Integer formats are asymmetric (min/max with a zero point, as KIVI); FP8 E4M3 is scaled by amax -> 448.
-Add a setting: one `_register(...)` line; `qharness list kv` and `--kv` read the same table.
+Add a format: one entry in `KV_FORMATS` (a layout: one in `KEY_AXES` and its scale axis in
+`KVSetting`); `qharness list kv` and `--kv` read the same table.
 """
 
 from __future__ import annotations
@@ -36,7 +37,9 @@ if TYPE_CHECKING:
     from torch import Tensor, nn
 
 KVFormat = Literal["int8", "int4", "fp8_e4m3"]
-KV_FORMATS: tuple[str, ...] = ("int8", "int4", "fp8_e4m3")
+# element format -> (how setting names spell it, how descriptions print it); a new format is one entry here
+KV_FORMATS: dict[str, tuple[str, str]] = {"int8": ("int8", "INT8"), "int4": ("int4", "INT4"),
+                                          "fp8_e4m3": ("fp8-e4m3", "FP8 E4M3")}
 KEY_AXES: tuple[str, ...] = ("token", "channel")
 NONE = "none"  # no KV quantization: the leaderboard's kv column stays empty
 KEEP_FIRST = "keep0"
@@ -70,16 +73,14 @@ class KVSetting:
 
 KV_SETTINGS: Registry[Any] = Registry("KV setting")  # name -> () -> KVSetting
 
-_FORMAT_NAMES = {"int8": "int8", "int4": "int4", "fp8_e4m3": "fp8-e4m3"}
-_FORMAT_TEXT = {"int8": "INT8", "int4": "INT4", "fp8_e4m3": "FP8 E4M3"}
-
 
 def _register(format: str, key_axis: str) -> None:
     layout = "token" if key_axis == "token" else "kivi"
-    name = f"{_FORMAT_NAMES[format]}-{layout}"
+    spelled, printed = KV_FORMATS[format]
+    name = f"{spelled}-{layout}"
     keys = ("keys and values per token (and head)" if key_axis == "token"
             else f"keys per channel over blocks of {KIVI_BLOCK} tokens (the open block in fp), values per token")
-    text = f"{_FORMAT_TEXT[format]} KV cache: {keys}"
+    text = f"{printed} KV cache: {keys}"
     reference = KIVI if key_axis == "channel" else "per-token KV-cache quantization (the baseline of " + KIVI + ")"
     KV_SETTINGS.add(name, lambda: KVSetting(name, format, key_axis, description=text, reference=reference))
 
