@@ -63,7 +63,7 @@ fi
 START=$SECONDS
 left() { echo $((BUDGET - (SECONDS - START))); }
 
-python - <<'EOF' || exit 2
+timeout 60 python - <<'EOF' || exit 2
 import importlib, importlib.util, shutil, sys
 import torch
 if not torch.cuda.is_available():
