@@ -193,6 +193,8 @@ def execute(run: Run, argv: list[str], log: Path, board: Path) -> Outcome:
         error = ""
     except RunTimeout:
         code, error = None, f"timed out after {RUN_SECONDS} s"
+    except SystemExit as exc:  # argparse's one-line usage error
+        code, error = exc.code, ""
     except Exception as exc:  # a crash is the finding: recorded, and the next run goes on
         code, error = None, f"{type(exc).__name__}: {first_line(exc)}"
         stderr.write(traceback.format_exc())
