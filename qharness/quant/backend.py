@@ -65,6 +65,7 @@ class Capability:
     min_compute: tuple[int, int] | None = None  # CUDA compute capability the kernel needs
     whole_groups: bool = False  # every target's input width must be a multiple of the scheme's weight group size
     width_multiple: int = 1  # every target's input and output widths must be multiples of this
+    input_multiple: int = 1  # and its input width of this (a kernel that counts packed bytes along it)
     needs: tuple[str, ...] = ()  # build tools (keys of TOOLS) for an extension compiled at first use
 
 
@@ -169,6 +170,10 @@ def _check_widths(backend: Backend, cap: Capability, scheme: Any, targets: Mappi
             raise BackendUnavailable(f"backend '{backend.name}' runs '{scheme.name}' on input widths divisible by "
                                      f"{group}; {name} has {in_features}; {_alternatives(backend, scheme, device)} "
                                      "(ragged groups)")
+        if in_features % cap.input_multiple:
+            raise BackendUnavailable(f"backend '{backend.name}' runs '{scheme.name}' on input widths divisible by "
+                                     f"{cap.input_multiple} (packed operands); {name} has {in_features}; "
+                                     f"{_alternatives(backend, scheme, device)}")
         if out_features % cap.width_multiple or in_features % cap.width_multiple:
             raise BackendUnavailable(f"backend '{backend.name}' runs '{scheme.name}' on widths divisible by "
                                      f"{cap.width_multiple}; {name} is {in_features}x{out_features}; "

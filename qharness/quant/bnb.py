@@ -12,7 +12,7 @@ import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from qharness.quant.backend import BACKENDS, Backend, QuantContext, everywhere, recipe
+from qharness.quant.backend import BACKENDS, Backend, Capability, QuantContext, everywhere, recipe
 from qharness.quant.schemes import Keep, QuantScheme
 
 if TYPE_CHECKING:
@@ -83,7 +83,11 @@ BACKENDS.add("bnb", Backend(
     name="bnb",
     description="bitsandbytes: LLM.int8() with fp16 outlier columns, NF4 (CPU and CUDA)",
     apply=apply_bnb,
-    capabilities={"llm-int8": everywhere(), "nf4": everywhere()},
+    # NF4 on the CPU: bitsandbytes 0.50 repacks the weight at the first eval forward on an AVX512-BF16 CPU
+    # (_convert_weight_packed_for_cpu), reshaping the block scales to (out, in // 64) and asserting out % 32 == 0: a
+    # ragged width fails there, after quantization looked fine, so it is refused up front
+    capabilities={"llm-int8": everywhere(),
+                  "nf4": (Capability("cpu", whole_groups=True, width_multiple=32), Capability("cuda"))},
     requires=("bitsandbytes",),
     preference=30,
 ))

@@ -13,7 +13,8 @@ Limits read from torchao 0.18's source, declared in `SCHEMES_HERE` so `check` re
   number of groups (int4) or a width is not a multiple of 16 (fp8 `_scaled_mm`): the model is refused instead.
 - fp8 W8A8 per row (`fp8-e4m3-w8a8-token`) asserts bfloat16 weights; both fp8 W8A8 need compute capability >= 8.9.
 - MX and NVFP4 W8A8/W4A4 (torchao.prototype.mx_formats) multiply in `torch._scaled_mm` / `F.scaled_mm` with block
-  scales, which needs compute capability >= 10.0 (Blackwell); MX asserts bfloat16 weights. MX is configured with
+  scales, which needs compute capability >= 10.0 (Blackwell) and NVFP4's input widths in multiples of 32 (the
+  packed operand's bytes in multiples of 16); MX asserts bfloat16 weights. MX is configured with
   the OCP floor scale rule (torchao's default is RCEIL) so it does sim's arithmetic. NVFP4 weight-only stores
   packed FP4 and dequantizes before an ordinary matmul: no FP4 kernel, any CUDA device. Declared for CUDA only:
   CPU runs the same prototype code as emulation, which is what sim is. These rows were read from the source and
@@ -113,7 +114,9 @@ SCHEMES_HERE: dict[str, tuple[tuple[Capability, ...], Callable[[QuantScheme, tor
     "fp8-e4m3-w8a8-token": ((Capability("cuda", dtypes=("bf16",), **FP8_MM),), _fp8_dynamic("row")),
     "mxfp8-w8a8": ((Capability("cuda", dtypes=("bf16",), **BLOCK_MM),), _mx_dynamic),
     "mxfp4-w4a4": ((Capability("cuda", dtypes=("bf16",), **BLOCK_MM),), _mx_dynamic),
-    "nvfp4-w4a4": ((Capability("cuda", dtypes=("bf16",), **BLOCK_MM),), _nvfp4_dynamic),
+    # _scaled_mm wants the packed FP4 operand's width, 2 values a byte, in multiples of 16 bytes (torch 2.13's
+    # _check_scaled_mm_sizes: self.size(1) % 16): 32 values, two NVFP4 blocks (MXFP4's block of 32 is enough)
+    "nvfp4-w4a4": ((Capability("cuda", dtypes=("bf16",), input_multiple=32, **BLOCK_MM),), _nvfp4_dynamic),
     "nvfp4-weight": ((Capability("cuda", dtypes=("bf16", "fp32"), width_multiple=16),), _nvfp4_weight_only),
 }
 

@@ -66,6 +66,44 @@ def test_auto_on_cuda_prefers_library_kernels(h100):
     assert select_backend(get_scheme("int8-w8a8-tensor"), h100) == "sim"  # no library implements it
 
 
+
+def _block_scaled_mm_on_meta(scheme: str, m: int, k: int, n: int) -> None:
+    """torch._scaled_mm on meta tensors shaped as torchao 0.18 hands them over for `scheme` (mx_tensor.py,
+    nvfp4_tensor.py: row-major activations, the transposed weight column-major, swizzled block scales). On meta,
+    torch runs its size checks for CUDA (_meta_registrations._check_scaled_mm_sizes: device_hint(meta) is cuda),
+    the ones Blas.cpp makes on the GPU."""
+    def ceil_div(a: int, b: int) -> int:
+        return -(-a // b)
+
+    fp4 = scheme != "mxfp8-w8a8"
+    element = torch.float4_e2m1fn_x2 if fp4 else torch.float8_e4m3fn
+    width = k // 2 if fp4 else k  # two FP4 values a byte
+    a = torch.empty(m, width, dtype=torch.uint8, device="meta").view(element)
+    b = torch.empty(n, width, dtype=torch.uint8, device="meta").view(element).t()
+    block, scale = (16, torch.float8_e4m3fn) if scheme == "nvfp4-w4a4" else (32, torch.float8_e8m0fnu)
+    k_blocks = ceil_div(ceil_div(k, block), 4) * 4
+    scale_a = torch.empty(128 * ceil_div(m, 128) * k_blocks, dtype=scale, device="meta")
+    scale_b = torch.empty(128 * ceil_div(n, 128) * k_blocks, dtype=scale, device="meta")
+    torch._scaled_mm(a, b, scale_a, scale_b, out_dtype=torch.bfloat16)
+
+
+@pytest.mark.parametrize("scheme", ["mxfp8-w8a8", "mxfp4-w4a4", "nvfp4-w4a4"])
+def test_widths_declared_for_block_scaled_kernels_are_widths_scaled_mm_takes(h100, monkeypatch, scheme):
+    """NVFP4 W4A4 with an input width of 48 (whole blocks of 16, a multiple of 16) was accepted, and would have
+    failed in the first matmul on a Blackwell GPU: torch checks the packed FP4 operand's bytes, 48 / 2 = 24, against
+    16 ("Expected self.size(1) to be divisible by 16, but got self.size(1)=24")."""
+    monkeypatch.setattr(backend_module, "compute_capability", lambda device: (10, 0))
+    torchao = load_backends().get("torchao")
+    for k in (16, 32, 48, 64, 96, 576):
+        for n in (16, 48, 64, 192):
+            try:
+                torchao.check(h100, get_scheme(scheme), torch.bfloat16, linears((k, n)))
+            except BackendUnavailable:
+                continue
+            _block_scaled_mm_on_meta(scheme, 8, k, n)  # declared runnable: torch must take these widths
+    with pytest.raises(BackendUnavailable, match=r"input widths divisible by 32 .*layers.0.proj has 48"):
+        torchao.check(h100, get_scheme("nvfp4-w4a4"), torch.bfloat16, linears((48, 64)))
+
 def test_microscaling_kernels_need_blackwell_so_auto_runs_sim_on_h100(h100):
     for name in ("mxfp8-w8a8", "mxfp4-w4a4", "nvfp4-w4a4"):
         assert select_backend(get_scheme(name), h100, dtype=torch.bfloat16) == "sim"

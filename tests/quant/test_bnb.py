@@ -78,6 +78,25 @@ def test_a_scheme_outside_the_table_is_an_error_not_nf4(tiny_model):
     assert type(tiny_model.model.layers[0].mlp.down_proj) is torch.nn.Linear
 
 
+
+def test_nf4_on_the_cpu_refuses_widths_its_packed_kernel_cannot_take():
+    """On a CPU with AVX512-BF16, Linear4bit repacks its weight at the first eval forward and reshapes the block
+    scales to (out, in // blocksize): an input width that is not whole blocks of 64 (or an output width that is not
+    a multiple of 32) failed there with "shape '[32, 0]' is invalid", after quantize_ had reported success."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from qharness.errors import BackendUnavailable
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2)
+    model = LlamaForCausalLM(config).eval()
+    with pytest.raises(BackendUnavailable, match=r"^backend 'bnb' runs 'nf4' on input widths divisible by 64; "
+                                                 r"model.layers.0.self_attn.q_proj has 32; use --backend sim"):
+        quantize_(model, get_scheme("nf4"), backend="bnb")
+    assert type(model.model.layers[0].self_attn.q_proj) is torch.nn.Linear  # refused before any swap
+    assert quantize_(model, get_scheme("nf4")) == "sim"
+
 # On CUDA the model is moved first and quantized there: the weights must be quantized by the move from the CPU
 # inside _int8_linear (a CUDA weight would stay fp), and the numbers match sim as on the CPU. bitsandbytes computes
 # in fp16 on CUDA, so the model runs in fp16 here; the tolerances are the CPU test's

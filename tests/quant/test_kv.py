@@ -216,3 +216,63 @@ def test_a_model_whose_attention_never_calls_the_quantizer_is_refused(monkeypatc
     with pytest.raises(ConfigError, match=r"computes attention in layers \[0, 1\] without calling the registered"):
         check_kv_model(model, get_kv("int8-token"))
     assert not hasattr(model.model.layers[0].self_attn, "kv_quant")  # nothing left attached
+
+
+# ---- CUDA (none of this has run on a GPU yet: the tolerances are reasoned, not measured) ---------------------------
+# CUDA computes the keys with other kernels, so an int4 code can flip where a key sits on a rounding boundary; one
+# flip moves a logit by far less than 1% of the largest. 16-bit adds its own rounding (bf16: 8 bits, ~0.4% per
+# value, through two layers). A mask or device bug moves them by O(1).
+CUDA_TOLERANCE = {torch.float32: 1e-2, torch.float16: 2e-2, torch.bfloat16: 5e-2}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("name", ["int8-token", "int4-token+keep0", "int4-kivi", "fp8-e4m3-kivi+keep0"])
+def test_on_cuda_eager_and_sdpa_quantize_the_cache_as_on_the_cpu_and_stay_causal(name, dtype):
+    """On CUDA, SDPA picks its own kernels (flash without a mask, memory-efficient with KIVI's bool mask) and the
+    model may be 16-bit: both implementations must still see the quantized cache, causally."""
+    setting = get_kv(name)
+    ids = torch.randint(2, 64, (2, 40))
+    changed = ids.clone()
+    changed[:, 33] = (changed[:, 33] + 1) % 64
+    reference_model = small_model("llama", "eager")  # fp32 on the CPU, same seed: the same weights
+    with torch.no_grad(), kv_quantized(reference_model, setting):
+        reference = reference_model(ids).logits.double()
+    tolerance = CUDA_TOLERANCE[dtype]
+    for implementation in ("eager", "sdpa"):
+        model = small_model("llama", implementation).to("cuda", dtype)
+        with torch.no_grad(), kv_quantized(model, setting):
+            before = model(ids.cuda()).logits
+            after = model(changed.cuda()).logits
+        assert before.dtype == dtype and torch.isfinite(before).all()
+        before, after = before.double().cpu(), after.double().cpu()
+        scale = reference.abs().max()
+        assert (before[:, :33] - after[:, :33]).abs().max() <= tolerance * scale, "a later token changed an earlier"
+        assert (before - reference).abs().max() <= tolerance * scale, implementation
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(("backend", "scheme"), [
+    pytest.param("bnb", "nf4", marks=pytest.mark.needs("bitsandbytes")),
+    pytest.param("bnb", "llm-int8", marks=pytest.mark.needs("bitsandbytes")),
+    pytest.param("torchao", "int8-weight-channel", marks=pytest.mark.needs("torchao")),
+    pytest.param("torchao", "int8-w8a8-token", marks=pytest.mark.needs("torchao")),
+])
+def test_on_cuda_the_cache_is_quantized_inside_a_library_backends_model(tiny_model, backend, scheme):
+    """The library backends swap the Linears only; attention, where the cache is quantized, stays transformers'.
+    Every layer must still call the quantizer (check_kv_model) and the logits must move. (tiny_model: widths of 64
+    and 128, whole NF4 blocks.)"""
+    from qharness.quant.apply import quantize_
+    from qharness.quant.schemes import get_scheme
+
+    model = tiny_model.to("cuda", torch.bfloat16)
+    assert quantize_(model, get_scheme(scheme), backend=backend) == backend
+    setting = get_kv("int4-kivi+keep0")
+    check_kv_model(model, setting)
+    ids = torch.randint(2, 300, (2, 40), device="cuda")
+    with torch.no_grad():
+        plain = model(ids).logits
+        with kv_quantized(model, setting):
+            quantized = model(ids).logits
+    assert torch.isfinite(quantized).all() and not torch.equal(plain, quantized)
+    assert model.config._attn_implementation == "sdpa"

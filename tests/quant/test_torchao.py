@@ -91,6 +91,7 @@ def compare_on_cuda(scheme: str, dtype: torch.dtype) -> tuple[float, bool]:
         ("fp8-e4m3-weight", torch.float32, 1e-4),
         ("fp8-e4m3-w8a8-tensor", torch.float32, 0.02),
         ("nvfp4-weight", torch.float32, 1e-4),  # dequantize + matmul, same arithmetic
+        ("nvfp4-weight", torch.bfloat16, 0.03),
         ("int8-weight-channel", torch.bfloat16, 0.03),
         ("int4-weight-g128", torch.bfloat16, 0.03),
         ("fp8-e4m3-weight", torch.bfloat16, 0.03),
@@ -114,6 +115,26 @@ def test_blackwell_block_scaled_kernels_agree_with_sim(scheme, tolerance):
     error, changed = compare_on_cuda(scheme, torch.bfloat16)
     assert error < tolerance, error
     assert changed
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("scheme", ["mxfp8-w8a8", "mxfp4-w4a4", "nvfp4-w4a4"])
+def test_cuda_before_blackwell_refuses_block_scaled_kernels_in_one_line_and_auto_runs_sim(scheme):
+    """An H100/H200 is compute capability 9.0: torchao would quantize the weights and then fail in the first
+    _scaled_mm (MX) or assert is_sm_at_least_100 (NVFP4), so torchao is refused by name and auto falls back."""
+    from qharness.errors import BackendUnavailable
+
+    if torch.cuda.get_device_capability() >= (10, 0):
+        pytest.skip("on Blackwell torchao runs these (test_blackwell_block_scaled_kernels_agree_with_sim)")
+    model = make_model().to("cuda", torch.bfloat16)
+    with pytest.raises(BackendUnavailable, match=rf"^backend 'torchao' runs '{scheme}' on cuda with compute "
+                                                 r"capability >= 10\.0, not \d+\.\d+; use --backend sim") as caught:
+        quantize_(model, get_scheme(scheme), backend="torchao")
+    assert "\n" not in str(caught.value)
+    assert type(model.model.layers[0].self_attn.q_proj) is torch.nn.Linear  # refused before any swap
+    assert quantize_(model, get_scheme(scheme)) == "sim"
+    with torch.inference_mode():
+        assert torch.isfinite(model(torch.randint(0, 300, (2, 16), device="cuda")).logits).all()
 
 
 @pytest.mark.gpu

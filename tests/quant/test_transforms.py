@@ -199,3 +199,88 @@ def test_rotate_refuses_a_width_with_no_known_hadamard():
         hadamard(100, seed=0)  # 100 = 20 x 5: no power of 2 times a known order
     q = hadamard(576, seed=0)  # SmolLM2's hidden size: 36 x 16
     torch.testing.assert_close(q @ q.T, torch.eye(576, dtype=torch.float64), rtol=0, atol=1e-12)
+
+
+def wide_llama(vocab_size: int, seed: int = 0):
+    """gqa_llama with weights of std 0.3: bf16's rounding of them moves the logits as far as a wrong layout does."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         initializer_range=0.3, bos_token_id=0, eos_token_id=1, tie_word_embeddings=False)
+    model = LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name:
+                param.uniform_(0.5, 1.5)
+    return model
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("text", ["smoothquant", ROTATE])
+def test_a_16_bit_model_is_checked_in_fp32_where_rounding_cannot_pass_for_a_wrong_layout(tiny_tokenizer, batches,
+                                                                                          text, dtype):
+    """bf16 is what --dtype auto loads on CUDA. Re-rounding a correctly transformed model's weights to bf16 moves
+    this model's logits by 0.08 (rotate) and 0.10 (smoothquant), fp16 by 0.01 (measured): a check made in bf16 at a
+    tolerance that still catches a wrong layout (0.31, 0.53) refused the correct transform, blaming the layout."""
+    model = wide_llama(len(tiny_tokenizer)).to(dtype)
+    reference = copy.deepcopy(model)
+    drift = transform_(model, parse_transform(text), batches)
+    assert 0 < drift < 0.3
+    assert {p.dtype for p in model.parameters()} == {dtype}  # the checked fp32 copy is not what is returned
+    unseen = torch.tensor([[0, *range(5, 60)]])
+    assert relative_change(logits(reference, unseen), logits(model, unseen)) < 0.3  # transformed, not broken
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_16_bit_model_the_transform_only_seems_to_know_is_refused_by_its_fp32_copy(batches, dtype):
+    from qharness.models import mitigations
+    from qharness.training.architectures import ArchConfig, new_model
+
+    model = new_model(ArchConfig(arch="llama", d_model=32, layers=2, heads=2, context=64, vocab_size=400), 0, 1,
+                      seed=0)
+    mitigations.initialize_(model, mitigations.build_(model, "kv_bias"))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "kv_bias" in name:
+                param.normal_(0.5, 0.2)
+    with pytest.raises(ConfigError, match=r"changed this model's fp logits by .* \(checked on an fp32 copy\) "
+                                          r"\(tolerance 1e-03\), so its layout is not what the transform knows"):
+        transform_(model.eval().to(dtype), parse_transform("smoothquant"), batches)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("text", ["smoothquant", ROTATE])
+def test_on_cuda_a_transformed_16_bit_model_stays_on_its_device_and_quantizes(tiny_tokenizer, batches, text, dtype):
+    """The Hadamard matrices are made on the CPU in float64 and the online one before down_proj is a buffer: all of
+    it must land on the model's device, the weights in the model's dtype, and every backend must then quantize the
+    transformed model there. Not yet run on a GPU; the tolerances are the CPU test's reasoning (bf16 rounding of
+    gqa_llama's weights moves its logits by about 1e-2)."""
+    from qharness.errors import BackendUnavailable
+    from qharness.quant.apply import quantize_
+    from qharness.quant.modules import OnlineRotation
+    from qharness.quant.schemes import get_scheme
+
+    model = gqa_llama(len(tiny_tokenizer)).to("cuda", dtype)
+    reference = copy.deepcopy(model)
+    cuda_batches = [b.cuda() for b in batches]
+    drift = transform_(model, parse_transform(text), cuda_batches)
+    assert drift < 5e-2
+    assert {p.device.type for p in model.parameters()} | {b.device.type for b in model.buffers()} == {"cuda"}
+    assert {p.dtype for p in model.parameters()} == {dtype}
+    rotations = [m.rotation for m in model.modules() if isinstance(m, OnlineRotation)]
+    assert all(r.dtype == torch.float32 for r in rotations) and len(rotations) == (2 if text == "rotate" else 0)
+    unseen = torch.tensor([[0, *range(5, 60)]], device="cuda")
+    assert relative_change(logits(reference, unseen), logits(model, unseen)) < 5e-2
+    for backend, scheme in (("sim", "int4-w4a4-token"), ("torchao", "int8-w8a8-token"), ("bnb", "llm-int8")):
+        quantized = copy.deepcopy(model)
+        try:
+            assert quantize_(quantized, get_scheme(scheme), backend=backend) == backend
+        except BackendUnavailable as exc:
+            if "pip install" in str(exc):  # that library is not installed on this machine
+                continue
+            raise
+        out = logits(quantized, unseen)
+        assert torch.isfinite(out).all(), (backend, scheme)

@@ -1,6 +1,7 @@
 """The training loop: data, schedule, logging, checkpoint and resume, and the mitigations' hooks."""
 
 import json
+import math
 import time
 from dataclasses import replace
 
@@ -239,3 +240,33 @@ def test_checkpoints_from_before_precision_and_grad_accum_resume(tokens, tiny_to
         del state["config"][key]
     state_path.write_text(json.dumps(state))
     assert train(model, tokens, cfg, tmp_path, 0, progress=False).step == 3
+
+
+@pytest.mark.gpu
+def test_on_cuda_bf16_accumulated_training_moves_everything_to_the_gpu_and_resumes(tokens, tiny_tokenizer, tmp_path):
+    """On CUDA the model is built on the CPU (the zoo's path) and accelerate moves it; a resume loads the optimizer
+    state onto the CPU parameters before that move, and accelerate moves the state too. The forward runs under
+    CUDA's bf16 autocast over fp32 weights, with the mitigations' own modules (k', v', the gate) in it. Not yet run
+    on a GPU. Not bitwise: CUDA's embedding backward accumulates with atomics, so a resume is held to 1e-5."""
+    cfg = TrainConfig(steps=6, batch_size=2, grad_accum=2, context=32, warmup=1, log_every=2, checkpoint_every=2,
+                      precision="bf16")
+    seen: set[tuple[str, torch.dtype]] = set()
+    unbroken, hooks = tiny("llama", "tvr+kv_bias+gated_attention", tiny_tokenizer)
+    unbroken.model.layers[0].mlp.register_forward_hook(lambda m, a, out: seen.add((out.device.type, out.dtype)))
+    train(unbroken, tokens, cfg, tmp_path / "a", tiny_tokenizer.bos_token_id, hooks, progress=False)
+    assert ("cuda", torch.bfloat16) in seen
+    assert {(p.device.type, p.dtype) for p in unbroken.parameters()} == {("cuda", torch.float32)}
+    log = [json.loads(line) for line in (tmp_path / "a" / LOG).read_text().splitlines()]
+    assert [e["step"] for e in log] == [2, 4, 6] and all(math.isfinite(e["loss"]) for e in log)
+
+    def kill_at_3(model, step):
+        if step == 3:
+            raise KeyboardInterrupt
+
+    first, hooks = tiny("llama", "tvr+kv_bias+gated_attention", tiny_tokenizer)
+    with pytest.raises(KeyboardInterrupt):
+        train(first, tokens, cfg, tmp_path / "b", tiny_tokenizer.bos_token_id, [*hooks, kill_at_3], progress=False)
+    resumed, hooks = tiny("llama", "tvr+kv_bias+gated_attention", tiny_tokenizer, seed=1)
+    assert train(resumed, tokens, cfg, tmp_path / "b", tiny_tokenizer.bos_token_id, hooks, progress=False).step == 6
+    for (name, a), (_, b) in zip(unbroken.state_dict().items(), resumed.state_dict().items(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5, msg=name)

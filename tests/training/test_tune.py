@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import replace
 
 import pytest
@@ -249,3 +250,22 @@ def test_attention_mitigations_refuse_a_model_that_computes_attention_its_own_wa
         assert err.count("\n") == 1 and "FalconForCausalLM computes attention its own way" in err
         assert "they work on Llama, Mistral, Qwen, GPT-2" in err
     assert not (tmp_path / "x" / "model").exists()
+
+
+@pytest.mark.gpu
+def test_on_cuda_every_retrofit_trains_in_bf16_with_accumulation_and_reloads(tmp_path, tiny_model_dir, monkeypatch):
+    """`train --from` on a CUDA machine loads the model onto the GPU before the retrofit: DyT's fit, the gates and
+    the sink are made there (new parameters are born fp32 on the CPU and must follow the model), then trained under
+    bf16 autocast with gradient accumulation. Not yet run on a GPU."""
+    monkeypatch.setenv("QHARNESS_CACHE", str(tmp_path / "cache"))
+    spec = "dyt+gated_attention+kv_bias+clipped_softmax+tvr"
+    log = _train_from(tmp_path, tiny_model_dir, spec, "gpu", "--precision", "bf16", "--grad-accum", "2")
+    assert log[-1]["step"] == 12 and all(math.isfinite(entry["loss"]) for entry in log)
+    info = json.loads((tmp_path / "gpu" / "model" / "training.json").read_text())
+    assert info["device"].startswith("cuda") and info["retrofit_logit_change"] > 0
+    reloaded = load_model(ModelSpec(str(tmp_path / "gpu" / "model"), device="cuda", dtype="bf16"))
+    assert reloaded.mitigation == spec
+    assert {(p.device.type, p.dtype) for p in reloaded.model.parameters()} == {("cuda", torch.bfloat16)}
+    ids = torch.arange(2, 30, device="cuda").unsqueeze(0)
+    with torch.no_grad():
+        assert torch.isfinite(reloaded.model(ids).logits).all()

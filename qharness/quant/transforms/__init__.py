@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -103,27 +104,52 @@ def check_transform(spec: TransformSpec, keep_channels: tuple[int, ...], backend
 
 
 def logit_tolerance(dtype: object) -> float:
-    """How far the transformed fp model's logits may move, relative to their largest magnitude. Measured: fp32
-    rounding moves SmolLM2-135M's by 2.5e-6 (smoothquant) and 3.5e-6 (rotate); 16-bit weights are rounded once more
-    after the transform, which moves a tiny Llama's by 1e-3 (fp16) to 1e-2 (bf16). A transform applied to a layout
-    it does not know (kv_bias's extra value) moved them by 0.31 (smoothquant) and 0.53 (rotate): far past either."""
+    """How far the transformed fp model's logits may move, relative to their largest magnitude, in fp32 or fp64.
+    Measured: fp32 rounding moves SmolLM2-135M's by 2.5e-6 (smoothquant) and 3.5e-6 (rotate); a transform applied
+    to a layout it does not know (kv_bias's extra value) moved them by 0.31 (smoothquant) and 0.53 (rotate). 16-bit
+    models are checked on an fp32 copy (`transform_`), so no tolerance is given for them."""
     import torch
 
-    return {torch.float64: 1e-8, torch.float32: 1e-3}.get(dtype, 5e-2)
+    return {torch.float64: 1e-8, torch.float32: 1e-3}[dtype]
 
 
 def transform_(model: nn.Module, spec: TransformSpec, batches: list[Tensor]) -> float:
     """Transform `model` in place; returns how far its logits moved on the first batch (relative to their largest
-    magnitude). Raises ConfigError, with the model left transformed, when that is past `logit_tolerance`."""
+    magnitude). Raises ConfigError, with the model left transformed, when the layout is not what the transform knows.
+
+    In 16 bits the logits cannot tell a wrong layout from rounding: re-rounding the transformed weights to bf16 alone
+    moves SmolLM2-135M's logits by 3.7e-2 to 4.3e-2 (its own bf16-vs-fp32 difference is 3.4e-2) and a tiny Llama with
+    0.3-std weights' by 0.1 to 0.25, as far as a wrong layout moves them. bf16 is what `--dtype auto` loads on CUDA.
+    So a 16-bit model's layout is checked by transforming an fp32 copy first (one more copy of the model in memory,
+    on its device, for the check), and the 16-bit model itself is only held to finite logits."""
+    import torch
+
     from qharness.models.drift import logit_drift
 
     entry = TRANSFORMS.get(spec.name)
+    dtype = next(model.parameters()).dtype
+    if dtype in (torch.float16, torch.bfloat16):
+        import copy
+
+        probe = copy.deepcopy(model).float()
+        _check_layout(spec, logit_drift(probe, batches[:1], lambda: entry.apply(probe, spec.argument, batches)),
+                      torch.float32, " (checked on an fp32 copy)")
+        del probe
     drift = logit_drift(model, batches[:1], lambda: entry.apply(model, spec.argument, batches))
-    tolerance = logit_tolerance(next(model.parameters()).dtype)
+    if dtype not in (torch.float16, torch.bfloat16):
+        _check_layout(spec, drift, dtype, "")
+    elif not math.isfinite(drift):
+        raise ConfigError(f"transform '{spec.label}' made this {str(dtype).removeprefix('torch.')} model's logits "
+                          f"overflow (its layout checked out in fp32); use --dtype "
+                          f"{'bf16 or fp32' if dtype == torch.float16 else 'fp32'}")
+    return drift
+
+
+def _check_layout(spec: TransformSpec, drift: float, dtype: object, where: str) -> None:
+    tolerance = logit_tolerance(dtype)
     if not drift <= tolerance:
         from qharness.models.layers import LLAMA_STYLE
 
         raise ConfigError(f"transform '{spec.label}' changed this model's fp logits by {drift:.1e} of their "
-                          f"largest magnitude (tolerance {tolerance:.0e}), so its layout is not what the transform "
-                          f"knows; it supports {LLAMA_STYLE}")
-    return drift
+                          f"largest magnitude{where} (tolerance {tolerance:.0e}), so its layout is not what the "
+                          f"transform knows; it supports {LLAMA_STYLE}")
