@@ -113,8 +113,8 @@ def split_quants(quants: tuple[str, ...], kv: KVSetting | None, has_keep: bool) 
     """The weight/activation schemes of a run, and whether it also asked for fp weights with a quantized cache
     (`--quant none --kv X`). Refuses the combinations that would measure nothing new."""
     schemes = tuple(q for q in quants if q != NONE)
-    kv_only = len(schemes) < len(quants)
-    if kv_only and kv is None:
+    kv_only = len(schemes) < len(quants) and kv is not None  # without a cache to quantize, none is the baseline
+    if not schemes and kv is None:
         raise ConfigError(f"--quant {NONE} alone is the full-precision baseline every run computes; add --kv "
                           "SETTING to quantize only the KV cache (`qharness list kv`), or name a scheme")
     if kv_only and not schemes and has_keep:
