@@ -147,6 +147,10 @@ def plan_cells(spec: RunSpec) -> tuple[list[Cell], dict[str, QuantScheme]]:
                 for name, scheme in schemes.items()}
     hashes = {task.name: task.content_hash() for task in tasks}
     transform = parse_transform(spec.transform)
+    if transform is not None and not schemes:  # the KV-only cell runs on the untransformed model
+        raise ConfigError(f"--transform {transform.label} rewrites the model before its Linears are quantized, but "
+                          f"--quant {FP} quantizes none, so no row would be transformed; name a scheme too "
+                          "(e.g. --quant none,int8) or drop --transform")
     if transform is not None:
         check_transform(transform, spec.keep.channels, backends)
     cells = []

@@ -95,6 +95,9 @@ def get_kv(text: str) -> KVSetting | None:
     if text in ("", NONE):
         return None
     base, *options = text.split("+")
+    if base == NONE:  # the registry's own message would list none among the names it does not know
+        raise ConfigError(f"KV setting '{text}': {NONE} keeps the whole cache in full precision and takes no "
+                          f"options; give a setting with +{KEEP_FIRST}, e.g. int8-token+{KEEP_FIRST}")
     try:
         setting = KV_SETTINGS.get(base)()
     except UnknownName as exc:
