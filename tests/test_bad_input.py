@@ -92,6 +92,19 @@ def _tune(mitigation: str, *extra: str) -> Setup:
                                      str(tmp / "run"), "--quiet", *extra]
 
 
+def _data(name: str, content: bytes | None = None, folder: bool = False) -> Setup:
+    """train --from with --data naming `name` in tmp: a file of `content`, an empty folder, or nothing there."""
+
+    def setup(tmp: Path, model: Path, task: Path) -> list[str]:
+        if folder:
+            (tmp / name).mkdir()
+        elif content is not None:
+            (tmp / name).write_bytes(content)
+        return ["train", "--from", str(model), "--data", str(tmp / name), "--out", str(tmp / "run"), "--quiet"]
+
+    return setup
+
+
 CASES: dict[str, tuple[Setup, str]] = {
     # wrong science, refused before any compute
     "keep position past every window": (_run("--quant", "int8-w8a8-tensor", "--keep-positions", "999999"),
@@ -173,6 +186,14 @@ CASES: dict[str, tuple[Setup, str]] = {
         "split 'test' of Salesforce/wikitext holds evaluation"),
     "train --data hf: malformed": (lambda tmp, m, t: ["train", "--from", str(m), "--data", "hf:", "--out",
                                                       str(tmp / "run")], "write hf:DATASET[:CONFIG[:SPLIT[:FIELD]]]"),
+    "train --data a missing file": (_data("nope.txt"), "nope.txt: no such file or folder"),
+    "train --data an empty folder": (_data("empty", folder=True), "no .txt, .md, .rst, .jsonl or .parquet files"),
+    "train --data a .json file": (_data("docs.json", b'[{"text": "a b c"}]'), "give JSON lines (.jsonl)"),
+    "train --data .jsonl without text": (_data("docs.jsonl", b'{"txt": "a"}\n'), "line 1 is not a JSON object with"),
+    "train --data a parquet file that is not one": (_data("docs.parquet", b"not parquet"),
+                                                    "docs.parquet: not a readable parquet file"),
+    "train --from --data builtin": (lambda tmp, m, t: ["train", "--from", str(m), "--data", "builtin", "--out",
+                                                       str(tmp / "run")], "--data builtin: with --from the built-in"),
     "unknown argument": (lambda tmp, m, t: ["run", "--bogus"], "unrecognized arguments: --bogus"),
     "train --from --penalty-strength -1": (_tune("outlier_penalty", "--penalty-strength", "-1"),
                                            "outlier_penalty strength must be a number > 0"),

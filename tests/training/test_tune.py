@@ -76,6 +76,23 @@ def test_data_files_folders_and_jsonl(tmp_path):
         read_documents((str(tmp_path / "missing.txt"),))
 
 
+def test_local_data_is_checked_before_a_model_loads(tmp_path, tiny_model_dir, monkeypatch, capsys):
+    """A missing file or a broken parquet file is found before the base model loads (SmolLM2 takes seconds, a zoo
+    base is trained first for minutes), not after."""
+    from qharness.cli import main
+    from qharness.training import tune
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model loaded before the data was checked")
+
+    monkeypatch.setattr(tune, "load_model", no_load)
+    (tmp_path / "junk.parquet").write_text("not parquet")
+    for data, message in (("missing.txt", "no such file or folder"), ("junk.parquet", "not a readable parquet")):
+        code = main(["train", "--from", str(tiny_model_dir), "--data", str(tmp_path / data), "--out",
+                     str(tmp_path / "run"), "--quiet"])
+        assert code == 2 and message in capsys.readouterr().err
+
+
 def _train_from(tmp_path, model_dir, mitigation: str, out: str, *extra: str) -> list[dict]:
     code = main(["train", "--from", str(model_dir), "--mitigation", mitigation, "--steps", "12", "--context", "32",
                  "--batch-size", "4", "--lr", "3e-3", "--data", CALIBRATION, "--out", str(tmp_path / out), "--quiet",
