@@ -7,6 +7,7 @@ commands that need them, so `--help` and `list` stay fast.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import typing
 from collections.abc import Callable
@@ -82,7 +83,7 @@ def _minutes(text: str) -> float:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected minutes as a number, got '{text}'") from None
-    if not value > 0:
+    if not 0 < value < math.inf:
         raise argparse.ArgumentTypeError(f"must be more than 0 minutes, got '{text}' (leave --budget out to train "
                                          "without a time limit)")
     return value

@@ -39,6 +39,7 @@ from qharness.quant.footprint import weight_bytes
 from qharness.quant.kv import check_kv_model, get_kv, kv_quantized, split_quants
 from qharness.quant.schemes import SCHEMES, Keep, QuantScheme, get_scheme
 from qharness.quant.transforms import check_transform, parse_transform, transform_
+from qharness.recipe import check_seed
 from qharness.results import (
     BASELINE,
     Row,
@@ -83,6 +84,7 @@ class RunSpec:
             raise ConfigError(f"limit must be >= 1 window, got {self.limit}")
         if self.batch_size < 1:
             raise ConfigError(f"batch size must be >= 1 window per forward pass, got {self.batch_size}")
+        check_seed(self.seed, "run")
         if not self.tasks:
             raise ConfigError("no task given; pass --task with at least one task name")
         if self.layer_errors and self.transform.strip() not in ("", "none"):

@@ -12,6 +12,7 @@ import pytest
 
 from qharness.cli import main
 from qharness.results import COLUMNS, KEY_COLUMNS, append_rows, read_rows
+from qharness.tasks.spec import tasks_dir
 
 Setup = Callable[[Path, Path, Path], list[str]]  # (tmp, tiny model folder, tiny task yaml) -> argv
 
@@ -85,6 +86,11 @@ def _compare_damaged(tmp: Path, model: Path, task: Path) -> list[str]:
 
 def _train(*extra: str) -> Setup:
     return lambda tmp, model, task: ["train", "--out", str(tmp / "run"), "--quiet", *extra]
+
+
+# Settings that make a refusal that regressed fail in a second instead of training: the shipped training-split text
+# (no corpus fetch) and a budget that ends before the first step.
+FAST = ("--data", str(tasks_dir() / "data" / "calibration.txt"), "--budget", "0.0000001")
 
 
 def _tune(mitigation: str, *extra: str) -> Setup:
@@ -175,6 +181,19 @@ CASES: dict[str, tuple[Setup, str]] = {
                                                   "--results", str(tmp / "lb.csv")],
                                "intervention limit must be >= 1 window per condition"),
     "train --lr -1": (_train("--lr", "-1"), "train lr must be > 0, got -1.0"),
+    "train --lr inf": (_train("--lr", "inf", "--dry-run"), "train lr must be a finite number, got inf"),
+    "train --from --weight-decay nan": (_tune("none", "--weight-decay", "nan", *FAST),
+                                        "train weight_decay must be a finite number, got nan"),
+    "train --from --grad-clip nan": (_tune("none", "--grad-clip", "nan", *FAST),
+                                     "train grad_clip must be a finite number"),
+    "train --from --seed 2**70": (_tune("none", "--seed", str(2**70), *FAST),
+                                  "train seed must be in 0..4294967295, got"),
+    "run --seed 2**70": (_run("--seed", str(2**70)), "run seed must be in 0..4294967295, got"),
+    "train --heads 0": (_train("--heads", "0", "--dry-run"), "arch heads must be >= 1, got 0"),
+    "train --d-model -64 --heads -4": (_train("--d-model", "-64", "--heads", "-4", "--dry-run"),
+                                       "arch d_model must be >= 1, got -64"),
+    "train --layers 0": (_train("--layers", "0", "--dry-run"), "arch layers must be >= 1, got 0"),
+    "train --budget inf": (_train("--budget", "inf", "--dry-run"), "must be more than 0 minutes, got 'inf'"),
     "train --min-lr-ratio 2": (_train("--min-lr-ratio", "2"), "min_lr_ratio must be in [0, 1]"),
     "train --budget 0": (_train("--budget", "0"), "argument --budget: must be more than 0 minutes, got '0'"),
     "train --from --budget -1": (lambda tmp, m, t: ["train", "--from", str(m), "--budget", "-1", "--out",
@@ -267,8 +286,6 @@ def test_a_budget_that_ends_before_the_first_step_is_one_line_and_leaves_nothing
                                                                                  monkeypatch):
     """Setting up (loading the model, tokenizing) took the whole budget: nothing trained, so nothing is saved and no
     half-made run folder is left behind (tests/training/test_loop.py checks a resumed folder is left as it was)."""
-    from qharness.tasks.spec import tasks_dir
-
     monkeypatch.setenv("QHARNESS_CACHE", str(tmp_path / "cache"))
     code = main(["train", "--from", str(tiny_model_dir), "--data", str(tasks_dir() / "data" / "calibration.txt"),
                  "--steps", "4", "--context", "32", "--batch-size", "2", "--budget", "0.0000001",

@@ -64,6 +64,9 @@ def train_model(recipe: Any, out_dir: Path, progress: bool = True, budget_minute
     manifest: dict[str, Any] = {}
     if tokens is None:
         tokenizer, tokens, manifest = training_corpus(progress)
+    if recipe.arch.vocab_size < len(tokenizer):  # token ids past the embedding fail at the first step
+        raise ConfigError(f"vocab_size {recipe.arch.vocab_size} is smaller than the {len(tokenizer)} tokens of the "
+                          f"tokenizer the training text is read with; give vocab_size {len(tokenizer)} or more")
     cfg = recipe.train if budget_minutes is None else replace(recipe.train, budget_minutes=budget_minutes)
     model = new_model(recipe.arch, tokenizer.bos_token_id, tokenizer.eos_token_id, cfg.seed)
     applied = mitigations.build_(model, recipe.mitigation)
