@@ -269,22 +269,34 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from qharness.models import mitigations
+    from qharness.results import check_writable_dir
     from qharness.training.recipe_file import check_trainable, format_estimate
     from qharness.training.run import train_model
 
     if args.model:
+        ignored = _unread(args, ("model", "budget", "quiet"))
+        if ignored:
+            raise QHarnessError(f"train --model {args.model} trains it by its own recipe into the cache and reads only "
+                                f"--budget and --quiet; drop {ignored} (to choose settings: train --from MODEL or "
+                                "from scratch, with --out FOLDER)")
         return _train_named(args.model, args.budget, progress=not args.quiet)
     if args.from_model:
+        ignored = _unread(args, ("from_model", "out", "mitigation", "data", "penalty_threshold", "penalty_strength",
+                                 "budget", "quiet", *TRAIN_FLAGS))
+        if ignored:
+            raise QHarnessError(f"train --from continues a trained model, and {ignored} only apply to training "
+                                "from scratch; drop them")
         return _train_from(args)
     scratch = _scratch_recipe(args)
+    mitigations.check_from_scratch(scratch.mitigation)  # a dry run of a model that cannot be trained prices nothing
     if args.dry_run:
         print(format_estimate(scratch))
         return 0
     if args.out is None:
         raise QHarnessError("qharness train needs --out FOLDER (or --model zoo:<arch>-<mitigation>, or --dry-run)")
     check_trainable(scratch)
+    check_writable_dir(args.out, "--out")
     recipe = scratch.recipe()
-    mitigations.resolve(recipe.mitigation)
     _note_processes(scratch, args.quiet)
     result = train_model(recipe, args.out, progress=not args.quiet, budget_minutes=args.budget)
     return _report_training(result, args, recipe.train.steps,
@@ -312,6 +324,14 @@ def _scratch_recipe(args: argparse.Namespace) -> Any:
     base = load_recipe_file(args.recipe) if args.recipe else RecipeFile(name="command line")
     return with_overrides(base, _given(args, ARCH_FLAGS), _given(args, TRAIN_FLAGS), args.mitigation,
                           " ".join(args.data) if args.data else None)
+
+
+def _unread(args: argparse.Namespace, reads: tuple[str, ...]) -> str:
+    """The flags given that a way of training does not read, as typed ('' for none): each would be dropped in
+    silence (--dry-run with --from trained; --steps with --model trained the zoo's 4,000 steps)."""
+    given = [name for name, value in vars(args).items()
+             if name not in (*reads, "command") and value is not None and value is not False]
+    return ", ".join("--from" if name == "from_model" else f"--{name.replace('_', '-')}" for name in given)
 
 
 def _given(args: argparse.Namespace, flags: tuple[str, ...]) -> dict[str, Any]:

@@ -84,6 +84,11 @@ def _compare_damaged(tmp: Path, model: Path, task: Path) -> list[str]:
     return ["compare", "--results", str(path), "--out", str(tmp / "out")]
 
 
+def _out_is_a_file(tmp: Path, model: Path, task: Path) -> list[str]:
+    (tmp / "afile").write_text("x")
+    return ["train", "--arch", "gpt2", "--steps", "1", "--out", str(tmp / "afile"), "--quiet", "--budget", "0.0000001"]
+
+
 def _train(*extra: str) -> Setup:
     return lambda tmp, model, task: ["train", "--out", str(tmp / "run"), "--quiet", *extra]
 
@@ -213,6 +218,30 @@ CASES: dict[str, tuple[Setup, str]] = {
                                                     "docs.parquet: not a readable parquet file"),
     "train --from --data builtin": (lambda tmp, m, t: ["train", "--from", str(m), "--data", "builtin", "--out",
                                                        str(tmp / "run")], "--data builtin: with --from the built-in"),
+    # flags a way of training does not read, and mitigations it cannot train
+    "train --from --dry-run": (lambda tmp, m, t: ["train", "--from", str(m), "--dry-run", "--out", str(tmp / "run"),
+                                                  *FAST], "train --from continues a trained model, and --dry-run"),
+    "train --from --recipe --layers": (
+        lambda tmp, m, t: ["train", "--from", str(m), "--recipe", "recipes/llama-60m-gu2024.yaml", "--layers", "2",
+                           "--out", str(tmp / "run"), *FAST], "and --recipe, --layers only apply to training from"),
+    "train --model --steps": (lambda tmp, m, t: ["train", "--model", "zoo:llama-base", "--steps", "10", "--budget",
+                                                 "0.0000001"], "reads only --budget and --quiet; drop --steps"),
+    "train --model --from --out": (lambda tmp, m, t: ["train", "--model", "zoo:llama-base", "--from", str(m),
+                                                      "--out", str(tmp / "run"), "--budget", "0.0000001"],
+                                   "drop --from, --out"),
+    "train --model --dry-run": (lambda tmp, m, t: ["train", "--model", "zoo:llama-base", "--dry-run", "--budget",
+                                                   "0.0000001"], "drop --dry-run"),
+    "train --mitigation outlier_penalty from scratch": (
+        _train("--mitigation", "outlier_penalty", "--dry-run"),
+        "mitigation 'outlier_penalty' is a loss term that training from scratch does not add yet"),
+    "train --model zoo:llama-outlier_penalty": (
+        lambda tmp, m, t: ["train", "--model", "zoo:llama-outlier_penalty", "--budget", "0.0000001"],
+        "train --from MODEL --mitigation outlier_penalty"),
+    "train --dry-run --mitigation typo": (_train("--mitigation", "kv_biass", "--dry-run"),
+                                          "unknown mitigation 'kv_biass'; did you mean 'kv_bias'?"),
+    "train from scratch --out is a file": (_out_is_a_file, "--out: cannot create"),
+    "zoo:llama-none": (lambda tmp, m, t: ["train", "--model", "zoo:llama-none", "--budget", "0.0000001"],
+                       "the zoo's baseline is named base; did you mean 'zoo:llama-base'?"),
     "unknown argument": (lambda tmp, m, t: ["run", "--bogus"], "unrecognized arguments: --bogus"),
     "train --from --penalty-strength -1": (_tune("outlier_penalty", "--penalty-strength", "-1"),
                                            "outlier_penalty strength must be a number > 0"),

@@ -58,6 +58,7 @@ def train_model(recipe: Any, out_dir: Path, progress: bool = True, budget_minute
                 tokens: torch.Tensor | None = None, tokenizer: Any = None) -> TrainResult:
     """Train `recipe` (a zoo.Recipe) in out_dir (checkpoint, log) and save the model to out_dir/model when done.
     tokens/tokenizer default to the zoo's training corpus; tests pass small ones."""
+    mitigations.check_from_scratch(recipe.mitigation)
     done = finished_run(out_dir, recipe.digest())
     if done is not None:
         return done
