@@ -425,7 +425,7 @@ def _train_from(args: argparse.Namespace) -> int:
     """`train --from MODEL --mitigation M --out DIR`: continued training into a folder of your own."""
     from dataclasses import replace
 
-    from qharness.models.sources.tune import recipe_for
+    from qharness.models.sources.tune import check_context, recipe_for
     from qharness.results import check_writable_dir
     from qharness.training.ensure import ensure
     from qharness.training.tune import check_data, continue_training, loss_penalty
@@ -439,6 +439,7 @@ def _train_from(args: argparse.Namespace) -> int:
     recipe = replace(recipe, train=train_config(args, recipe.train), penalty=tuple(sorted(penalty.items())),
                      data=tuple(args.data or ()))
     loss_penalty(recipe)  # its settings are checked before a model loads
+    check_context(recipe)
     check_data(recipe.data)  # and the data: before a zoo base trains for minutes, or any model loads
     check_writable_dir(args.out, "--out")
     ensure(recipe.base, progress=not args.quiet)

@@ -142,6 +142,30 @@ def test_train_from_refuses_what_it_cannot_do(capsys, tmp_path, tiny_model_dir, 
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
 
 
+def test_training_sequences_past_the_base_models_positions_are_refused(capsys, tmp_path, tiny_tokenizer):
+    """A GPT-2 with 64 learned positions: tune: names (256-token sequences) and --context 128 are refused when named,
+    before any model loads (they failed mid-run with an IndexError, leaving a run folder behind)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from qharness.errors import ConfigError
+
+    folder = tmp_path / "gpt2"
+    GPT2LMHeadModel(GPT2Config(vocab_size=len(tiny_tokenizer), n_embd=32, n_layer=1, n_head=2, n_positions=64,
+                               bos_token_id=0, eos_token_id=1)).save_pretrained(folder)
+    tiny_tokenizer.save_pretrained(folder)
+    with pytest.raises(ConfigError, match=f"{folder} takes at most 64 positions, but this training reads 256-token"):
+        classify(f"tune:{folder}-none")
+    assert main(["train", "--from", str(folder), "--context", "128", "--out", str(tmp_path / "run"), "--quiet"]) == 2
+    assert "train it with --from" in capsys.readouterr().err and not (tmp_path / "run").exists()
+    recipe = replace(tune_names.RECIPE, base=str(folder), train=replace(TUNE_TRAIN, context=64))
+    tune_names.check_context(recipe)  # its own length fits
+
+
+def test_a_tune_name_without_its_mitigation_says_so():
+    with pytest.raises(UnknownName, match="'tune:smollm2-135m' names no mitigation: write tune:smollm2-135m-<mitig"):
+        classify("tune:smollm2-135m")
+
+
 def test_kv_bias_is_retrofitted_with_a_silent_sink_and_its_cost_recorded(tmp_path, tiny_model_dir, monkeypatch):
     monkeypatch.setenv("QHARNESS_CACHE", str(tmp_path / "cache"))
     _train_from(tmp_path, tiny_model_dir, "kv_bias", "kv")
