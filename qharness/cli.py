@@ -284,8 +284,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         ignored = _unread(args, ("from_model", "out", "mitigation", "data", "penalty_threshold", "penalty_strength",
                                  "budget", "quiet", *TRAIN_FLAGS))
         if ignored:
-            raise QHarnessError(f"train --from continues a trained model, and {ignored} only apply to training "
-                                "from scratch; drop them")
+            raise QHarnessError(f"train --from does not read {ignored}: settings of training from scratch that "
+                                f"continued training would ignore; drop {ignored}")
         return _train_from(args)
     scratch = _scratch_recipe(args)
     mitigations.check_from_scratch(scratch.mitigation)  # a dry run of a model that cannot be trained prices nothing

@@ -220,10 +220,10 @@ CASES: dict[str, tuple[Setup, str]] = {
                                                        str(tmp / "run")], "--data builtin: with --from the built-in"),
     # flags a way of training does not read, and mitigations it cannot train
     "train --from --dry-run": (lambda tmp, m, t: ["train", "--from", str(m), "--dry-run", "--out", str(tmp / "run"),
-                                                  *FAST], "train --from continues a trained model, and --dry-run"),
+                                                  *FAST], "train --from does not read --dry-run: settings of"),
     "train --from --recipe --layers": (
         lambda tmp, m, t: ["train", "--from", str(m), "--recipe", "recipes/llama-60m-gu2024.yaml", "--layers", "2",
-                           "--out", str(tmp / "run"), *FAST], "and --recipe, --layers only apply to training from"),
+                           "--out", str(tmp / "run"), *FAST], "train --from does not read --recipe, --layers:"),
     "train --model --steps": (lambda tmp, m, t: ["train", "--model", "zoo:llama-base", "--steps", "10", "--budget",
                                                  "0.0000001"], "reads only --budget and --quiet; drop --steps"),
     "train --model --from --out": (lambda tmp, m, t: ["train", "--model", "zoo:llama-base", "--from", str(m),
