@@ -7,6 +7,7 @@ commands that need them, so `--help` and `list` stay fast.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import typing
 from collections.abc import Callable
@@ -82,7 +83,7 @@ def _minutes(text: str) -> float:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected minutes as a number, got '{text}'") from None
-    if not value > 0:
+    if not 0 < value < math.inf:
         raise argparse.ArgumentTypeError(f"must be more than 0 minutes, got '{text}' (leave --budget out to train "
                                          "without a time limit)")
     return value
@@ -268,22 +269,34 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from qharness.models import mitigations
+    from qharness.results import check_writable_dir
     from qharness.training.recipe_file import check_trainable, format_estimate
     from qharness.training.run import train_model
 
     if args.model:
+        ignored = _unread(args, ("model", "budget", "quiet"))
+        if ignored:
+            raise QHarnessError(f"train --model {args.model} trains it by its own recipe into the cache and reads only "
+                                f"--budget and --quiet; drop {ignored} (to choose settings: train --from MODEL or "
+                                "from scratch, with --out FOLDER)")
         return _train_named(args.model, args.budget, progress=not args.quiet)
     if args.from_model:
+        ignored = _unread(args, ("from_model", "out", "mitigation", "data", "penalty_threshold", "penalty_strength",
+                                 "budget", "quiet", *TRAIN_FLAGS))
+        if ignored:
+            raise QHarnessError(f"train --from does not read {ignored}: settings of training from scratch that "
+                                f"continued training would ignore; drop {ignored}")
         return _train_from(args)
     scratch = _scratch_recipe(args)
+    mitigations.check_from_scratch(scratch.mitigation)  # a dry run of a model that cannot be trained prices nothing
     if args.dry_run:
         print(format_estimate(scratch))
         return 0
     if args.out is None:
         raise QHarnessError("qharness train needs --out FOLDER (or --model zoo:<arch>-<mitigation>, or --dry-run)")
     check_trainable(scratch)
+    check_writable_dir(args.out, "--out")
     recipe = scratch.recipe()
-    mitigations.resolve(recipe.mitigation)
     _note_processes(scratch, args.quiet)
     result = train_model(recipe, args.out, progress=not args.quiet, budget_minutes=args.budget)
     return _report_training(result, args, recipe.train.steps,
@@ -311,6 +324,14 @@ def _scratch_recipe(args: argparse.Namespace) -> Any:
     base = load_recipe_file(args.recipe) if args.recipe else RecipeFile(name="command line")
     return with_overrides(base, _given(args, ARCH_FLAGS), _given(args, TRAIN_FLAGS), args.mitigation,
                           " ".join(args.data) if args.data else None)
+
+
+def _unread(args: argparse.Namespace, reads: tuple[str, ...]) -> str:
+    """The flags given that a way of training does not read, as typed ('' for none): each would be dropped in
+    silence (--dry-run with --from trained; --steps with --model trained the zoo's 4,000 steps)."""
+    given = [name for name, value in vars(args).items()
+             if name not in (*reads, "command") and value is not None and value is not False]
+    return ", ".join("--from" if name == "from_model" else f"--{name.replace('_', '-')}" for name in given)
 
 
 def _given(args: argparse.Namespace, flags: tuple[str, ...]) -> dict[str, Any]:
@@ -404,10 +425,10 @@ def _train_from(args: argparse.Namespace) -> int:
     """`train --from MODEL --mitigation M --out DIR`: continued training into a folder of your own."""
     from dataclasses import replace
 
-    from qharness.models.sources.tune import recipe_for
+    from qharness.models.sources.tune import check_context, recipe_for
     from qharness.results import check_writable_dir
     from qharness.training.ensure import ensure
-    from qharness.training.tune import continue_training, loss_penalty
+    from qharness.training.tune import check_data, continue_training, loss_penalty
 
     if args.out is None:
         raise QHarnessError(f"qharness train --from needs --out FOLDER (or --model tune:{args.from_model}-"
@@ -418,6 +439,8 @@ def _train_from(args: argparse.Namespace) -> int:
     recipe = replace(recipe, train=train_config(args, recipe.train), penalty=tuple(sorted(penalty.items())),
                      data=tuple(args.data or ()))
     loss_penalty(recipe)  # its settings are checked before a model loads
+    check_context(recipe)
+    check_data(recipe.data)  # and the data: before a zoo base trains for minutes, or any model loads
     check_writable_dir(args.out, "--out")
     ensure(recipe.base, progress=not args.quiet)
     result = continue_training(recipe, args.out, progress=not args.quiet, budget_minutes=args.budget)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
@@ -20,6 +21,12 @@ PRECISIONS: tuple[str, ...] = ("fp32", "bf16")
 # Fields added after models were cached under their recipes' digests, with the value that reproduces the old
 # behaviour: a field at that value stays out of the digest, so every existing digest (a cache folder's name) holds.
 LATER_FIELDS: dict[str, object] = {"mlp_hidden": None, "precision": "fp32", "grad_accum": 1}
+MAX_SEED = 2**32 - 1  # the training loop seeds each step with seed * 1,000,003 + ..., which must fit in 64 bits
+
+
+def check_seed(seed: int, where: str) -> None:
+    if not 0 <= seed <= MAX_SEED:
+        raise ConfigError(f"{where} seed must be in 0..{MAX_SEED}, got {seed}")
 
 
 def digest_fields(config: Any) -> dict[str, Any]:
@@ -42,6 +49,9 @@ class ArchConfig:
     def __post_init__(self) -> None:
         if self.arch not in ARCHES:
             raise ConfigError(f"unknown architecture '{self.arch}'; valid: {', '.join(ARCHES)}")
+        for name in ("d_model", "layers", "heads", "context", "vocab_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"arch {name} must be >= 1, got {getattr(self, name)}")
         if self.d_model % self.heads:
             raise ConfigError(f"d_model {self.d_model} is not a multiple of heads {self.heads}")
         if self.mlp_hidden is not None and self.mlp_hidden < 1:
@@ -73,6 +83,10 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
             raise ConfigError(f"train precision must be one of {', '.join(PRECISIONS)}, got '{self.precision}'")
+        for name in ("lr", "weight_decay", "min_lr_ratio", "grad_clip"):  # nan and inf slip past the checks below
+            if not math.isfinite(getattr(self, name)):
+                raise ConfigError(f"train {name} must be a finite number, got {getattr(self, name)}")
+        check_seed(self.seed, "train")
         for name in ("steps", "batch_size", "context", "log_every", "checkpoint_every", "grad_accum"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train {name} must be >= 1, got {getattr(self, name)}")

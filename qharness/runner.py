@@ -39,6 +39,7 @@ from qharness.quant.footprint import weight_bytes
 from qharness.quant.kv import check_kv_model, get_kv, kv_quantized, split_quants
 from qharness.quant.schemes import SCHEMES, Keep, QuantScheme, get_scheme
 from qharness.quant.transforms import check_transform, parse_transform, transform_
+from qharness.recipe import check_seed
 from qharness.results import (
     BASELINE,
     Row,
@@ -83,6 +84,7 @@ class RunSpec:
             raise ConfigError(f"limit must be >= 1 window, got {self.limit}")
         if self.batch_size < 1:
             raise ConfigError(f"batch size must be >= 1 window per forward pass, got {self.batch_size}")
+        check_seed(self.seed, "run")
         if not self.tasks:
             raise ConfigError("no task given; pass --task with at least one task name")
         if self.layer_errors and self.transform.strip() not in ("", "none"):
@@ -147,6 +149,10 @@ def plan_cells(spec: RunSpec) -> tuple[list[Cell], dict[str, QuantScheme]]:
                 for name, scheme in schemes.items()}
     hashes = {task.name: task.content_hash() for task in tasks}
     transform = parse_transform(spec.transform)
+    if transform is not None and not schemes:  # the KV-only cell runs on the untransformed model
+        raise ConfigError(f"--transform {transform.label} rewrites the model before its Linears are quantized, but "
+                          f"--quant {FP} quantizes none, so no row would be transformed; name a scheme too "
+                          "(e.g. --quant none,int8) or drop --transform")
     if transform is not None:
         check_transform(transform, spec.keep.channels, backends)
     cells = []

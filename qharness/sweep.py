@@ -62,6 +62,10 @@ class SweepConfig:
             raise ConfigError("a sweep needs at least one model and one quant")
         if not self.kv:
             raise ConfigError("sweep kv is an empty list; give at least one setting (none: a full-precision cache)")
+        if not self.transforms:  # the grid would hold no run at all
+            raise ConfigError("sweep transforms is an empty list; give at least one ('' or none: no transform)")
+        if not self.keep_positions:
+            raise ConfigError("sweep keep_positions is an empty list; give at least one ([]: no position kept)")
         if self.limit is not None and self.limit < 1:
             raise ConfigError(f"sweep limit must be >= 1 window, got {self.limit}")
         if self.batch_size < 1:

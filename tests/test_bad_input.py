@@ -12,6 +12,7 @@ import pytest
 
 from qharness.cli import main
 from qharness.results import COLUMNS, KEY_COLUMNS, append_rows, read_rows
+from qharness.tasks.spec import tasks_dir
 
 Setup = Callable[[Path, Path, Path], list[str]]  # (tmp, tiny model folder, tiny task yaml) -> argv
 
@@ -83,13 +84,36 @@ def _compare_damaged(tmp: Path, model: Path, task: Path) -> list[str]:
     return ["compare", "--results", str(path), "--out", str(tmp / "out")]
 
 
+def _out_is_a_file(tmp: Path, model: Path, task: Path) -> list[str]:
+    (tmp / "afile").write_text("x")
+    return ["train", "--arch", "gpt2", "--steps", "1", "--out", str(tmp / "afile"), "--quiet", "--budget", "0.0000001"]
+
+
 def _train(*extra: str) -> Setup:
     return lambda tmp, model, task: ["train", "--out", str(tmp / "run"), "--quiet", *extra]
+
+
+# Settings that make a refusal that regressed fail in a second instead of training: the shipped training-split text
+# (no corpus fetch) and a budget that ends before the first step.
+FAST = ("--data", str(tasks_dir() / "data" / "calibration.txt"), "--budget", "0.0000001")
 
 
 def _tune(mitigation: str, *extra: str) -> Setup:
     return lambda tmp, model, task: ["train", "--from", str(model), "--mitigation", mitigation, "--out",
                                      str(tmp / "run"), "--quiet", *extra]
+
+
+def _data(name: str, content: bytes | None = None, folder: bool = False) -> Setup:
+    """train --from with --data naming `name` in tmp: a file of `content`, an empty folder, or nothing there."""
+
+    def setup(tmp: Path, model: Path, task: Path) -> list[str]:
+        if folder:
+            (tmp / name).mkdir()
+        elif content is not None:
+            (tmp / name).write_bytes(content)
+        return ["train", "--from", str(model), "--data", str(tmp / name), "--out", str(tmp / "run"), "--quiet"]
+
+    return setup
 
 
 CASES: dict[str, tuple[Setup, str]] = {
@@ -103,6 +127,19 @@ CASES: dict[str, tuple[Setup, str]] = {
     "--quant none without --kv": (_run("--quant", "none"), "--quant none alone is the full-precision baseline"),
     "--keep-positions with only --quant none": (_run("--quant", "none", "--kv", "int8-token", "--keep-positions", "0"),
                                                 "--quant none quantizes no Linear; drop them"),
+    "--kv none+keep0": (_run("--kv", "none+keep0"), "none keeps the whole cache in full precision and takes no "
+                                                   "options"),
+    "--transform with only --quant none": (_run("--quant", "none", "--kv", "int8-token", "--transform", "smoothquant"),
+                                           "--quant none quantizes none, so no row would be transformed"),
+    "sweep transforms with only quant none": (
+        _sweep("models: [{model}]\nquants: [none]\nkv: [int8-token]\ntransforms: [smoothquant]\n"),
+        "so no row would be transformed"),
+    "sweep transforms: []": (_sweep("models: [{model}]\nquants: [int8]\ntransforms: []\n"),
+                             "sweep transforms is an empty list"),
+    "sweep keep_positions: []": (_sweep("models: [{model}]\nquants: [int8]\nkeep_positions: []\n"),
+                                 "sweep keep_positions is an empty list"),
+    "sweep transforms: a string": (_sweep("models: [{model}]\nquants: [int8]\ntransforms: rotate\n"),
+                                   "transforms is 'rotate' (str); expected a list of a string"),
     "sweep kv: a string": (_sweep("models: [{model}]\nquants: [int8]\nkv: int4-token\n"),
                            "kv is 'int4-token' (str); expected a list of a string"),
     "sweep unknown kv": (_sweep("models: [{model}]\nquants: [int8]\nkv: [none, int4-tokn]\n"),
@@ -149,6 +186,19 @@ CASES: dict[str, tuple[Setup, str]] = {
                                                   "--results", str(tmp / "lb.csv")],
                                "intervention limit must be >= 1 window per condition"),
     "train --lr -1": (_train("--lr", "-1"), "train lr must be > 0, got -1.0"),
+    "train --lr inf": (_train("--lr", "inf", "--dry-run"), "train lr must be a finite number, got inf"),
+    "train --from --weight-decay nan": (_tune("none", "--weight-decay", "nan", *FAST),
+                                        "train weight_decay must be a finite number, got nan"),
+    "train --from --grad-clip nan": (_tune("none", "--grad-clip", "nan", *FAST),
+                                     "train grad_clip must be a finite number"),
+    "train --from --seed 2**70": (_tune("none", "--seed", str(2**70), *FAST),
+                                  "train seed must be in 0..4294967295, got"),
+    "run --seed 2**70": (_run("--seed", str(2**70)), "run seed must be in 0..4294967295, got"),
+    "train --heads 0": (_train("--heads", "0", "--dry-run"), "arch heads must be >= 1, got 0"),
+    "train --d-model -64 --heads -4": (_train("--d-model", "-64", "--heads", "-4", "--dry-run"),
+                                       "arch d_model must be >= 1, got -64"),
+    "train --layers 0": (_train("--layers", "0", "--dry-run"), "arch layers must be >= 1, got 0"),
+    "train --budget inf": (_train("--budget", "inf", "--dry-run"), "must be more than 0 minutes, got 'inf'"),
     "train --min-lr-ratio 2": (_train("--min-lr-ratio", "2"), "min_lr_ratio must be in [0, 1]"),
     "train --budget 0": (_train("--budget", "0"), "argument --budget: must be more than 0 minutes, got '0'"),
     "train --from --budget -1": (lambda tmp, m, t: ["train", "--from", str(m), "--budget", "-1", "--out",
@@ -160,6 +210,42 @@ CASES: dict[str, tuple[Setup, str]] = {
         "split 'test' of Salesforce/wikitext holds evaluation"),
     "train --data hf: malformed": (lambda tmp, m, t: ["train", "--from", str(m), "--data", "hf:", "--out",
                                                       str(tmp / "run")], "write hf:DATASET[:CONFIG[:SPLIT[:FIELD]]]"),
+    "train --data a missing file": (_data("nope.txt"), "nope.txt: no such file or folder"),
+    "train --data an empty folder": (_data("empty", folder=True), "no .txt, .md, .rst, .jsonl or .parquet files"),
+    "train --data a .json file": (_data("docs.json", b'[{"text": "a b c"}]'), "give JSON lines (.jsonl)"),
+    "train --data .jsonl without text": (_data("docs.jsonl", b'{"txt": "a"}\n'), "line 1 is not a JSON object with"),
+    "train --data a parquet file that is not one": (_data("docs.parquet", b"not parquet"),
+                                                    "docs.parquet: not a readable parquet file"),
+    "train --from --data builtin": (lambda tmp, m, t: ["train", "--from", str(m), "--data", "builtin", "--out",
+                                                       str(tmp / "run")], "--data builtin: with --from the built-in"),
+    # flags a way of training does not read, and mitigations it cannot train
+    "train --from --dry-run": (lambda tmp, m, t: ["train", "--from", str(m), "--dry-run", "--out", str(tmp / "run"),
+                                                  *FAST], "train --from does not read --dry-run: settings of"),
+    "train --from --recipe --layers": (
+        lambda tmp, m, t: ["train", "--from", str(m), "--recipe", "recipes/llama-60m-gu2024.yaml", "--layers", "2",
+                           "--out", str(tmp / "run"), *FAST], "train --from does not read --recipe, --layers:"),
+    "train --model --steps": (lambda tmp, m, t: ["train", "--model", "zoo:llama-base", "--steps", "10", "--budget",
+                                                 "0.0000001"], "reads only --budget and --quiet; drop --steps"),
+    "train --model --from --out": (lambda tmp, m, t: ["train", "--model", "zoo:llama-base", "--from", str(m),
+                                                      "--out", str(tmp / "run"), "--budget", "0.0000001"],
+                                   "drop --from, --out"),
+    "train --model --dry-run": (lambda tmp, m, t: ["train", "--model", "zoo:llama-base", "--dry-run", "--budget",
+                                                   "0.0000001"], "drop --dry-run"),
+    "train --mitigation outlier_penalty from scratch": (
+        _train("--mitigation", "outlier_penalty", "--dry-run"),
+        "mitigation 'outlier_penalty' is a loss term that training from scratch does not add yet"),
+    "train --model zoo:llama-outlier_penalty": (
+        lambda tmp, m, t: ["train", "--model", "zoo:llama-outlier_penalty", "--budget", "0.0000001"],
+        "train --from MODEL --mitigation outlier_penalty"),
+    "train --dry-run --mitigation typo": (_train("--mitigation", "kv_biass", "--dry-run"),
+                                          "unknown mitigation 'kv_biass'; did you mean 'kv_bias'?"),
+    "train from scratch --out is a file": (_out_is_a_file, "--out: cannot create"),
+    "zoo:llama-none": (lambda tmp, m, t: ["train", "--model", "zoo:llama-none", "--budget", "0.0000001"],
+                       "the zoo's baseline is named base; did you mean 'zoo:llama-base'?"),
+    "train --from --context past the model's positions": (_tune("none", "--context", "512", *FAST),
+                                                          "takes at most 256 positions, but this training reads 512"),
+    "tune: name without its mitigation": (lambda tmp, m, t: ["run", "--model", "tune:smollm2-135m", "--results",
+                                                             str(tmp / "lb.csv")], "names no mitigation"),
     "unknown argument": (lambda tmp, m, t: ["run", "--bogus"], "unrecognized arguments: --bogus"),
     "train --from --penalty-strength -1": (_tune("outlier_penalty", "--penalty-strength", "-1"),
                                            "outlier_penalty strength must be a number > 0"),
@@ -233,8 +319,6 @@ def test_a_budget_that_ends_before_the_first_step_is_one_line_and_leaves_nothing
                                                                                  monkeypatch):
     """Setting up (loading the model, tokenizing) took the whole budget: nothing trained, so nothing is saved and no
     half-made run folder is left behind (tests/training/test_loop.py checks a resumed folder is left as it was)."""
-    from qharness.tasks.spec import tasks_dir
-
     monkeypatch.setenv("QHARNESS_CACHE", str(tmp_path / "cache"))
     code = main(["train", "--from", str(tiny_model_dir), "--data", str(tasks_dir() / "data" / "calibration.txt"),
                  "--steps", "4", "--context", "32", "--batch-size", "2", "--budget", "0.0000001",

@@ -166,6 +166,15 @@ def test_sweep_kv_settings_are_runs_of_their_own_sharing_the_baseline(tiny_model
     assert sweep(config, say=lambda m: None).computed == 0
 
 
+def test_none_among_the_quants_of_a_grid_with_and_without_a_kv_cache(tiny_model_dir, tiny_task_dir, tmp_path):
+    """quants [none, int8] x kv [none, X]: without a cache to quantize none is the baseline the run computes anyway,
+    not a mistake that refuses the whole grid."""
+    config = write_config(tmp_path, tiny_model_dir, tiny_task_dir, ["none", "int8"], kv="[none, int8-token]")
+    assert sweep(config, say=lambda m: None).computed == 4  # the baseline, int8, none and int8 with the cache
+    assert sorted((r["quant"], r["kv"]) for r in read_rows(tmp_path / "lb.csv")) == [
+        ("int8-w8a8-token", ""), ("int8-w8a8-token", "int8-token"), ("none", ""), ("none", "int8-token")]
+
+
 def test_the_shipped_outliers_sweep_plans_every_kv_setting_and_transform():
     """sweeps/outliers.yaml: every (kv, transform, keep) run plans without loading; rotate needs torchao for its
     Hadamard matrices, so its runs are planned only where torchao is installed."""

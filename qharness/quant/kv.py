@@ -95,6 +95,9 @@ def get_kv(text: str) -> KVSetting | None:
     if text in ("", NONE):
         return None
     base, *options = text.split("+")
+    if base == NONE:  # the registry's own message would list none among the names it does not know
+        raise ConfigError(f"KV setting '{text}': {NONE} keeps the whole cache in full precision and takes no "
+                          f"options; give a setting with +{KEEP_FIRST}, e.g. int8-token+{KEEP_FIRST}")
     try:
         setting = KV_SETTINGS.get(base)()
     except UnknownName as exc:
@@ -113,8 +116,8 @@ def split_quants(quants: tuple[str, ...], kv: KVSetting | None, has_keep: bool) 
     """The weight/activation schemes of a run, and whether it also asked for fp weights with a quantized cache
     (`--quant none --kv X`). Refuses the combinations that would measure nothing new."""
     schemes = tuple(q for q in quants if q != NONE)
-    kv_only = len(schemes) < len(quants)
-    if kv_only and kv is None:
+    kv_only = len(schemes) < len(quants) and kv is not None  # without a cache to quantize, none is the baseline
+    if not schemes and kv is None:
         raise ConfigError(f"--quant {NONE} alone is the full-precision baseline every run computes; add --kv "
                           "SETTING to quantize only the KV cache (`qharness list kv`), or name a scheme")
     if kv_only and not schemes and has_keep:

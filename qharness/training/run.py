@@ -58,12 +58,16 @@ def train_model(recipe: Any, out_dir: Path, progress: bool = True, budget_minute
                 tokens: torch.Tensor | None = None, tokenizer: Any = None) -> TrainResult:
     """Train `recipe` (a zoo.Recipe) in out_dir (checkpoint, log) and save the model to out_dir/model when done.
     tokens/tokenizer default to the zoo's training corpus; tests pass small ones."""
+    mitigations.check_from_scratch(recipe.mitigation)
     done = finished_run(out_dir, recipe.digest())
     if done is not None:
         return done
     manifest: dict[str, Any] = {}
     if tokens is None:
         tokenizer, tokens, manifest = training_corpus(progress)
+    if recipe.arch.vocab_size < len(tokenizer):  # token ids past the embedding fail at the first step
+        raise ConfigError(f"vocab_size {recipe.arch.vocab_size} is smaller than the {len(tokenizer)} tokens of the "
+                          f"tokenizer the training text is read with; give vocab_size {len(tokenizer)} or more")
     cfg = recipe.train if budget_minutes is None else replace(recipe.train, budget_minutes=budget_minutes)
     model = new_model(recipe.arch, tokenizer.bos_token_id, tokenizer.eos_token_id, cfg.seed)
     applied = mitigations.build_(model, recipe.mitigation)

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from qharness.cache import cache_dir
-from qharness.errors import ConfigError, DataError
+from qharness.errors import ConfigError, DataError, first_line
 from qharness.models import mitigations
 from qharness.models.drift import logit_drift
 from qharness.models.sources import ModelSpec, load_model
@@ -38,9 +38,11 @@ from qharness.training.heldout import Decontaminator
 from qharness.training.hub_text import is_hub_text, stream_documents
 from qharness.training.hub_text import parse as parse_hub_text
 from qharness.training.loop import LOG, TrainResult, train
+from qharness.training.recipe_file import BUILTIN
 from qharness.training.text import encode_stream, training_texts
 
 TEXT_SUFFIXES = (".txt", ".md", ".rst")
+DATA_SUFFIXES = (*TEXT_SUFFIXES, ".jsonl", ".parquet")  # what a --data folder is read for
 TEXT_VERSION = 2  # part of the token cache's key: 2 drops documents that overlap the evaluation text
 TUNE_TOKENS = TUNE_TRAIN.tokens  # what one default run reads
 
@@ -71,38 +73,69 @@ def read_documents(data: tuple[str, ...], needed_tokens: int = TUNE_TOKENS,
 
 
 def check_data(data: tuple[str, ...]) -> None:
-    """The checks that need no reading: each hf: item's form and split (before a model loads)."""
+    """The checks that need no reading of the text, made before a model loads (or a base model is trained): each
+    hf: item's form and split, and each local item's files (see `_files_of`)."""
     for item in data:
         if is_hub_text(item):
             parse_hub_text(item)
+        elif item == BUILTIN and not Path(item).exists():
+            raise DataError(f"--data {BUILTIN}: with --from the built-in training text is what leaving --data out "
+                            "reads; drop --data (or give files, folders or hf:DATASET)")
+        else:
+            _files_of(Path(item).expanduser())
+
+
+def _files_of(path: Path) -> list[Path]:
+    """The files a local --data item stands for: itself, or a folder's files of the kinds read here. A .json file
+    is refused (read as text it would train on JSON syntax), and a parquet file must open and hold 'text'."""
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.suffix in DATA_SUFFIXES and p.is_file())
+        if not files:
+            raise DataError(f"--data {path}: no .txt, .md, .rst, .jsonl or .parquet files in this folder")
+    elif not path.is_file():
+        raise DataError(f"--data {path}: no such file or folder")
+    elif path.suffix == ".json":
+        raise DataError(f"--data {path}: a .json file is not read as records; give JSON lines (.jsonl), one object "
+                        "with a 'text' field per line")
+    else:
+        files = [path]
+    for file in files:
+        if file.suffix == ".parquet":
+            _check_parquet(file)
+    return files
+
+
+def _check_parquet(path: Path) -> None:
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise DataError(f"--data {path}: reading parquet needs pyarrow: pip install -c constraints.txt pyarrow"
+                        ) from None
+    try:
+        columns = pq.read_schema(path).names
+    except (pa.ArrowException, OSError) as exc:
+        raise DataError(f"--data {path}: not a readable parquet file ({first_line(exc)})") from None
+    if "text" not in columns:
+        raise DataError(f"--data {path}: a parquet file needs a 'text' column, it has {columns}")
 
 
 def _documents_of(path: Path) -> Iterator[str]:
-    if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.suffix in (*TEXT_SUFFIXES, ".jsonl", ".parquet"))
-        if not files:
-            raise DataError(f"--data {path}: no .txt, .md, .rst, .jsonl or .parquet files in this folder")
-        for file in files:
-            yield from _documents_of(file)
-        return
-    if not path.is_file():
-        raise DataError(f"--data {path}: no such file or folder")
-    if path.suffix == ".parquet":
-        import pyarrow.parquet as pq
+    for file in _files_of(path):
+        if file.suffix == ".parquet":
+            import pyarrow.parquet as pq
 
-        table = pq.read_table(path)
-        if "text" not in table.column_names:
-            raise DataError(f"--data {path}: a parquet file needs a 'text' column, it has {table.column_names}")
-        yield from (str(text) for text in table.column("text").to_pylist() if text)
-        return
-    try:
-        content = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise DataError(f"--data {path}: not UTF-8 text (binary?)") from None
-    if path.suffix == ".jsonl":
-        yield from _jsonl_texts(path, content)
-    else:
-        yield from (part for part in content.split("\n\n") if part.strip())
+            yield from (str(text) for text in pq.read_table(file, columns=["text"]).column("text").to_pylist()
+                        if text)
+            continue
+        try:
+            content = file.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise DataError(f"--data {file}: not UTF-8 text (binary?)") from None
+        if file.suffix == ".jsonl":
+            yield from _jsonl_texts(file, content)
+        else:
+            yield from (part for part in content.split("\n\n") if part.strip())
 
 
 def _jsonl_texts(path: Path, content: str) -> Iterator[str]:

@@ -195,6 +195,7 @@ def test_combinations_that_measure_nothing_new_are_refused():
     kv = get_kv("int8-token")
     assert split_quants(("none", "int8"), kv, has_keep=False) == (("int8",), True)
     assert split_quants(("int8",), None, has_keep=False) == (("int8",), False)
+    assert split_quants(("none", "int8"), None, has_keep=False) == (("int8",), False)  # none: the baseline it runs
     with pytest.raises(ConfigError, match="--quant none alone is the full-precision baseline"):
         split_quants(("none",), None, has_keep=False)
     with pytest.raises(ConfigError, match=r"quantizes no Linear; drop them .* --kv int8-token\+keep0"):

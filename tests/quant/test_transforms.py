@@ -170,7 +170,7 @@ def test_gpt2_is_refused_naming_the_architectures_supported(text, batches):
 
 @pytest.mark.parametrize(("text", "expected"), [
     ("", None), ("none", None), ("smoothquant", "smoothquant:0.5"), ("smoothquant:0.8", "smoothquant:0.8"),
-    ("smoothquant:1", "smoothquant:1"), ("rotate", "rotate")])
+    ("smoothquant:1", "smoothquant:1"), ("rotate", "rotate"), ("smoothquant:-0", "smoothquant:0")])
 def test_labels_name_the_argument_always(text, expected):
     spec = parse_transform(text)
     assert (spec.label if spec else None) == expected

@@ -72,6 +72,13 @@ def test_dry_run_prints_the_cost_and_trains_nothing(capsys, tmp_path):
     ("name: [x\n", r"recipe.yaml: not valid YAML at line 2"),
     ("- a list\n", r"recipe.yaml: a recipe is a mapping"),
     ("train: {steps: -1}\n", r"train steps must be >= 1, got -1$"),
+    ("train: {lr: .inf}\n", r"train lr must be a finite number, got inf$"),
+    ("train: {weight_decay: .nan}\n", r"train weight_decay must be a finite number, got nan$"),
+    ("train: {seed: 99999999999999999999}\n", r"train seed must be in 0..4294967295, got 99999999999999999999$"),
+    ("arch: {heads: 0}\n", r"arch heads must be >= 1, got 0$"),
+    ("arch: {d_model: -128, heads: -4}\n", r"arch d_model must be >= 1, got -128$"),
+    ("arch: {layers: 0}\n", r"arch layers must be >= 1, got 0$"),
+    ("arch: {vocab_size: 0}\n", r"arch vocab_size must be >= 1, got 0$"),
 ])
 def test_bad_recipe_files_are_one_line_errors(tmp_path, text, message):
     with pytest.raises(ConfigError, match=message):
@@ -99,6 +106,15 @@ def test_a_recipe_of_a_hub_dataset_is_refused_for_training(capsys, tmp_path):
     assert main(["train", "--recipe", str(RECIPES / "llama-60m-gu2024.yaml"), "--data", "corpus.txt",
                  "--out", str(tmp_path / "r")]) == 2
     assert "from-scratch training reads only the built-in text" in capsys.readouterr().err
+
+
+def test_a_vocabulary_smaller_than_the_tokenizer_is_refused_before_training(capsys, tiny_corpus, tiny_tokenizer):
+    path = write(tiny_corpus, "arch: {d_model: 32, layers: 1, heads: 2, vocab_size: 100}\n"
+                              "train: {steps: 1, batch_size: 1, context: 16}\n")
+    assert main(["train", "--recipe", str(path), "--out", str(tiny_corpus / "t"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert f"vocab_size 100 is smaller than the {len(tiny_tokenizer)} tokens" in err and err.count("\n") == 1, err
+    assert not (tiny_corpus / "t").exists()
 
 
 def test_a_published_recipe_trains_at_toy_size_with_overrides(capsys, tiny_corpus):

@@ -77,6 +77,23 @@ def test_data_files_folders_and_jsonl(tmp_path):
         read_documents((str(tmp_path / "missing.txt"),))
 
 
+def test_local_data_is_checked_before_a_model_loads(tmp_path, tiny_model_dir, monkeypatch, capsys):
+    """A missing file or a broken parquet file is found before the base model loads (SmolLM2 takes seconds, a zoo
+    base is trained first for minutes), not after."""
+    from qharness.cli import main
+    from qharness.training import tune
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model loaded before the data was checked")
+
+    monkeypatch.setattr(tune, "load_model", no_load)
+    (tmp_path / "junk.parquet").write_text("not parquet")
+    for data, message in (("missing.txt", "no such file or folder"), ("junk.parquet", "not a readable parquet")):
+        code = main(["train", "--from", str(tiny_model_dir), "--data", str(tmp_path / data), "--out",
+                     str(tmp_path / "run"), "--quiet"])
+        assert code == 2 and message in capsys.readouterr().err
+
+
 def _train_from(tmp_path, model_dir, mitigation: str, out: str, *extra: str) -> list[dict]:
     code = main(["train", "--from", str(model_dir), "--mitigation", mitigation, "--steps", "12", "--context", "32",
                  "--batch-size", "4", "--lr", "3e-3", "--data", CALIBRATION, "--out", str(tmp_path / out), "--quiet",
@@ -124,6 +141,30 @@ def test_train_from_refuses_what_it_cannot_do(capsys, tmp_path, tiny_model_dir, 
     assert main(["train", "--from", "no-such-model", "--out", str(tmp_path / "y")]) == 2
     assert "unknown model 'no-such-model'" in capsys.readouterr().err
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def test_training_sequences_past_the_base_models_positions_are_refused(capsys, tmp_path, tiny_tokenizer):
+    """A GPT-2 with 64 learned positions: tune: names (256-token sequences) and --context 128 are refused when named,
+    before any model loads (they failed mid-run with an IndexError, leaving a run folder behind)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from qharness.errors import ConfigError
+
+    folder = tmp_path / "gpt2"
+    GPT2LMHeadModel(GPT2Config(vocab_size=len(tiny_tokenizer), n_embd=32, n_layer=1, n_head=2, n_positions=64,
+                               bos_token_id=0, eos_token_id=1)).save_pretrained(folder)
+    tiny_tokenizer.save_pretrained(folder)
+    with pytest.raises(ConfigError, match=f"{folder} takes at most 64 positions, but this training reads 256-token"):
+        classify(f"tune:{folder}-none")
+    assert main(["train", "--from", str(folder), "--context", "128", "--out", str(tmp_path / "run"), "--quiet"]) == 2
+    assert "train it with --from" in capsys.readouterr().err and not (tmp_path / "run").exists()
+    recipe = replace(tune_names.RECIPE, base=str(folder), train=replace(TUNE_TRAIN, context=64))
+    tune_names.check_context(recipe)  # its own length fits
+
+
+def test_a_tune_name_without_its_mitigation_says_so():
+    with pytest.raises(UnknownName, match="'tune:smollm2-135m' names no mitigation: write tune:smollm2-135m-<mitig"):
+        classify("tune:smollm2-135m")
 
 
 def test_kv_bias_is_retrofitted_with_a_silent_sink_and_its_cost_recorded(tmp_path, tiny_model_dir, monkeypatch):

@@ -63,6 +63,18 @@ def resolve(spec: str) -> list[Mitigation]:
     return [registry.get(name) for name in names]
 
 
+def check_from_scratch(spec: str) -> list[Mitigation]:
+    """`resolve`, refusing a loss-side mitigation: training from scratch (the zoo, `train --arch`) builds modules and
+    runs step hooks but adds no loss term, so its model would be the baseline under the mitigation's name."""
+    resolved = resolve(spec)
+    loss_side = [m.name for m in resolved if m.penalty is not None]
+    if loss_side:
+        raise ConfigError(f"mitigation '{loss_side[0]}' is a loss term that training from scratch does not add yet, "
+                          "so the model would be the baseline under its name; add it to a trained model with "
+                          f"train --from MODEL --mitigation {spec} --out FOLDER")
+    return resolved
+
+
 def build_(model: Any, spec: str) -> list[Mitigation]:
     """Change the architecture for `spec` and record it in the config; returns the mitigations."""
     mitigations = resolve(spec)

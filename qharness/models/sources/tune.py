@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from qharness.cache import cache_path
-from qharness.errors import UnknownName
+from qharness.errors import ConfigError, QHarnessError, UnknownName
 from qharness.models.sources import SOURCES, Source, read_trained, source_for
 from qharness.recipe import TuneRecipe
 
@@ -36,13 +36,45 @@ def recipe_for(name: str) -> TuneRecipe:
     base, mitigation = parse(name)
     if base.startswith(PREFIX):
         raise UnknownName(f"'{name}': the base of a tuned model is a pretrained model, not another tune: name")
-    source_for(base)  # raises for an unknown base
+    try:
+        source_for(base)
+    except QHarnessError:
+        whole = name.removeprefix(PREFIX)
+        if _is_model(whole):  # tune:smollm2-135m: not an unknown 'smollm2', a name without its mitigation
+            raise UnknownName(f"tuned model '{name}' names no mitigation: write {PREFIX}{whole}-<mitigation>, e.g. "
+                              f"{PREFIX}{whole}-none (the control)") from None
+        raise
     unfit = [m.name for m in mitigations.resolve(mitigation) if not (m.preserves_function or m.retrofit)]
     if unfit:
         fit = sorted(e.name for e in mitigations.load_mitigations() if e.obj.preserves_function or e.obj.retrofit)
         raise UnknownName(f"mitigation '{'+'.join(unfit)}' cannot yet be added to a trained model without changing "
                           f"what it computes; continued training takes none or {', '.join(fit)}")
     return replace(RECIPE, base=base, mitigation=mitigation)
+
+
+def _is_model(name: str) -> bool:
+    try:
+        source_for(name)
+    except QHarnessError:
+        return False
+    return True
+
+
+def check_context(recipe: TuneRecipe) -> None:
+    """Training sequences fit the positions the base model knows: GPT-2's learned positions end at n_positions,
+    and a longer sequence indexes past them mid-run (after a zoo base was trained for it)."""
+    limit = source_for(recipe.base).context_limit(recipe.base)
+    if limit is not None and recipe.train.context > limit:
+        raise ConfigError(f"{recipe.base} takes at most {limit} positions, but this training reads "
+                          f"{recipe.train.context}-token sequences; train it with --from {recipe.base} --context "
+                          f"{limit} (or less) --out FOLDER")
+
+
+def matches(name: str) -> bool:
+    if not name.startswith(PREFIX):
+        return False
+    check_context(recipe_for(name))  # a malformed or untrainable tune: name is an error here, not "unknown model"
+    return True
 
 
 def family(name: str) -> str:
@@ -68,7 +100,7 @@ SOURCES.add("tune", Source(
     name="tune",
     form="a tuned model (tune:smollm2-135m-none, tune:smollm2-135m-outlier_penalty)",
     order=25,
-    matches=lambda name: name.startswith(PREFIX) and bool(recipe_for(name)),
+    matches=matches,
     read=read,
     context_limit=lambda name: source_for(parse(name)[0]).context_limit(parse(name)[0]),
     family=family,

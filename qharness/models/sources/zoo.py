@@ -41,6 +41,9 @@ def parse(name: str) -> tuple[str, str]:
     if arch not in ARCHES or not mitigation:
         raise UnknownName(f"unknown zoo model '{name}': write zoo:<arch>-<mitigation> with arch one of "
                           f"{', '.join(ARCHES)}, e.g. zoo:llama-base or zoo:gpt2-kv_bias")
+    if mitigation == "none":  # the baseline's recipe under a second name: a duplicate trained, a second baseline
+        raise UnknownName(f"unknown zoo model '{name}': the zoo's baseline is named {BASELINE}; did you mean "
+                          f"'{PREFIX}{arch}-{BASELINE}'?")
     return arch, "none" if mitigation == BASELINE else mitigation
 
 
@@ -54,7 +57,7 @@ def recipe_for(name: str) -> Recipe:
     from qharness.models import mitigations
 
     recipe = _recipe(name)
-    mitigations.resolve(recipe.mitigation)  # raises naming the valid mitigations
+    mitigations.check_from_scratch(recipe.mitigation)  # raises naming the valid mitigations
     return recipe
 
 

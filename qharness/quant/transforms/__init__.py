@@ -77,7 +77,7 @@ def parse_transform(text: str) -> TransformSpec | None:
         return TransformSpec(entry.name)
     low, high = entry.bounds
     try:
-        value = float(raw) if has_argument else entry.default
+        value = float(raw) + 0.0 if has_argument else entry.default  # + 0.0: -0 is 0, one label and one row key
     except ValueError:
         value = None
     if value is None or not low <= value <= high:
