@@ -225,7 +225,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
           f"{args.out / 'report.html'}")
     for check in summary["causal_checks"]:
         print(f"causal check {check['model']} {check['quant']} keep {check['keep']} on {check['task']}: "
-              f"{check['recovered']:.0%} of the {check['metric']} loss recovered")
+              + (f"{check['recovered']:.0%} of the {check['metric']} loss recovered" if check["recovered"] is not None
+                 else f"the plain scheme lost no {check['metric']}: nothing to recover"))
     return 0
 
 

@@ -58,6 +58,10 @@ def with_model_columns(rows: list[Row]) -> list[Row]:
     return out
 
 
+def recovered_text(recovered: float | None) -> str:
+    return "no loss to recover" if recovered is None else f"{recovered:.0%}"
+
+
 def causal_checks(items: list[Degradation]) -> list[dict[str, Any]]:
     """For each scheme run both plain and with kept positions: the share of its loss that keeping recovers."""
     plain = {(d.model, d.quant, d.task, d.metric): d for d in items if d.plain}
@@ -66,7 +70,7 @@ def causal_checks(items: list[Degradation]) -> list[dict[str, Any]]:
         base = plain.get((kept.model, kept.quant, kept.task, kept.metric))
         if base is None:
             continue
-        recovered = (base.loss - kept.loss) / base.loss if base.loss > 0 else float("nan")
+        recovered = (base.loss - kept.loss) / base.loss if base.loss > 0 else None  # nothing lost to recover
         checks.append({"model": kept.model, "quant": kept.quant, "task": kept.task, "metric": kept.metric,
                        "keep": kept.keep, "fp": base.fp_value, "plain": base.value, "kept": kept.value,
                        "recovered": recovered})
@@ -222,7 +226,8 @@ def markdown_report(items: list[Degradation], checks: list[dict[str, Any]], corr
     if checks:
         parts.append(_table(["model", "scheme", "task", "metric", "kept", "fp", "plain", "kept value", "recovered"],
                             [[c["model"], c["quant"], c["task"], c["metric"], c["keep"], f"{c['fp']:.4g}",
-                              f"{c['plain']:.4g}", f"{c['kept']:.4g}", f"{c['recovered']:.0%}"] for c in checks]))
+                              f"{c['plain']:.4g}", f"{c['kept']:.4g}", recovered_text(c["recovered"])]
+                             for c in checks]))
     else:
         parts.append("No scheme was run with `--keep-positions` yet.")
     parts += ["", "## Rank correlation: massive activations vs degradation across models", ""]

@@ -49,6 +49,16 @@ def test_causal_check_reports_the_share_of_loss_recovered():
     assert causal_checks(degradations(acc))[0]["recovered"] == pytest.approx(0.75)
 
 
+def test_a_causal_check_of_a_scheme_that_lost_nothing_says_so_instead_of_nan(tmp_path):
+    results = tmp_path / "lb.csv"
+    append_rows(results, [row("m", "int8-w8a8-token", 20.0, 20.0), row("m", "int8-w8a8-token", 20.0, 20.0,
+                                                                       keep="pos:0")])
+    (check,) = compare(results, tmp_path / "out")["causal_checks"]
+    assert check["recovered"] is None
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert "no loss to recover" in report and "nan" not in report
+
+
 def test_kv_rows_are_schemes_of_their_own_and_quant_none_with_a_kv_cache_is_not_a_baseline():
     rows = [row("m", "none", 20.0, 20.0), row("m", "int8", 21.0, 20.0), row("m", "int8", 24.0, 20.0, keep="pos:0"),
             {**row("m", "none", 23.0, 20.0), "kv": "int4-token"}, {**row("m", "int8", 25.0, 20.0), "kv": "int4-token"}]
