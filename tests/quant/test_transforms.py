@@ -140,9 +140,8 @@ def test_smoothquant_shares_one_scale_per_value_head(tiny_tokenizer, batches):
     assert not torch.allclose(s[0, 0], torch.ones(16, dtype=torch.float64))
 
 
-def test_a_model_the_transform_only_seems_to_know_is_refused(batches):
-    """kv_bias adds a learned value v' that v_proj does not produce: smoothing v_proj's rows would leave v'
-    unscaled, so o_proj would read it multiplied by s. The logit check catches that and refuses the model."""
+def _llama_with_a_kv_bias() -> torch.nn.Module:
+    """A layout the transforms only seem to know: a Llama whose attention also reads a learned value v'."""
     from qharness.models import mitigations
     from qharness.training.architectures import ArchConfig, new_model
 
@@ -153,8 +152,15 @@ def test_a_model_the_transform_only_seems_to_know_is_refused(batches):
         for name, param in model.named_parameters():
             if "kv_bias" in name:
                 param.normal_(0.5, 0.2)
+    return model.eval()
+
+
+def test_a_model_the_transform_only_seems_to_know_is_refused(batches):
+    """kv_bias adds a learned value v' that v_proj does not produce: smoothing v_proj's rows would leave v'
+    unscaled, so o_proj would read it multiplied by s. The logit check catches that and refuses the model."""
+    model = _llama_with_a_kv_bias()
     with pytest.raises(ConfigError, match=r"changed this model's fp logits by .* supports Llama-style decoders"):
-        transform_(model.eval(), parse_transform("smoothquant"), batches)
+        transform_(model, parse_transform("smoothquant"), batches)
 
 
 @pytest.mark.parametrize("text", ["smoothquant", ROTATE])
@@ -235,19 +241,10 @@ def test_a_16_bit_model_is_checked_in_fp32_where_rounding_cannot_pass_for_a_wron
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_a_16_bit_model_the_transform_only_seems_to_know_is_refused_by_its_fp32_copy(batches, dtype):
-    from qharness.models import mitigations
-    from qharness.training.architectures import ArchConfig, new_model
-
-    model = new_model(ArchConfig(arch="llama", d_model=32, layers=2, heads=2, context=64, vocab_size=400), 0, 1,
-                      seed=0)
-    mitigations.initialize_(model, mitigations.build_(model, "kv_bias"))
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "kv_bias" in name:
-                param.normal_(0.5, 0.2)
+    model = _llama_with_a_kv_bias()
     with pytest.raises(ConfigError, match=r"changed this model's fp logits by .* \(checked on an fp32 copy\) "
                                           r"\(tolerance 1e-03\), so its layout is not what the transform knows"):
-        transform_(model.eval().to(dtype), parse_transform("smoothquant"), batches)
+        transform_(model.to(dtype), parse_transform("smoothquant"), batches)
 
 
 @pytest.mark.gpu

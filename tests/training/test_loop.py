@@ -53,6 +53,16 @@ def test_learning_rate_warms_up_then_decays_to_the_floor():
     assert learning_rate(999, cfg) == pytest.approx(1e-4, rel=1e-3)
 
 
+
+def kill_at(stop: int):
+    """A step hook that interrupts training at step `stop`, as Ctrl-C or a kill would."""
+
+    def hook(model, step):
+        if step == stop:
+            raise KeyboardInterrupt
+
+    return hook
+
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_loss_falls_and_the_log_carries_the_activation_ratio(arch, tokens, tiny_tokenizer, tmp_path):
     model, hooks = tiny(arch, "none", tiny_tokenizer)
@@ -72,13 +82,9 @@ def test_a_killed_run_resumes_to_the_same_weights(tokens, tiny_tokenizer, tmp_pa
     unbroken, hooks = tiny("llama", "tvr", tiny_tokenizer)
     train(unbroken, tokens, cfg, tmp_path / "a", tiny_tokenizer.bos_token_id, hooks, progress=False)
 
-    def kill_at_6(model, step):
-        if step == 6:
-            raise KeyboardInterrupt
-
     first, hooks = tiny("llama", "tvr", tiny_tokenizer)
     with pytest.raises(KeyboardInterrupt):
-        train(first, tokens, cfg, tmp_path / "b", tiny_tokenizer.bos_token_id, [*hooks, kill_at_6], progress=False)
+        train(first, tokens, cfg, tmp_path / "b", tiny_tokenizer.bos_token_id, [*hooks, kill_at(6)], progress=False)
     assert json.loads((tmp_path / "b" / CHECKPOINT / "state.json").read_text())["step"] == 4
     resumed, hooks = tiny("llama", "tvr", tiny_tokenizer, seed=1)  # other init: the checkpoint must overwrite it
     result = train(resumed, tokens, cfg, tmp_path / "b", tiny_tokenizer.bos_token_id, hooks, progress=False)
@@ -128,13 +134,9 @@ def test_a_budget_gone_before_the_first_step_saves_nothing_and_leaves_no_folder(
 def test_a_resumed_run_out_of_budget_before_its_first_step_is_left_as_it_was(tokens, tiny_tokenizer, tmp_path):
     cfg = TrainConfig(steps=8, batch_size=2, context=32, log_every=2, checkpoint_every=2)
 
-    def kill_at_3(model, step):
-        if step == 3:
-            raise KeyboardInterrupt
-
     model, _ = tiny("gpt2", "none", tiny_tokenizer)
     with pytest.raises(KeyboardInterrupt):
-        train(model, tokens, cfg, tmp_path, 0, [kill_at_3], progress=False)
+        train(model, tokens, cfg, tmp_path, 0, [kill_at(3)], progress=False)
     before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
     with pytest.raises(ConfigError, match="budget ran out before the first training step"):
         train(model, tokens, replace(cfg, budget_minutes=0.0), tmp_path, 0, progress=False)
@@ -228,12 +230,8 @@ def test_checkpoints_from_before_precision_and_grad_accum_resume(tokens, tiny_to
     model, _ = tiny("llama", "none", tiny_tokenizer)
     cfg = TrainConfig(steps=3, batch_size=2, context=32, checkpoint_every=1)
 
-    def kill_at_2(model, step):
-        if step == 2:
-            raise KeyboardInterrupt
-
     with pytest.raises(KeyboardInterrupt):  # killed after the checkpoint of step 1
-        train(model, tokens, cfg, tmp_path, 0, [kill_at_2], progress=False)
+        train(model, tokens, cfg, tmp_path, 0, [kill_at(2)], progress=False)
     state_path = tmp_path / CHECKPOINT / "state.json"
     state = json.loads(state_path.read_text())
     for key in ("precision", "grad_accum"):  # as a checkpoint written before these settings existed
@@ -259,13 +257,9 @@ def test_on_cuda_bf16_accumulated_training_moves_everything_to_the_gpu_and_resum
     log = [json.loads(line) for line in (tmp_path / "a" / LOG).read_text().splitlines()]
     assert [e["step"] for e in log] == [2, 4, 6] and all(math.isfinite(e["loss"]) for e in log)
 
-    def kill_at_3(model, step):
-        if step == 3:
-            raise KeyboardInterrupt
-
     first, hooks = tiny("llama", "tvr+kv_bias+gated_attention", tiny_tokenizer)
     with pytest.raises(KeyboardInterrupt):
-        train(first, tokens, cfg, tmp_path / "b", tiny_tokenizer.bos_token_id, [*hooks, kill_at_3], progress=False)
+        train(first, tokens, cfg, tmp_path / "b", tiny_tokenizer.bos_token_id, [*hooks, kill_at(3)], progress=False)
     resumed, hooks = tiny("llama", "tvr+kv_bias+gated_attention", tiny_tokenizer, seed=1)
     assert train(resumed, tokens, cfg, tmp_path / "b", tiny_tokenizer.bos_token_id, hooks, progress=False).step == 6
     for (name, a), (_, b) in zip(unbroken.state_dict().items(), resumed.state_dict().items(), strict=True):
