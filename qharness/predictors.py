@@ -72,16 +72,21 @@ def predictors(points: list[dict[str, Any]], resamples: int = 2000) -> list[dict
         rho = low = high = None
         if n >= 3:
             xs, ys = [p[candidate] for p in usable], [p["rel"] for p in usable]
-            rho = spearman(xs, ys)
-            low, high = bootstrap_interval(xs, ys, resamples)
-        out.append({"measure": candidate, "n": n, "models": len({p["model"] for p in usable}),
-                    "spearman": rho, "low": low, "high": high, "verdict": verdict(n, rho, low, high)})
+            if len(set(xs)) > 1 and len(set(ys)) > 1:  # a constant (one model's ratio) has no ranks: rho is nan
+                rho = spearman(xs, ys)
+                low, high = bootstrap_interval(xs, ys, resamples)
+        models = len({p["model"] for p in usable})
+        out.append({"measure": candidate, "n": n, "models": models, "spearman": rho, "low": low, "high": high,
+                    "verdict": verdict(n, rho, low, high, models)})
     return out
 
 
-def verdict(n: int, rho: float | None, low: float | None, high: float | None) -> str:
-    if n < MIN_POINTS or rho is None or rho != rho:
+def verdict(n: int, rho: float | None, low: float | None, high: float | None, models: int = 0) -> str:
+    if n < MIN_POINTS:
         return f"too few points to conclude (n = {n}, needs {MIN_POINTS})"
+    if rho is None or rho != rho:
+        return (f"the measure or the loss does not vary over these {n} points"
+                + (" (one model: a per-model measure is one value)" if models == 1 else ""))
     if low is not None and low > 0:
         return "predicts it: higher measure, larger loss (interval above 0)"
     if high is not None and high < 0:

@@ -290,3 +290,18 @@ def test_predictors_pool_every_model_and_scheme_with_an_interval():
     assert bootstrap_interval([1, 2, 3, 4], [1, 2, 3, 4], resamples=50) == pytest.approx((1.0, 1.0))
     low, high = bootstrap_interval(list(range(30)), [(7 * i) % 30 for i in range(30)], resamples=300)
     assert low < 0 < high  # unrelated: the interval spans 0
+
+
+def test_a_measure_that_does_not_vary_has_no_rho_and_says_why():
+    """One model under ten schemes: its massive ratio is one value, so there are no ranks to correlate (nan)."""
+    from qharness.degradation import Degradation
+    from qharness.predictors import predictor_points, predictors, predictors_markdown
+
+    items = [Degradation("m", f"q{i}", "sim", "", "t", "ppl", 20.0 + i, 20.0, False) for i in range(10)]
+    points = predictor_points(items, {"m": {"massive_ratio": 1e4, "max_kurtosis": 30.0}}, [])
+    ratio = {r["measure"]: r for r in predictors(points, resamples=50)}["massive_ratio"]
+    assert ratio["n"] == 10 and ratio["spearman"] is None and ratio["low"] is None
+    assert ratio["verdict"] == "the measure or the loss does not vary over these 10 points (one model: a per-model " \
+                               "measure is one value)"
+    table = "\n".join(predictors_markdown(predictors(points, resamples=50), lambda head, rows: repr(rows)))
+    assert "nan" not in table
