@@ -104,6 +104,9 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--keep-channels", default="", type=_positions, metavar="C,D",
                         help="hidden channels kept in full precision in the inputs that read the hidden state, "
                              "e.g. the massive channels `qharness scan` reports")
+    parser.add_argument("--keep-linears", default="", type=_names, metavar="NAME,NAME",
+                        help="Linears left in full precision, by a part of their name (q_proj,k_proj,v_proj): "
+                             "which weights carry a scheme's loss")
     parser.add_argument("--kv", default="none", metavar="SETTING",
                         help="also quantize the KV cache of every scheme, e.g. int4-token or int4-kivi+keep0; with "
                              "--quant none only the cache (`qharness list kv`; default none)")
@@ -256,7 +259,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     spec = RunSpec(
         model=ModelSpec(args.model, dtype=args.dtype, device=args.device), quants=args.quant,
-        backend=args.backend, keep=Keep(args.keep_positions, args.keep_channels),
+        backend=args.backend, keep=Keep(args.keep_positions, args.keep_channels, args.keep_linears),
         tasks=DEFAULT_TASKS if args.task is None else args.task, bos=args.bos, limit=args.limit,
         batch_size=args.batch_size,
         seed=args.seed, results=args.results, force=args.force, progress=not args.quiet,

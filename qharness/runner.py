@@ -183,12 +183,20 @@ def reselect_backends(spec: RunSpec, cells: list[Cell], schemes: dict[str, Quant
 
 
 def check_keep(keep: Keep, loaded: LoadedModel, tasks: list[TaskSpec]) -> None:
-    """Kept positions and channels must exist: an index past the end would keep nothing while the row says it did."""
+    """Kept positions, channels and Linears must exist: one past the end would keep nothing while the row says it
+    did."""
     hidden = getattr(loaded.model.config, "hidden_size", None) or getattr(loaded.model.config, "n_embd", None)
     wide = [c for c in keep.channels if hidden is not None and c >= hidden]
     if wide:
         raise ConfigError(f"--keep-channels {','.join(map(str, wide))} is past the model's hidden size {hidden}; "
                           f"valid channels are 0..{hidden - 1} (`qharness scan` names the massive ones)")
+    if keep.linears:
+        names = list(target_linears(loaded.model))
+        unmatched = [part for part in keep.linears if not any(part in name for name in names)]
+        if unmatched:
+            examples = sorted({name.rpartition(".")[2] for name in names})[:8]
+            raise ConfigError(f"--keep-linears {','.join(unmatched)} names no Linear that a scheme quantizes; this "
+                              f"model's are e.g. {', '.join(examples)}")
     windows = [task.context_length for task in tasks if task.kind == "perplexity"]
     longest = max(windows, default=None)
     far = [p for p in keep.positions if longest is not None and p >= longest]

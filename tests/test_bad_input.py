@@ -247,6 +247,10 @@ CASES: dict[str, tuple[Setup, str]] = {
     "tune: name without its mitigation": (lambda tmp, m, t: ["run", "--model", "tune:smollm2-135m", "--results",
                                                              str(tmp / "lb.csv")], "names no mitigation"),
     "unknown argument": (lambda tmp, m, t: ["run", "--bogus"], "unrecognized arguments: --bogus"),
+    "--keep-linears naming no Linear": (_run("--keep-linears", "q_proj,qproj"),
+                                        "--keep-linears qproj names no Linear that a scheme quantizes; this model's "
+                                        "are e.g."),
+    "--keep-linears not a name": (_run("--keep-linears", "q-proj"), "kept Linears are parts of module names like"),
     "train --from --penalty-strength -1": (_tune("outlier_penalty", "--penalty-strength", "-1"),
                                            "outlier_penalty strength must be a number > 0"),
     "train --from --penalty-threshold 0": (_tune("outlier_penalty", "--penalty-threshold", "0"),

@@ -53,11 +53,11 @@ def quantize_(
     the model, and a named backend that declines it raises before any weight changes."""
     first = next(model.parameters())
     context = context or QuantContext(first.device)
-    targets = target_linears(model, skip)
+    keep = keep or Keep()
+    targets = target_linears(model, lambda name: skip(name) or keep.keeps_linear(name))
     chosen = select_backend(scheme, first.device, backend, dtype=first.dtype, targets=targets)
     impl = load_backends().get(chosen)
-    keep = keep or Keep()
-    if keep and not impl.supports_keep:
+    if keep.in_activations and not impl.supports_keep:
         raise BackendUnavailable(f"backend '{chosen}' cannot keep token positions or channels in full precision; "
                                  "use --backend sim")
     impl.apply(model, scheme, targets, keep, context)

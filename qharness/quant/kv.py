@@ -121,8 +121,8 @@ def split_quants(quants: tuple[str, ...], kv: KVSetting | None, has_keep: bool) 
         raise ConfigError(f"--quant {NONE} alone is the full-precision baseline every run computes; add --kv "
                           "SETTING to quantize only the KV cache (`qharness list kv`), or name a scheme")
     if kv_only and not schemes and has_keep:
-        raise ConfigError(f"--keep-positions/--keep-channels keep Linear inputs exact, but --quant {NONE} quantizes "
-                          f"no Linear; drop them (to keep the KV cache's first token exact: --kv "
+        raise ConfigError(f"--keep-positions/--keep-channels/--keep-linears keep Linears exact, but --quant {NONE} "
+                          f"quantizes no Linear; drop them (to keep the KV cache's first token exact: --kv "
                           f"{kv.name.split('+')[0]}+{KEEP_FIRST})")
     return schemes, kv_only
 

@@ -10,6 +10,7 @@ scale format, so their names stop at `<what>`.
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
@@ -147,21 +148,36 @@ class Keep:
 
     positions: tuple[int, ...] = ()
     channels: tuple[int, ...] = ()
+    # Linears left unquantized, named by a part of their qualified name ('q_proj' keeps every layer's q_proj): to
+    # find which weights a loss lives in (mixed precision by module, as in "skip lm_head" or "keep down_proj")
+    linears: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if any(p < 0 for p in self.positions):
             raise ConfigError(f"kept positions must be >= 0, got {self.positions}")
         if any(c < 0 for c in self.channels):
             raise ConfigError(f"kept channels must be >= 0, got {self.channels}")
+        bad = [name for name in self.linears if not re.fullmatch(r"[\w.]+", name)]
+        if bad:
+            raise ConfigError(f"kept Linears are parts of module names like q_proj or layers.0.mlp, got {bad}")
 
     def __bool__(self) -> bool:
+        return bool(self.positions or self.channels or self.linears)
+
+    @property
+    def in_activations(self) -> bool:
+        """Whether something is kept inside a quantized Linear's input (what a backend must support)."""
         return bool(self.positions or self.channels)
+
+    def keeps_linear(self, name: str) -> bool:
+        return any(part in name for part in self.linears)
 
     @property
     def label(self) -> str:
-        """The results column: '' for nothing kept, else e.g. 'pos:0', 'ch:507' or 'pos:0;ch:507'."""
+        """The results column: '' for nothing kept, else e.g. 'pos:0', 'ch:507', 'pos:0;ch:507' or 'lin:q_proj'."""
         parts = [f"{name}:{','.join(map(str, values))}"
-                 for name, values in (("pos", self.positions), ("ch", self.channels)) if values]
+                 for name, values in (("pos", self.positions), ("ch", self.channels), ("lin", self.linears))
+                 if values]
         return ";".join(parts)
 
 

@@ -86,3 +86,18 @@ def test_four_bit_activations_cost_more_than_eight_and_per_tensor_most(tiny_mode
             quantize_(model, get_scheme(name), backend="sim")
             sqnr[name] = sqnr_db(reference, model(ids).logits)
     assert sqnr["int4-w4a8-token"] > sqnr["int4-w4a4-token"] > sqnr["int4-w4a4-tensor"], sqnr
+
+
+def test_kept_linears_stay_unquantized_and_are_named_in_the_label(tiny_model):
+    from qharness.quant.schemes import Keep
+
+    keep = Keep(linears=("q_proj", "layers.1.mlp"))
+    quantize_(tiny_model, get_scheme("int8-w8a8-token"), backend="sim", keep=keep)
+    kinds = {name: type(module) for name, module in tiny_model.named_modules()
+             if isinstance(module, torch.nn.Linear | SimQuantLinear) and name.startswith("model.layers.")}
+    exact = {name for name, kind in kinds.items() if kind is torch.nn.Linear}
+    assert exact == {"model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj",
+                     "model.layers.1.mlp.gate_proj", "model.layers.1.mlp.up_proj", "model.layers.1.mlp.down_proj"}
+    assert sum(kind is SimQuantLinear for kind in kinds.values()) == 14 - len(exact)
+    assert keep.label == "lin:q_proj,layers.1.mlp" and not keep.in_activations
+    assert Keep(positions=(0,), linears=("o_proj",)).label == "pos:0;lin:o_proj"
