@@ -20,14 +20,14 @@ ROTATE = pytest.param("rotate", marks=pytest.mark.needs("torchao"))
 FP32_TOLERANCE = 1e-5
 
 
-def gqa_llama(vocab_size: int, tied: bool = False, seed: int = 0):
+def gqa_llama(vocab_size: int, tied: bool = False, seed: int = 0, weight_std: float = 0.02):
     """A tiny Llama whose norms are not all ones (so folding them matters), with grouped-query attention."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     config = LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                         bos_token_id=0, eos_token_id=1, tie_word_embeddings=tied)
+                         initializer_range=weight_std, bos_token_id=0, eos_token_id=1, tie_word_embeddings=tied)
     model = LlamaForCausalLM(config).eval()
     with torch.no_grad():
         for name, param in model.named_parameters():
@@ -209,18 +209,7 @@ def test_rotate_refuses_a_width_with_no_known_hadamard():
 
 def wide_llama(vocab_size: int, seed: int = 0):
     """gqa_llama with weights of std 0.3: bf16's rounding of them moves the logits as far as a wrong layout does."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                         initializer_range=0.3, bos_token_id=0, eos_token_id=1, tie_word_embeddings=False)
-    model = LlamaForCausalLM(config).eval()
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "norm" in name:
-                param.uniform_(0.5, 1.5)
-    return model
+    return gqa_llama(vocab_size, seed=seed, weight_std=0.3)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
