@@ -11,6 +11,7 @@ atomic and locked.
     tasks: [kjv-heldout, wordnet-heldout]
     tasks_for: {smollm2-135m: [kjv-heldout]}   # optional: other tasks for the models named
     keep_positions: [[], [0]]     # optional: also each scheme with BOS in full precision
+    keep_linears: [[], [q_proj, k_proj, v_proj]]  # optional: also each scheme with these Linears in fp
     kv: [none, int4-kivi+keep0]   # optional: also each scheme with a quantized KV cache (`qharness list kv`)
     transforms: ['', rotate]      # optional: also each scheme after a transform (`qharness list transforms`)
     limit: 2                      # optional: windows / items per task
@@ -44,6 +45,7 @@ class SweepConfig:
     tasks: tuple[str, ...] = DEFAULT_TASKS
     tasks_for: dict[str, tuple[str, ...]] = field(default_factory=dict)  # model -> its own task list
     keep_positions: tuple[tuple[int, ...], ...] = ((),)
+    keep_linears: tuple[tuple[str, ...], ...] = ((),)  # each a list of Linear names left in fp, as --keep-linears
     kv: tuple[str, ...] = ("none",)  # KV-cache settings, each a run of its own
     transforms: tuple[str, ...] = ("",)  # '' for none, or a --transform value
     limit: int | None = None
@@ -66,6 +68,9 @@ class SweepConfig:
             raise ConfigError("sweep transforms is an empty list; give at least one ('' or none: no transform)")
         if not self.keep_positions:
             raise ConfigError("sweep keep_positions is an empty list; give at least one ([]: no position kept)")
+        if not self.keep_linears:
+            raise ConfigError("sweep keep_linears is an empty list; give at least one ([]: every Linear quantized)")
+        Keep(linears=tuple(name for names in self.keep_linears for name in names))  # names checked before a model
         if self.limit is not None and self.limit < 1:
             raise ConfigError(f"sweep limit must be >= 1 window, got {self.limit}")
         if self.batch_size < 1:
@@ -85,11 +90,11 @@ class SweepConfig:
     def run_specs(self) -> list[RunSpec]:
         return [
             RunSpec(model=ModelSpec(model, dtype=self.dtype, device=self.device), quants=self.quants,
-                    tasks=self.tasks_for.get(model, self.tasks), backend=self.backend, keep=Keep(positions),
-                    limit=self.limit, batch_size=self.batch_size, results=Path(self.results), progress=False,
-                    kv=kv, transform=transform)
-            for model in self.models for positions in self.keep_positions for kv in self.kv
-            for transform in self.transforms
+                    tasks=self.tasks_for.get(model, self.tasks), backend=self.backend,
+                    keep=Keep(positions, linears=linears), limit=self.limit, batch_size=self.batch_size,
+                    results=Path(self.results), progress=False, kv=kv, transform=transform)
+            for model in self.models for positions in self.keep_positions for linears in self.keep_linears
+            for kv in self.kv for transform in self.transforms
         ]
 
 
@@ -163,7 +168,7 @@ def sweep(config: SweepConfig, say: Callable[[str], Any] = print) -> SweepReport
         return SweepReport(_run_ray(specs, config.scan))
     report = SweepReport()
     for i, spec in enumerate(specs, 1):
-        say(f"[{i}/{len(specs)}] {spec.model.name}" + (f" keep {spec.keep.label}" if spec.keep.positions else "")
+        say(f"[{i}/{len(specs)}] {spec.model.name}" + (f" keep {spec.keep.label}" if spec.keep else "")
             + (f" kv {spec.kv}" if spec.kv != "none" else "")
             + (f" transform {spec.transform}" if spec.transform else ""))
         report.reports.append(run(spec, say=say))

@@ -31,6 +31,17 @@ def test_sweep_runs_the_grid_once_and_skips_it_after(tiny_model_dir, tiny_task_d
     assert sweep(config, say=lambda m: None).computed == 0
 
 
+def test_sweep_keeps_named_linears_in_a_run_of_their_own(tiny_model_dir, tiny_task_dir, tmp_path):
+    config = write_config(tmp_path, tiny_model_dir, tiny_task_dir, ["int8"], keep_linears="[[], [q_proj, down_proj]]")
+    assert sweep(config, say=lambda m: None).computed == 3
+    rows = read_rows(tmp_path / "lb.csv")
+    assert [(r["quant"], r["keep"]) for r in rows] == [
+        ("none", ""), ("int8-w8a8-token", ""), ("int8-w8a8-token", "lin:q_proj,down_proj")]
+    assert rows[1]["value"] != rows[2]["value"]  # the kept Linears changed the result
+    with pytest.raises(ConfigError, match="kept Linears are parts of module names"):
+        write_config(tmp_path, tiny_model_dir, tiny_task_dir, ["int8"], keep_linears="[['q-proj']]")
+
+
 def test_sweep_transforms_each_scheme_against_one_untransformed_baseline(tiny_model_dir, tiny_task_dir, tmp_path):
     config = write_config(tmp_path, tiny_model_dir, tiny_task_dir, ["int8"], transforms="['', smoothquant]")
     assert sweep(config, say=lambda m: None).computed == 3
