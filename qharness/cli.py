@@ -429,10 +429,10 @@ def _train_from(args: argparse.Namespace) -> int:
     """`train --from MODEL --mitigation M --out DIR`: continued training into a folder of your own."""
     from dataclasses import replace
 
-    from qharness.models.sources.tune import check_context, recipe_for
+    from qharness.models.sources.tune import recipe_for
     from qharness.results import check_writable_dir
     from qharness.training.ensure import ensure
-    from qharness.training.tune import check_data, continue_training, loss_penalty
+    from qharness.training.tune import check_recipe, continue_training
 
     if args.out is None:
         raise QHarnessError(f"qharness train --from needs --out FOLDER (or --model tune:{args.from_model}-"
@@ -442,9 +442,7 @@ def _train_from(args: argparse.Namespace) -> int:
                if v is not None}
     recipe = replace(recipe, train=train_config(args, recipe.train), penalty=tuple(sorted(penalty.items())),
                      data=tuple(args.data or ()))
-    loss_penalty(recipe)  # its settings are checked before a model loads
-    check_context(recipe)
-    check_data(recipe.data)  # and the data: before a zoo base trains for minutes, or any model loads
+    check_recipe(recipe)  # before a zoo base trains for minutes, or any model loads
     check_writable_dir(args.out, "--out")
     ensure(recipe.base, progress=not args.quiet)
     result = continue_training(recipe, args.out, progress=not args.quiet, budget_minutes=args.budget)

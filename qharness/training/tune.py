@@ -31,7 +31,7 @@ from qharness.errors import ConfigError, DataError, first_line
 from qharness.models import mitigations
 from qharness.models.drift import logit_drift
 from qharness.models.sources import ModelSpec, load_model
-from qharness.models.sources.tune import folder_for, recipe_for
+from qharness.models.sources.tune import check_context, folder_for, recipe_for
 from qharness.provenance import row_fields
 from qharness.recipe import TUNE_TRAIN, TuneRecipe
 from qharness.training.heldout import Decontaminator
@@ -212,6 +212,14 @@ def loss_penalty(recipe: TuneRecipe) -> Any:
     return penalties[0].penalty(dict(recipe.penalty))
 
 
+def check_recipe(recipe: TuneRecipe) -> None:
+    """Everything about a continued training that can be refused before a model loads or its base trains for
+    minutes: the penalty's settings, the sequence length against the base's positions, and the data."""
+    loss_penalty(recipe)
+    check_context(recipe)
+    check_data(recipe.data)
+
+
 def continue_training(recipe: TuneRecipe, out_dir: Path, progress: bool = True, budget_minutes: float | None = None,
                       device: str = "auto") -> TrainResult:
     """Train `recipe.base` further with `recipe.mitigation` in out_dir (checkpoint, log) and save the model to
@@ -222,8 +230,8 @@ def continue_training(recipe: TuneRecipe, out_dir: Path, progress: bool = True, 
     done = finished_run(out_dir, recipe.digest())
     if done is not None:
         return done
+    check_recipe(recipe)
     penalty = loss_penalty(recipe)
-    check_data(recipe.data)
     loaded = load_model(ModelSpec(recipe.base, dtype="fp32", device=device), progress=progress)
     model, tokenizer = loaded.model, loaded.tokenizer
     change = retrofit_(model, recipe.mitigation, tokenizer)
