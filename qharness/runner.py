@@ -38,7 +38,7 @@ from qharness.quant.calibrate import CALIBRATION_LENGTH, calibration_batches, ca
 from qharness.quant.footprint import weight_bytes
 from qharness.quant.kv import check_kv_model, get_kv, kv_quantized, split_quants
 from qharness.quant.schemes import SCHEMES, Keep, QuantScheme, get_scheme
-from qharness.quant.transforms import check_transform, parse_transform, transform_
+from qharness.quant.transforms import check_transform, names_a_transform, parse_transform, transform_
 from qharness.recipe import check_seed
 from qharness.results import (
     BASELINE,
@@ -87,7 +87,7 @@ class RunSpec:
         check_seed(self.seed, "run")
         if not self.tasks:
             raise ConfigError("no task given; pass --task with at least one task name")
-        if self.layer_errors and self.transform.strip() not in ("", "none"):
+        if self.layer_errors and names_a_transform(self.transform):
             raise ConfigError("--layer-errors compares each layer with the untransformed fp model, whose layers a "
                               "transform changes by design (only the logits are kept); drop one of --layer-errors "
                               "and --transform")
@@ -182,7 +182,7 @@ def reselect_backends(spec: RunSpec, cells: list[Cell], schemes: dict[str, Quant
             _key_cell(spec, cell, loaded.device.type, dtype_name(loaded.dtype))
 
 
-def check_keep(keep: Keep, loaded: LoadedModel, tasks: list[TaskSpec]) -> None:
+def check_keep(keep: Keep, loaded: LoadedModel, targets: dict[str, Any], tasks: list[TaskSpec]) -> None:
     """Kept positions, channels and Linears must exist: one past the end would keep nothing while the row says it
     did."""
     hidden = getattr(loaded.model.config, "hidden_size", None) or getattr(loaded.model.config, "n_embd", None)
@@ -190,13 +190,11 @@ def check_keep(keep: Keep, loaded: LoadedModel, tasks: list[TaskSpec]) -> None:
     if wide:
         raise ConfigError(f"--keep-channels {','.join(map(str, wide))} is past the model's hidden size {hidden}; "
                           f"valid channels are 0..{hidden - 1} (`qharness scan` names the massive ones)")
-    if keep.linears:
-        names = list(target_linears(loaded.model))
-        unmatched = [part for part in keep.linears if not any(part in name for name in names)]
-        if unmatched:
-            examples = sorted({name.rpartition(".")[2] for name in names})[:8]
-            raise ConfigError(f"--keep-linears {','.join(unmatched)} names no Linear that a scheme quantizes; this "
-                              f"model's are e.g. {', '.join(examples)}")
+    unmatched = keep.linears_matching_none(targets)
+    if unmatched:
+        examples = sorted({name.rpartition(".")[2] for name in targets})[:8]
+        raise ConfigError(f"--keep-linears {','.join(unmatched)} names no Linear that a scheme quantizes; this "
+                          f"model's are e.g. {', '.join(examples)}")
     windows = [task.context_length for task in tasks if task.kind == "perplexity"]
     longest = max(windows, default=None)
     far = [p for p in keep.positions if longest is not None and p >= longest]
@@ -283,10 +281,10 @@ def run(spec: RunSpec, say: Callable[[str], None] = print) -> RunReport:
     ensure(spec.model.name, progress=spec.progress)
     say(f"loading {spec.model.name} ...")
     loaded = load_model(spec.model, progress=spec.progress)
-    check_keep(spec.keep, loaded, [cell.task for cell in cells])
+    targets = target_linears(loaded.model)
+    check_keep(spec.keep, loaded, targets, [cell.task for cell in cells])
     kv = get_kv(spec.kv)
     check_kv_model(loaded.model, kv)
-    targets = target_linears(loaded.model)
     reselect_backends(spec, cells, schemes, loaded, targets)
     keys = [k for cell in cells for k in cell.row_keys.values()]
     todo = [c for c in cells if any(k not in done for k in c.row_keys.values())]

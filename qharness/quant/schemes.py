@@ -11,6 +11,7 @@ scale format, so their names stop at `<what>`.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
@@ -171,6 +172,11 @@ class Keep:
 
     def keeps_linear(self, name: str) -> bool:
         return any(part in name for part in self.linears)
+
+    def linears_matching_none(self, names: Iterable[str]) -> list[str]:
+        """The kept Linear names that are part of none of `names`: they would keep nothing."""
+        names = list(names)
+        return [part for part in self.linears if not any(part in name for name in names)]
 
     @property
     def label(self) -> str:

@@ -64,9 +64,14 @@ class TransformSpec:
         return self.name if self.argument is None else f"{self.name}:{self.argument:g}"
 
 
+def names_a_transform(text: str) -> bool:
+    """'' and 'none' (any spacing) mean no transform."""
+    return text.strip() not in ("", "none")
+
+
 def parse_transform(text: str) -> TransformSpec | None:
     """'' or 'none' -> None; 'rotate' -> rotate; 'smoothquant:0.8' -> smoothquant with alpha 0.8."""
-    if text.strip() in ("", "none"):
+    if not names_a_transform(text):
         return None
     name, has_argument, raw = text.strip().partition(":")
     entry = load_transforms().get(name)
