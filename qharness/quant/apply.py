@@ -10,13 +10,14 @@ projections are converted to equivalent nn.Linear first, so every backend sees t
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 
 from torch import nn
 
 from qharness.errors import BackendUnavailable
 from qharness.models.layers import decoder_layers
-from qharness.quant.backend import QuantContext, load_backends, select_backend
+from qharness.quant.backend import QuantContext, backend_note, load_backends, select_backend
 from qharness.quant.modules import conv1d_to_linear, swap_module
 from qharness.quant.schemes import Keep, QuantScheme
 
@@ -60,5 +61,8 @@ def quantize_(
     if keep.in_activations and not impl.supports_keep:
         raise BackendUnavailable(f"backend '{chosen}' cannot keep token positions or channels in full precision; "
                                  "use --backend sim")
+    note = backend_note(chosen, scheme, first.device, backend)
+    if note:  # the CLI's runner says it too; a library user gets it through logging
+        logging.getLogger("qharness").warning(note)
     impl.apply(model, scheme, targets, keep, context)
     return chosen

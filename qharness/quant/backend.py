@@ -67,6 +67,10 @@ class Capability:
     width_multiple: int = 1  # every target's input and output widths must be multiples of this
     input_multiple: int = 1  # and its input width of this (a kernel that counts packed bytes along it)
     needs: tuple[str, ...] = ()  # build tools (keys of TOOLS) for an extension compiled at first use
+    build_note: str = ""  # what building that extension costs, said before it starts (e.g. "1-3 minutes")
+    # a weight shape (out, in) the library misreads, and why: torchao 0.18 takes a per-tensor scale of a 128x128
+    # weight for a 128x128 block scale and asserts in the first matmul, after every weight was quantized
+    not_shape: tuple[tuple[int, int], str] | None = None
 
 
 def everywhere(**limits: Any) -> tuple[Capability, ...]:
@@ -174,6 +178,10 @@ def _check_widths(backend: Backend, cap: Capability, scheme: Any, targets: Mappi
             raise BackendUnavailable(f"backend '{backend.name}' runs '{scheme.name}' on input widths divisible by "
                                      f"{cap.input_multiple} (packed operands); {name} has {in_features}; "
                                      f"{_alternatives(backend, scheme, device)}")
+        if cap.not_shape is not None and (out_features, in_features) == cap.not_shape[0]:
+            raise BackendUnavailable(f"backend '{backend.name}' cannot run '{scheme.name}' on a "
+                                     f"{out_features}x{in_features} weight ({name}): {cap.not_shape[1]}; "
+                                     f"{_alternatives(backend, scheme, device)}")
         if out_features % cap.width_multiple or in_features % cap.width_multiple:
             raise BackendUnavailable(f"backend '{backend.name}' runs '{scheme.name}' on widths divisible by "
                                      f"{cap.width_multiple}; {name} is {in_features}x{out_features}; "
@@ -255,16 +263,27 @@ def recipe(table: Mapping[str, Any], backend: str, scheme: Any) -> Any:
     return table[scheme.name]
 
 
+def capability_on(backend: str, scheme: Any, device: torch.device) -> Capability | None:
+    """How `backend` runs `scheme` on `device`'s type; None where it does not."""
+    return next((c for c in load_backends().get(backend).runs(scheme) if c.device == device.type), None)
+
+
+def _needs_build(backend: str, scheme: Any, device: torch.device) -> bool:
+    cap = capability_on(backend, scheme, device)
+    return bool(cap and cap.needs)
+
+
 def select_backend(scheme: Any, device: torch.device, requested: str = "auto", dtype: torch.dtype | None = None,
                    targets: Mapping[str, nn.Module] | None = None) -> str:
     """The backend that will run `scheme` on `device` for a model of `dtype` with these target Linears (None: not
     known yet, so not checked); raises BackendUnavailable with what would work. `auto` skips a backend that declines
-    (a dtype, a ragged width) and falls back to the next, sim last."""
+    (a dtype, a ragged width) and falls back to the next, sim last; a backend that compiles its kernel at first use
+    comes after every one that needs no build."""
     backends = load_backends()
     if requested != "auto":
         backends.get(requested).check(device, scheme, dtype, targets)
         return backends.get(requested).name
-    order = list(backends_for(scheme))
+    order = sorted(backends_for(scheme), key=lambda name: _needs_build(name, scheme, device))  # stable
     if device.type == "cpu" and "sim" in order:
         order = ["sim"]  # the reference math on CPU, so CPU runs are comparable whatever is installed
     reasons = []
@@ -276,3 +295,16 @@ def select_backend(scheme: Any, device: torch.device, requested: str = "auto", d
             reasons.append(str(exc))
     raise BackendUnavailable(f"no backend can run scheme '{scheme.name}' on {device.type}: "
                              f"{'; '.join(reasons) or 'none implements it'}")
+
+
+def backend_note(chosen: str, scheme: Any, device: torch.device, requested: str = "auto") -> str | None:
+    """One line a user should read before quantizing starts, or None: a kernel compiled at first use (minutes with
+    no output otherwise), or `auto` on CUDA running sim because no library kernel computes this scheme exactly."""
+    cap = capability_on(chosen, scheme, device)
+    if cap is not None and cap.needs:
+        return (f"{chosen} compiles its kernel for '{scheme.name}' at first use ({cap.build_note or 'minutes'}); "
+                "later runs reuse it")
+    if requested == "auto" and chosen == "sim" and device.type == "cuda":
+        return (f"no library kernel computes '{scheme.name}' exactly on this GPU: running sim, the reference "
+                "arithmetic (fake quantization: numbers, not speed)")
+    return None

@@ -21,10 +21,14 @@ from qharness.quant.schemes import Keep, QuantScheme
 if TYPE_CHECKING:
     from torch import nn
 
+# seen on an H200: the first fp8 run had not finished building after 90 s
+MARLIN = "quanto's Marlin fp8 kernel, typically several minutes, over 90 s on an H200"
+
 # scheme -> (where it runs, quanto's weight qtype, its activation qtype or None): the one table for this backend
 SCHEMES_HERE: dict[str, tuple[tuple[Capability, ...], str, str | None]] = {
     "int8-weight-channel": (everywhere(), "qint8", None),
-    "fp8-e4m3-weight": ((Capability("cpu"), Capability("cuda", needs=("nvcc", "ninja", "c++"))), "qfloat8", None),
+    "fp8-e4m3-weight": ((Capability("cpu"), Capability("cuda", needs=("nvcc", "ninja", "c++"), build_note=MARLIN)),
+                        "qfloat8", None),
     "int8-w8a8-tensor-static": (everywhere(), "qint8", "qint8"),
 }
 

@@ -24,6 +24,7 @@ BITS = {"int8": 8, "int4": 4, "fp8_e4m3": 8, "fp8_e5m2": 8, "fp4_e2m1": 4, "nf4"
 BLOCK_ELEMENTS = ("fp8_e4m3", "fp8_e5m2", "fp4_e2m1")  # element formats a microscaling block can hold
 BlockScale = Literal["e8m0", "e4m3"]
 Observer = Literal["minmax", "percentile"]
+ZeroPoint = Literal["int", "float"]
 
 
 @dataclass(frozen=True)
@@ -91,6 +92,10 @@ class TensorQuant:
     observer: Observer = "minmax"  # static only: calibration keeps the max |x|, or the mean per-batch percentile
     percentile: float = 99.99  # observer "percentile": which percentile of |x|
     scaled: bool = True  # False (fp8 only): cast as is, so values past the format's range saturate or overflow
+    # asymmetric only. "int": an integer zero point, the range stretched to hold an exact 0. "float": the zero point
+    # is a float (tinygemm's INT4 kernel: x' = (q - 8) s + z), the range is the group's own min..max, and s and z are
+    # computed and stored in the tensor's dtype (bf16 on the GPU), as torchao's tinygemm primitives do
+    zero_point: ZeroPoint = "int"
 
     def __post_init__(self) -> None:
         if self.format not in FORMATS:
@@ -99,6 +104,10 @@ class TensorQuant:
             raise ConfigError(f"format '{self.format}' is symmetric only; set symmetric=True")
         if not self.scaled and not self.format.startswith("fp8"):
             raise ConfigError(f"scaled=False is for fp8 formats only, not '{self.format}'")
+        if self.zero_point not in ("int", "float"):
+            raise ConfigError(f"unknown zero point '{self.zero_point}'; valid: int, float")
+        if self.zero_point == "float" and (self.symmetric or not self.format.startswith("int")):
+            raise ConfigError("a float zero point is for asymmetric integer formats; set symmetric=False")
         if self.observer not in ("minmax", "percentile"):
             raise ConfigError(f"unknown observer '{self.observer}'; valid: minmax, percentile")
         if not 0 < self.percentile <= 100:
@@ -276,6 +285,19 @@ def int4_weight_g128() -> QuantScheme:
         activations=None,
         description="INT4 weight-only round-to-nearest, asymmetric, groups of 128 input channels",
         reference="RTN g128 baseline of GPTQ/AWQ papers; torchao IntxWeightOnlyConfig(int4, PerGroup(128))",
+    )
+
+
+@SCHEMES.register("int4-weight-g128-tinygemm")
+def int4_weight_g128_tinygemm() -> QuantScheme:
+    return QuantScheme(
+        name="int4-weight-g128-tinygemm",
+        weights=TensorQuant("int4", PerGroup(128), symmetric=False, zero_point="float"),
+        activations=None,
+        description="INT4 weight-only, groups of 128, tinygemm's arithmetic: float zero point, each group's own "
+                    "min..max (0 not kept exact), scale and zero in the model's dtype",
+        reference="torchao Int4WeightOnlyConfig(TILE_PACKED_TO_4D), the CUDA tinygemm kernel (gpt-fast); "
+                  "torchao.quantization.quant_primitives._choose_qparams_affine_tinygemm",
     )
 
 

@@ -1,13 +1,19 @@
 """torchao backend: real int8 / int4 / fp8 kernels through `torchao.quantization.quantize_`.
 
-On CPU: int8 weight-only, int8 dynamic W8A8, int4 grouped weight-only (IntxWeightOnly), fp8 weight-only.
-On CUDA: the same plus fp8 dynamic W8A8 (compute capability >= 8.9) and the tinygemm int4 kernel.
-Numerics against `sim` (tests/quant/test_torchao.py): fp8 weight-only and int4 g128 agree to float rounding on CPU;
+On CPU: int8 weight-only, int8 dynamic W8A8, int4 grouped weight-only, fp8 weight-only.
+On CUDA: the same plus fp8 dynamic W8A8 (compute capability >= 8.9).
+Each entry of `SCHEMES_HERE` names the sim scheme whose arithmetic the library computes, never a near one:
+- `int4-weight-g128` (integer zero point, range holding 0) is torchao's IntxWeightOnly: dequantize + matmul, the
+  same numbers as sim on any device, and no faster than the fp matmul.
+- `int4-weight-g128-tinygemm` is the fast tinygemm kernel, which computes something else: a float zero point, each
+  group's own min..max, scale and zero stored in bf16. On a weight with one x40 input channel its output is 0.3
+  relative away from `int4-weight-g128` (measured, torchao's own primitives), so it has a sim scheme of its own,
+  bit-equal to torchao's primitives (tests/quant/test_sim.py), and on CPU torchao's tinygemm twin runs it.
 int8 differs by one grid convention (torchao scales by amax/127.5, sim and bitsandbytes by amax/127), within 1%.
 
 Limits read from torchao 0.18's source, declared in `SCHEMES_HERE` so `check` refuses before any weight moves:
-- int4 on CUDA: Int4WeightOnlyConfig's default packing (PLAIN, version 2) runs on the `mslk` package, which we do
-  not install; the tinygemm packing (`tile_packed_to_4d`) is built in but takes bfloat16 weights only and needs
+- tinygemm on CUDA: Int4WeightOnlyConfig's default packing (PLAIN, version 2) runs on the `mslk` package, which we
+  do not install; the tinygemm packing (`tile_packed_to_4d`) is built in but takes bfloat16 weights only and needs
   compute capability >= 8.0 (Int4TilePackedTo4dTensor.from_hp).
 - int4 and fp8 W8A8 leave a Linear in full precision, logging at INFO only, when its input width is not a whole
   number of groups (int4) or a width is not a multiple of 16 (fp8 `_scaled_mm`): the model is refused instead.
@@ -35,6 +41,11 @@ if TYPE_CHECKING:
     from torch import nn
 
 FP8_MM = dict(min_compute=(8, 9), width_multiple=16)  # torch._scaled_mm on CUDA
+# Float8Tensor records a per-tensor scale's block as the weight's whole shape, and its matmul tells block-scaled
+# weights by that shape alone (float8_tensor.py: _is_128_128_scaled), so a 128x128 weight asserts "input_tensor must
+# be 1x128 scaled" mid-run (seen on an H200)
+SQUARE_128 = (128, 128)
+MISREAD_128 = "torchao 0.18 reads its per-tensor scale as a 128x128 block scale and fails in the first matmul"
 
 
 def _int8_weight_only(scheme: QuantScheme, device: torch.device) -> Any:
@@ -49,18 +60,29 @@ def _int8_dynamic(scheme: QuantScheme, device: torch.device) -> Any:
     return Int8DynamicActivationInt8WeightConfig()
 
 
-def _int4_weight_only(scheme: QuantScheme, device: torch.device) -> Any:
+def _int4_integer_zero(scheme: QuantScheme, device: torch.device) -> Any:
+    """sim's int4-weight-g128 exactly (integer zero point): torchao dequantizes and multiplies, on any device."""
     import torch
-    from torchao.quantization import Int4WeightOnlyConfig, IntxWeightOnlyConfig
+    from torchao.quantization import IntxWeightOnlyConfig
     from torchao.quantization.granularity import PerGroup
     from torchao.quantization.quant_primitives import MappingType
-    from torchao.quantization.quantize_.workflows import Int4PackingFormat
 
-    group_size = scheme.weights.granularity.size
-    if device.type == "cuda":  # tinygemm: its zero point lives in the float domain, so not bit-equal to sim
-        return Int4WeightOnlyConfig(group_size=group_size, int4_packing_format=Int4PackingFormat.TILE_PACKED_TO_4D)
-    return IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(group_size),
+    return IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(scheme.weights.granularity.size),
                                 mapping_type=MappingType.ASYMMETRIC)
+
+
+def _int4_tinygemm(scheme: QuantScheme, device: torch.device) -> Any:
+    """The tinygemm int4 kernels (float zero point): `_weight_int4pack_mm` on CUDA, its CPU twin
+    `_weight_int4pack_mm_for_cpu` (torchao's prototype Int4OpaqueTensor) on CPU, so CI checks the same arithmetic."""
+    group_size = scheme.weights.granularity.size
+    if device.type == "cuda":
+        from torchao.quantization import Int4WeightOnlyConfig
+        from torchao.quantization.quantize_.workflows import Int4PackingFormat
+
+        return Int4WeightOnlyConfig(group_size=group_size, int4_packing_format=Int4PackingFormat.TILE_PACKED_TO_4D)
+    from torchao.prototype.quantization.int4 import PrototypeInt4WeightOnlyConfig
+
+    return PrototypeInt4WeightOnlyConfig(group_size=group_size, set_inductor_config=False)
 
 
 def _fp8_weight_only(scheme: QuantScheme, device: torch.device) -> Any:
@@ -106,11 +128,13 @@ BLOCK_MM = dict(min_compute=(10, 0), whole_groups=True, width_multiple=16)  # bl
 SCHEMES_HERE: dict[str, tuple[tuple[Capability, ...], Callable[[QuantScheme, torch.device], Any]]] = {
     "int8-weight-channel": (everywhere(), _int8_weight_only),
     "int8-w8a8-token": (everywhere(), _int8_dynamic),
-    "int4-weight-g128": ((Capability("cpu", whole_groups=True),
-                          Capability("cuda", dtypes=("bf16",), min_compute=(8, 0), whole_groups=True)),
-                         _int4_weight_only),
+    "int4-weight-g128": (everywhere(whole_groups=True), _int4_integer_zero),
+    "int4-weight-g128-tinygemm": ((Capability("cpu", whole_groups=True),
+                                   Capability("cuda", dtypes=("bf16",), min_compute=(8, 0), whole_groups=True)),
+                                  _int4_tinygemm),
     "fp8-e4m3-weight": (everywhere(), _fp8_weight_only),
-    "fp8-e4m3-w8a8-tensor": ((Capability("cuda", **FP8_MM),), _fp8_dynamic("tensor")),
+    "fp8-e4m3-w8a8-tensor": ((Capability("cuda", not_shape=(SQUARE_128, MISREAD_128), **FP8_MM),),
+                             _fp8_dynamic("tensor")),
     "fp8-e4m3-w8a8-token": ((Capability("cuda", dtypes=("bf16",), **FP8_MM),), _fp8_dynamic("row")),
     "mxfp8-w8a8": ((Capability("cuda", dtypes=("bf16",), **BLOCK_MM),), _mx_dynamic),
     "mxfp4-w4a4": ((Capability("cuda", dtypes=("bf16",), **BLOCK_MM),), _mx_dynamic),
@@ -135,7 +159,8 @@ def apply_torchao(model: nn.Module, scheme: QuantScheme, targets: dict[str, nn.L
 
 BACKENDS.add("torchao", Backend(
     name="torchao",
-    description="torchao kernels: int8 weight-only / dynamic W8A8, int4 g128, fp8 (fp8 W8A8 on CUDA >= 8.9)",
+    description="torchao kernels: int8 weight-only / dynamic W8A8, int4 g128 (integer or tinygemm zero point), fp8 "
+                "(fp8 W8A8 on CUDA >= 8.9)",
     apply=apply_torchao,
     capabilities={name: caps for name, (caps, _) in SCHEMES_HERE.items()},
     requires=("torchao",),

@@ -118,10 +118,12 @@ def test_microscaling_kernels_need_blackwell_so_auto_runs_sim_on_h100(h100):
 
 
 def test_auto_on_cuda_falls_back_to_sim_when_torchao_declines_the_model(h100):
-    int4 = get_scheme("int4")
-    assert select_backend(int4, h100, dtype=torch.bfloat16, targets=linears((128, 64), (256, 128))) == "torchao"
-    assert select_backend(int4, h100, dtype=torch.bfloat16, targets=linears((128, 64), (576, 128))) == "sim"
-    assert select_backend(int4, h100, dtype=torch.float32, targets=linears((128, 64))) == "sim"  # tinygemm: bf16
+    tinygemm = get_scheme("int4-weight-g128-tinygemm")
+    assert select_backend(tinygemm, h100, dtype=torch.bfloat16, targets=linears((128, 64), (256, 128))) == "torchao"
+    assert select_backend(tinygemm, h100, dtype=torch.bfloat16, targets=linears((128, 64), (576, 128))) == "sim"
+    assert select_backend(tinygemm, h100, dtype=torch.float32, targets=linears((128, 64))) == "sim"  # bf16 only
+    # the integer-zero-point scheme is torchao's dequantize + matmul: any dtype, the same arithmetic as sim
+    assert select_backend(get_scheme("int4"), h100, dtype=torch.float32, targets=linears((128, 64))) == "torchao"
     fp8_token = get_scheme("fp8-e4m3-w8a8-token")
     assert select_backend(fp8_token, h100, dtype=torch.float16) == "sim"
     assert select_backend(fp8_token, h100, dtype=torch.bfloat16, targets=linears((72, 64))) == "sim"  # not x16
@@ -153,14 +155,14 @@ def test_old_gpu_is_refused_with_the_capability_it_needs(h100, monkeypatch):
                                                  r"compute capability >= 8.9, not 8.6; use --backend sim"):
         select_backend(get_scheme("fp8"), h100, "torchao")
     monkeypatch.setattr(backend_module, "compute_capability", lambda device: (7, 5))
-    with pytest.raises(BackendUnavailable, match=r"'int4-weight-g128' on cuda with compute capability >= 8.0, "
-                                                 r"not 7.5"):
-        select_backend(get_scheme("int4"), h100, "torchao")
+    with pytest.raises(BackendUnavailable, match=r"'int4-weight-g128-tinygemm' on cuda with compute capability "
+                                                 r">= 8.0, not 7.5"):
+        select_backend(get_scheme("int4-weight-g128-tinygemm"), h100, "torchao")
 
 
 @pytest.mark.parametrize(("scheme", "backend", "dtype", "message"), [
-    ("int4", "torchao", torch.float32,
-     r"^backend 'torchao' runs 'int4-weight-g128' on cuda in bf16 only, not fp32; pass --dtype bf16 or use "
+    ("int4-weight-g128-tinygemm", "torchao", torch.float32,
+     r"^backend 'torchao' runs 'int4-weight-g128-tinygemm' on cuda in bf16 only, not fp32; pass --dtype bf16 or use "
      r"--backend sim \(same math, any device\)$"),
     ("fp8-e4m3-w8a8-token", "torchao", torch.float16,
      r"^backend 'torchao' runs 'fp8-e4m3-w8a8-token' on cuda in bf16 only, not fp16; pass --dtype bf16 or use "
@@ -233,3 +235,33 @@ def test_a_scheme_the_backend_lacks_is_named_before_a_missing_library(monkeypatc
     monkeypatch.setattr(backend_module, "_installed", lambda package: False)
     with pytest.raises(BackendUnavailable, match="^backend 'bnb' does not implement scheme 'int8-w8a8-tensor'"):
         select_backend(get_scheme("int8-w8a8-tensor"), CPU, "bnb")
+
+
+def test_torchao_fp8_per_tensor_refuses_a_128x128_weight_it_would_misread(h100):
+    """torchao 0.18 records a per-tensor scale's block as the weight's shape, and a 128x128 block means block
+    scaling to its matmul: the run asserted mid-way on an H200. Refused before any weight moves; auto runs sim."""
+    fp8 = get_scheme("fp8-e4m3-w8a8-tensor")
+    with pytest.raises(BackendUnavailable, match=r"^backend 'torchao' cannot run 'fp8-e4m3-w8a8-tensor' on a 128x128 "
+                                                 r"weight \(layers.1.proj\): torchao 0.18 reads its per-tensor scale "
+                                                 r"as a 128x128 block scale .*; use --backend sim"):
+        select_backend(fp8, h100, "torchao", dtype=torch.bfloat16, targets=linears((128, 256), (128, 128)))
+    assert select_backend(fp8, h100, dtype=torch.bfloat16, targets=linears((128, 128))) == "sim"
+    assert select_backend(fp8, h100, dtype=torch.bfloat16, targets=linears((128, 256), (256, 128))) == "torchao"
+    # per row the block is (1, in): never misread
+    assert select_backend(get_scheme("fp8-e4m3-w8a8-token"), h100, dtype=torch.bfloat16,
+                          targets=linears((128, 128))) == "torchao"
+
+
+def test_auto_prefers_a_backend_that_needs_no_build_and_a_build_is_announced(h100):
+    from qharness.quant.backend import backend_note
+
+    fp8_weight = get_scheme("fp8-e4m3-weight")  # quanto (Marlin, compiled at first use) and torchao run it on CUDA
+    assert select_backend(fp8_weight, h100, dtype=torch.bfloat16) == "torchao"
+    note = backend_note("quanto", fp8_weight, h100)
+    assert note.startswith("quanto compiles its kernel for 'fp8-e4m3-weight' at first use (quanto's Marlin fp8 "
+                           "kernel, typically several minutes")
+    assert backend_note("torchao", fp8_weight, h100) is None
+    # auto on CUDA running sim says that these are simulated numbers
+    assert "running sim, the reference arithmetic" in backend_note("sim", get_scheme("int8-w8a8-tensor"), h100)
+    assert backend_note("sim", get_scheme("int8-w8a8-tensor"), h100, requested="sim") is None
+    assert backend_note("sim", get_scheme("int8-w8a8-tensor"), CPU) is None

@@ -147,3 +147,24 @@ def test_grouped_int4_weights_combine_with_per_token_activations(name, activatio
     assert torch.allclose(out, x_q @ w_q.T + linear.bias.detach(), rtol=1e-12, atol=1e-12)
     per_channel = SimQuantLinear(linear, get_scheme(name.removesuffix("-g128"))).weight
     assert (w_q - w).norm() < (per_channel - w).norm()  # a scale per 128 inputs tracks the weights more closely
+
+
+def test_tinygemm_int4_keeps_a_float_zero_point_and_the_group_range_by_hand():
+    """lo = -0.25, hi = 7.25: s = 7.5 / 15 = 0.5, z = lo + 8 s = 3.75; q = round((x - lo) / s) on codes 0..15 (ties
+    to even) and x' = (q - 8) s + z. Zero is not on that grid (0 -> -0.25), where the integer zero point keeps it."""
+    x = torch.tensor([[-0.25, 0.0, 1.3, 7.25]])
+    tinygemm = get_scheme("int4-weight-g128-tinygemm").weights
+    assert tinygemm.zero_point == "float" and not tinygemm.symmetric
+    got = fake_quantize(x, TensorQuant("int4", PerGroup(4), symmetric=False, zero_point="float"))
+    assert got.tolist() == [[-0.25, -0.25, 1.25, 7.25]]
+    integer = fake_quantize(x, TensorQuant("int4", PerGroup(4), symmetric=False))
+    assert integer.tolist() == [ref_int_asymmetric(x[0].tolist(), -8, 7)] and integer[0, 1] == 0
+    for dtype in (torch.bfloat16, torch.float16):  # computed in the tensor's own dtype, as the kernel stores s, z
+        assert fake_quantize(x.to(dtype), tinygemm).dtype == dtype
+
+
+def test_a_float_zero_point_is_for_asymmetric_integers_only():
+    with pytest.raises(ConfigError, match="a float zero point is for asymmetric integer formats"):
+        TensorQuant("int4", PerGroup(128), zero_point="float")
+    with pytest.raises(ConfigError, match="unknown zero point 'half'"):
+        TensorQuant("int4", PerGroup(128), symmetric=False, zero_point="half")

@@ -25,6 +25,7 @@ def make_model():
     [
         ("fp8-e4m3-weight", 1e-5),  # identical arithmetic
         ("int4-weight-g128", 1e-5),  # identical arithmetic (asymmetric, zero point in the integer domain)
+        ("int4-weight-g128-tinygemm", 1e-5),  # tinygemm's CPU kernel: identical arithmetic, 1.6e-6 measured
         ("int8-weight-channel", 0.02),  # torchao scales by amax/127.5, sim by amax/127
         ("int8-w8a8-token", 0.03),
     ],
@@ -42,6 +43,33 @@ def test_logits_agree_with_sim(scheme, tolerance):
     assert not torch.allclose(ao, reference, atol=1e-6)  # it did quantize
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_sim_tinygemm_is_bit_equal_to_torchaos_tinygemm_primitives(dtype):
+    """What the CUDA int4 kernel stores (torchao's own quantize/dequantize), against sim on a 256 x 1024 weight with one
+    x40 input channel; the integer-zero-point scheme is far from it there, which is why they are two schemes."""
+    from torchao.quantization.quant_primitives import (
+        MappingType,
+        _choose_qparams_affine_tinygemm,
+        _dequantize_affine_tinygemm,
+        _quantize_affine_tinygemm,
+    )
+
+    from qharness.quant.sim import fake_quantize
+
+    torch.manual_seed(0)
+    weight = torch.randn(256, 1024)
+    weight[:, 7] *= 40
+    weight = weight.to(dtype)
+    block = (1, 128)
+    scale, zero = _choose_qparams_affine_tinygemm(weight, MappingType.ASYMMETRIC, block, torch.int32, 0, 15,
+                                                  scale_dtype=dtype, zero_point_dtype=dtype)
+    codes = _quantize_affine_tinygemm(weight, block, scale, zero, torch.int32, 0, 15)
+    kernel_weight = _dequantize_affine_tinygemm(codes, block, scale, zero, torch.int32, 0, 15, output_dtype=dtype)
+    assert torch.equal(fake_quantize(weight, get_scheme("int4-weight-g128-tinygemm").weights), kernel_weight)
+    integer = fake_quantize(weight, get_scheme("int4-weight-g128").weights)
+    assert (integer.float() - kernel_weight.float()).abs().max() > 0.02 * weight.float().abs().max()
+
+
 def test_ragged_int4_groups_point_to_sim(tiny_model):
     from qharness.errors import BackendUnavailable
 
@@ -54,15 +82,17 @@ def test_ragged_int4_groups_point_to_sim(tiny_model):
 
 
 def test_cuda_int4_uses_the_built_in_tinygemm_packing():
-    from torchao.quantization import Int4WeightOnlyConfig
+    from torchao.quantization import Int4WeightOnlyConfig, IntxWeightOnlyConfig
     from torchao.quantization.quantize_.workflows import Int4PackingFormat
 
     from qharness.quant.torchao import torchao_config
 
     # the default (PLAIN) packing imports the mslk package, which nothing here installs
-    config = torchao_config(get_scheme("int4"), torch.device("cuda"))
+    config = torchao_config(get_scheme("int4-weight-g128-tinygemm"), torch.device("cuda"))
     assert isinstance(config, Int4WeightOnlyConfig)
     assert config.int4_packing_format == Int4PackingFormat.TILE_PACKED_TO_4D and config.group_size == 128
+    # the integer-zero-point scheme is never handed to tinygemm, on any device
+    assert isinstance(torchao_config(get_scheme("int4"), torch.device("cuda")), IntxWeightOnlyConfig)
 
 
 def compare_on_cuda(scheme: str, dtype: torch.dtype) -> tuple[float, bool]:
