@@ -67,6 +67,7 @@ class Capability:
     width_multiple: int = 1  # every target's input and output widths must be multiples of this
     input_multiple: int = 1  # and its input width of this (a kernel that counts packed bytes along it)
     needs: tuple[str, ...] = ()  # build tools (keys of TOOLS) for an extension compiled at first use
+    computes_in: str = ""  # a dtype the kernel casts to whatever the model's (bitsandbytes' int8: fp16); "" the model's
     build_note: str = ""  # what building that extension costs, said before it starts (e.g. "1-3 minutes")
     # a weight shape (out, in) the library misreads, and why: torchao 0.18 takes a per-tensor scale of a 128x128
     # weight for a 128x128 block scale and asserts in the first matmul, after every weight was quantized

@@ -86,7 +86,8 @@ BACKENDS.add("bnb", Backend(
     # NF4 on the CPU: bitsandbytes 0.50 repacks the weight at the first eval forward on an AVX512-BF16 CPU
     # (_convert_weight_packed_for_cpu), reshaping the block scales to (out, in // 64) and asserting out % 32 == 0: a
     # ragged width fails there, after quantization looked fine, so it is refused up front
-    capabilities={"llm-int8": everywhere(),
+    # LLM.int8() casts activations to fp16 on every device (MatMul8bitLt), so fp16's rounding is part of its output
+    capabilities={"llm-int8": everywhere(computes_in="fp16"),
                   "nf4": (Capability("cpu", whole_groups=True, width_multiple=32), Capability("cuda"))},
     requires=("bitsandbytes",),
     preference=30,

@@ -98,24 +98,14 @@ def test_nf4_on_the_cpu_refuses_widths_its_packed_kernel_cannot_take():
     assert quantize_(model, get_scheme("nf4")) == "sim"
 
 # On CUDA the model is moved first and quantized there: the weights must be quantized by the move from the CPU
-# inside _int8_linear (a CUDA weight would stay fp), and the numbers match sim as on the CPU. bitsandbytes computes
-# in fp16 on CUDA, so the model runs in fp16 here; the tolerances are the CPU test's
+# inside _int8_linear (a CUDA weight would stay fp). How close the numbers are to sim: test_cuda_agreement.py
 @pytest.mark.gpu
-@pytest.mark.parametrize(("scheme", "dtype", "tolerance"), [("llm-int8", torch.float16, 0.02),
-                                                            ("llm-int8", torch.bfloat16, 0.03),
-                                                            ("nf4", torch.float16, 0.01),
-                                                            ("nf4", torch.bfloat16, 0.02)])
-def test_cuda_logits_agree_with_sim(tiny_model, scheme, dtype, tolerance):
-    model = tiny_model.to("cuda", dtype)
-    ids = torch.randint(0, model.config.vocab_size, (2, 16), device="cuda")
-    sim_model = copy.deepcopy(model)
-    with torch.inference_mode():
-        reference = model(ids).logits.float()
-        assert quantize_(model, get_scheme(scheme)) == "bnb"  # auto on CUDA prefers the library kernel
-        quantize_(sim_model, get_scheme(scheme), backend="sim")
-        bnb_logits, sim_logits = model(ids).logits.float(), sim_model(ids).logits.float()
+@pytest.mark.parametrize("scheme", ["llm-int8", "nf4"])
+def test_cuda_weights_are_quantized_on_the_device(tiny_model, scheme):
+    model = tiny_model.to("cuda", torch.bfloat16)
+    assert quantize_(model, get_scheme(scheme)) == "bnb"  # auto on CUDA prefers the library kernel
     layer = model.model.layers[0].mlp.down_proj
     assert layer.weight.device.type == "cuda"
     assert layer.weight.dtype == (torch.int8 if scheme == "llm-int8" else torch.uint8)  # quantized, not fp
-    assert (bnb_logits - sim_logits).abs().max() / sim_logits.abs().max() < tolerance
-    assert not torch.allclose(bnb_logits, reference, atol=1e-5)
+    with torch.inference_mode():
+        assert torch.isfinite(model(torch.randint(0, 300, (2, 16), device="cuda")).logits).all()
