@@ -50,6 +50,12 @@ TRAIN_EXAMPLES = """examples:
   qharness train --recipe recipes/gpt2-124m-sun2024.yaml --dry-run          # a published setting's cost (6NT)
   qharness train --recipe recipes/llama-60m-gu2024.yaml --data builtin --steps 200 --out runs/gu
 """
+BENCH_EXAMPLES = """examples:
+  qharness bench                                         # smollm2-135m on CPU: fp vs int8 weight-only (sim)
+  qharness bench --quant int8-weight-channel,int4-weight-g128 --decode-batches 1
+  qharness bench --model random:llama-3-8b --layers 4 --device cuda --compile \
+      --quant int4-weight-g128-tinygemm,int8-weight-channel,fp8-e4m3-w8a8-token --prefill 4x2048
+"""
 LIST_EXAMPLES = """examples:
   qharness list            # everything
   qharness list quants
@@ -190,6 +196,53 @@ def cmd_scan(args: argparse.Namespace) -> int:
     )
     profile = run_scan(spec, say=(lambda msg: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr)))
     print(format_scan(profile, profile_dir(spec)))
+    return 0
+
+
+def _shape(text: str) -> tuple[int, int]:
+    """BATCHxTOKENS, e.g. 4x2048."""
+    try:
+        batch, tokens = (int(part) for part in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected BATCHxTOKENS like 4x2048, got '{text}'") from None
+    return batch, tokens
+
+
+def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="smollm2-135m",
+                        help="as for `qharness run`, or random:llama-3-8b | random:llama-3.2-1b | random:smollm2-135m "
+                             "(a published shape with random weights: speed does not depend on the values)")
+    parser.add_argument("--layers", type=int, default=None, help="decoder layers of a random: model")
+    parser.add_argument("--quant", default="int8-weight-channel", type=_name_list,
+                        help="comma-separated schemes; the unquantized model is always measured first")
+    parser.add_argument("--backend", default="auto", help="as for `qharness run`")
+    parser.add_argument("--compile", action="store_true", help="torch.compile each forward (CUDA graphs for decode)")
+    parser.add_argument("--prefill", type=_shape, default=(1, 512), metavar="BxT",
+                        help="prefill batch x tokens (default 1x512)")
+    parser.add_argument("--decode-batches", type=_positions, default=(1, 16), metavar="B,B",
+                        help="decode batch sizes (default 1,16)")
+    parser.add_argument("--prompt", type=int, default=64, help="prompt tokens before decoding (default 64)")
+    parser.add_argument("--decode-steps", type=int, default=16, help="timed decode steps (default 16)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed repeats, median reported (default 3)")
+    parser.add_argument("--dtype", default="auto", help="auto (fp32 on CPU, bf16 on CUDA) | fp32 | bf16 | fp16")
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    parser.add_argument("--results", type=Path, default=Path("results/leaderboard.csv"))
+    parser.add_argument("--force", action="store_true", help="measure again what the leaderboard has")
+    parser.add_argument("--quiet", action="store_true")
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from qharness.bench import BenchSettings, bench, format_table
+    from qharness.models.sources import ModelSpec
+
+    settings = BenchSettings(
+        model=ModelSpec(args.model, dtype=args.dtype, device=args.device), quants=args.quant, backend=args.backend,
+        compile=args.compile, layers=args.layers, prefill_batch=args.prefill[0], prefill_tokens=args.prefill[1],
+        decode_batches=args.decode_batches, prompt_tokens=args.prompt, decode_steps=args.decode_steps,
+        repeats=args.repeats, results=args.results, force=args.force)
+    report = bench(settings, say=(lambda msg: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr)))
+    print(f"model: {args.model}   measured {report.computed} of {1 + len(args.quant)} models -> {args.results}")
+    print(format_table(report.rows))
     return 0
 
 
@@ -522,6 +575,8 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], Callable[[argpars
     "compare": (cmd_compare, add_compare_arguments, "write the report: degradation, causal check, correlation",
                 COMPARE_EXAMPLES),
     "train": (cmd_train, add_train_arguments, "train a small model with or without a mitigation", TRAIN_EXAMPLES),
+    "bench": (cmd_bench, add_bench_arguments, "measure each scheme's speed and memory beside the fp model",
+              BENCH_EXAMPLES),
     "list": (cmd_list, add_list_arguments, "list built-in models, quantization schemes and tasks", LIST_EXAMPLES),
 }
 

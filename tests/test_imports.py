@@ -18,8 +18,8 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("qharness.models", "qharness.tasks"),
     ("qharness.activations", "qharness.quant"),
     ("qharness.training",),
-    ("qharness.runner", "qharness.scanning", "qharness.sweep", "qharness.compare", "qharness.families",
-     "qharness.fixes", "qharness.predictors"),
+    ("qharness.runner", "qharness.scanning", "qharness.sweep", "qharness.bench", "qharness.compare",
+     "qharness.families", "qharness.fixes", "qharness.predictors"),
     ("qharness.cli", "qharness.__main__"),
 )
 
