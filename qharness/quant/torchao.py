@@ -2,8 +2,12 @@
 
 On CPU: int8 weight-only, int8 dynamic W8A8, int4 grouped weight-only (IntxWeightOnly), fp8 weight-only.
 On CUDA: the same plus fp8 dynamic W8A8 (compute capability >= 8.9) and the tinygemm int4 kernel.
-Numerics against `sim` (tests/quant/test_torchao.py): fp8 weight-only and int4 g128 agree to float rounding on CPU;
-int8 differs by one grid convention (torchao scales by amax/127.5, sim and bitsandbytes by amax/127), within 1%.
+Numerics against `sim` (tests/quant/test_torchao.py): fp8 weight-only and int4 g128 agree to float rounding on CPU.
+torchao's int8 scales by amax/127.5 (choose_qparams_affine, SYMMETRIC: the whole code span -128..127), not by
+amax/127 as `int8-weight-channel` / `int8-w8a8-token` (and bitsandbytes) do, so torchao runs only the schemes that
+name its arithmetic, `int8-weight-channel-halfspan` and `int8-w8a8-token-halfspan` (quant/schemes.py), which sim
+also runs and the tests hold torchao to; `--backend torchao --quant int8` is refused rather than computing a
+different scheme than the row's name says.
 
 Limits read from torchao 0.18's source, declared in `SCHEMES_HERE` so `check` refuses before any weight moves:
 - int4 on CUDA: Int4WeightOnlyConfig's default packing (PLAIN, version 2) runs on the `mslk` package, which we do
@@ -104,8 +108,8 @@ BLOCK_MM = dict(min_compute=(10, 0), whole_groups=True, width_multiple=16)  # bl
 
 # scheme -> (where and how it runs, the torchao config that runs it): the one table for this backend
 SCHEMES_HERE: dict[str, tuple[tuple[Capability, ...], Callable[[QuantScheme, torch.device], Any]]] = {
-    "int8-weight-channel": (everywhere(), _int8_weight_only),
-    "int8-w8a8-token": (everywhere(), _int8_dynamic),
+    "int8-weight-channel-halfspan": (everywhere(), _int8_weight_only),  # amax/127.5: not int8-weight-channel
+    "int8-w8a8-token-halfspan": (everywhere(), _int8_dynamic),
     "int4-weight-g128": ((Capability("cpu", whole_groups=True),
                           Capability("cuda", dtypes=("bf16",), min_compute=(8, 0), whole_groups=True)),
                          _int4_weight_only),
