@@ -147,3 +147,18 @@ def test_grouped_int4_weights_combine_with_per_token_activations(name, activatio
     assert torch.allclose(out, x_q @ w_q.T + linear.bias.detach(), rtol=1e-12, atol=1e-12)
     per_channel = SimQuantLinear(linear, get_scheme(name.removesuffix("-g128"))).weight
     assert (w_q - w).norm() < (per_channel - w).norm()  # a scale per 128 inputs tracks the weights more closely
+
+
+@pytest.mark.parametrize(("scheme", "expected"), [
+    # mean over the batches of each one's 99.99th percentile of |x|: batch k holds k * (1 .. 10000), whose
+    # ceil(0.9999 * 10000) = 9999th smallest magnitude is 9999 k; k = 1, 2, 4 -> 9999 * 7 / 3
+    ("int8-w8a8-tensor-static-p9999", 9999 * 7 / 3),
+    ("int8-w8a8-tensor-static", 40000.0),  # minmax: the largest |x| of any batch
+])
+def test_static_calibration_over_batches_of_different_ranges(scheme, expected):
+    layer = SimQuantLinear(torch.nn.Linear(4, 2), get_scheme(scheme))
+    layer.observing = True
+    for k in (1, 2, 4):
+        layer(torch.arange(1, 10001, dtype=torch.float32).reshape(2500, 4) * k * (-1) ** k)
+    layer.finish_observing()
+    assert layer.act_amax.item() == pytest.approx(expected, rel=1e-6)
