@@ -71,10 +71,10 @@ RUNS = (
     Run("auto", "none", ("--kv", "int4-kivi+keep0"), "ok (fp weights, quantized cache)"),
     Run("sim", "int8-w8a8-token", ("--kv", "int4-token"), "ok"),
     Run("bnb", "nf4", ("--kv", "int4-kivi"), "ok"),
-    Run("torchao", "int8-weight-channel", ("--kv", "fp8-e4m3-kivi+keep0"), "ok"),
+    Run("torchao", "int8-weight-channel-halfspan", ("--kv", "fp8-e4m3-kivi+keep0"), "ok"),
     # transforms: the layout checked on an fp32 copy, then the bf16 model transformed and quantized on the GPU
     Run("sim", "int4-w4a4-token", ("--transform", "rotate"), "ok"),
-    Run("torchao", "int8-w8a8-token", ("--transform", "smoothquant"), "ok"),
+    Run("torchao", "int8-w8a8-token-halfspan", ("--transform", "smoothquant"), "ok"),
     Run("bnb", "llm-int8", ("--transform", "rotate", "--kv", "int4-kivi+keep0"), "ok"),
     # fp16 (its own fp baseline)
     Run("sim", "int8-w8a8-token", ("--dtype", "fp16", "--kv", "int4-kivi"), "ok"),
@@ -87,8 +87,8 @@ RUNS = (
     # the library backends (read before, never run on a GPU)
     Run("bnb", "llm-int8", (), "ok"),
     Run("bnb", "nf4", (), "ok"),
-    Run("torchao", "int8-weight-channel", (), "ok"),
-    Run("torchao", "int8-w8a8-token", (), "ok"),
+    Run("torchao", "int8-weight-channel-halfspan", (), "ok"),
+    Run("torchao", "int8-w8a8-token-halfspan", (), "ok"),
     Run("torchao", "int4-weight-g128", (), "refused on SmolLM2 (576 is not whole groups of 128), ok on tiny"),
     Run("torchao", "int4-weight-g128-tinygemm", (), "the tinygemm kernel: refused on SmolLM2 (576), ok on tiny"),
     Run("auto", "int4-weight-g128-tinygemm", (), "sim on SmolLM2, torchao on tiny"),

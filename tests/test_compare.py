@@ -37,6 +37,10 @@ def test_spearman_matches_the_textbook_formula(perm):
 
 def test_spearman_averages_ties():
     assert spearman([1, 2, 2, 3], [1, 2, 2, 3]) == pytest.approx(1.0)
+    # by hand: x ranks 0, 1.5, 1.5, 3 (the tie shares its mean rank), y ranks 0, 2, 1, 3; both centred on 1.5:
+    # cov = 1.5 * 1.5 + 0 + 0 + 1.5 * 1.5 = 4.5, |x| = sqrt(4.5), |y| = sqrt(2.25 + 0.25 + 0.25 + 2.25) = sqrt(5),
+    # rho = 4.5 / sqrt(22.5) = 3 / sqrt(10); ties at their lowest rank (0, 1, 1, 3) would give 4.5 / sqrt(23.75)
+    assert spearman([1, 2, 2, 3], [1, 3, 2, 4]) == pytest.approx(3 / 10**0.5, abs=1e-12)
 
 
 def test_causal_check_reports_the_share_of_loss_recovered():

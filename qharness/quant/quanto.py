@@ -1,8 +1,13 @@
 """optimum-quanto backend: int8 and fp8 weights, and int8 W8A8 with static per-tensor activation scales.
 
-quanto calibrates activation scales inside a `Calibration` context and freezes them; we feed it all calibration
-sequences as one batch with momentum 0, so its scale is the calibration max, exactly `sim`'s minmax observer. Its
-weight-only int8, fp8 and static W8A8 then agree with `sim` to float rounding (tests/quant/test_quanto.py).
+Static W8A8: quanto's own `Calibration` context runs a different forward pass from sim's observer. It quantizes
+every QLinear's input with the batch's own per-tensor scale and its output too (until it decides no QLinear reads
+that output), so each later layer is calibrated on int8-rounded activations, where sim observes fp activations
+through quantized weights; through a 2-layer model that moved the calibrated scales enough that one layer's output
+was as far from sim's as from the unquantized layer's (tests/quant/test_quanto.py). So the scales are observed
+here as sim observes them (max |x| of each input, activations in fp, weights quantized) and handed to quanto as
+its `input_scale` (amax / 127, its absmax_scale for qint8); quanto's kernels do the rest. Its weight-only int8,
+fp8 and static W8A8 then agree with `sim` layer by layer to float rounding.
 quanto's int4 picks its scales by an optimizer, not round-to-nearest, so it is not offered for our int4 scheme.
 
 fp8 weights on CUDA: for an fp16 / bf16 model on compute capability >= 8.0, quanto 0.2.7 routes them to its Marlin
@@ -15,6 +20,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from qharness.errors import QHarnessError
 from qharness.quant.backend import BACKENDS, Backend, Capability, QuantContext, everywhere, recipe
 from qharness.quant.schemes import Keep, QuantScheme
 
@@ -36,17 +42,46 @@ SCHEMES_HERE: dict[str, tuple[tuple[Capability, ...], str, str | None]] = {
 def apply_quanto(model: nn.Module, scheme: QuantScheme, targets: dict[str, nn.Linear], keep: Keep,
                  context: QuantContext) -> None:
     import optimum.quanto
-    import torch
-    from optimum.quanto import Calibration, freeze, quantize
+    from optimum.quanto import freeze, quantize
 
     _, weights, activations = recipe(SCHEMES_HERE, "quanto", scheme)
     quantize(model, weights=getattr(optimum.quanto, weights),
              activations=getattr(optimum.quanto, activations) if activations else None, include=list(targets))
     if activations is not None:
-        batches = context.calibration_batches(scheme.name)
-        with torch.inference_mode(), Calibration(momentum=0.0):
-            model(input_ids=torch.cat(batches))
+        modules = [module for name, module in model.named_modules() if name in targets]
+        _calibrate_as_sim(model, modules, context.calibration_batches(scheme.name))
     freeze(model)
+
+
+def _calibrate_as_sim(model: nn.Module, modules: list[nn.Module], batches: list) -> None:
+    """sim's minmax observer for quanto's QLinears: their static input scale is amax / 127 of the inputs they see
+    with activations unquantized. quanto keeps its quantization hooks in `_quantize_hooks` (0.2.7); the input hook is
+    lifted for the pass and put back, the output one dropped (outputs stay in fp, as in sim)."""
+    import torch
+
+    amax: dict[nn.Module, torch.Tensor] = {}
+
+    def observe(module: nn.Module, args: tuple) -> None:
+        seen = args[0].detach().abs().max().float()
+        amax[module] = torch.maximum(amax[module], seen) if module in amax else seen
+
+    for module in modules:
+        module._quantize_hooks.pop("input").remove()
+        module._quantize_hooks.pop("output").remove()
+    handles = [module.register_forward_pre_hook(observe) for module in modules]
+    try:
+        with torch.inference_mode():
+            for input_ids in batches:
+                model(input_ids=input_ids)
+    finally:
+        for handle in handles:
+            handle.remove()
+        for module in modules:
+            module._quantize_hooks["input"] = module.register_forward_pre_hook(module.quantize_input)
+    for module in modules:
+        if module not in amax:
+            raise QHarnessError(f"calibration never reached a '{type(module).__name__}' layer; is the data empty?")
+        module.input_scale = (amax[module] / 127).to(module.input_scale.dtype)  # quanto's absmax_scale, qint8
 
 
 BACKENDS.add("quanto", Backend(

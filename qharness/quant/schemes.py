@@ -25,6 +25,7 @@ BLOCK_ELEMENTS = ("fp8_e4m3", "fp8_e5m2", "fp4_e2m1")  # element formats a micro
 BlockScale = Literal["e8m0", "e4m3"]
 Observer = Literal["minmax", "percentile"]
 ZeroPoint = Literal["int", "float"]
+IntScale = Literal["qmax", "half-span"]
 
 
 @dataclass(frozen=True)
@@ -96,6 +97,10 @@ class TensorQuant:
     # is a float (tinygemm's INT4 kernel: x' = (q - 8) s + z), the range is the group's own min..max, and s and z are
     # computed and stored in the tensor's dtype (bf16 on the GPU), as torchao's tinygemm primitives do
     zero_point: ZeroPoint = "int"
+    # symmetric integer formats: the scale maps amax onto qmax ("qmax": amax/127 for int8, code -128 unused), or
+    # onto half the code span ("half-span": amax/127.5, torchao's choose_qparams_affine: -amax reaches -128, +amax
+    # rounds to 128 and clamps to 127)
+    int_scale: IntScale = "qmax"
 
     def __post_init__(self) -> None:
         if self.format not in FORMATS:
@@ -110,6 +115,11 @@ class TensorQuant:
             raise ConfigError("a float zero point is for asymmetric integer formats; set symmetric=False")
         if self.observer not in ("minmax", "percentile"):
             raise ConfigError(f"unknown observer '{self.observer}'; valid: minmax, percentile")
+        if self.int_scale not in ("qmax", "half-span"):
+            raise ConfigError(f"unknown int_scale '{self.int_scale}'; valid: qmax, half-span")
+        if self.int_scale != "qmax" and not (self.format.startswith("int") and self.symmetric):
+            raise ConfigError(f"int_scale '{self.int_scale}' is for symmetric integer formats, not "
+                              f"{'asymmetric ' if not self.symmetric else ''}'{self.format}'")
         if not 0 < self.percentile <= 100:
             raise ConfigError(f"percentile must be in (0, 100], got {self.percentile}")
         self._check_block()
@@ -520,4 +530,33 @@ def nvfp4_weight() -> QuantScheme:
         activations=None,
         description="NVFP4 weight-only: FP4 E2M1, E4M3 scale per 16 input channels + fp32 per tensor",
         reference=f"{NVFP4}; torchao NVFP4WeightOnlyConfig",
+    )
+
+
+# ---- Library arithmetic that differs from the schemes above ------------------------------------------------------
+# A backend may only run a scheme whose arithmetic it does; where a library's differs, the difference is a scheme of
+# its own, run by sim too, so a row's name always says what was computed and a test can hold the library to it.
+TORCHAO_INT8 = ("torchao 0.18 Int8Tensor.from_hp -> choose_qparams_affine(MappingType.SYMMETRIC): "
+                "scale = amax / ((127 - (-128)) / 2)")
+
+
+@SCHEMES.register("int8-weight-channel-halfspan")
+def int8_weight_channel_halfspan() -> QuantScheme:
+    return QuantScheme(
+        name="int8-weight-channel-halfspan",
+        weights=TensorQuant("int8", PerChannel(), int_scale="half-span"),
+        activations=None,
+        description="as int8-weight-channel, scale amax/127.5 (the full code span: -amax -> -128, +amax -> 127)",
+        reference=f"{TORCHAO_INT8}; torchao Int8WeightOnlyConfig",
+    )
+
+
+@SCHEMES.register("int8-w8a8-token-halfspan")
+def int8_w8a8_token_halfspan() -> QuantScheme:
+    return QuantScheme(
+        name="int8-w8a8-token-halfspan",
+        weights=TensorQuant("int8", PerChannel(), int_scale="half-span"),
+        activations=TensorQuant("int8", PerToken(), int_scale="half-span"),
+        description="as int8-w8a8-token, weight and activation scales amax/127.5 (the full code span)",
+        reference=f"{TORCHAO_INT8}; torchao Int8DynamicActivationInt8WeightConfig",
     )

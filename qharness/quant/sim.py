@@ -5,6 +5,9 @@ CUDA, and none exposes per-tensor *and* per-token *and* grouped scales with the 
 This file is the exact definition every backend is checked against.
 
 Integer formats, symmetric:  s = amax / qmax,  q = clamp(round(x / s), qmin, qmax),  x' = q * s
+    (int_scale "half-span", torchao's: s = amax / ((qmax - qmin) / 2), q = clamp(round(x * (1 / s)), qmin, qmax);
+    the reciprocal is part of it: -amax * (1 / s) lands a float step either side of -127.5, so it rounds to -128
+    or -127 row by row, as torchao's codes do)
 Integer formats, asymmetric: s = (max - min) / (qmax - qmin),  z = qmin - round(min / s),
                              q = clamp(round(x / s) + z, qmin, qmax),  x' = (q - z) * s
 Integer, float zero point (tinygemm, unsigned codes 0..2^b-1, mid = 2^(b-1)), in x's own dtype:
@@ -116,6 +119,9 @@ def _quantize_int(x: Tensor, tq: TensorQuant, dims: tuple[int, ...] | None, amax
     qmin, qmax = INT_RANGE[tq.format]
     xf = _upcast(x)
     if tq.symmetric:
+        if tq.int_scale == "half-span":  # torchao's quantize_affine multiplies by the reciprocal: x * (1 / s)
+            scale = _safe_scale((_amax(xf, dims) if amax is None else amax.to(xf.dtype)) / ((qmax - qmin) / 2))
+            return (torch.clamp(torch.round(xf * (1.0 / scale)), qmin, qmax) * scale).to(x.dtype)
         scale = _safe_scale((_amax(xf, dims) if amax is None else amax.to(xf.dtype)) / qmax)
         return (torch.clamp(torch.round(xf / scale), qmin, qmax) * scale).to(x.dtype)
     lo = xf.amin() if dims is None else xf.amin(dim=dims, keepdim=True)

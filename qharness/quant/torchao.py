@@ -8,8 +8,12 @@ Each entry of `SCHEMES_HERE` names the sim scheme whose arithmetic the library c
 - `int4-weight-g128-tinygemm` is the fast tinygemm kernel, which computes something else: a float zero point, each
   group's own min..max, scale and zero stored in bf16. On a weight with one x40 input channel its output is 0.3
   relative away from `int4-weight-g128` (measured, torchao's own primitives), so it has a sim scheme of its own,
-  bit-equal to torchao's primitives (tests/quant/test_sim.py), and on CPU torchao's tinygemm twin runs it.
-int8 differs by one grid convention (torchao scales by amax/127.5, sim and bitsandbytes by amax/127), within 1%.
+  bit-equal to torchao's primitives (tests/quant/test_torchao.py), and on CPU torchao's tinygemm twin runs it.
+- torchao's int8 scales by amax/127.5 (choose_qparams_affine, SYMMETRIC: the whole code span -128..127), not by
+  amax/127 as `int8-weight-channel` / `int8-w8a8-token` (and bitsandbytes) do, so torchao runs only the schemes that
+  name its arithmetic, `int8-weight-channel-halfspan` and `int8-w8a8-token-halfspan` (quant/schemes.py), which sim
+  also runs and the tests hold torchao to; `--backend torchao --quant int8` is refused rather than computing a
+  different scheme than the row's name says.
 
 Limits read from torchao 0.18's source, declared in `SCHEMES_HERE` so `check` refuses before any weight moves:
 - tinygemm on CUDA: Int4WeightOnlyConfig's default packing (PLAIN, version 2) runs on the `mslk` package, which we
@@ -126,8 +130,8 @@ BLOCK_MM = dict(min_compute=(10, 0), whole_groups=True, width_multiple=16)  # bl
 
 # scheme -> (where and how it runs, the torchao config that runs it): the one table for this backend
 SCHEMES_HERE: dict[str, tuple[tuple[Capability, ...], Callable[[QuantScheme, torch.device], Any]]] = {
-    "int8-weight-channel": (everywhere(), _int8_weight_only),
-    "int8-w8a8-token": (everywhere(), _int8_dynamic),
+    "int8-weight-channel-halfspan": (everywhere(), _int8_weight_only),  # amax/127.5: not int8-weight-channel
+    "int8-w8a8-token-halfspan": (everywhere(), _int8_dynamic),
     "int4-weight-g128": (everywhere(whole_groups=True), _int4_integer_zero),
     "int4-weight-g128-tinygemm": ((Capability("cpu", whole_groups=True),
                                    Capability("cuda", dtypes=("bf16",), min_compute=(8, 0), whole_groups=True)),

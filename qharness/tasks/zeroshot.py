@@ -29,6 +29,9 @@ def lm_eval_task(task: TaskSpec) -> dict[str, Any] | str:
         "test_split": "test",
         "output_type": task.output_type,
         "doc_to_text": "query",
+        # our choices and targets carry their own leading space (" Moses"); lm-eval's default delimiter " " would
+        # score "spake unto  Moses", two spaces, a token sequence the text never has
+        "target_delimiter": "",
         "metric_list": metrics,
     }
     if task.output_type == "multiple_choice":

@@ -146,3 +146,67 @@ def test_intervention_hook_is_removed_and_only_changes_its_layer(tiny_model):
     # the watch hook ran before the intervention hook on layer 0, so it saw the original output there
     assert torch.equal(during[0], before[0])
     assert not torch.allclose(during[1], before[1])  # the next layer received the changed state
+
+
+# ---- the summary's definitions on a fixed model, against values computed by hand -----------------------------------
+VOCAB = {0: "<bos>", 1: "the", 2: ",", 3: " word", 4: "."}
+SEQUENCES = [[0, 3, 2, 1], [0, 1, 4, 3]]  # tokens: <bos> ' word' ',' 'the' / <bos> 'the' '.' ' word'
+# (layer, sequence) -> (position, channel, value) of the one large entry; everything else is 1.0 (median 1)
+PLANTED = {(0, 0): (2, 1, 5.0), (0, 1): (2, 1, 5.0),  # layer 0: no outlier (5 < 100 x median), on delimiters
+           (1, 0): (0, 3, 1000.0), (1, 1): (2, 3, 1000.0),  # BOS, then '.' (a delimiter)
+           (2, 0): (0, 3, 1000.0), (2, 1): (1, 5, -1000.0)}  # BOS, then 'the' (content), another channel
+# every layer's attention (heads 2, queries 4, keys 4), causal rows summing to 1
+ATTENTION = torch.tensor([[[1.0, 0, 0, 0], [0.5, 0.5, 0, 0], [0.2, 0.6, 0.2, 0], [0.4, 0.1, 0.1, 0.4]],
+                          [[1.0, 0, 0, 0], [0.9, 0.1, 0, 0], [0.3, 0.3, 0.4, 0], [0.1, 0.7, 0.1, 0.1]]])
+
+
+class FixedTokenizer:
+    def decode(self, ids):
+        return "".join(VOCAB[i] for i in ids)
+
+
+class FixedLayer(torch.nn.Module):
+    def __init__(self, index: int, owner: "FixedModel"):
+        super().__init__()
+        self.index, self.owner = index, [owner]  # a list: not a submodule
+
+    def forward(self, x):
+        hidden = torch.ones(1, 4, 8)
+        position, channel, value = PLANTED[self.index, self.owner[0].sequence]
+        hidden[0, position, channel] = value
+        return hidden
+
+
+class FixedModel(torch.nn.Module):
+    """Three layers whose outputs and attention weights are the tables above: the scan's arithmetic, nothing else."""
+
+    def __init__(self):
+        super().__init__()
+        self.config = type("Config", (), {"_attn_implementation": "eager"})()
+        self.layers = torch.nn.ModuleList(FixedLayer(i, self) for i in range(3))
+        self.sequence = -1
+
+    def forward(self, input_ids, output_attentions=False):
+        self.sequence = SEQUENCES.index(input_ids[0].tolist())
+        for layer in self.layers:
+            layer(input_ids)
+        attentions = tuple(ATTENTION.unsqueeze(0) for _ in self.layers) if output_attentions else None
+        return type("Output", (), {"attentions": attentions})()
+
+
+def test_summary_shares_and_attention_on_position_0_by_hand():
+    model = FixedModel()
+    batches = [torch.tensor([ids]) for ids in SEQUENCES]
+    profile = scan(model, FixedTokenizer(), batches, ScanConfig(sequences=2, length=4), layers=model.layers)
+    # attention on key 0, averaged over both heads and the queries after the first (query 0 can only see key 0):
+    # head 0 gives 0.5, 0.2, 0.4 and head 1 0.9, 0.3, 0.1, so (0.5 + 0.2 + 0.4 + 0.9 + 0.3 + 0.1) / 6 = 0.4 (key 1
+    # instead: 2.3 / 6; query 0 counted: 4.4 / 8)
+    assert [entry.attention_on_first for entry in profile.layers] == [pytest.approx(0.4, abs=1e-7)] * 3  # fp32 weights
+    summary = profile.summary
+    # the largest entries from the first layer with outlier channels (layer 1) on: (1, BOS), (1, '.'), (2, BOS),
+    # (2, 'the'); layer 0's two delimiter entries are below the outlier ratio and do not count
+    assert summary.first_outlier_layer == 1 and summary.outlier_channels == [3]
+    assert summary.bos_holds_max == pytest.approx(2 / 4)
+    assert summary.delimiter_holds_max == pytest.approx(1 / 4)
+    assert summary.top_channel == 3 and summary.top_channel_stability == pytest.approx(3 / 4)
+    assert [entry.top[0].token for entry in profile.layers] == [",", "<bos>", "<bos>"]

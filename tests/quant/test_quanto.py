@@ -4,6 +4,7 @@ import copy
 
 import pytest
 import torch
+from agreement import layer_distances, logit_distances
 
 from qharness.quant.apply import quantize_
 from qharness.quant.backend import QuantContext
@@ -13,22 +14,26 @@ from qharness.quant.schemes import get_scheme
 pytestmark = pytest.mark.needs("optimum.quanto")
 
 
-# weight-only: identical arithmetic. Static W8A8: one layer agrees exactly (below); through a whole model the two
-# calibration passes see slightly different inputs in later layers, about 1% of the logits' range
-@pytest.mark.parametrize(("scheme", "tolerance"), [("int8-weight-channel", 1e-4), ("fp8-e4m3-weight", 1e-4),
-                                                   ("int8-w8a8-tensor-static", 0.02)])
-def test_logits_agree_with_sim(tiny_model, tiny_tokenizer, heldout_text, scheme, tolerance):
+# The same arithmetic, static W8A8 included now that its scales are observed as sim observes them (quant/quanto.py):
+# every Linear, given the input its sim twin saw, agrees to float rounding (measured <= 6.4e-7 of the output's
+# range) while quantization moves it by >= 5.0e-3; the logits agree to <= 2.9e-7 against an effect of 8.1e-3 to
+# 4.1e-2. Before, quanto's Calibration pass made later layers' static scales differ: 0.28-0.69 of the effect at
+# the logits, one layer 1.12x.
+@pytest.mark.parametrize("scheme", ["int8-weight-channel", "fp8-e4m3-weight", "int8-w8a8-tensor-static"])
+def test_every_layer_and_the_logits_are_sims(tiny_model, tiny_tokenizer, heldout_text, scheme):
+    from qharness.quant.apply import target_linears
+
     batches = calibration_batches(tiny_tokenizer, heldout_text, n=3, length=32)
     context = QuantContext(torch.device("cpu"), calibration=lambda: batches)
-    sim_model = copy.deepcopy(tiny_model)
+    names = list(target_linears(tiny_model))
+    fp, sim_model = copy.deepcopy(tiny_model), copy.deepcopy(tiny_model)
     ids = torch.randint(0, tiny_model.config.vocab_size, (2, 16))
-    with torch.inference_mode():
-        reference = tiny_model(ids).logits
-        assert quantize_(tiny_model, get_scheme(scheme), backend="quanto", context=context) == "quanto"
-        quantize_(sim_model, get_scheme(scheme), backend="sim", context=context)
-        quanto_logits, sim_logits = tiny_model(ids).logits, sim_model(ids).logits
-    assert (quanto_logits - sim_logits).abs().max() / sim_logits.abs().max() < tolerance
-    assert not torch.allclose(quanto_logits, reference, atol=1e-6)  # it did quantize
+    assert quantize_(tiny_model, get_scheme(scheme), backend="quanto", context=context) == "quanto"
+    quantize_(sim_model, get_scheme(scheme), backend="sim", context=context)
+    for name, d in layer_distances(tiny_model, sim_model, fp, names, ids).items():
+        assert d.backend < 1e-5 and d.effect > 1e-3, (name, d)
+    d = logit_distances(tiny_model, sim_model, fp, ids)
+    assert d.backend <= 1e-3 * d.effect, d
     assert type(tiny_model.model.layers[0].mlp.down_proj).__name__ == "QLinear"
     assert type(tiny_model.lm_head) is torch.nn.Linear  # only the targets
 

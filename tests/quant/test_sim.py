@@ -168,3 +168,18 @@ def test_a_float_zero_point_is_for_asymmetric_integers_only():
         TensorQuant("int4", PerGroup(128), zero_point="float")
     with pytest.raises(ConfigError, match="unknown zero point 'half'"):
         TensorQuant("int4", PerGroup(128), symmetric=False, zero_point="half")
+
+
+@pytest.mark.parametrize(("scheme", "expected"), [
+    # mean over the batches of each one's 99.99th percentile of |x|: batch k holds k * (1 .. 10000), whose
+    # ceil(0.9999 * 10000) = 9999th smallest magnitude is 9999 k; k = 1, 2, 4 -> 9999 * 7 / 3
+    ("int8-w8a8-tensor-static-p9999", 9999 * 7 / 3),
+    ("int8-w8a8-tensor-static", 40000.0),  # minmax: the largest |x| of any batch
+])
+def test_static_calibration_over_batches_of_different_ranges(scheme, expected):
+    layer = SimQuantLinear(torch.nn.Linear(4, 2), get_scheme(scheme))
+    layer.observing = True
+    for k in (1, 2, 4):
+        layer(torch.arange(1, 10001, dtype=torch.float32).reshape(2500, 4) * k * (-1) ** k)
+    layer.finish_observing()
+    assert layer.act_amax.item() == pytest.approx(expected, rel=1e-6)

@@ -45,6 +45,38 @@ def test_multiple_choice_accuracy_matches_hand_computed_loglikelihoods(tiny_mode
     assert set(metrics) == {"acc", "acc_norm"}
 
 
+# choices of very different lengths, so that dividing by length changes some picks
+NORM_ITEMS = [
+    {"query": "And the LORD spake unto", "choices": [" Moses and Aaron, saying", " him", " the children of Israel",
+                                                      " them"], "gold": 3},
+    {"query": "In the beginning", "choices": [" God", " was the word and the word was with God", " of days",
+                                               " and the end"], "gold": 2},
+    {"query": "And it came to", "choices": [" pass in those days", " be", " an end", " nought"], "gold": 1},
+    {"query": "The word of the", "choices": [" LORD came unto me", " man", " prophet which he spake", " day"],
+     "gold": 0},
+]
+
+
+def test_acc_and_acc_norm_match_hand_computed_picks(tiny_model, tiny_tokenizer, tmp_path):
+    """acc: the choice with the largest summed log-likelihood; acc_norm: the largest log-likelihood per character
+    of the choice (lm-eval's definition). The items are chosen so the two picks differ on some item, so neither
+    metric can stand in for the other."""
+    task = write_task(tmp_path, NORM_ITEMS)
+    metrics = {m.name: m.value for m in zero_shot(tiny_model, tiny_tokenizer, task, progress=False)}
+    acc_picks, norm_picks = [], []
+    for item in NORM_ITEMS:
+        lls = [continuation_logprob(tiny_model, tiny_tokenizer, item["query"], c) for c in item["choices"]]
+        acc_picks.append(max(range(4), key=lambda c, lls=lls: lls[c]))
+        norm_picks.append(max(range(4), key=lambda c, lls=lls, item=item: lls[c] / len(item["choices"][c])))
+    assert acc_picks != norm_picks, (acc_picks, norm_picks)
+    golds = [item["gold"] for item in NORM_ITEMS]
+    expected_acc = sum(p == g for p, g in zip(acc_picks, golds, strict=True)) / 4
+    expected_norm = sum(p == g for p, g in zip(norm_picks, golds, strict=True)) / 4
+    assert expected_acc != expected_norm, (acc_picks, norm_picks)
+    assert metrics["acc"] == pytest.approx(expected_acc) and metrics["acc_norm"] == pytest.approx(expected_norm)
+    assert (expected_acc, expected_norm) == (0.5, 0.75)  # the model the comment above describes
+
+
 def test_scores_do_not_change_with_batch_size(tiny_model, tiny_tokenizer, tmp_path):
     task = write_task(tmp_path, ITEMS)
     one = zero_shot(tiny_model, tiny_tokenizer, task, batch_size=1, progress=False)
