@@ -15,6 +15,11 @@ quantization, or computed another scheme, fails. Why 4x: kernels whose arithmeti
 CPU (benchmarks/kernel_agreement.py --device cpu, random Llamas of width 128 and 1024): two computations rounded
 in bf16 at different places. Where a scheme's effect is under 4x that tolerance (8-bit weight-only in bf16 on these
 random models), bf16 cannot tell the kernel from the unquantized model, and only its fp32 case discriminates.
+Schemes that quantize activations are measured layer by layer (`level` "layer"): each quantized Linear gets the
+input its sim twin saw in sim's forward pass, and the three distances are those of its output (the largest distance
+and gap over the layers, the smallest effect). At model level a float-rounding difference flips an activation code,
+and later layers amplify it: on an H200, torchao's int8 W8A8, which equals sim layer by layer to 1e-6 on CPU, was 40%
+of the scheme's effect away at the logits, fp8 W8A8 46%, quanto's static int8 3-8%.
 Used by the CUDA tests (tests/quant/test_cuda_agreement.py) and by benchmarks/kernel_agreement.py, which prints
 the table.
 """
@@ -43,6 +48,7 @@ class Agreement:
     scheme: str
     dtype: str
     hidden: int
+    level: str  # "logits" or "layer"
     dtype_gap: float
     effect: float
     distance: float
@@ -71,8 +77,8 @@ class Agreement:
     def line(self) -> str:
         verdict = ("DIFFERS" if not self.agrees else "TOO CLOSE TO THE EFFECT" if not self.ok
                    else "ok" if self.can_discriminate else f"ok (effect within {self.dtype} noise)")
-        return (f"{self.backend:8} {self.scheme:28} {self.dtype:5} {self.hidden:5}  gap {self.dtype_gap:9.2e}  "
-                f"effect {self.effect:9.2e}  distance {self.distance:9.2e}  tol {self.tolerance:9.2e}  {verdict}")
+        return (f"{self.backend:8} {self.scheme:28} {self.dtype:5} {self.hidden:5} {self.level:6}  "
+                f"gap {self.dtype_gap:9.2e}  effect {self.effect:9.2e}  distance {self.distance:9.2e}  tol {self.tolerance:9.2e}  {verdict}")
 
 
 def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -80,14 +86,50 @@ def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm()).item()
 
 
+def linear_inputs(model: nn.Module, names: list[str], ids: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The input each named module sees in one forward pass of `model` over `ids`."""
+    import torch
+
+    modules = dict(model.named_modules())
+    seen: dict[str, torch.Tensor] = {}
+    handles = [modules[name].register_forward_pre_hook(
+        lambda module, args, name=name: seen.setdefault(name, args[0].detach().clone())) for name in names]
+    try:
+        with torch.inference_mode():
+            model(ids)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return seen
+
+
+def _layer_distances(reference: nn.Module, plain: nn.Module, simulated: nn.Module, kernel: nn.Module,
+                     names: list[str], ids: torch.Tensor) -> tuple[float, float, float]:
+    """(largest gap, smallest effect, largest distance) over the named Linears, each fed sim's input to it."""
+    import torch
+
+    inputs = linear_inputs(simulated, names, ids)
+    modules = [dict(m.named_modules()) for m in (reference, plain, simulated, kernel)]
+    gaps, effects, distances = [], [], []
+    with torch.inference_mode():
+        for name, x in inputs.items():
+            ref, fp, sim, ker = (m[name] for m in modules)
+            sim_out = sim(x)
+            gaps.append(relative_error(fp(x), ref(x.float())))
+            effects.append(relative_error(sim_out, fp(x)))
+            distances.append(relative_error(ker(x), sim_out))
+    return max(gaps), min(effects), max(distances)
+
+
 def measure_agreement(build: Callable[[], nn.Module], scheme_name: str, backend: str, dtype: torch.dtype,
                       device: torch.device, ids: torch.Tensor) -> Agreement:
-    """Build the model three times (fp32 reference; in `dtype` quantized by sim; in `dtype` quantized by `backend`)
-    and measure the three distances on `ids`, which also serve as calibration data for static schemes."""
+    """Build the model four times (fp32 reference; in `dtype` unquantized, quantized by sim, quantized by `backend`)
+    and measure the three distances on `ids`, which also serve as calibration data for static schemes: on the
+    logits for weight-only schemes, layer by layer for schemes that quantize activations."""
     import torch
 
     from qharness.models.sources import dtype_name, resolve_dtype
-    from qharness.quant.apply import quantize_
+    from qharness.quant.apply import quantize_, target_linears
     from qharness.quant.backend import QuantContext, capability_on
     from qharness.quant.schemes import get_scheme
 
@@ -98,23 +140,31 @@ def measure_agreement(build: Callable[[], nn.Module], scheme_name: str, backend:
         with torch.inference_mode():
             return model(ids).logits.float()
 
-    reference = logits(build().to(device))
-    model = build().to(device, dtype)
-    plain = logits(model)
-    gap = relative_error(plain, reference)
-    cap = capability_on(backend, scheme, device)
-    if cap is not None and cap.computes_in:
-        gap = max(gap, relative_error(logits(build().to(device, resolve_dtype(cap.computes_in, device))), reference))
-    simulated = copy.deepcopy(model)
+    reference = build().to(device)
+    plain = build().to(device, dtype)
+    names = list(target_linears(plain))
+    simulated, kernel = copy.deepcopy(plain), copy.deepcopy(plain)
     quantize_(simulated, scheme, backend="sim", context=context)
-    sim = logits(simulated)
-    del simulated
-    chosen = quantize_(model, scheme, backend=backend, context=context)
+    chosen = quantize_(kernel, scheme, backend=backend, context=context)
     assert chosen == backend, (chosen, backend)
-    kernel = logits(model)
+    cap = capability_on(backend, scheme, device)
+    coarser = (build().to(device, resolve_dtype(cap.computes_in, device))
+               if cap is not None and cap.computes_in else None)
+    if scheme.activations is not None:
+        level = "layer"
+        gap, effect, distance = _layer_distances(reference, plain, simulated, kernel, names, ids)
+        if coarser is not None:
+            gap = max(gap, _layer_distances(reference, coarser, coarser, coarser, names, ids)[0])
+    else:
+        level = "logits"
+        ref_logits, plain_logits, sim_logits = logits(reference), logits(plain), logits(simulated)
+        gap = relative_error(plain_logits, ref_logits)
+        if coarser is not None:
+            gap = max(gap, relative_error(logits(coarser), ref_logits))
+        effect, distance = relative_error(sim_logits, plain_logits), relative_error(logits(kernel), sim_logits)
     return Agreement(backend=backend, scheme=scheme_name, dtype=dtype_name(dtype),
-                     hidden=int(model.config.hidden_size), dtype_gap=gap,
-                     effect=relative_error(sim, plain), distance=relative_error(kernel, sim))
+                     hidden=int(plain.config.hidden_size), level=level, dtype_gap=gap, effect=effect,
+                     distance=distance)
 
 
 # the dtypes a case runs in where a capability names none: what GPUs run (bf16) and the exact reference (fp32)

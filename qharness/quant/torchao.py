@@ -4,7 +4,8 @@ On CPU: int8 weight-only, int8 dynamic W8A8, int4 grouped weight-only, fp8 weigh
 On CUDA: the same plus fp8 dynamic W8A8 (compute capability >= 8.9).
 Each entry of `SCHEMES_HERE` names the sim scheme whose arithmetic the library computes, never a near one:
 - `int4-weight-g128` (integer zero point, range holding 0) is torchao's IntxWeightOnly: dequantize + matmul, the
-  same numbers as sim on any device, and no faster than the fp matmul.
+  same numbers as sim on any device in fp32 (in bf16 it computes its scales in bf16: refused, sim runs it), and no
+  faster than the fp matmul (0.50x bf16's decode on an H200).
 - `int4-weight-g128-tinygemm` is the fast tinygemm kernel, which computes something else: a float zero point, each
   group's own min..max, scale and zero stored in bf16. On a weight with one x40 input channel its output is 0.3
   relative away from `int4-weight-g128` (measured, torchao's own primitives), so it has a sim scheme of its own,
@@ -132,7 +133,9 @@ BLOCK_MM = dict(min_compute=(10, 0), whole_groups=True, width_multiple=16)  # bl
 SCHEMES_HERE: dict[str, tuple[tuple[Capability, ...], Callable[[QuantScheme, torch.device], Any]]] = {
     "int8-weight-channel-halfspan": (everywhere(), _int8_weight_only),  # amax/127.5: not int8-weight-channel
     "int8-w8a8-token-halfspan": (everywhere(), _int8_dynamic),
-    "int4-weight-g128": (everywhere(whole_groups=True), _int4_integer_zero),
+    # fp32 only: in bf16 torchao computes the scale and zero point in bf16 (sim in fp32), and on an H200 that put its
+    # logits 5.3e-2 from sim's (a third of int4's own effect, twice bf16's noise); in fp32 it is sim exactly
+    "int4-weight-g128": (everywhere(whole_groups=True, dtypes=("fp32",)), _int4_integer_zero),
     "int4-weight-g128-tinygemm": ((Capability("cpu", whole_groups=True),
                                    Capability("cuda", dtypes=("bf16",), min_compute=(8, 0), whole_groups=True)),
                                   _int4_tinygemm),
