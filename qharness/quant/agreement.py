@@ -78,7 +78,8 @@ class Agreement:
         verdict = ("DIFFERS" if not self.agrees else "TOO CLOSE TO THE EFFECT" if not self.ok
                    else "ok" if self.can_discriminate else f"ok (effect within {self.dtype} noise)")
         return (f"{self.backend:8} {self.scheme:28} {self.dtype:5} {self.hidden:5} {self.level:6}  "
-                f"gap {self.dtype_gap:9.2e}  effect {self.effect:9.2e}  distance {self.distance:9.2e}  tol {self.tolerance:9.2e}  {verdict}")
+                f"gap {self.dtype_gap:9.2e}  effect {self.effect:9.2e}  distance {self.distance:9.2e}  "
+                f"tol {self.tolerance:9.2e}  {verdict}")
 
 
 def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -186,9 +186,10 @@ def test_dtype_limits_are_per_device(monkeypatch):
 
 
 def test_ragged_widths_name_the_layer_and_the_fallback(h100):
-    with pytest.raises(BackendUnavailable, match=r"^backend 'torchao' runs 'int4-weight-g128' on input widths "
-                                                 r"divisible by 128; layers.1.proj has 576; use --backend sim"):
-        select_backend(get_scheme("int4"), h100, "torchao", torch.bfloat16, linears((128, 64), (576, 128)))
+    with pytest.raises(BackendUnavailable, match=r"^backend 'torchao' runs 'int4-weight-g128-tinygemm' on input "
+                                                 r"widths divisible by 128; layers.1.proj has 576; use --backend sim"):
+        select_backend(get_scheme("int4-weight-g128-tinygemm"), h100, "torchao", torch.bfloat16,
+                       linears((128, 64), (576, 128)))
     with pytest.raises(BackendUnavailable, match=r"^backend 'torchao' runs 'fp8-e4m3-w8a8-tensor' on widths "
                                                  r"divisible by 16; layers.0.proj is 72x64; use --backend sim"):
         select_backend(get_scheme("fp8"), h100, "torchao", torch.bfloat16, linears((72, 64)))
