@@ -44,7 +44,7 @@ from qharness.quant.apply import quantize_, target_linears
 from qharness.quant.backend import QuantContext, select_backend
 from qharness.quant.footprint import weight_bytes
 from qharness.quant.schemes import SCHEMES, QuantScheme, get_scheme
-from qharness.results import BASELINE, Row, append_rows, check_writable, existing_keys, key, make_row
+from qharness.results import BASELINE, BENCH_TASK, Row, append_rows, check_writable, existing_keys, key, make_row
 
 RANDOM = "random:"
 # published shapes (config.json of each model): hidden, intermediate, heads, kv heads, layers, vocab
@@ -211,7 +211,7 @@ def bench(settings: BenchSettings, say: Callable[[str], None] = print) -> BenchR
     dtype = resolve_dtype(settings.model.dtype, device)
     schemes = {SCHEMES.resolve(q): get_scheme(q) for q in settings.quants if q != BASELINE}
     backends = {name: select_backend(s, device, settings.backend, dtype=dtype) for name, s in schemes.items()}
-    task = f"bench:{settings.mode}"
+    task = BENCH_TASK + settings.mode
     task_hash = _task_hash(settings, device)
     metrics = ["prefill_tok_s", *(f"decode_b{b}_tok_s" for b in settings.decode_batches), "weight_bytes"]
     metrics += ["peak_mem_bytes"] if device.type == "cuda" else []

@@ -27,6 +27,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from qharness.costs import cost_markdown, cost_points, plot_cost_quality
 from qharness.degradation import Degradation, degradations, number, percent
 from qharness.families import REFERENCE, model_families, with_references
 from qharness.fixes import fixes_markdown, fixes_table
@@ -382,15 +383,21 @@ def compare(results: Path, out_dir: Path) -> dict[str, Any]:
                               plot_layer_errors(layer_entries, out_dir / "layer_error_vs_activation.png"),
                               plot_training(model_families(rows), out_dir / "max_activation_in_training.png"))
              if p is not None]
+    points = cost_points(rows, items)
+    cost_plot = plot_cost_quality(points, out_dir / "quality_vs_cost.png")
+    plots += [str(cost_plot)] if cost_plot is not None else []
     layers = layer_error_summary(layer_entries)
     families = with_references(model_families(rows))
     mitigations = mitigation_table(measures, items, families)
     fixes = fixes_table(items, families)
     predicted = predictors(predictor_points(items, measures, layer_entries))
     markdown = markdown_report(items, checks, corr, plots, layers, mitigations, fixes, predicted)
+    # the cost section sits with the other tables, before the plots
+    markdown = markdown.replace("\n## Plots\n", "\n".join(cost_markdown(points, _table)) + "\n\n## Plots\n", 1)
     write_atomic(out_dir / "report.md", markdown)
     write_atomic(out_dir / "report.html", html_report(markdown))
     summary = {"degradations": len(items), "causal_checks": checks, "correlations": corr, "plots": plots,
-               "layer_errors": layers, "mitigations": mitigations, "fixes": fixes, "predictors": predicted}
+               "layer_errors": layers, "mitigations": mitigations, "fixes": fixes, "predictors": predicted,
+               "costs": [p.__dict__ for p in points]}
     write_atomic(out_dir / "report.json", json.dumps(summary, indent=1, default=str) + "\n")
     return summary

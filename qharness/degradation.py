@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from qharness.results import SCAN_TASK, Row, is_baseline
+from qharness.results import SCAN_TASK, Row, is_baseline, is_cost
 
 
 @dataclass(frozen=True)
@@ -52,7 +52,7 @@ class Degradation:
 def degradations(rows: list[Row]) -> list[Degradation]:
     out = []
     for row in rows:
-        if is_baseline(row) or row.get("task") == SCAN_TASK or not row.get("fp_value"):
+        if is_baseline(row) or row.get("task") == SCAN_TASK or is_cost(row) or not row.get("fp_value"):
             continue
         out.append(Degradation(row["model"], row["quant"], row.get("backend", ""), row.get("keep", ""),
                                row["task"], row["metric"], float(row["value"]), float(row["fp_value"]),

@@ -40,6 +40,7 @@ COLUMNS = (
 KEY_COLUMNS = COLUMNS[:14]
 BASELINE = "none"  # the quant of full-precision rows (and of scan rows)
 SCAN_TASK = "scan"  # the task of the scan's summary rows
+BENCH_TASK = "bench:"  # + eager | compile: the task of `qharness bench`'s cost rows
 
 Row = dict[str, str]
 
@@ -72,6 +73,11 @@ def make_row(value: float | None = None, fp_value: float | None = None, **fields
 def is_baseline(row: Row) -> bool:
     """Full precision throughout: `quant none` with a quantized KV cache is a quantized row like any other."""
     return row.get("quant", "") in ("", BASELINE) and not row.get("kv")
+
+
+def is_cost(row: Row) -> bool:
+    """A speed or memory row of `qharness bench`, not a quality measurement."""
+    return row.get("task", "").startswith(BENCH_TASK)
 
 
 def layer_errors_dir(results: Path) -> Path:

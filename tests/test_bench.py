@@ -58,3 +58,28 @@ def test_bad_bench_settings_are_refused_before_anything_loads(tmp_path, extra, m
 def test_unknown_random_shape_names_the_known_ones(tmp_path):
     with pytest.raises(ConfigError, match="unknown random model shape 'llama-9'; known: random:llama-3-8b"):
         BenchSettings(model=ModelSpec("random:llama-9"), results=tmp_path / "lb.csv")
+
+
+def test_compare_sets_quality_beside_cost_and_never_puts_a_simulated_cost_on_the_front(tmp_path):
+    from qharness.compare import compare
+    from qharness.results import append_rows, make_row
+
+    def row(quant, backend, task, metric, value, fp, **extra):
+        return make_row(value, fp, model="m", quant=quant, backend=backend, task=task, metric=metric, bos=True,
+                        dtype="bf16", device_type="cuda", higher_is_better=metric != "ppl", **extra)
+
+    rows = [row("none", "", "kjv", "ppl", 10.0, 10.0)]
+    for quant, backend, ppl, speed in (("a", "torchao", 10.5, 1.6), ("b", "torchao", 11.0, 1.2),
+                                       ("c", "torchao", 10.2, 1.1), ("d", "sim", 10.1, 3.0)):
+        rows += [row(quant, backend, "kjv", "ppl", ppl, 10.0),
+                 row(quant, backend, "bench:compile", "decode_b1_tok_s", 100 * speed, 100.0),
+                 row(quant, backend, "bench:compile", "weight_bytes", 5.0, 10.0)]
+    results = tmp_path / "lb.csv"
+    append_rows(results, rows)
+    summary = compare(results, tmp_path / "report")
+    front = {p["quant"]: p["pareto"] for p in summary["costs"]}
+    assert front == {"a": True, "b": False, "c": True, "d": False}  # b: a is faster and better; d: simulated
+    report = (tmp_path / "report" / "report.md").read_text()
+    assert "## Quality against cost" in report and "d | sim (simulated cost)" in report
+    assert (tmp_path / "report" / "quality_vs_cost.png").is_file()
+    assert "decode_b1_tok_s" not in report.split("## Quality against cost")[0]  # cost rows are no degradation

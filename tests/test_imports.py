@@ -19,7 +19,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("qharness.activations", "qharness.quant"),
     ("qharness.training",),
     ("qharness.runner", "qharness.scanning", "qharness.sweep", "qharness.bench", "qharness.compare",
-     "qharness.families", "qharness.fixes", "qharness.predictors"),
+     "qharness.costs", "qharness.families", "qharness.fixes", "qharness.predictors"),
     ("qharness.cli", "qharness.__main__"),
 )
 
