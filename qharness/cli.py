@@ -234,10 +234,12 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def format_table(rows: list[dict[str, str]]) -> str:
+    from qharness.results import is_baseline
+
     header = ("task", "quant", "backend", "metric", "value", "fp", "delta", "rel", "chance")
     lines = [header]
     for row in rows:
-        is_fp = row["quant"] == "none" and not row.get("kv")
+        is_fp = is_baseline(row)
         rel = f"{float(row['rel_delta']):+.2%}" if row["rel_delta"] and not is_fp else ""
         delta = f"{float(row['delta']):+.4g}" if not is_fp else ""
         metric = f"{row['metric']} ({row['metric_kind']}, n={row['n']})"

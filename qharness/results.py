@@ -69,9 +69,15 @@ def make_row(value: float | None = None, fp_value: float | None = None, **fields
     return row
 
 
+def is_full_precision(quant: str, kv: str = "") -> bool:
+    """The one baseline rule: fp weights *and* an fp KV cache (`quant none` with a quantized cache is a quantized
+    row like any other). '' is a scan row's or an old file's empty quant."""
+    return quant in ("", BASELINE) and not kv
+
+
 def is_baseline(row: Row) -> bool:
-    """Full precision throughout: `quant none` with a quantized KV cache is a quantized row like any other."""
-    return row.get("quant", "") in ("", BASELINE) and not row.get("kv")
+    """Whether a leaderboard row is the fp row every other row of its task is measured against."""
+    return is_full_precision(row.get("quant", ""), row.get("kv", ""))
 
 
 def layer_errors_dir(results: Path) -> Path:

@@ -32,7 +32,7 @@ from qharness.models.sources import (
     resolve_device,
     resolve_dtype,
 )
-from qharness.quant.apply import quantize_, target_linears
+from qharness.quant.apply import convert_conv1d_, quantize_, target_linears
 from qharness.quant.backend import QuantContext, select_backend
 from qharness.quant.calibrate import CALIBRATION_LENGTH, calibration_batches, calibration_text
 from qharness.quant.footprint import weight_bytes
@@ -46,6 +46,7 @@ from qharness.results import (
     append_rows,
     check_writable,
     existing_keys,
+    is_full_precision,
     key,
     layer_errors_path,
     make_row,
@@ -108,7 +109,7 @@ class Cell:
     @property
     def is_baseline(self) -> bool:
         """The fp row every other row of the task is measured against (fp weights *and* an fp cache)."""
-        return self.quant == FP and not self.kv
+        return is_full_precision(self.quant, self.kv)
 
     @property
     def label(self) -> str:
@@ -281,6 +282,7 @@ def run(spec: RunSpec, say: Callable[[str], None] = print) -> RunReport:
     ensure(spec.model.name, progress=spec.progress)
     say(f"loading {spec.model.name} ...")
     loaded = load_model(spec.model, progress=spec.progress)
+    convert_conv1d_(loaded.model)  # GPT-2: Linears from here on, as every backend sees them
     targets = target_linears(loaded.model)
     check_keep(spec.keep, loaded, targets, [cell.task for cell in cells])
     kv = get_kv(spec.kv)

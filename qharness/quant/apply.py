@@ -5,7 +5,8 @@
     quantize_(model, get_scheme("int8-w8a8-tensor"), keep=Keep(positions=(0,)))   # BOS stays in full precision
 
 The LM head and the embeddings stay in full precision: they sit outside the decoder layers. GPT-2's Conv1D
-projections are converted to equivalent nn.Linear first, so every backend sees the same modules.
+projections are converted to equivalent nn.Linear first (`convert_conv1d_`, a step of its own), so every backend
+sees the same modules; `target_linears` only lists them.
 """
 
 from __future__ import annotations
@@ -21,22 +22,32 @@ from qharness.quant.modules import conv1d_to_linear, swap_module
 from qharness.quant.schemes import Keep, QuantScheme
 
 
-def target_linears(model: nn.Module, skip: Callable[[str], bool] = lambda name: False) -> dict[str, nn.Linear]:
-    """Qualified name -> nn.Linear for every Linear (or Conv1D, converted in place) inside the decoder layers
-    that `skip` does not exclude."""
+def _decoder_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(qualified name, module) for every module inside the decoder layers, the layers themselves included."""
     layer_ids = {id(layer) for layer in decoder_layers(model)}
+    return [(sub_name, sub) for name, module in model.named_modules() if id(module) in layer_ids
+            for sub_name, sub in module.named_modules(prefix=name)]
+
+
+def convert_conv1d_(model: nn.Module) -> int:
+    """Swap every GPT-2 Conv1D inside the decoder layers for the equivalent nn.Linear, in place, so that every
+    backend (and `target_linears`) sees Linears only; returns how many were swapped (0 for models without any)."""
+    conv = [(name, sub) for name, sub in _decoder_modules(model) if type(sub).__name__ == "Conv1D"]
+    for name, sub in conv:
+        swap_module(model, name, conv1d_to_linear(sub))
+    return len(conv)
+
+
+def target_linears(model: nn.Module, skip: Callable[[str], bool] = lambda name: False) -> dict[str, nn.Linear]:
+    """Qualified name -> nn.Linear for every Linear inside the decoder layers that `skip` does not exclude. A query:
+    it changes nothing, so a Conv1D still there is a caller's bug (run `convert_conv1d_` first), not a module to
+    leave out in silence."""
     targets: dict[str, nn.Linear] = {}
-    for name, module in model.named_modules():
-        if id(module) not in layer_ids:
-            continue
-        for sub_name, sub in module.named_modules(prefix=name):
-            if skip(sub_name):
-                continue
-            if type(sub).__name__ == "Conv1D":
-                sub = conv1d_to_linear(sub)
-                swap_module(model, sub_name, sub)
-            if isinstance(sub, nn.Linear):
-                targets[sub_name] = sub
+    for name, sub in _decoder_modules(model):
+        if type(sub).__name__ == "Conv1D":
+            raise TypeError(f"{name} is a Conv1D; call convert_conv1d_(model) before listing the target Linears")
+        if isinstance(sub, nn.Linear) and not skip(name):
+            targets[name] = sub
     return targets
 
 
@@ -54,6 +65,7 @@ def quantize_(
     first = next(model.parameters())
     context = context or QuantContext(first.device)
     keep = keep or Keep()
+    convert_conv1d_(model)
     targets = target_linears(model, lambda name: skip(name) or keep.keeps_linear(name))
     chosen = select_backend(scheme, first.device, backend, dtype=first.dtype, targets=targets)
     impl = load_backends().get(chosen)
