@@ -77,6 +77,14 @@ def _positions(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers like 0,1, got '{text}'") from None
 
 
+def _memory(text: str) -> dict[str, str]:
+    """--max-memory 0=20GiB,cpu=64GiB -> {"0": "20GiB", "cpu": "64GiB"} (accelerate's max_memory)."""
+    pairs = [part.partition("=") for part in _names(text)]
+    if not pairs or any(not device or not sep or not amount for device, sep, amount in pairs):
+        raise argparse.ArgumentTypeError(f"expected DEVICE=AMOUNT pairs like 0=20GiB,cpu=64GiB, got '{text}'")
+    return {device.strip(): amount.strip() for device, _, amount in pairs}
+
+
 def _minutes(text: str) -> float:
     """A time budget: more than 0 minutes (0 or less could not train a step; leave --budget out for no limit)."""
     try:
@@ -125,6 +133,12 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--transform", default="", metavar="NAME[:ARG]",
                         help="rewrite the fp model before quantizing, keeping its logits: smoothquant[:alpha] "
                              "(alpha in [0, 1], default 0.5) or rotate (`qharness list transforms`)")
+    parser.add_argument("--device-map", default=None, metavar="MAP",
+                        help="spread a model larger than one device over several (auto); not supported yet")
+    parser.add_argument("--max-memory", default=None, type=_memory, metavar="DEV=AMOUNT,...",
+                        help="memory per device with --device-map, e.g. 0=20GiB,cpu=64GiB; not supported yet")
+    parser.add_argument("--no-intervals", dest="intervals", action="store_false",
+                        help="no paired interval on each quantized row")
 
 
 def add_scan_arguments(parser: argparse.ArgumentParser) -> None:
@@ -254,21 +268,27 @@ def format_table(rows: list[dict[str, str]]) -> str:
                      for line in lines)
 
 
-def cmd_run(args: argparse.Namespace) -> int:
-    from qharness.models.sources import ModelSpec
-    from qharness.quant.schemes import Keep
-    from qharness.runner import DEFAULT_TASKS, RunSpec, run
+def run_settings(args: argparse.Namespace) -> Any:
+    """The `RunSettings` that `qharness run`'s flags describe (one field per flag, experiment/settings.CLI_FLAGS)."""
+    from qharness.experiment.settings import DEFAULT_TASKS, RunSettings
 
-    spec = RunSpec(
-        model=ModelSpec(args.model, dtype=args.dtype, device=args.device), quants=args.quant,
-        backend=args.backend, keep=Keep(args.keep_positions, args.keep_channels, args.keep_linears),
-        tasks=DEFAULT_TASKS if args.task is None else args.task, bos=args.bos, limit=args.limit,
-        batch_size=args.batch_size,
-        seed=args.seed, results=args.results, force=args.force, progress=not args.quiet,
-        layer_errors=args.layer_errors, kv=args.kv, transform=args.transform,
+    return RunSettings(
+        model=args.model, quants=args.quant, backend=args.backend,
+        tasks=DEFAULT_TASKS if args.task is None else args.task,
+        keep_positions=args.keep_positions, keep_channels=args.keep_channels, keep_linears=args.keep_linears,
+        kv=args.kv, transform=args.transform, bos=args.bos, limit=args.limit, batch_size=args.batch_size,
+        seed=args.seed, dtype=args.dtype, device=args.device, device_map=args.device_map, max_memory=args.max_memory,
+        intervals=args.intervals, results=args.results, force=args.force, layer_errors=args.layer_errors,
     )
-    report = run(spec, say=(lambda msg: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr)))
-    print(f"model: {report.model}   computed {report.computed} of {len(report.rows)} rows -> {spec.results}")
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from qharness.runner import run
+
+    settings = run_settings(args)
+    report = run(settings, say=(lambda msg: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr)),
+                 progress=not args.quiet)
+    print(f"model: {report.model}   computed {report.computed} of {len(report.rows)} rows -> {settings.results}")
     print(format_table(report.rows))
     return 0
 

@@ -18,8 +18,8 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("qharness.models", "qharness.tasks"),
     ("qharness.activations", "qharness.quant"),
     ("qharness.training",),
-    ("qharness.runner", "qharness.scanning", "qharness.sweep", "qharness.compare", "qharness.families",
-     "qharness.fixes", "qharness.predictors"),
+    ("qharness.experiment", "qharness.runner", "qharness.scanning", "qharness.sweep", "qharness.compare",
+     "qharness.families", "qharness.fixes", "qharness.predictors"),
     ("qharness.cli", "qharness.__main__"),
 )
 
@@ -98,7 +98,7 @@ def test_the_checker_sees_function_level_imports(tmp_path):
     """The graph includes imports inside functions: a circle hidden in a function body still counts."""
     graph = import_graph()
     assert "qharness.models.loading" in graph["qharness.models.sources"]  # imported inside load_model
-    assert "qharness.training.ensure" in graph["qharness.runner"]
+    assert "qharness.training.ensure" in graph["qharness.experiment.execute"]
 
 
 def test_the_checker_sees_type_checking_imports():

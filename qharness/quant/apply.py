@@ -17,7 +17,7 @@ from torch import nn
 
 from qharness.errors import BackendUnavailable
 from qharness.models.layers import decoder_layers
-from qharness.quant.backend import QuantContext, load_backends, select_backend
+from qharness.quant.backend import Backend, QuantContext, load_backends, select_backend
 from qharness.quant.modules import conv1d_to_linear, swap_module
 from qharness.quant.schemes import Keep, QuantScheme
 
@@ -60,17 +60,35 @@ def quantize_(
     context: QuantContext | None = None,
 ) -> str:
     """Quantize the target Linears of `model` in place; returns the name of the backend that did it. The backend
-    is checked against this model's dtype and widths first, so `auto` falls back (to sim) where a kernel declines
-    the model, and a named backend that declines it raises before any weight changes."""
+    is chosen for this model's dtype and widths first, so `auto` falls back (to sim) where a kernel declines the
+    model, and a named backend that declines it raises before any weight changes. (A run's plan chooses once and
+    calls `apply_backend_`.)"""
+    first = next(model.parameters())
+    keep = keep or Keep()
+    convert_conv1d_(model)
+    targets = target_linears(model, lambda name: skip(name) or keep.keeps_linear(name))
+    chosen = select_backend(scheme, first.device, backend, dtype=first.dtype, targets=targets)
+    apply_backend_(model, scheme, load_backends().get(chosen), keep, skip, context)
+    return chosen
+
+
+def apply_backend_(
+    model: nn.Module,
+    scheme: QuantScheme,
+    backend: Backend,
+    keep: Keep | None = None,
+    skip: Callable[[str], bool] = lambda name: False,
+    context: QuantContext | None = None,
+) -> None:
+    """Quantize with a backend already chosen: checked against this model's dtype and widths (raising before any
+    weight changes), never chosen again."""
     first = next(model.parameters())
     context = context or QuantContext(first.device)
     keep = keep or Keep()
     convert_conv1d_(model)
     targets = target_linears(model, lambda name: skip(name) or keep.keeps_linear(name))
-    chosen = select_backend(scheme, first.device, backend, dtype=first.dtype, targets=targets)
-    impl = load_backends().get(chosen)
-    if keep.in_activations and not impl.supports_keep:
-        raise BackendUnavailable(f"backend '{chosen}' cannot keep token positions or channels in full precision; "
-                                 "use --backend sim")
-    impl.apply(model, scheme, targets, keep, context)
-    return chosen
+    backend.check(first.device, scheme, first.dtype, targets)
+    if keep.in_activations and not backend.supports_keep:
+        raise BackendUnavailable(f"backend '{backend.name}' cannot keep token positions or channels in full "
+                                 "precision; use --backend sim")
+    backend.apply(model, scheme, targets, keep, context)
