@@ -98,13 +98,17 @@ def _minutes(text: str) -> float:
 
 
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="smollm2-135m",
-                        help="built-in name, local HF folder, .gguf file or hub id (default: smollm2-135m)")
-    parser.add_argument("--quant", default="int8", type=_name_list,
-                        help="comma-separated schemes (default: int8 = int8-w8a8-token); see `qharness list quants`")
+    from qharness.experiment.settings import RunSettings
+
+    default = RunSettings()  # every default is the settings' own, declared once
+    parser.add_argument("--model", default=default.model,
+                        help=f"built-in name, local HF folder, .gguf file or hub id (default: {default.model})")
+    parser.add_argument("--quant", default=default.quants, type=_name_list,
+                        help=f"comma-separated schemes (default: {','.join(default.quants)}); see `qharness list "
+                             "quants`")
     parser.add_argument("--task", default=None, type=_name_list,
-                        help="comma-separated tasks (default: kjv-heldout,wordnet-heldout); see `qharness list tasks`")
-    parser.add_argument("--backend", default="auto",
+                        help=f"comma-separated tasks (default: {','.join(default.tasks)}); see `qharness list tasks`")
+    parser.add_argument("--backend", default=default.backend,
                         help="auto (real kernels on CUDA, sim on CPU) | sim | bnb | torchao | gptq | quanto "
                              "(`qharness list backends`)")
     parser.add_argument("--keep-positions", default="", type=_positions, metavar="P,Q",
@@ -115,22 +119,24 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--keep-linears", default="", type=_names, metavar="NAME,NAME",
                         help="Linears left in full precision, by a part of their name (q_proj,k_proj,v_proj): "
                              "which weights carry a scheme's loss")
-    parser.add_argument("--kv", default="none", metavar="SETTING",
+    parser.add_argument("--kv", default=default.kv, metavar="SETTING",
                         help="also quantize the KV cache of every scheme, e.g. int4-token or int4-kivi+keep0; with "
                              "--quant none only the cache (`qharness list kv`; default none)")
-    parser.add_argument("--dtype", default="auto", help="auto (fp32 on CPU, bf16 on CUDA) | fp32 | bf16 | fp16")
-    parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    parser.add_argument("--dtype", default=default.dtype, help="auto (fp32 on CPU, bf16 on CUDA) | fp32 | bf16 | fp16")
+    parser.add_argument("--device", default=default.device, help="auto | cpu | cuda")
     parser.add_argument("--no-bos", dest="bos", action="store_false", help="do not prepend BOS to each window")
-    parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N windows of each task")
-    parser.add_argument("--batch-size", type=int, default=1, help="windows per forward pass (results do not change)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--results", type=Path, default=Path("results/leaderboard.csv"),
-                        help="leaderboard CSV to append to (default: results/leaderboard.csv)")
+    parser.add_argument("--limit", type=int, default=default.limit, help="evaluate only the first N windows of each "
+                                                                         "task")
+    parser.add_argument("--batch-size", type=int, default=default.batch_size,
+                        help="windows per forward pass (results do not change)")
+    parser.add_argument("--seed", type=int, default=default.seed)
+    parser.add_argument("--results", type=Path, default=default.results,
+                        help=f"leaderboard CSV to append to (default: {default.results})")
     parser.add_argument("--force", action="store_true", help="recompute cells already in the leaderboard")
     parser.add_argument("--quiet", action="store_true", help="no progress bars or status lines, only the table")
     parser.add_argument("--layer-errors", action="store_true",
                         help="also write each scheme's per-layer output error to results/layers/ (for compare)")
-    parser.add_argument("--transform", default="", metavar="NAME[:ARG]",
+    parser.add_argument("--transform", default=default.transform, metavar="NAME[:ARG]",
                         help="rewrite the fp model before quantizing, keeping its logits: smoothquant[:alpha] "
                              "(alpha in [0, 1], default 0.5) or rotate (`qharness list transforms`)")
     parser.add_argument("--device-map", default=None, metavar="MAP",
@@ -273,8 +279,7 @@ def run_settings(args: argparse.Namespace) -> Any:
     from qharness.experiment.settings import DEFAULT_TASKS, RunSettings
 
     return RunSettings(
-        model=args.model, quants=args.quant, backend=args.backend,
-        tasks=DEFAULT_TASKS if args.task is None else args.task,
+        model=args.model, quants=args.quant, backend=args.backend, tasks=args.task or DEFAULT_TASKS,
         keep_positions=args.keep_positions, keep_channels=args.keep_channels, keep_linears=args.keep_linears,
         kv=args.kv, transform=args.transform, bos=args.bos, limit=args.limit, batch_size=args.batch_size,
         seed=args.seed, dtype=args.dtype, device=args.device, device_map=args.device_map, max_memory=args.max_memory,

@@ -175,9 +175,9 @@ def _not_yet(settings: RunSettings, origin: Origin) -> None:
 
 
 def plan(settings: RunSettings, origin: Origin = "cli",
-         shapes_of_model: Callable[[str], ModelShapes | None] = model_shapes) -> Plan:
+         shapes_of_model: Callable[[str], ModelShapes | None] | None = None) -> Plan:
     """Resolve and check `settings` (see the module). `origin` is how messages spell a setting (a flag or a sweep
-    key); `shapes_of_model` lets a sweep read each model's shapes once."""
+    key); `shapes_of_model` (default `model_shapes`) lets a sweep read each model's shapes once."""
     _not_yet(settings, origin)
     classify(settings.model)
     check_writable(settings.results)
@@ -185,7 +185,7 @@ def plan(settings: RunSettings, origin: Origin = "cli",
     kv = get_kv(settings.kv)
     quants, kv_only = split_quants(settings.quants, kv, bool(keep))
     schemes = {SCHEMES.resolve(q): get_scheme(q) for q in quants}
-    shapes = shapes_of_model(settings.model)
+    shapes = (shapes_of_model or model_shapes)(settings.model)
     limit = context_limit(settings.model) or (shapes.max_positions if shapes else None)
     tasks = [within_context(get_task(name), limit) for name in settings.tasks]
     check_positions(keep, tasks, origin)
