@@ -304,6 +304,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     from qharness.training.recipe_file import check_trainable, format_estimate
     from qharness.training.run import train_model
 
+    if args.mitigation is not None and not args.mitigation.strip():  # read as 'none', it trained the control
+        raise QHarnessError(f"--mitigation {args.mitigation!r} names no mitigation; give none for the control, or "
+                            "mitigations joined by '+' (kv_bias, tvr, dyt, ...; `qharness train --help`)")
     if args.model:
         ignored = _unread(args, ("model", "budget", "quiet"))
         if ignored:
@@ -553,6 +556,14 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], Callable[[argpars
 }
 
 
+INTERRUPTED = {  # what a Ctrl-C leaves, by command
+    "run": "finished cells are saved, rerun to resume",
+    "sweep": "finished cells are saved, rerun to resume",
+    "train": "the same command resumes from the last checkpoint, if one was saved (every checkpoint_every steps)",
+    "scan": "nothing was saved; rerun to scan",
+}
+
+
 class OneLineParser(argparse.ArgumentParser):
     """argparse prints the whole usage block above a bad argument; every other error here is one line, so these
     are too, pointing at --help for the usage."""
@@ -585,7 +596,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"qharness: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("qharness: interrupted; finished cells are saved, rerun to resume", file=sys.stderr)
+        print(f"qharness: interrupted; {INTERRUPTED.get(args.command, 'nothing was saved')}", file=sys.stderr)
         return 130
 
 

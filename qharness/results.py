@@ -18,6 +18,7 @@ import fcntl
 import glob
 import io
 import json
+import math
 import os
 import re
 import tempfile
@@ -123,9 +124,11 @@ def _check_record(header: list[str], record: list[str], line: int, is_last: bool
     for column, value in zip(header, record, strict=True):
         if column in NUMERIC_COLUMNS and value:
             try:
-                float(value)
+                number = float(value)
             except ValueError:
                 return f"line {line}: {column} is {value[:20]!r}, not a number"
+            if not math.isfinite(number):  # qharness never stores one (check_finite): a nan read back would pass for
+                return f"line {line}: {column} is {value!r}, not a finite number"  # a result, and compare print +nan%
     return None
 
 

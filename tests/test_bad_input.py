@@ -116,6 +116,20 @@ def _data(name: str, content: bytes | None = None, folder: bool = False) -> Setu
     return setup
 
 
+def _compare_infinite(tmp: Path, model: Path, task: Path) -> list[str]:
+    path = _leaderboard(tmp)
+    path.write_text(path.read_text().replace("2.5", "inf"))
+    return ["compare", "--results", str(path), "--out", str(tmp / "out")]
+
+
+def _empty_files(tmp: Path, model: Path, task: Path) -> list[str]:
+    """A --data folder whose every file was emptied: it trained on the old text's cached tokens."""
+    (tmp / "texts").mkdir()
+    (tmp / "texts" / "a.txt").write_text("")
+    (tmp / "texts" / "b.txt").write_text("\n\n")
+    return ["train", "--from", str(model), "--data", str(tmp / "texts"), "--out", str(tmp / "run"), "--quiet"]
+
+
 CASES: dict[str, tuple[Setup, str]] = {
     # wrong science, refused before any compute
     "keep position past every window": (_run("--quant", "int8-w8a8-tensor", "--keep-positions", "999999"),
@@ -260,6 +274,21 @@ CASES: dict[str, tuple[Setup, str]] = {
         "--penalty-strength set a loss penalty but mitigation 'kv_bias' has none; add outlier_penalty"),
     "train --from --penalty-threshold with none": (_tune("none", "--penalty-threshold", "8"),
                                                    "use --mitigation outlier_penalty"),
+    # found trying it as a new user would (issue 21): silently wrong before, refused now
+    "train --from the built-in model past its 8,192 positions": (
+        lambda tmp, m, t: ["train", "--from", "smollm2-135m", "--context", "100000", "--out", str(tmp / "run"),
+                           "--quiet"], "smollm2-135m takes at most 8192 positions, but this training reads 100000"),
+    "nan in a leaderboard": (_damaged(lambda text: text.replace("1.5", "nan")), "value is 'nan', not a finite number"),
+    "compare a leaderboard with inf": (_compare_infinite, "value is 'inf', not a finite number"),
+    "train --data .jsonl with a null text": (_data("docs.jsonl", b'{"text": "a b c"}\n{"text": null}\n'),
+                                             "line 2 has 'text': null, not a string"),
+    "train --data a folder of empty files": (_empty_files, "holds no text; give text files"),
+    "train --mitigation ''": (_tune("", *FAST), "--mitigation '' names no mitigation; give none for the control"),
+    "--keep-linears matching every Linear": (_run("--keep-linears", "proj"),
+                                             "--keep-linears proj keeps all 14 Linears a scheme quantizes"),
+    "sweep keep_linears typo in its second list": (
+        _sweep("models: [{model}]\nquants: [int8]\ntasks: [{task}]\nkeep_linears: [[], [q_projj]]\n"
+               "results: {tmp}/lb.csv\n"), "keep_linears q_projj names no Linear that a scheme quantizes"),
 }
 
 
@@ -331,3 +360,57 @@ def test_a_budget_that_ends_before_the_first_step_is_one_line_and_leaves_nothing
     assert code == 2 and err.startswith("qharness: error: the 1e-07-minute budget ran out before the first training "
                                         "step") and err.count("\n") == 1, err
     assert "give a larger --budget" in err and not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("flags", [("--keep-linears", "q_projj"), ("--keep-linears", "proj"), ("--keep-channels", "64"),
+                                   ("--keep-positions", "99999")])
+def test_kept_values_are_refused_before_any_model_loads(flags, capsys, tmp_path, tiny_model_dir, tiny_task_dir,
+                                                        monkeypatch):
+    """Checked against the model's config (its meta skeleton), not the loaded model: they were refused only after
+    the weights loaded."""
+    from qharness.experiment import execute
+
+    monkeypatch.setattr(execute, "load_model", lambda *a, **k: pytest.fail("loaded a model for a refused run"))
+    code = main(_run(*flags)(tmp_path, tiny_model_dir, tiny_task_dir / "short.yaml"))
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("qharness: error: ") and err.count("\n") == 1, err
+    assert not (tmp_path / "lb.csv").exists()
+
+
+@pytest.mark.parametrize(("repeated", "once"), [("--keep-positions=0,0", "--keep-positions=0"),
+                                                ("--keep-channels=5,3,5", "--keep-channels=5,3"),
+                                                ("--keep-linears=q_proj,q_proj", "--keep-linears=q_proj")])
+def test_a_value_given_twice_is_the_same_row_key_as_given_once(repeated, once, tmp_path, tiny_model_dir, tiny_task_dir):
+    from qharness.cli import build_parser, run_settings
+    from qharness.experiment.plan import plan
+
+    def keys(flag: str) -> list[tuple[str, ...]]:
+        argv = _run(flag)(tmp_path, tiny_model_dir, tiny_task_dir / "short.yaml")
+        return plan(run_settings(build_parser().parse_args(argv))).keys
+
+    assert keys(repeated) == keys(once)
+
+
+def test_the_data_token_cache_follows_the_content_and_training_json_records_it(tmp_path, tiny_model_dir,
+                                                                                  tiny_tokenizer, monkeypatch):
+    """A --data file rewritten in place is new text: its tokens are not the cached ones of the old text, and the
+    trained model's training.json names each file by size, mtime and sha256."""
+    import hashlib
+    import json
+
+    from qharness.training.tune import tuning_tokens
+
+    monkeypatch.setenv("QHARNESS_CACHE", str(tmp_path / "cache"))
+    text = tmp_path / "text.txt"
+    text.write_text("In the beginning was the word.\n\nAnd the word was with the text.\n")
+    first = tuning_tokens(tiny_tokenizer, (str(text),), progress=False)
+    text.write_text("Something else entirely, about rivers and stones.\n")
+    second = tuning_tokens(tiny_tokenizer, (str(text),), progress=False)
+    assert first.tolist() != second.tolist()  # keyed by the path alone, the second read the first's tokens
+    code = main(["train", "--from", str(tiny_model_dir), "--data", str(text), "--steps", "1", "--context", "16",
+                 "--batch-size", "1", "--out", str(tmp_path / "run"), "--quiet"])
+    assert code == 0
+    (recorded,) = json.loads((tmp_path / "run" / "model" / "training.json").read_text())["data_files"]
+    assert recorded["path"] == str(text.resolve()) and recorded["size"] == text.stat().st_size
+    assert recorded["sha256"] == hashlib.sha256(text.read_bytes()).hexdigest()
+    assert recorded["mtime_ns"] == text.stat().st_mtime_ns
