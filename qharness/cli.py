@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import shlex
 import sys
 import typing
 from collections.abc import Callable
@@ -344,7 +345,7 @@ def _report_training(result: Any, args: argparse.Namespace, steps: int, done: st
               f"(checkpoint in {args.out}); run the same command again to continue")
     else:
         print(f"{done}, final loss {result.loss:.3f} -> {args.out / 'model'}  (use it as --model "
-              f"{args.out / 'model'})")
+              f"{shlex.quote(str(args.out / 'model'))})")
     return 0
 
 

@@ -392,9 +392,10 @@ def test_a_value_given_twice_is_the_same_row_key_as_given_once(repeated, once, t
 
 
 def test_the_data_token_cache_follows_the_content_and_training_json_records_it(tmp_path, tiny_model_dir,
-                                                                                  tiny_tokenizer, monkeypatch):
+                                                                                  tiny_tokenizer, monkeypatch, capsys):
     """A --data file rewritten in place is new text: its tokens are not the cached ones of the old text, and the
-    trained model's training.json names each file by size, mtime and sha256."""
+    trained model's training.json names each file by size, mtime and sha256. The --model hint at the end is quoted
+    for a folder with a space in its name."""
     import hashlib
     import json
 
@@ -408,9 +409,89 @@ def test_the_data_token_cache_follows_the_content_and_training_json_records_it(t
     second = tuning_tokens(tiny_tokenizer, (str(text),), progress=False)
     assert first.tolist() != second.tolist()  # keyed by the path alone, the second read the first's tokens
     code = main(["train", "--from", str(tiny_model_dir), "--data", str(text), "--steps", "1", "--context", "16",
-                 "--batch-size", "1", "--out", str(tmp_path / "run"), "--quiet"])
-    assert code == 0
-    (recorded,) = json.loads((tmp_path / "run" / "model" / "training.json").read_text())["data_files"]
+                 "--batch-size", "1", "--out", str(tmp_path / "my run"), "--quiet"])
+    assert code == 0 and f"(use it as --model '{tmp_path / 'my run' / 'model'}')" in capsys.readouterr().out
+    (recorded,) = json.loads((tmp_path / "my run" / "model" / "training.json").read_text())["data_files"]
     assert recorded["path"] == str(text.resolve()) and recorded["size"] == text.stat().st_size
     assert recorded["sha256"] == hashlib.sha256(text.read_bytes()).hexdigest()
     assert recorded["mtime_ns"] == text.stat().st_mtime_ns
+
+
+@pytest.mark.parametrize(("offline", "message"), [
+    (True, "is on the Hugging Face hub and not in the local hub cache, but HF_HUB_OFFLINE is set"),
+    (False, "huggingface.co cannot be reached within 3 s (Network is unreachable); connect to the internet"),
+])
+@pytest.mark.parametrize("model", ["org/not-cached-anywhere", "pair:osp-1.4b-muon"])
+def test_a_hub_model_out_of_reach_is_refused_at_once(offline, message, model, capsys, tmp_path, monkeypatch):
+    """Offline or with the hub out of reach, a hub id not in the local cache printed 30-50 s of retries before its
+    one line; the plan says so first (one connection attempt of at most 3 s, no retries)."""
+    import socket
+    import time
+
+    from huggingface_hub import constants
+
+    from qharness.experiment import execute
+
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # an empty hub cache
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", offline)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1" if offline else "0")
+    for proxy in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(proxy, raising=False)
+
+    def unreachable(address, timeout=None):
+        raise OSError(101, "Network is unreachable")
+
+    monkeypatch.setattr(socket, "create_connection", unreachable)
+    monkeypatch.setattr(execute, "load_model", lambda *a, **k: pytest.fail("tried to load a model out of reach"))
+    start = time.perf_counter()
+    code = main(["run", "--model", model, "--results", str(tmp_path / "lb.csv"), "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("qharness: error: ") and err.count("\n") == 1, err
+    assert message in err and time.perf_counter() - start < 5
+
+
+def test_a_training_run_folder_or_a_folder_without_a_model_says_what_it_is(capsys, tmp_path, tiny_model_dir):
+    import shutil
+
+    run_folder = tmp_path / "my run"
+    shutil.copytree(tiny_model_dir, run_folder / "model")
+    assert main(["run", "--model", str(run_folder), "--results", str(tmp_path / "lb.csv"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert f"is a training run folder; its model is in {run_folder / 'model'}: pass --model '{run_folder / 'model'}'" \
+        in err, err
+    assert main(["scan", "--model", str(tmp_path / "my run"), "--results", str(tmp_path / "lb.csv"), "--quiet"]) == 2
+    assert "is a training run folder" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert main(["run", "--model", str(tmp_path / "empty"), "--results", str(tmp_path / "lb.csv"), "--quiet"]) == 2
+    assert "has no config.json, so it is not a Hugging Face model folder" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["run", "--model", "tune:smollm2-135m-kv-bias"], "unknown mitigation 'kv-bias'; did you mean 'kv_bias'?"),
+    (["train", "--from", "smollm2-135m", "--mitigation", "none+kv_bias", "--out", "{tmp}/run"],
+     "mitigation 'none+kv_bias' joins none (no mitigation) with others; write 'kv_bias'"),
+])
+def test_a_typo_is_named_where_it_is(argv, message, capsys, tmp_path):
+    assert main([a.format(tmp=tmp_path) for a in argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("qharness: error: ") and message in err, err
+
+
+def test_a_recipe_file_unknown_key_lists_arch_and_train_among_the_valid_ones(capsys, tmp_path):
+    (tmp_path / "r.yaml").write_text("arch: {d_model: 64}\ntrian: {steps: 2}\n")
+    assert main(["train", "--recipe", str(tmp_path / "r.yaml"), "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown keys ['trian']; valid keys: ['arch', " in err and "'train'" in err, err
+
+
+@pytest.mark.parametrize(("command", "said"), [("train", "the same command resumes from the last checkpoint"),
+                                               ("run", "finished cells are saved, rerun to resume")])
+def test_ctrl_c_says_what_the_interrupted_command_kept(command, said, capsys, monkeypatch):
+    from qharness import cli
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setitem(cli.COMMANDS, command, (interrupted, *cli.COMMANDS[command][1:]))
+    assert main([command]) == 130
+    assert said in capsys.readouterr().err

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from qharness.errors import BackendUnavailable, ConfigError
+from qharness.errors import BackendUnavailable, ConfigError, ModelLoadError
 from qharness.experiment.settings import Origin, RunSettings, spelled
 from qharness.experiment.shapes import ModelShapes, model_shapes
 from qharness.models.sources import classify, context_limit, dtype_name, resolve_device, resolve_dtype
@@ -166,6 +166,36 @@ def key_fields(settings: RunSettings, keep: Keep, cell: Cell, metric: str, devic
     }
 
 
+HUB_PROBE_SECONDS = 3.0
+
+
+def check_hub_reachable(name: str, kind: str) -> None:
+    """A hub model whose config is not in the local hub cache must be fetched: with the hub switched off or out of
+    reach, say so now instead of after transformers' 30-50 s of retries."""
+    if kind not in ("hub", "pairs"):
+        return
+    import os
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    offline = constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
+    if offline:
+        raise ModelLoadError(f"model '{name}' is on the Hugging Face hub and not in the local hub cache, but "
+                             "HF_HUB_OFFLINE is set; unset it to download the model, or pass a local folder or "
+                             ".gguf file")
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return  # the hub is reached through a proxy: a direct connection says nothing about it
+    host = urlparse(constants.ENDPOINT).hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=HUB_PROBE_SECONDS).close()
+    except OSError as exc:
+        raise ModelLoadError(f"model '{name}' is on the Hugging Face hub and not in the local hub cache, and {host} "
+                             f"cannot be reached within {HUB_PROBE_SECONDS:g} s ({exc.strerror or type(exc).__name__}"
+                             "); connect to the internet, or pass a local folder or .gguf file") from None
+
+
 def _not_yet(settings: RunSettings, origin: Origin) -> None:
     """Settings declared for work that has not landed: refused rather than ignored in silence."""
     for name in ("device_map", "max_memory"):
@@ -179,13 +209,15 @@ def plan(settings: RunSettings, origin: Origin = "cli",
     """Resolve and check `settings` (see the module). `origin` is how messages spell a setting (a flag or a sweep
     key); `shapes_of_model` (default `model_shapes`) lets a sweep read each model's shapes once."""
     _not_yet(settings, origin)
-    classify(settings.model)
+    kind = classify(settings.model)
     check_writable(settings.results)
     keep = settings.keep
     kv = get_kv(settings.kv)
     quants, kv_only = split_quants(settings.quants, kv, bool(keep))
     schemes = {SCHEMES.resolve(q): get_scheme(q) for q in quants}
     shapes = (shapes_of_model or model_shapes)(settings.model)
+    if shapes is None:  # its config is not cached: loading would fetch it
+        check_hub_reachable(settings.model, kind)
     limit = context_limit(settings.model) or (shapes.max_positions if shapes else None)
     tasks = [within_context(get_task(name), limit) for name in settings.tasks]
     check_positions(keep, tasks, origin)
