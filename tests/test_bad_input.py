@@ -495,3 +495,24 @@ def test_ctrl_c_says_what_the_interrupted_command_kept(command, said, capsys, mo
     monkeypatch.setitem(cli.COMMANDS, command, (interrupted, *cli.COMMANDS[command][1:]))
     assert main([command]) == 130
     assert said in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("files", "message"), [
+    ({"a.txt": b"", "b.txt": b"\n\n"}, "holds no text; give text files"),
+    ({"a.txt": b"\xff\xfe binary"}, "not UTF-8 text (binary?)"),
+    ({"docs.jsonl": b'{"txt": "a"}\n'}, "line 1 is not a JSON object with a 'text' field"),
+    ({"docs.jsonl": b'{"text": "a b"}\n{"text": null}\n'}, "line 2 has 'text': null, not a string"),
+])
+def test_data_content_is_checked_before_the_model_loads(files, message, capsys, tmp_path, tiny_model_dir, monkeypatch):
+    """Empty, binary or record-less --data was refused only once the model had loaded (and a null text trained)."""
+    from qharness.training import tune
+
+    monkeypatch.setattr(tune, "load_model", lambda *a, **k: pytest.fail("loaded a model for refused --data"))
+    (tmp_path / "texts").mkdir()
+    for name, content in files.items():
+        (tmp_path / "texts" / name).write_bytes(content)
+    code = main(["train", "--from", str(tiny_model_dir), "--data", str(tmp_path / "texts"), "--out",
+                 str(tmp_path / "run"), "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and message in err, err
+    assert not (tmp_path / "run").exists()

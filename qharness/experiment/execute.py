@@ -118,6 +118,94 @@ def check_loaded(plan: Plan, loaded: LoadedModel, targets: dict[str, Any]) -> No
     check_kv_model(loaded.model, plan.kv)
 
 
+class Execution:
+    """One plan being executed: the loaded fp model, the rows so far (read back or computed), each task's fp value."""
+
+    def __init__(self, plan: Plan, loaded: LoadedModel, targets: dict[str, Any], done: dict[tuple[str, ...], Row],
+                 say: Callable[[str], None], progress: bool) -> None:
+        self.plan, self.loaded, self.targets, self.say, self.progress = plan, loaded, targets, say, progress
+        self.done = done
+        self.run_id = uuid.uuid4().hex[:12]
+        self.rows: dict[tuple[str, ...], Row] = dict(done)
+        self.fp_values = {(c.task.name, m): float(done[k]["value"])  # baselines already measured: read, not rerun
+                          for c in plan.cells if c.is_baseline for m, k in c.row_keys.items() if k in done}
+
+    def calibration(self) -> list[torch.Tensor]:
+        return calibration_batches(self.loaded.tokenizer, calibration_text(), length=self.plan.calibration_length,
+                                   bos=self.plan.settings.bos, device=self.loaded.device)
+
+    def compute(self, model: LoadedModel, cell: Cell) -> None:
+        """Evaluate one cell on `model` (the fp model or a quantized copy) and write its rows at once."""
+        self.say(f"evaluating {cell.task.name} [{cell.label}]")
+        start = time.perf_counter()
+        metrics = evaluate(model, cell.task, self.plan.settings, self.progress)
+        seconds = time.perf_counter() - start
+        for metric in metrics:
+            check_finite(metric, cell, dtype_name(model.dtype))
+        scheme = self.plan.schemes.get(cell.quant)
+        new_rows = []
+        for metric in metrics:
+            if cell.is_baseline:
+                self.fp_values[(cell.task.name, metric.name)] = metric.value
+            row = result_row(self.plan, model, cell, metric, self.fp_values[(cell.task.name, metric.name)], scheme,
+                             seconds, self.run_id, weight_bytes(self.targets, scheme))
+            new_rows.append(row)
+            self.rows[cell.row_keys[metric.name]] = row
+        append_rows(self.plan.settings.results, new_rows)
+
+    def baselines(self, todo: list[Cell]) -> None:
+        """The missing fp rows, first: every other row of their task is measured against them."""
+        for cell in todo:
+            if cell.is_baseline:
+                self.compute(self.loaded, cell)
+
+    def kv_only(self, todo: list[Cell]) -> None:
+        """`--quant none --kv X`: fp weights with a quantized cache, on the fp model itself (undone after)."""
+        cells = [c for c in todo if c.quant == BASELINE and c.kv]
+        if cells:
+            self.say(f"quantizing the KV cache only ({self.plan.kv.name}) ...")
+            with kv_quantized(self.loaded.model, self.plan.kv):
+                for cell in cells:
+                    self.compute(self.loaded, cell)
+
+    def scheme(self, quant: str, base: Any, todo: list[Cell]) -> None:
+        """One scheme's cells: a copy of `base` (the fp model, transformed if the plan says so) quantized by the
+        backend the plan chose, its layer errors if asked, then each task with the plan's KV setting."""
+        cells = [c for c in todo if c.quant == quant]
+        if not cells and not self.plan.needs_layer_errors(quant):
+            return
+        backend = self.plan.backends[quant]
+        self.say(f"quantizing with {quant} [{backend.name}] ...")
+        qmodel = copy.deepcopy(base)
+        context = QuantContext(self.loaded.device, calibration=self.calibration, tokenizer=self.loaded.tokenizer)
+        apply_backend_(qmodel, self.plan.schemes[quant], backend, keep=self.plan.keep, context=context)
+        quantized = self.loaded.with_model(qmodel)
+        if self.plan.needs_layer_errors(quant):
+            write_layer_errors(self.plan, self.loaded, qmodel, quant, context)
+        with kv_quantized(qmodel, self.plan.kv):
+            for cell in cells:
+                self.compute(quantized, cell)
+        del qmodel, quantized
+        gc.collect()
+
+    def report(self) -> RunReport:
+        keys = self.plan.keys
+        return RunReport([self.rows[k] for k in keys if k in self.rows], sum(1 for k in keys if k not in self.done),
+                         self.plan.settings.model)
+
+
+def load_checked(plan: Plan, say: Callable[[str], None], progress: bool) -> tuple[LoadedModel, dict[str, Any]]:
+    """The plan's model, trained first if it is a zoo or tune model not trained yet, loaded once, its Conv1D turned
+    into Linears, and checked (`check_loaded`); with its target Linears."""
+    ensure(plan.settings.model, progress=progress)
+    say(f"loading {plan.settings.model} ...")
+    loaded = load_model(plan.settings.model_spec, progress=progress)
+    convert_conv1d_(loaded.model)  # GPT-2: Linears from here on, as every backend sees them
+    targets = target_linears(loaded.model)
+    check_loaded(plan, loaded, targets)
+    return loaded, targets
+
+
 def execute(plan: Plan, say: Callable[[str], None] = print, progress: bool = True) -> RunReport:
     settings = plan.settings
     # read again, not taken from the plan: a sweep's earlier cells (or another writer) may have added rows since
@@ -126,68 +214,13 @@ def execute(plan: Plan, say: Callable[[str], None] = print, progress: bool = Tru
     if not todo and not any(plan.needs_layer_errors(quant) for quant in plan.schemes):
         say(f"all {len(plan.keys)} rows are already in {settings.results}; pass --force to recompute")
         return RunReport([done[k] for k in plan.keys], 0, settings.model)
-
-    ensure(settings.model, progress=progress)
-    say(f"loading {settings.model} ...")
-    loaded = load_model(settings.model_spec, progress=progress)
-    convert_conv1d_(loaded.model)  # GPT-2: Linears from here on, as every backend sees them
-    targets = target_linears(loaded.model)
-    check_loaded(plan, loaded, targets)
-    run_id = uuid.uuid4().hex[:12]
-    rows: dict[tuple[str, ...], Row] = dict(done)
-    fp_values = {(c.task.name, m): float(done[k]["value"])  # baselines already measured are read, not recomputed
-                 for c in plan.cells if c.is_baseline for m, k in c.row_keys.items() if k in done}
-
-    def compute(model: LoadedModel, cell: Cell) -> None:
-        say(f"evaluating {cell.task.name} [{cell.label}]")
-        start = time.perf_counter()
-        metrics = evaluate(model, cell.task, settings, progress)
-        seconds = time.perf_counter() - start
-        for metric in metrics:
-            check_finite(metric, cell, dtype_name(model.dtype))
-        scheme = plan.schemes.get(cell.quant)
-        new_rows = []
-        for metric in metrics:
-            if cell.is_baseline:
-                fp_values[(cell.task.name, metric.name)] = metric.value
-            row = result_row(plan, model, cell, metric, fp_values[(cell.task.name, metric.name)], scheme,
-                             seconds, run_id, weight_bytes(targets, scheme))
-            new_rows.append(row)
-            rows[cell.row_keys[metric.name]] = row
-        append_rows(settings.results, new_rows)
-
-    def calibration() -> list[torch.Tensor]:
-        return calibration_batches(loaded.tokenizer, calibration_text(), length=plan.calibration_length,
-                                   bos=settings.bos, device=loaded.device)
-
+    loaded, targets = load_checked(plan, say, progress)
+    run = Execution(plan, loaded, targets, done, say, progress)
     # transformed before anything is computed, so a model the transform refuses leaves the leaderboard untouched
-    quantized_todo = any(not c.is_baseline and c.quant in plan.schemes for c in todo)
-    base = transformed(plan.transform, loaded.model, calibration, say) if quantized_todo else loaded.model
-    for cell in todo:  # a missing baseline is computed first; a present one was read into fp_values above
-        if cell.is_baseline:
-            compute(loaded, cell)
-    kv_only = [c for c in todo if c.quant == BASELINE and c.kv]
-    if kv_only:
-        say(f"quantizing the KV cache only ({plan.kv.name}) ...")
-        with kv_quantized(loaded.model, plan.kv):
-            for cell in kv_only:
-                compute(loaded, cell)
-    for quant, scheme in plan.schemes.items():
-        quant_cells = [c for c in todo if c.quant == quant]
-        if not quant_cells and not plan.needs_layer_errors(quant):
-            continue
-        backend = plan.backends[quant]
-        say(f"quantizing with {quant} [{backend.name}] ...")
-        qmodel = copy.deepcopy(base)
-        context = QuantContext(loaded.device, calibration=calibration, tokenizer=loaded.tokenizer)
-        apply_backend_(qmodel, scheme, backend, keep=plan.keep, context=context)
-        quantized = loaded.with_model(qmodel)
-        if plan.needs_layer_errors(quant):
-            write_layer_errors(plan, loaded, qmodel, quant, context)
-        with kv_quantized(qmodel, plan.kv):
-            for cell in quant_cells:
-                compute(quantized, cell)
-        del qmodel, quantized
-        gc.collect()
-    return RunReport([rows[k] for k in plan.keys if k in rows], sum(1 for k in plan.keys if k not in done),
-                     settings.model)
+    quantized_todo = any(c.quant in plan.schemes for c in todo)
+    base = transformed(plan.transform, loaded.model, run.calibration, say) if quantized_todo else loaded.model
+    run.baselines(todo)
+    run.kv_only(todo)
+    for quant in plan.schemes:
+        run.scheme(quant, base, todo)
+    return run.report()
