@@ -1,11 +1,12 @@
 """The settings of one run, declared once. `qharness run` builds a `RunSettings` from its flags and a sweep builds one
 per cell of its grid; `plan` resolves it and `execute` runs the plan.
 
-A setting is one field here, with its comment. The command line names it in `CLI_FLAGS` (and cli.add_run_arguments
-adds the flag), a sweep file in `SWEEP_KEYS` (and sweep.SweepConfig has the key); tests/test_settings.py sets every
-field through both and fails for one that either cannot reach. Checks of a value alone live in `__post_init__`;
-checks that need a registry, the leaderboard or the model's shapes live in the plan. Lists of kept positions,
-channels and Linears are normalised here (duplicates dropped, first order kept), so `0,0` and `0` are one row key.
+A setting is one field here, with its comment. The command line names it in `CLI_FLAGS` (and
+cli.add_run_arguments adds the flag), a sweep file in `SWEEP_KEYS` (and sweep.SweepConfig has the key);
+tests/experiment/test_settings.py sets every field through both and fails for one that either cannot reach. Checks
+of a value alone live in `__post_init__`; checks that need a registry, the leaderboard or the model's shapes live in
+the plan. Lists of kept positions, channels and Linears are normalised here (duplicates dropped, first order kept),
+so `0,0` and `0` are one row key.
 """
 
 from __future__ import annotations

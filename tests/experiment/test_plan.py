@@ -136,3 +136,14 @@ def test_the_builtin_model_shapes_from_its_converted_folder_and_its_gguf_header_
     monkeypatch.setattr(builtin, "_smollm2_folder", lambda: tmp_path / "not-converted")
     assert builtin.local_smollm2().suffix == ".gguf"
     assert model_shapes("smollm2-135m") == from_folder
+
+
+def test_a_plan_travels_to_a_ray_worker_whole(tiny_model_dir, tiny_task_dir, tmp_path):
+    """engine: ray ships plans, not settings, so workers resolve nothing either: a plan survives pickling."""
+    import pickle
+
+    made = plan(settings_for(tiny_model_dir, tiny_task_dir, tmp_path / "lb.csv", quants=("int8", "int4-weight-g128"),
+                             kv="int4-kivi+keep0", transform="smoothquant"))
+    copied = pickle.loads(pickle.dumps(made))
+    assert copied.keys == made.keys and copied.shapes == made.shapes and copied.kv == made.kv
+    assert {name: b.name for name, b in copied.backends.items()} == {name: b.name for name, b in made.backends.items()}
