@@ -5,6 +5,9 @@ The library API is a handful of plain functions (imported lazily so `import qhar
     from qharness import load_model, ModelSpec, get_scheme, quantize_, perplexity
     loaded = load_model(ModelSpec("smollm2-135m"))
     quantize_(loaded.model, get_scheme("int8-w8a8-token"))
+
+    from qharness import RunSettings, plan, execute        # one run, as `qharness run` does it
+    execute(plan(RunSettings(model="smollm2-135m", quants=("int8",), limit=2)))
 """
 
 from __future__ import annotations
@@ -21,7 +24,9 @@ _API = {
     "quantize_": "qharness.quant.apply",
     "fake_quantize": "qharness.quant.sim",
     "perplexity": "qharness.tasks.perplexity",
-    "RunSpec": "qharness.runner",
+    "RunSettings": "qharness.experiment.settings",
+    "plan": "qharness.experiment.plan",
+    "execute": "qharness.experiment.execute",
     "run": "qharness.runner",
     "append_rows": "qharness.results",
 }

@@ -40,7 +40,7 @@ import torch
 from qharness import provenance
 from qharness.errors import ConfigError
 from qharness.models.sources import LoadedModel, ModelSpec, dtype_name, load_model, resolve_device, resolve_dtype
-from qharness.quant.apply import quantize_, target_linears
+from qharness.quant.apply import convert_conv1d_, quantize_, target_linears
 from qharness.quant.backend import QuantContext, select_backend
 from qharness.quant.footprint import weight_bytes
 from qharness.quant.schemes import SCHEMES, QuantScheme, get_scheme
@@ -232,6 +232,7 @@ def bench(settings: BenchSettings, say: Callable[[str], None] = print) -> BenchR
     say(f"loading {settings.model.name} ...")
     loaded = random_model(settings) if settings.model.name.startswith(RANDOM) else load_model(settings.model)
     vocab = loaded.model.config.vocab_size
+    convert_conv1d_(loaded.model)  # GPT-2's Conv1D as the Linears every backend quantizes
     targets = target_linears(loaded.model)
     backends = {name: select_backend(s, device, settings.backend, dtype=dtype, targets=targets)
                 for name, s in schemes.items()}

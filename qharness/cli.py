@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import shlex
 import sys
 import typing
 from collections.abc import Callable
@@ -83,6 +84,14 @@ def _positions(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers like 0,1, got '{text}'") from None
 
 
+def _memory(text: str) -> dict[str, str]:
+    """--max-memory 0=20GiB,cpu=64GiB -> {"0": "20GiB", "cpu": "64GiB"} (accelerate's max_memory)."""
+    pairs = [part.partition("=") for part in _names(text)]
+    if not pairs or any(not device or not sep or not amount for device, sep, amount in pairs):
+        raise argparse.ArgumentTypeError(f"expected DEVICE=AMOUNT pairs like 0=20GiB,cpu=64GiB, got '{text}'")
+    return {device.strip(): amount.strip() for device, _, amount in pairs}
+
+
 def _minutes(text: str) -> float:
     """A time budget: more than 0 minutes (0 or less could not train a step; leave --budget out for no limit)."""
     try:
@@ -96,13 +105,17 @@ def _minutes(text: str) -> float:
 
 
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="smollm2-135m",
-                        help="built-in name, local HF folder, .gguf file or hub id (default: smollm2-135m)")
-    parser.add_argument("--quant", default="int8", type=_name_list,
-                        help="comma-separated schemes (default: int8 = int8-w8a8-token); see `qharness list quants`")
+    from qharness.experiment.settings import RunSettings
+
+    default = RunSettings()  # every default is the settings' own, declared once
+    parser.add_argument("--model", default=default.model,
+                        help=f"built-in name, local HF folder, .gguf file or hub id (default: {default.model})")
+    parser.add_argument("--quant", default=default.quants, type=_name_list,
+                        help=f"comma-separated schemes (default: {','.join(default.quants)}); see `qharness list "
+                             "quants`")
     parser.add_argument("--task", default=None, type=_name_list,
-                        help="comma-separated tasks (default: kjv-heldout,wordnet-heldout); see `qharness list tasks`")
-    parser.add_argument("--backend", default="auto",
+                        help=f"comma-separated tasks (default: {','.join(default.tasks)}); see `qharness list tasks`")
+    parser.add_argument("--backend", default=default.backend,
                         help="auto (real kernels on CUDA, sim on CPU) | sim | bnb | torchao | gptq | quanto "
                              "(`qharness list backends`)")
     parser.add_argument("--keep-positions", default="", type=_positions, metavar="P,Q",
@@ -113,24 +126,32 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--keep-linears", default="", type=_names, metavar="NAME,NAME",
                         help="Linears left in full precision, by a part of their name (q_proj,k_proj,v_proj): "
                              "which weights carry a scheme's loss")
-    parser.add_argument("--kv", default="none", metavar="SETTING",
+    parser.add_argument("--kv", default=default.kv, metavar="SETTING",
                         help="also quantize the KV cache of every scheme, e.g. int4-token or int4-kivi+keep0; with "
                              "--quant none only the cache (`qharness list kv`; default none)")
-    parser.add_argument("--dtype", default="auto", help="auto (fp32 on CPU, bf16 on CUDA) | fp32 | bf16 | fp16")
-    parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    parser.add_argument("--dtype", default=default.dtype, help="auto (fp32 on CPU, bf16 on CUDA) | fp32 | bf16 | fp16")
+    parser.add_argument("--device", default=default.device, help="auto | cpu | cuda")
     parser.add_argument("--no-bos", dest="bos", action="store_false", help="do not prepend BOS to each window")
-    parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N windows of each task")
-    parser.add_argument("--batch-size", type=int, default=1, help="windows per forward pass (results do not change)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--results", type=Path, default=Path("results/leaderboard.csv"),
-                        help="leaderboard CSV to append to (default: results/leaderboard.csv)")
+    parser.add_argument("--limit", type=int, default=default.limit, help="evaluate only the first N windows of each "
+                                                                         "task")
+    parser.add_argument("--batch-size", type=int, default=default.batch_size,
+                        help="windows per forward pass (results do not change)")
+    parser.add_argument("--seed", type=int, default=default.seed)
+    parser.add_argument("--results", type=Path, default=default.results,
+                        help=f"leaderboard CSV to append to (default: {default.results})")
     parser.add_argument("--force", action="store_true", help="recompute cells already in the leaderboard")
     parser.add_argument("--quiet", action="store_true", help="no progress bars or status lines, only the table")
     parser.add_argument("--layer-errors", action="store_true",
                         help="also write each scheme's per-layer output error to results/layers/ (for compare)")
-    parser.add_argument("--transform", default="", metavar="NAME[:ARG]",
+    parser.add_argument("--transform", default=default.transform, metavar="NAME[:ARG]",
                         help="rewrite the fp model before quantizing, keeping its logits: smoothquant[:alpha] "
                              "(alpha in [0, 1], default 0.5) or rotate (`qharness list transforms`)")
+    parser.add_argument("--device-map", default=None, metavar="MAP",
+                        help="spread a model larger than one device over several (auto); not supported yet")
+    parser.add_argument("--max-memory", default=None, type=_memory, metavar="DEV=AMOUNT,...",
+                        help="memory per device with --device-map, e.g. 0=20GiB,cpu=64GiB; not supported yet")
+    parser.add_argument("--no-intervals", dest="intervals", action="store_false",
+                        help="no paired interval on each quantized row")
 
 
 def add_scan_arguments(parser: argparse.ArgumentParser) -> None:
@@ -287,10 +308,12 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def format_table(rows: list[dict[str, str]]) -> str:
+    from qharness.results import is_baseline
+
     header = ("task", "quant", "backend", "metric", "value", "fp", "delta", "rel", "chance")
     lines = [header]
     for row in rows:
-        is_fp = row["quant"] == "none" and not row.get("kv")
+        is_fp = is_baseline(row)
         rel = f"{float(row['rel_delta']):+.2%}" if row["rel_delta"] and not is_fp else ""
         delta = f"{float(row['delta']):+.4g}" if not is_fp else ""
         metric = f"{row['metric']} ({row['metric_kind']}, n={row['n']})"
@@ -305,21 +328,26 @@ def format_table(rows: list[dict[str, str]]) -> str:
                      for line in lines)
 
 
-def cmd_run(args: argparse.Namespace) -> int:
-    from qharness.models.sources import ModelSpec
-    from qharness.quant.schemes import Keep
-    from qharness.runner import DEFAULT_TASKS, RunSpec, run
+def run_settings(args: argparse.Namespace) -> Any:
+    """The `RunSettings` that `qharness run`'s flags describe (one field per flag, experiment/settings.CLI_FLAGS)."""
+    from qharness.experiment.settings import DEFAULT_TASKS, RunSettings
 
-    spec = RunSpec(
-        model=ModelSpec(args.model, dtype=args.dtype, device=args.device), quants=args.quant,
-        backend=args.backend, keep=Keep(args.keep_positions, args.keep_channels, args.keep_linears),
-        tasks=DEFAULT_TASKS if args.task is None else args.task, bos=args.bos, limit=args.limit,
-        batch_size=args.batch_size,
-        seed=args.seed, results=args.results, force=args.force, progress=not args.quiet,
-        layer_errors=args.layer_errors, kv=args.kv, transform=args.transform,
+    return RunSettings(
+        model=args.model, quants=args.quant, backend=args.backend, tasks=args.task or DEFAULT_TASKS,
+        keep_positions=args.keep_positions, keep_channels=args.keep_channels, keep_linears=args.keep_linears,
+        kv=args.kv, transform=args.transform, bos=args.bos, limit=args.limit, batch_size=args.batch_size,
+        seed=args.seed, dtype=args.dtype, device=args.device, device_map=args.device_map, max_memory=args.max_memory,
+        intervals=args.intervals, results=args.results, force=args.force, layer_errors=args.layer_errors,
     )
-    report = run(spec, say=(lambda msg: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr)))
-    print(f"model: {report.model}   computed {report.computed} of {len(report.rows)} rows -> {spec.results}")
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from qharness.runner import run
+
+    settings = run_settings(args)
+    report = run(settings, say=(lambda msg: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr)),
+                 progress=not args.quiet)
+    print(f"model: {report.model}   computed {report.computed} of {len(report.rows)} rows -> {settings.results}")
     print(format_table(report.rows))
     return 0
 
@@ -330,6 +358,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     from qharness.training.recipe_file import check_trainable, format_estimate
     from qharness.training.run import train_model
 
+    if args.mitigation is not None and not args.mitigation.strip():  # read as 'none', it trained the control
+        raise QHarnessError(f"--mitigation {args.mitigation!r} names no mitigation; give none for the control, or "
+                            "mitigations joined by '+' (kv_bias, tvr, dyt, ...; `qharness train --help`)")
     if args.model:
         ignored = _unread(args, ("model", "budget", "quiet"))
         if ignored:
@@ -367,7 +398,7 @@ def _report_training(result: Any, args: argparse.Namespace, steps: int, done: st
               f"(checkpoint in {args.out}); run the same command again to continue")
     else:
         print(f"{done}, final loss {result.loss:.3f} -> {args.out / 'model'}  (use it as --model "
-              f"{args.out / 'model'})")
+              f"{shlex.quote(str(args.out / 'model'))})")
     return 0
 
 
@@ -581,6 +612,14 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], Callable[[argpars
 }
 
 
+INTERRUPTED = {  # what a Ctrl-C leaves, by command
+    "run": "finished cells are saved, rerun to resume",
+    "sweep": "finished cells are saved, rerun to resume",
+    "train": "the same command resumes from the last checkpoint, if one was saved (every checkpoint_every steps)",
+    "scan": "nothing was saved; rerun to scan",
+}
+
+
 class OneLineParser(argparse.ArgumentParser):
     """argparse prints the whole usage block above a bad argument; every other error here is one line, so these
     are too, pointing at --help for the usage."""
@@ -613,7 +652,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"qharness: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("qharness: interrupted; finished cells are saved, rerun to resume", file=sys.stderr)
+        print(f"qharness: interrupted; {INTERRUPTED.get(args.command, 'nothing was saved')}", file=sys.stderr)
         return 130
 
 

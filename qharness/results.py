@@ -18,6 +18,7 @@ import fcntl
 import glob
 import io
 import json
+import math
 import os
 import re
 import tempfile
@@ -70,9 +71,15 @@ def make_row(value: float | None = None, fp_value: float | None = None, **fields
     return row
 
 
+def is_full_precision(quant: str, kv: str = "") -> bool:
+    """The one baseline rule: fp weights *and* an fp KV cache (`quant none` with a quantized cache is a quantized
+    row like any other). '' is a scan row's or an old file's empty quant."""
+    return quant in ("", BASELINE) and not kv
+
+
 def is_baseline(row: Row) -> bool:
-    """Full precision throughout: `quant none` with a quantized KV cache is a quantized row like any other."""
-    return row.get("quant", "") in ("", BASELINE) and not row.get("kv")
+    """Whether a leaderboard row is the fp row every other row of its task is measured against."""
+    return is_full_precision(row.get("quant", ""), row.get("kv", ""))
 
 
 def is_cost(row: Row) -> bool:
@@ -123,9 +130,11 @@ def _check_record(header: list[str], record: list[str], line: int, is_last: bool
     for column, value in zip(header, record, strict=True):
         if column in NUMERIC_COLUMNS and value:
             try:
-                float(value)
+                number = float(value)
             except ValueError:
                 return f"line {line}: {column} is {value[:20]!r}, not a number"
+            if not math.isfinite(number):  # qharness never stores one (check_finite): a nan read back would pass for
+                return f"line {line}: {column} is {value!r}, not a finite number"  # a result, and compare print +nan%
     return None
 
 

@@ -116,6 +116,20 @@ def _data(name: str, content: bytes | None = None, folder: bool = False) -> Setu
     return setup
 
 
+def _compare_infinite(tmp: Path, model: Path, task: Path) -> list[str]:
+    path = _leaderboard(tmp)
+    path.write_text(path.read_text().replace("2.5", "inf"))
+    return ["compare", "--results", str(path), "--out", str(tmp / "out")]
+
+
+def _empty_files(tmp: Path, model: Path, task: Path) -> list[str]:
+    """A --data folder whose every file was emptied: it trained on the old text's cached tokens."""
+    (tmp / "texts").mkdir()
+    (tmp / "texts" / "a.txt").write_text("")
+    (tmp / "texts" / "b.txt").write_text("\n\n")
+    return ["train", "--from", str(model), "--data", str(tmp / "texts"), "--out", str(tmp / "run"), "--quiet"]
+
+
 CASES: dict[str, tuple[Setup, str]] = {
     # wrong science, refused before any compute
     "keep position past every window": (_run("--quant", "int8-w8a8-tensor", "--keep-positions", "999999"),
@@ -260,6 +274,21 @@ CASES: dict[str, tuple[Setup, str]] = {
         "--penalty-strength set a loss penalty but mitigation 'kv_bias' has none; add outlier_penalty"),
     "train --from --penalty-threshold with none": (_tune("none", "--penalty-threshold", "8"),
                                                    "use --mitigation outlier_penalty"),
+    # found trying it as a new user would (issue 21): silently wrong before, refused now
+    "train --from the built-in model past its 8,192 positions": (
+        lambda tmp, m, t: ["train", "--from", "smollm2-135m", "--context", "100000", "--out", str(tmp / "run"),
+                           "--quiet"], "smollm2-135m takes at most 8192 positions, but this training reads 100000"),
+    "nan in a leaderboard": (_damaged(lambda text: text.replace("1.5", "nan")), "value is 'nan', not a finite number"),
+    "compare a leaderboard with inf": (_compare_infinite, "value is 'inf', not a finite number"),
+    "train --data .jsonl with a null text": (_data("docs.jsonl", b'{"text": "a b c"}\n{"text": null}\n'),
+                                             "line 2 has 'text': null, not a string"),
+    "train --data a folder of empty files": (_empty_files, "holds no text; give text files"),
+    "train --mitigation ''": (_tune("", *FAST), "--mitigation '' names no mitigation; give none for the control"),
+    "--keep-linears matching every Linear": (_run("--keep-linears", "proj"),
+                                             "--keep-linears proj keeps all 14 Linears a scheme quantizes"),
+    "sweep keep_linears typo in its second list": (
+        _sweep("models: [{model}]\nquants: [int8]\ntasks: [{task}]\nkeep_linears: [[], [q_projj]]\n"
+               "results: {tmp}/lb.csv\n"), "keep_linears q_projj names no Linear that a scheme quantizes"),
 }
 
 
@@ -331,3 +360,159 @@ def test_a_budget_that_ends_before_the_first_step_is_one_line_and_leaves_nothing
     assert code == 2 and err.startswith("qharness: error: the 1e-07-minute budget ran out before the first training "
                                         "step") and err.count("\n") == 1, err
     assert "give a larger --budget" in err and not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("flags", [("--keep-linears", "q_projj"), ("--keep-linears", "proj"), ("--keep-channels", "64"),
+                                   ("--keep-positions", "99999")])
+def test_kept_values_are_refused_before_any_model_loads(flags, capsys, tmp_path, tiny_model_dir, tiny_task_dir,
+                                                        monkeypatch):
+    """Checked against the model's config (its meta skeleton), not the loaded model: they were refused only after
+    the weights loaded."""
+    from qharness.experiment import execute
+
+    monkeypatch.setattr(execute, "load_model", lambda *a, **k: pytest.fail("loaded a model for a refused run"))
+    code = main(_run(*flags)(tmp_path, tiny_model_dir, tiny_task_dir / "short.yaml"))
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("qharness: error: ") and err.count("\n") == 1, err
+    assert not (tmp_path / "lb.csv").exists()
+
+
+@pytest.mark.parametrize(("repeated", "once"), [("--keep-positions=0,0", "--keep-positions=0"),
+                                                ("--keep-channels=5,3,5", "--keep-channels=5,3"),
+                                                ("--keep-linears=q_proj,q_proj", "--keep-linears=q_proj")])
+def test_a_value_given_twice_is_the_same_row_key_as_given_once(repeated, once, tmp_path, tiny_model_dir, tiny_task_dir):
+    from qharness.cli import build_parser, run_settings
+    from qharness.experiment.plan import plan
+
+    def keys(flag: str) -> list[tuple[str, ...]]:
+        argv = _run(flag)(tmp_path, tiny_model_dir, tiny_task_dir / "short.yaml")
+        return plan(run_settings(build_parser().parse_args(argv))).keys
+
+    assert keys(repeated) == keys(once)
+
+
+def test_the_data_token_cache_follows_the_content_and_training_json_records_it(tmp_path, tiny_model_dir,
+                                                                                  tiny_tokenizer, monkeypatch, capsys):
+    """A --data file rewritten in place is new text: its tokens are not the cached ones of the old text, and the
+    trained model's training.json names each file by size, mtime and sha256. The --model hint at the end is quoted
+    for a folder with a space in its name."""
+    import hashlib
+    import json
+
+    from qharness.training.tune import tuning_tokens
+
+    monkeypatch.setenv("QHARNESS_CACHE", str(tmp_path / "cache"))
+    text = tmp_path / "text.txt"
+    text.write_text("In the beginning was the word.\n\nAnd the word was with the text.\n")
+    first = tuning_tokens(tiny_tokenizer, (str(text),), progress=False)
+    text.write_text("Something else entirely, about rivers and stones.\n")
+    second = tuning_tokens(tiny_tokenizer, (str(text),), progress=False)
+    assert first.tolist() != second.tolist()  # keyed by the path alone, the second read the first's tokens
+    code = main(["train", "--from", str(tiny_model_dir), "--data", str(text), "--steps", "1", "--context", "16",
+                 "--batch-size", "1", "--out", str(tmp_path / "my run"), "--quiet"])
+    assert code == 0 and f"(use it as --model '{tmp_path / 'my run' / 'model'}')" in capsys.readouterr().out
+    (recorded,) = json.loads((tmp_path / "my run" / "model" / "training.json").read_text())["data_files"]
+    assert recorded["path"] == str(text.resolve()) and recorded["size"] == text.stat().st_size
+    assert recorded["sha256"] == hashlib.sha256(text.read_bytes()).hexdigest()
+    assert recorded["mtime_ns"] == text.stat().st_mtime_ns
+
+
+@pytest.mark.parametrize(("offline", "message"), [
+    (True, "is on the Hugging Face hub and not in the local hub cache, but HF_HUB_OFFLINE is set"),
+    (False, "huggingface.co cannot be reached within 3 s (Network is unreachable); connect to the internet"),
+])
+@pytest.mark.parametrize("model", ["org/not-cached-anywhere", "pair:osp-1.4b-muon"])
+def test_a_hub_model_out_of_reach_is_refused_at_once(offline, message, model, capsys, tmp_path, monkeypatch):
+    """Offline or with the hub out of reach, a hub id not in the local cache printed 30-50 s of retries before its
+    one line; the plan says so first (one connection attempt of at most 3 s, no retries)."""
+    import socket
+    import time
+
+    from huggingface_hub import constants
+
+    from qharness.experiment import execute
+
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # an empty hub cache
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", offline)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1" if offline else "0")
+    for proxy in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(proxy, raising=False)
+
+    def unreachable(address, timeout=None):
+        raise OSError(101, "Network is unreachable")
+
+    monkeypatch.setattr(socket, "create_connection", unreachable)
+    monkeypatch.setattr(execute, "load_model", lambda *a, **k: pytest.fail("tried to load a model out of reach"))
+    start = time.perf_counter()
+    code = main(["run", "--model", model, "--results", str(tmp_path / "lb.csv"), "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("qharness: error: ") and err.count("\n") == 1, err
+    assert message in err and time.perf_counter() - start < 5
+
+
+def test_a_training_run_folder_or_a_folder_without_a_model_says_what_it_is(capsys, tmp_path, tiny_model_dir):
+    import shutil
+
+    run_folder = tmp_path / "my run"
+    shutil.copytree(tiny_model_dir, run_folder / "model")
+    assert main(["run", "--model", str(run_folder), "--results", str(tmp_path / "lb.csv"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert f"is a training run folder; its model is in {run_folder / 'model'}: pass --model '{run_folder / 'model'}'" \
+        in err, err
+    assert main(["scan", "--model", str(tmp_path / "my run"), "--results", str(tmp_path / "lb.csv"), "--quiet"]) == 2
+    assert "is a training run folder" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert main(["run", "--model", str(tmp_path / "empty"), "--results", str(tmp_path / "lb.csv"), "--quiet"]) == 2
+    assert "has no config.json, so it is not a Hugging Face model folder" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["run", "--model", "tune:smollm2-135m-kv-bias"], "unknown mitigation 'kv-bias'; did you mean 'kv_bias'?"),
+    (["train", "--from", "smollm2-135m", "--mitigation", "none+kv_bias", "--out", "{tmp}/run"],
+     "mitigation 'none+kv_bias' joins none (no mitigation) with others; write 'kv_bias'"),
+])
+def test_a_typo_is_named_where_it_is(argv, message, capsys, tmp_path):
+    assert main([a.format(tmp=tmp_path) for a in argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("qharness: error: ") and message in err, err
+
+
+def test_a_recipe_file_unknown_key_lists_arch_and_train_among_the_valid_ones(capsys, tmp_path):
+    (tmp_path / "r.yaml").write_text("arch: {d_model: 64}\ntrian: {steps: 2}\n")
+    assert main(["train", "--recipe", str(tmp_path / "r.yaml"), "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown keys ['trian']; valid keys: ['arch', " in err and "'train'" in err, err
+
+
+@pytest.mark.parametrize(("command", "said"), [("train", "the same command resumes from the last checkpoint"),
+                                               ("run", "finished cells are saved, rerun to resume")])
+def test_ctrl_c_says_what_the_interrupted_command_kept(command, said, capsys, monkeypatch):
+    from qharness import cli
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setitem(cli.COMMANDS, command, (interrupted, *cli.COMMANDS[command][1:]))
+    assert main([command]) == 130
+    assert said in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("files", "message"), [
+    ({"a.txt": b"", "b.txt": b"\n\n"}, "holds no text; give text files"),
+    ({"a.txt": b"\xff\xfe binary"}, "not UTF-8 text (binary?)"),
+    ({"docs.jsonl": b'{"txt": "a"}\n'}, "line 1 is not a JSON object with a 'text' field"),
+    ({"docs.jsonl": b'{"text": "a b"}\n{"text": null}\n'}, "line 2 has 'text': null, not a string"),
+])
+def test_data_content_is_checked_before_the_model_loads(files, message, capsys, tmp_path, tiny_model_dir, monkeypatch):
+    """Empty, binary or record-less --data was refused only once the model had loaded (and a null text trained)."""
+    from qharness.training import tune
+
+    monkeypatch.setattr(tune, "load_model", lambda *a, **k: pytest.fail("loaded a model for refused --data"))
+    (tmp_path / "texts").mkdir()
+    for name, content in files.items():
+        (tmp_path / "texts" / name).write_bytes(content)
+    code = main(["train", "--from", str(tiny_model_dir), "--data", str(tmp_path / "texts"), "--out",
+                 str(tmp_path / "run"), "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and message in err, err
+    assert not (tmp_path / "run").exists()

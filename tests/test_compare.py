@@ -100,18 +100,18 @@ def test_compare_cli_without_a_leaderboard_is_one_line(capsys, tmp_path):
 
 
 def test_layer_errors_from_a_run_reach_the_report(tiny_model_dir, tiny_task_dir, tmp_path):
-    from qharness.models.sources import ModelSpec
-    from qharness.runner import RunSpec, run
+    from qharness.experiment.settings import RunSettings
+    from qharness.runner import run
 
     results = tmp_path / "lb.csv"
-    run(RunSpec(model=ModelSpec(str(tiny_model_dir)), quants=("int8-w8a8-tensor",),
-                tasks=(str(tiny_task_dir / "short.yaml"),), results=results, progress=False, layer_errors=True),
-        say=lambda m: None)
+    run(RunSettings(model=str(tiny_model_dir), quants=("int8-w8a8-tensor",),
+                    tasks=(str(tiny_task_dir / "short.yaml"),), results=results, layer_errors=True),
+        say=lambda m: None, progress=False)
     (entry_file,) = (tmp_path / "layers").iterdir()
     entry_file.unlink()  # asking again later measures the layers without recomputing the rows
-    again = run(RunSpec(model=ModelSpec(str(tiny_model_dir)), quants=("int8-w8a8-tensor",),
-                        tasks=(str(tiny_task_dir / "short.yaml"),), results=results, progress=False,
-                        layer_errors=True), say=lambda m: None)
+    again = run(RunSettings(model=str(tiny_model_dir), quants=("int8-w8a8-tensor",),
+                            tasks=(str(tiny_task_dir / "short.yaml"),), results=results, layer_errors=True),
+                say=lambda m: None, progress=False)
     assert again.computed == 0 and entry_file.is_file()
     summary = compare(results, tmp_path / "out")
     (layers,) = summary["layer_errors"]

@@ -94,12 +94,12 @@ def test_concurrent_writers_lose_nothing(tmp_path):
 
 def test_a_real_run_leaderboard_loads_in_pandas(tiny_model_dir, tiny_task_dir, tmp_path):
     pandas = pytest.importorskip("pandas")
-    from qharness.models.sources import ModelSpec
-    from qharness.runner import RunSpec, run
+    from qharness.experiment.settings import RunSettings
+    from qharness.runner import run
 
     path = tmp_path / "lb.csv"
-    run(RunSpec(model=ModelSpec(str(tiny_model_dir)), quants=("int8", "int8-w8a8-tensor"),
-                tasks=(str(tiny_task_dir / "short.yaml"),), results=path, progress=False), say=lambda m: None)
+    run(RunSettings(model=str(tiny_model_dir), quants=("int8", "int8-w8a8-tensor"),
+                    tasks=(str(tiny_task_dir / "short.yaml"),), results=path), say=lambda m: None, progress=False)
     frame = pandas.read_csv(path)
     assert list(frame.columns) == list(COLUMNS) and len(frame) == 3
     assert pandas.api.types.is_float_dtype(frame["value"]) and frame["value"].notna().all()

@@ -1,15 +1,21 @@
+import dataclasses
+
 import pytest
 
-from qharness import runner
 from qharness.errors import ModelLoadError, UnknownName
-from qharness.models.sources import ModelSpec
+from qharness.experiment import execute as executor
+from qharness.experiment import plan as planner
+from qharness.experiment.settings import RunSettings
 from qharness.results import read_rows
-from qharness.runner import RunSpec, run
+from qharness.runner import run as run_with_progress
 
 
-def spec_for(model_dir, task_dir, results, **kwargs) -> RunSpec:
-    return RunSpec(model=ModelSpec(str(model_dir)), tasks=(str(task_dir / "short.yaml"),), results=results,
-                   progress=False, **kwargs)
+def run(settings: RunSettings, say):
+    return run_with_progress(settings, say=say, progress=False)
+
+
+def spec_for(model_dir, task_dir, results, **kwargs) -> RunSettings:
+    return RunSettings(model=str(model_dir), tasks=(str(task_dir / "short.yaml"),), results=results, **kwargs)
 
 
 def test_run_writes_fp_and_quant_rows_with_provenance(tiny_model_dir, tiny_task_dir, tmp_path):
@@ -42,22 +48,22 @@ def test_rerun_skips_present_cells_and_force_recomputes(tiny_model_dir, tiny_tas
 def test_interrupted_run_resumes_without_recomputing_the_baseline(tiny_model_dir, tiny_task_dir, tmp_path,
                                                                   monkeypatch):
     results = tmp_path / "leaderboard.csv"
-    real = runner._evaluate
+    real = executor.evaluate
     calls = []
 
-    def interrupt_on_quantized(loaded, task, spec):
+    def interrupt_on_quantized(loaded, task, settings, progress):
         calls.append(loaded.model.__class__.__name__)
         if len(calls) == 2:
             raise KeyboardInterrupt
-        return real(loaded, task, spec)
+        return real(loaded, task, settings, progress)
 
-    monkeypatch.setattr(runner, "_evaluate", interrupt_on_quantized)
+    monkeypatch.setattr(executor, "evaluate", interrupt_on_quantized)
     with pytest.raises(KeyboardInterrupt):
         run(spec_for(tiny_model_dir, tiny_task_dir, results), say=lambda m: None)
     assert [r["quant"] for r in read_rows(results)] == ["none"]  # the finished cell survived
 
     calls.clear()
-    monkeypatch.setattr(runner, "_evaluate", lambda *a: (calls.append(1), real(*a))[1])
+    monkeypatch.setattr(executor, "evaluate", lambda *a: (calls.append(1), real(*a))[1])
     report = run(spec_for(tiny_model_dir, tiny_task_dir, results), say=lambda m: None)
     assert report.computed == 1 and len(calls) == 1  # only the quantized cell
     assert report.rows[1]["fp_value"] == report.rows[0]["value"]
@@ -76,7 +82,7 @@ def test_settings_are_part_of_the_key(tiny_model_dir, tiny_task_dir, tmp_path):
     [
         (dict(quants=("int9",)), UnknownName),
         (dict(tasks=("nope",)), UnknownName),
-        (dict(model=ModelSpec("no-such-model")), ModelLoadError),
+        (dict(model="no-such-model"), ModelLoadError),
     ],
 )
 def test_bad_input_fails_before_loading_and_leaves_results_untouched(tiny_model_dir, tiny_task_dir, tmp_path,
@@ -84,19 +90,17 @@ def test_bad_input_fails_before_loading_and_leaves_results_untouched(tiny_model_
     results = tmp_path / "leaderboard.csv"
     run(spec_for(tiny_model_dir, tiny_task_dir, results), say=lambda m: None)
     before = results.read_bytes()
-    monkeypatch.setattr(runner, "load_model", lambda spec: pytest.fail("loaded a model for a bad run"))
+    monkeypatch.setattr(executor, "load_model", lambda *a, **k: pytest.fail("loaded a model for a bad run"))
     spec = spec_for(tiny_model_dir, tiny_task_dir, results)
     with pytest.raises(error):
-        run(RunSpec(**{**spec.__dict__, **change}), say=lambda m: None)
+        run(dataclasses.replace(spec, **change), say=lambda m: None)
     assert results.read_bytes() == before
 
 
 def test_kept_positions_and_backend_are_recorded_and_keyed(tiny_model_dir, tiny_task_dir, tmp_path):
-    from qharness.quant.schemes import Keep
-
     results = tmp_path / "leaderboard.csv"
     run(spec_for(tiny_model_dir, tiny_task_dir, results, quants=("int8-w8a8-tensor",)), say=lambda m: None)
-    kept = run(spec_for(tiny_model_dir, tiny_task_dir, results, quants=("int8-w8a8-tensor",), keep=Keep((0,))),
+    kept = run(spec_for(tiny_model_dir, tiny_task_dir, results, quants=("int8-w8a8-tensor",), keep_positions=(0,)),
                say=lambda m: None)
     assert kept.computed == 1  # the baseline is shared; only the kept variant is new
     rows = read_rows(results)
@@ -120,8 +124,7 @@ def test_zero_shot_task_gives_one_row_per_metric_with_chance(tiny_model_dir, tin
     (tiny_task_dir / "data" / "mc.jsonl").write_text("".join(json.dumps(i) + "\n" for i in items))
     (tiny_task_dir / "mc.yaml").write_text("name: mc\nkind: zero-shot\ndata: data/mc.jsonl\nchance: 0.25\n")
     results = tmp_path / "leaderboard.csv"
-    spec = RunSpec(model=ModelSpec(str(tiny_model_dir)), tasks=(str(tiny_task_dir / "mc.yaml"),), results=results,
-                   progress=False)
+    spec = RunSettings(model=str(tiny_model_dir), tasks=(str(tiny_task_dir / "mc.yaml"),), results=results)
     report = run(spec, say=lambda m: None)
     assert [(r["quant"], r["metric"]) for r in report.rows] == [
         ("none", "acc"), ("none", "acc_norm"), ("int8-w8a8-token", "acc"), ("int8-w8a8-token", "acc_norm")]
@@ -130,15 +133,17 @@ def test_zero_shot_task_gives_one_row_per_metric_with_chance(tiny_model_dir, tin
     assert run(spec, say=lambda m: None).computed == 0
 
 
-def test_auto_moves_a_scheme_off_a_backend_that_declines_the_loaded_model(tiny_model_dir, tiny_task_dir, tmp_path,
+def test_auto_chooses_the_backend_for_the_model_widths_read_before_loading(tiny_model_dir, tiny_task_dir, tmp_path,
                                                                            monkeypatch):
-    """Planned before loading (widths unknown) on a kernel backend, the scheme moves to the one that takes the
-    model once its Linears are known, and the rows are keyed by the backend that really ran."""
+    """The plan reads the model's Linear widths from its config (a meta skeleton), so `auto` chooses once, for
+    those widths, and the rows are keyed by the backend that really ran."""
     def select(scheme, device, requested="auto", dtype=None, targets=None):
-        # auto on a GPU: torchao before the model is loaded; with the 64-wide Linears known, it declines -> sim
+        # auto on a GPU: torchao while widths are unknown; with the 64-wide Linears known, it declines -> sim
+        assert targets is None or {tuple(t.weight.shape) for t in targets.values()} == {(64, 64), (32, 64),
+                                                                                        (128, 64), (64, 128)}
         return "torchao" if targets is None else "sim"
 
-    monkeypatch.setattr(runner, "select_backend", select)
+    monkeypatch.setattr(planner, "select_backend", select)
     results = tmp_path / "leaderboard.csv"
     report = run(spec_for(tiny_model_dir, tiny_task_dir, results), say=lambda m: None)
     assert report.computed == 2
@@ -194,7 +199,7 @@ def test_a_model_whose_attention_cannot_take_the_kv_setting_is_refused_before_co
     from qharness.errors import ConfigError
 
     monkeypatch.setattr(LlamaForCausalLM, "_supports_attention_backend", False)
-    monkeypatch.setattr(runner, "_evaluate", lambda *a: pytest.fail("evaluated a run that should be refused"))
+    monkeypatch.setattr(executor, "evaluate", lambda *a: pytest.fail("evaluated a run that should be refused"))
     results = tmp_path / "leaderboard.csv"
     with pytest.raises(ConfigError, match="--kv int8-token: LlamaForCausalLM does not take transformers' attention"):
         run(spec_for(tiny_model_dir, tiny_task_dir, results, kv="int8-token"), say=lambda m: None)
@@ -222,9 +227,9 @@ def test_a_transform_keeps_the_fp_logits_of_the_run_model(tiny_model_dir, tiny_t
     """The baseline a transformed row is compared with is the untransformed fp model's: the transformed fp model
     scores the same perplexity."""
     evaluated = []
-    real = runner._evaluate
-    monkeypatch.setattr(runner, "quantize_", lambda model, *a, **k: "sim")  # leave the transformed model fp
-    monkeypatch.setattr(runner, "_evaluate", lambda *a: (lambda m: (evaluated.append(m[0].value), m)[1])(real(*a)))
+    real = executor.evaluate
+    monkeypatch.setattr(executor, "apply_backend_", lambda model, *a, **k: None)  # leave the transformed model fp
+    monkeypatch.setattr(executor, "evaluate", lambda *a: (lambda m: (evaluated.append(m[0].value), m)[1])(real(*a)))
     results = tmp_path / "leaderboard.csv"
     run(spec_for(tiny_model_dir, tiny_task_dir, results, transform="smoothquant"), say=lambda m: None)
     fp, transformed_fp = evaluated
@@ -239,7 +244,7 @@ def test_bad_transform_fails_before_loading(tiny_model_dir, tiny_task_dir, tmp_p
     from qharness.errors import QHarnessError
 
     results = tmp_path / "leaderboard.csv"
-    monkeypatch.setattr(runner, "load_model", lambda spec: pytest.fail("loaded a model for a bad run"))
+    monkeypatch.setattr(executor, "load_model", lambda *a, **k: pytest.fail("loaded a model for a bad run"))
     with pytest.raises(QHarnessError, match="^" + message.replace("[", r"\[").replace("]", r"\]")):
         run(spec_for(tiny_model_dir, tiny_task_dir, results, **change), say=lambda m: None)
     assert not results.exists()

@@ -132,14 +132,14 @@ def test_sweep_with_scan_profiles_each_model_once(tiny_model_dir, tiny_task_dir,
 def test_the_shipped_default_sweep_covers_the_zoo_and_plans_without_training():
     from pathlib import Path
 
+    from qharness.experiment.plan import plan_all
     from qharness.models.sources import zoo
-    from qharness.runner import plan_cells
 
     config = SweepConfig.from_file(Path(__file__).resolve().parents[1] / "sweeps" / "default.yaml")
     assert set(zoo.GRID) <= set(config.models) and "smollm2-135m" in config.models and config.scan
-    for spec in config.run_specs():
-        cells, _ = plan_cells(spec)  # every name resolves; nothing is trained or loaded
-        assert len(cells) == (1 + len(config.quants)) * len(config.tasks_for.get(spec.model.name, config.tasks))
+    for plan in plan_all(config.cells()):  # every name resolves; nothing is trained or loaded
+        tasks = config.tasks_for.get(plan.settings.model, config.tasks)
+        assert len(plan.cells) == (1 + len(config.quants)) * len(tasks)
 
 
 def test_tasks_for_gives_one_model_its_own_tasks(tiny_model_dir, tiny_task_dir, tmp_path):
@@ -147,8 +147,8 @@ def test_tasks_for_gives_one_model_its_own_tasks(tiny_model_dir, tiny_task_dir, 
     (tiny_task_dir / "other.yaml").write_text(short.replace("name: short", "name: other"))
     config = write_config(tmp_path, tiny_model_dir, tiny_task_dir, ["int8"],
                           tasks_for=f"{{{tiny_model_dir}: [{tiny_task_dir / 'other.yaml'}]}}")
-    (spec,) = config.run_specs()
-    assert spec.tasks == (str(tiny_task_dir / "other.yaml"),)
+    (settings,) = config.cells()
+    assert settings.tasks == (str(tiny_task_dir / "other.yaml"),)
     with pytest.raises(ConfigError, match="not in the sweep's models"):
         write_config(tmp_path, tiny_model_dir, tiny_task_dir, ["int8"], tasks_for="{elsewhere: [x]}")
 
@@ -156,16 +156,15 @@ def test_tasks_for_gives_one_model_its_own_tasks(tiny_model_dir, tiny_task_dir, 
 def test_the_shipped_tune_sweep_sets_each_mitigation_against_the_continued_control(monkeypatch, tmp_path):
     from pathlib import Path
 
+    from qharness.experiment.plan import plan_all
     from qharness.models.sources import source_for
-    from qharness.runner import plan_cells
 
     monkeypatch.setenv("QHARNESS_CACHE", str(tmp_path))  # planning must not need (or make) a trained model
     config = SweepConfig.from_file(Path(__file__).resolve().parents[1] / "sweeps" / "tune.yaml")
     tuned = [m for m in config.models if m.startswith("tune:")]
     assert "smollm2-135m" in config.models and "tune:smollm2-135m-none" in tuned and len(tuned) >= 2
     assert {source_for(m).family(m) for m in tuned} == {"tune:smollm2-135m"}
-    for spec in config.run_specs():
-        assert plan_cells(spec)[0]
+    assert all(plan.cells for plan in plan_all(config.cells()))
     assert not any(tmp_path.iterdir())
 
 
@@ -192,15 +191,13 @@ def test_the_shipped_outliers_sweep_plans_every_kv_setting_and_transform():
     from importlib.util import find_spec
     from pathlib import Path
 
-    from qharness.runner import plan_cells
+    from qharness.experiment.plan import plan_all
 
     config = SweepConfig.from_file(Path(__file__).resolve().parents[1] / "sweeps" / "outliers.yaml")
     assert {"int4-token+keep0", "int4-kivi"} <= set(config.kv) and {"smoothquant", "rotate"} <= set(config.transforms)
     planned = set()
-    for spec in config.run_specs():
-        if spec.transform == "rotate" and find_spec("torchao") is None:
-            continue
-        cells, _ = plan_cells(spec)
-        planned |= {(c.quant, c.kv, c.transform) for c in cells}
+    cells = [s for s in config.cells() if not (s.transform == "rotate" and find_spec("torchao") is None)]
+    for plan in plan_all(cells):
+        planned |= {(c.quant, c.kv, c.transform) for c in plan.cells}
     assert ("int4-w4a4-token", "int4-kivi", "smoothquant:0.5") in planned
     assert ("int8-w8a8-tensor", "int4-token+keep0", "") in planned

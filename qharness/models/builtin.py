@@ -24,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from qharness.cache import cache_dir
+from qharness.cache import cache_dir, cache_path
 from qharness.errors import ModelLoadError
 from qharness.registry import Registry
 
@@ -35,6 +35,10 @@ class BuiltinModel:
     description: str
     materialize: Callable[[], Path]  # returns a local Hugging Face folder (config.json + safetensors)
     provenance: str
+    # what is already on this machine without fetching or converting: the materialized folder, else the GGUF file,
+    # else None (the plan reads the model's shapes from its config before any weights load)
+    local: Callable[[], Path | None] = lambda: None
+    positions: int | None = None  # the positions it was trained for (train --context past them is refused)
 
 
 BUILTIN_MODELS: Registry[BuiltinModel] = Registry("model")
@@ -121,8 +125,22 @@ def gguf_to_safetensors(gguf: Path, out: Path, provenance: dict[str, str]) -> Pa
     return out
 
 
+def _smollm2_folder() -> Path:
+    return cache_path("models") / "smollm2-135m"
+
+
+def local_smollm2() -> Path | None:
+    """The converted folder, else an installed or downloaded GGUF (unverified: only its header is read), else None."""
+    folder = _smollm2_folder()
+    if (folder / "config.json").is_file():
+        return folder
+    downloaded = cache_path("downloads") / SMOLLM2_GGUF
+    return _installed_smollm2_gguf() or (downloaded if downloaded.is_file() else None)
+
+
 def materialize_smollm2() -> Path:
-    out = cache_dir("models") / "smollm2-135m"
+    _smollm2_folder().parent.mkdir(parents=True, exist_ok=True)
+    out = _smollm2_folder()
     if (out / "config.json").is_file():
         return out
     gguf = smollm2_gguf()
@@ -137,5 +155,7 @@ BUILTIN_MODELS.add(
         description="SmolLM2-135M-Instruct, Llama architecture, 30 layers, d=576 (GGUF Q4_1 from PyPI)",
         materialize=materialize_smollm2,
         provenance=f"PyPI {SMOLLM2_PACKAGE}: {SMOLLM2_GGUF} sha256 {SMOLLM2_SHA256}",
+        local=local_smollm2,
+        positions=8192,  # its GGUF's llama.context_length and config max_position_embeddings
     ),
 )

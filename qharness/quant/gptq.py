@@ -12,7 +12,7 @@ Two things gptqmodel 7.6 decides for itself unless told (read from its loader):
 - the quantization device: `QuantizeConfig.device` left None becomes CUDA whenever CUDA is visible, whatever
   `GPTQModel.load(device=...)` says (that argument is not used for quantization), so we set it to our device;
 - the weight layout: it rebuilds the model from the saved folder with the model's own classes, so GPT-2's
-  projections are transformers' Conv1D again, whose weights are (in, out). `target_linears` already turned them
+  projections are transformers' Conv1D again, whose weights are (in, out). `convert_conv1d_` already turned them
   into nn.Linear (out, in), so we save those transposed back; saved as they are, the square attention `c_proj`
   loaded silently transposed.
 On CUDA its kernels compute in fp16 or bf16; an fp32 model is refused (`check`), not cast behind the user's back.
@@ -87,7 +87,7 @@ def _quantize_with_gptqmodel(model: nn.Module, scheme: QuantScheme, targets: dic
 
 
 def native_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """`model`'s weights in the layout its own class loads: a Linear that `target_linears` made from a Conv1D goes
+    """`model`'s weights in the layout its own class loads: a Linear that `convert_conv1d_` made from a Conv1D goes
     back to Conv1D's (in, out). Which modules those are comes from the class built on the meta device (no memory,
     no weights), not from names."""
     import torch

@@ -38,7 +38,6 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Iterable
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -56,9 +55,7 @@ from qharness.quant.schemes import (
     QuantScheme,
     TensorQuant,
 )
-
-if TYPE_CHECKING:
-    from qharness.quant.backend import QuantContext
+from qharness.quant.types import QuantContext
 
 INT_RANGE = {"int8": (-128, 127), "int4": (-8, 7)}
 FP8_DTYPE = {"fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}

@@ -14,7 +14,7 @@ built-in text instead (with the built-in tokenizer's vocabulary), and `--dry-run
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +62,10 @@ def load_recipe_file(path: Path) -> RecipeFile:
     if not path.is_file():
         raise ConfigError(f"recipe file not found: {path}")
     raw = read_yaml_mapping(path, "a recipe is a mapping (name, data, arch, train, ...)")
+    valid = sorted(f.name for f in fields(RecipeFile))  # arch and train included: they are read as sections below
+    unknown = sorted(set(raw) - set(valid))
+    if unknown:
+        raise ConfigError(f"{path}: unknown keys {unknown}; valid keys: {valid}")
     sections = {}
     for key, cls in (("arch", ArchConfig), ("train", TrainConfig)):
         section = raw.get(key, {})

@@ -73,16 +73,40 @@ def read_documents(data: tuple[str, ...], needed_tokens: int = TUNE_TOKENS,
 
 
 def check_data(data: tuple[str, ...]) -> None:
-    """The checks that need no reading of the text, made before a model loads (or a base model is trained): each
-    hf: item's form and split, and each local item's files (see `_files_of`)."""
+    """The checks made before a model loads (or a base model is trained): each hf: item's form and split, each local
+    item's files (see `_files_of`), and their text: every .jsonl line an object whose 'text' is a string, text files
+    UTF-8, and some text in all (an empty folder of files would otherwise fail only after the model loaded)."""
+    holds_text = False  # hub datasets and parquet columns are read when training reads them: counted as text here
     for item in data:
         if is_hub_text(item):
             parse_hub_text(item)
+            holds_text = True
         elif item == BUILTIN and not Path(item).exists():
             raise DataError(f"--data {BUILTIN}: with --from the built-in training text is what leaving --data out "
                             "reads; drop --data (or give files, folders or hf:DATASET)")
         else:
-            _files_of(Path(item).expanduser())
+            for file in _files_of(Path(item).expanduser()):  # every document read, so every line is checked
+                texts = 1 if file.suffix == ".parquet" else sum(1 for doc in _file_documents(file) if doc.strip())
+                holds_text = holds_text or texts > 0
+    if data and not holds_text:
+        raise DataError(f"--data {' '.join(data)} holds no text; give text files, a folder of them, .jsonl with a "
+                        "'text' field, .parquet with a 'text' column or hf:DATASET")
+
+
+def data_files(data: tuple[str, ...]) -> list[dict[str, Any]]:
+    """Each local file --data reads, by content: path, size, mtime and sha256. The token cache is keyed on these (a
+    file rewritten in place is new text, not the old text's cached tokens) and training.json records them."""
+    from qharness.models.builtin import sha256_of
+
+    files = []
+    for item in data:
+        if is_hub_text(item):
+            continue
+        for file in _files_of(Path(item).expanduser()):
+            stat = file.stat()
+            files.append({"path": str(file.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
+                          "sha256": sha256_of(file)})
+    return files
 
 
 def _files_of(path: Path) -> list[Path]:
@@ -122,20 +146,23 @@ def _check_parquet(path: Path) -> None:
 
 def _documents_of(path: Path) -> Iterator[str]:
     for file in _files_of(path):
-        if file.suffix == ".parquet":
-            import pyarrow.parquet as pq
+        yield from _file_documents(file)
 
-            yield from (str(text) for text in pq.read_table(file, columns=["text"]).column("text").to_pylist()
-                        if text)
-            continue
-        try:
-            content = file.read_text(encoding="utf-8")
-        except UnicodeDecodeError:
-            raise DataError(f"--data {file}: not UTF-8 text (binary?)") from None
-        if file.suffix == ".jsonl":
-            yield from _jsonl_texts(file, content)
-        else:
-            yield from (part for part in content.split("\n\n") if part.strip())
+
+def _file_documents(file: Path) -> Iterator[str]:
+    if file.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        yield from (str(text) for text in pq.read_table(file, columns=["text"]).column("text").to_pylist() if text)
+        return
+    try:
+        content = file.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise DataError(f"--data {file}: not UTF-8 text (binary?)") from None
+    if file.suffix == ".jsonl":
+        yield from _jsonl_texts(file, content)
+    else:
+        yield from (part for part in content.split("\n\n") if part.strip())
 
 
 def _jsonl_texts(path: Path, content: str) -> Iterator[str]:
@@ -146,16 +173,20 @@ def _jsonl_texts(path: Path, content: str) -> Iterator[str]:
             text = json.loads(line)["text"]
         except (ValueError, KeyError, TypeError):
             raise DataError(f"--data {path}: line {number} is not a JSON object with a 'text' field") from None
-        yield str(text)
+        if not isinstance(text, str):  # str(None) trained on the word "None"
+            raise DataError(f"--data {path}: line {number} has 'text': {json.dumps(text)}, not a string")
+        yield text
 
 
 def tuning_tokens(tokenizer: Any, data: tuple[str, ...], progress: bool = True,
-                  needed_tokens: int = TUNE_TOKENS) -> torch.Tensor:
-    """The training text as one token stream of the model's own tokenizer, cached by (tokenizer, data, and for
-    streamed data the tokens asked for)."""
+                  needed_tokens: int = TUNE_TOKENS, files: list[dict[str, Any]] | None = None) -> torch.Tensor:
+    """The training text as one token stream of the model's own tokenizer, cached by (tokenizer, data, the content
+    of each local file (`data_files`, computed unless given), and for streamed data the tokens asked for)."""
     vocab = json.dumps(sorted(tokenizer.get_vocab().items()))
     streamed = [needed_tokens] if any(is_hub_text(item) for item in data) else []
-    key = hashlib.sha256(json.dumps([vocab, list(data), TEXT_VERSION, *streamed]).encode()).hexdigest()[:16]
+    files = data_files(data) if files is None else files
+    key = hashlib.sha256(json.dumps([vocab, list(data), TEXT_VERSION, *streamed, *([files] if files else [])]
+                                    ).encode()).hexdigest()[:16]
     path = cache_dir("tune", "text") / f"{key}.npy"
     if not path.is_file():
         say = print if progress else (lambda message: None)
@@ -241,14 +272,15 @@ def continue_training(recipe: TuneRecipe, out_dir: Path, progress: bool = True, 
     applied = mitigations.resolve(recipe.mitigation)
     hooks = [m.after_step for m in applied if m.after_step is not None]
     cfg = recipe.train if budget_minutes is None else replace(recipe.train, budget_minutes=budget_minutes)
-    tokens = tuning_tokens(tokenizer, recipe.data, progress, needed_tokens=cfg.tokens)
+    files = data_files(recipe.data)
+    tokens = tuning_tokens(tokenizer, recipe.data, progress, needed_tokens=cfg.tokens, files=files)
     result = train(model, tokens, cfg, out_dir, bos_token_id(tokenizer), hooks, progress,
                    penalty=penalty)
     if result.finished:
         log = [json.loads(line) for line in (out_dir / LOG).read_text().splitlines()]
         info = {"recipe": {**asdict(recipe), "digest": recipe.digest()}, "base_source": loaded.source,
                 "retrofit_logit_change": change, "final": log[-1] if log else {},
-                "tokens_seen": cfg.tokens,
+                "tokens_seen": cfg.tokens, "data_files": files,
                 **row_fields(next(model.parameters()).device)}
         save_final(model, tokenizer, out_dir, info, progress)
     return result

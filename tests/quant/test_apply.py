@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from qharness.errors import UnknownName
-from qharness.quant.apply import quantize_, target_linears
+from qharness.quant.apply import convert_conv1d_, quantize_, target_linears
 from qharness.quant.backend import QuantContext, backends_for
 from qharness.quant.calibrate import calibration_batches
 from qharness.quant.schemes import SCHEMES, get_scheme
@@ -66,8 +66,12 @@ def test_gpt2_conv1d_is_converted_to_an_equivalent_linear():
     ids = torch.randint(0, 50, (1, 12))
     with torch.inference_mode():
         before = model(ids).logits
+        with pytest.raises(TypeError, match="is a Conv1D; call convert_conv1d_"):  # a query never swaps modules
+            target_linears(model)
+        assert convert_conv1d_(model) == 2 * 4
         targets = target_linears(model)
         after = model(ids).logits
+    assert convert_conv1d_(model) == 0  # converted once
     assert len(targets) == 2 * 4  # c_attn, c_proj (attention), c_fc, c_proj (MLP)
     assert all(isinstance(m, torch.nn.Linear) for m in targets.values())
     assert torch.allclose(before, after, atol=1e-5)

@@ -87,12 +87,12 @@ def test_gptq_on_gpt2_conv1d_is_as_close_as_round_to_nearest(tiny_tokenizer, hel
 
 
 def test_native_state_dict_puts_conv1d_weights_back_in_their_layout():
-    from qharness.quant.apply import target_linears
+    from qharness.quant.apply import convert_conv1d_
     from qharness.quant.gptq import native_state_dict
 
     model = tiny_gpt2(50)
     original = {k: v.clone() for k, v in model.state_dict().items()}
-    target_linears(model)  # Conv1D -> Linear, in place
+    convert_conv1d_(model)  # Conv1D -> Linear, in place
     native = native_state_dict(model)
     assert native.keys() == original.keys()
     assert all(torch.equal(native[k], original[k]) for k in original)

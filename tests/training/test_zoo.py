@@ -83,8 +83,8 @@ def test_a_finished_run_keeps_no_checkpoint_and_a_rerun_trains_nothing(tiny_zoo,
 
 @pytest.mark.parametrize("name", zoo.GRID)
 def test_every_variant_trains_scans_and_runs(name, tiny_zoo, tiny_task_dir):
-    from qharness.quant.schemes import Keep
-    from qharness.runner import RunSpec, run
+    from qharness.experiment.settings import RunSettings
+    from qharness.runner import run
 
     results = tiny_zoo / "lb.csv"
     profile = run_scan(ScanSpec(model=ModelSpec(name, device="cpu"), config=ScanConfig(sequences=1, length=24),
@@ -92,9 +92,9 @@ def test_every_variant_trains_scans_and_runs(name, tiny_zoo, tiny_task_dir):
                                 progress=False), say=lambda m: None)
     assert len(profile.layers) == 2
     assert all(layer.max > 0 for layer in profile.layers)
-    report = run(RunSpec(model=ModelSpec(name, device="cpu"), quants=("int8-w8a8-tensor-static",), keep=Keep(),
-                         tasks=(str(tiny_task_dir / "short.yaml"),), results=results, progress=False),
-                 say=lambda m: None)
+    report = run(RunSettings(model=name, device="cpu", quants=("int8-w8a8-tensor-static",),
+                             tasks=(str(tiny_task_dir / "short.yaml"),), results=results),
+                 say=lambda m: None, progress=False)
     rows = [r for r in read_rows(results) if r["task"] != "scan"]
     assert {r["quant"] for r in rows} == {"none", "int8-w8a8-tensor-static"} and report.computed == 2
     assert all(r["model"] == name for r in read_rows(results))

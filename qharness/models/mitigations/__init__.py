@@ -58,6 +58,9 @@ def resolve(spec: str) -> list[Mitigation]:
     if spec in ("", NONE):
         return []
     names = spec.split("+")
+    if NONE in names:  # not an unknown name: 'none' means no mitigation, so it joins nothing
+        rest = "+".join(name for name in names if name != NONE) or NONE
+        raise ConfigError(f"mitigation '{spec}' joins {NONE} (no mitigation) with others; write '{rest}'")
     if len(set(names)) != len(names):
         raise ConfigError(f"mitigation '{spec}' names one twice; join distinct ones with '+', e.g. 'tvr+kv_bias'")
     return [registry.get(name) for name in names]

@@ -22,5 +22,6 @@ SOURCES.add("builtin", Source(
     order=10,
     matches=lambda name: name in BUILTIN_MODELS,
     read=read,
+    context_limit=lambda name: BUILTIN_MODELS.get(name).positions,
     names=BUILTIN_MODELS.names,
 ))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 from pathlib import Path
 from typing import Any
 
@@ -13,10 +14,23 @@ from qharness.models.sources import SOURCES, Source
 def matches(name: str) -> bool:
     path = Path(name).expanduser()
     if path.is_dir():
+        check_model_folder(path)
         return True
     if path.exists():  # .gguf files were claimed by the gguf source before this one
         raise ModelLoadError(f"'{name}' is a file but not a .gguf model; pass a .gguf file or a model folder")
     return False
+
+
+def check_model_folder(path: Path) -> None:
+    """A folder without config.json is no model: say so (and where the model of a `train --out` folder is) instead
+    of the tokenizer error transformers gives for it."""
+    if (path / "config.json").is_file():
+        return
+    if (path / "model" / "config.json").is_file():
+        raise ModelLoadError(f"'{path}' is a training run folder; its model is in {path / 'model'}: pass --model "
+                             f"{shlex.quote(str(path / 'model'))}")
+    raise ModelLoadError(f"'{path}' has no config.json, so it is not a Hugging Face model folder; pass a folder with "
+                         "config.json, tokenizer and *.safetensors (or a .gguf file, a built-in or hub name)")
 
 
 def read(name: str, dtype: Any) -> tuple[Any, Any, str]:

@@ -43,6 +43,9 @@ def recipe_for(name: str) -> TuneRecipe:
         if _is_model(whole):  # tune:smollm2-135m: not an unknown 'smollm2', a name without its mitigation
             raise UnknownName(f"tuned model '{name}' names no mitigation: write {PREFIX}{whole}-<mitigation>, e.g. "
                               f"{PREFIX}{whole}-none (the control)") from None
+        for cut in (i for i, c in enumerate(whole) if c == "-"):  # tune:smollm2-135m-kv-bias: the typo is in the
+            if _is_model(whole[:cut]):  # mitigation, whose registry names the close ones
+                mitigations.resolve(whole[cut + 1:])
         raise
     unfit = [m.name for m in mitigations.resolve(mitigation) if not (m.preserves_function or m.retrofit)]
     if unfit:

@@ -1,0 +1,226 @@
+"""`execute(plan)`: load the model once, compute the fp baseline, quantize and evaluate each scheme, and write each
+cell's rows as soon as they exist, so an interrupted run loses at most the cell in flight and a rerun resumes.
+
+It takes a `Plan` and resolves no name: schemes, backends, the KV setting, the transform, the tasks and the row keys
+all come from the plan. What it still checks is what only the loaded model can answer: that the model's attention
+takes the KV quantizer, that a transform kept the logits, and (where the plan could not read the model's shapes
+before loading) that kept channels and Linears exist and the chosen backends take its widths.
+"""
+
+from __future__ import annotations
+
+import copy
+import gc
+import json
+import math
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from qharness import provenance
+from qharness.errors import QHarnessError
+from qharness.experiment.plan import Cell, Plan, check_backends, check_shapes, key_fields
+from qharness.experiment.settings import RunSettings
+from qharness.experiment.shapes import shapes_of
+from qharness.models.sources import LoadedModel, dtype_name, load_model
+from qharness.quant.apply import apply_backend_, convert_conv1d_, target_linears
+from qharness.quant.calibrate import calibration_batches, calibration_text
+from qharness.quant.footprint import weight_bytes
+from qharness.quant.kv import check_kv_model, kv_quantized
+from qharness.quant.schemes import QuantScheme
+from qharness.quant.transforms import TransformSpec, transform_
+from qharness.quant.types import QuantContext
+from qharness.results import BASELINE, Row, append_rows, existing_keys, make_row, write_atomic
+from qharness.tasks import TaskSpec, load_task_text
+from qharness.tasks.metrics import Metric
+from qharness.tasks.perplexity import perplexity
+from qharness.training.ensure import ensure
+
+
+@dataclass
+class RunReport:
+    rows: list[Row]  # one per (cell, metric), in (quant, task, metric) order: computed now or read back
+    computed: int  # how many of them this run computed
+    model: str
+
+
+def check_finite(metric: Metric, cell: Cell, dtype: str) -> None:
+    """A NaN or inf metric is an overflow, not a result: say so and store nothing (a rerun would skip it)."""
+    if math.isfinite(metric.value):
+        return
+    hint = ("fp16 overflows past 65504, where massive activations live: use --dtype bf16 or fp32"
+            if dtype == "fp16" else "the model's activations or the scheme's arithmetic overflowed; try --dtype fp32")
+    raise QHarnessError(f"{cell.task.name} [{cell.label}]: {metric.name} came out {metric.value} in {dtype}, not "
+                        f"stored; {hint}")
+
+
+def evaluate(loaded: LoadedModel, task: TaskSpec, settings: RunSettings, progress: bool) -> list[Metric]:
+    torch.manual_seed(settings.seed)
+    if task.kind == "zero-shot":
+        from qharness.tasks.zeroshot import zero_shot
+
+        return zero_shot(loaded.model, loaded.tokenizer, task, limit=settings.limit, batch_size=settings.batch_size,
+                         bos=settings.bos, progress=progress)
+    return [perplexity(loaded.model, loaded.tokenizer, load_task_text(task), task.context_length, bos=settings.bos,
+                       batch_size=settings.batch_size, limit=settings.limit, progress=progress)]
+
+
+def result_row(plan: Plan, loaded: LoadedModel, cell: Cell, metric: Metric, fp_value: float,
+               scheme: QuantScheme | None, seconds: float, run_id: str, weights: int) -> Row:
+    fields = key_fields(plan.settings, plan.keep, cell, metric.name, loaded.device.type, dtype_name(loaded.dtype))
+    return make_row(
+        metric.value, fp_value, **fields,
+        higher_is_better=metric.higher_is_better, metric_kind=metric.kind, n=metric.n, chance=metric.chance,
+        weight_bytes=weights, arch=loaded.arch, mitigation=loaded.mitigation, family=loaded.family,
+        model_source=loaded.source, scheme=scheme.to_dict() if scheme else None, seed=plan.settings.seed,
+        run_id=run_id, seconds=f"{seconds:.1f}", **provenance.row_fields(loaded.device),
+    )
+
+
+def write_layer_errors(plan: Plan, loaded: LoadedModel, qmodel: Any, quant: str, context: QuantContext) -> Path:
+    from qharness.activations.layer_error import layer_errors
+
+    batches = context.calibration_batches(quant)[:4]
+    entry = {"model": plan.settings.model, "quant": quant, "keep": plan.keep.label,
+             "layers": layer_errors(loaded.model, qmodel, batches), **provenance.row_fields(loaded.device)}
+    path = plan.layer_error_files[quant]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, json.dumps(entry, indent=1) + "\n")
+    return path
+
+
+def transformed(transform: TransformSpec | None, model: Any, calibration: Callable[[], list[torch.Tensor]],
+                say: Callable[[str], None]) -> Any:
+    """A transformed copy of the fp model (the model itself when there is no transform), checked to compute the
+    same logits."""
+    if transform is None:
+        return model
+    say(f"transforming with {transform.label} ...")
+    copied = copy.deepcopy(model)
+    drift = transform_(copied, transform, calibration())
+    say(f"{transform.label}: fp logits moved by {drift:.1e} of their largest magnitude")
+    return copied
+
+
+def check_loaded(plan: Plan, loaded: LoadedModel, targets: dict[str, Any]) -> None:
+    """What only the loaded model can answer, before anything is computed: its attention takes the KV quantizer;
+    and where the plan had no shapes (or the loaded model's differ from its config's), kept channels and Linears
+    exist and the chosen backends take its widths."""
+    shapes = shapes_of(loaded.model)
+    if shapes != plan.shapes:
+        check_shapes(plan.keep, shapes, plan.origin)
+        check_backends(plan, targets)
+    check_kv_model(loaded.model, plan.kv)
+
+
+class Execution:
+    """One plan being executed: the loaded fp model, the rows so far (read back or computed), each task's fp value."""
+
+    def __init__(self, plan: Plan, loaded: LoadedModel, targets: dict[str, Any], done: dict[tuple[str, ...], Row],
+                 say: Callable[[str], None], progress: bool) -> None:
+        self.plan, self.loaded, self.targets, self.say, self.progress = plan, loaded, targets, say, progress
+        self.done = done
+        self.run_id = uuid.uuid4().hex[:12]
+        self.rows: dict[tuple[str, ...], Row] = dict(done)
+        self.fp_values = {(c.task.name, m): float(done[k]["value"])  # baselines already measured: read, not rerun
+                          for c in plan.cells if c.is_baseline for m, k in c.row_keys.items() if k in done}
+
+    def calibration(self) -> list[torch.Tensor]:
+        return calibration_batches(self.loaded.tokenizer, calibration_text(), length=self.plan.calibration_length,
+                                   bos=self.plan.settings.bos, device=self.loaded.device)
+
+    def compute(self, model: LoadedModel, cell: Cell) -> None:
+        """Evaluate one cell on `model` (the fp model or a quantized copy) and write its rows at once."""
+        self.say(f"evaluating {cell.task.name} [{cell.label}]")
+        start = time.perf_counter()
+        metrics = evaluate(model, cell.task, self.plan.settings, self.progress)
+        seconds = time.perf_counter() - start
+        for metric in metrics:
+            check_finite(metric, cell, dtype_name(model.dtype))
+        scheme = self.plan.schemes.get(cell.quant)
+        new_rows = []
+        for metric in metrics:
+            if cell.is_baseline:
+                self.fp_values[(cell.task.name, metric.name)] = metric.value
+            row = result_row(self.plan, model, cell, metric, self.fp_values[(cell.task.name, metric.name)], scheme,
+                             seconds, self.run_id, weight_bytes(self.targets, scheme))
+            new_rows.append(row)
+            self.rows[cell.row_keys[metric.name]] = row
+        append_rows(self.plan.settings.results, new_rows)
+
+    def baselines(self, todo: list[Cell]) -> None:
+        """The missing fp rows, first: every other row of their task is measured against them."""
+        for cell in todo:
+            if cell.is_baseline:
+                self.compute(self.loaded, cell)
+
+    def kv_only(self, todo: list[Cell]) -> None:
+        """`--quant none --kv X`: fp weights with a quantized cache, on the fp model itself (undone after)."""
+        cells = [c for c in todo if c.quant == BASELINE and c.kv]
+        if cells:
+            self.say(f"quantizing the KV cache only ({self.plan.kv.name}) ...")
+            with kv_quantized(self.loaded.model, self.plan.kv):
+                for cell in cells:
+                    self.compute(self.loaded, cell)
+
+    def scheme(self, quant: str, base: Any, todo: list[Cell]) -> None:
+        """One scheme's cells: a copy of `base` (the fp model, transformed if the plan says so) quantized by the
+        backend the plan chose, its layer errors if asked, then each task with the plan's KV setting."""
+        cells = [c for c in todo if c.quant == quant]
+        if not cells and not self.plan.needs_layer_errors(quant):
+            return
+        backend = self.plan.backends[quant]
+        self.say(f"quantizing with {quant} [{backend.name}] ...")
+        qmodel = copy.deepcopy(base)
+        context = QuantContext(self.loaded.device, calibration=self.calibration, tokenizer=self.loaded.tokenizer)
+        apply_backend_(qmodel, self.plan.schemes[quant], backend, keep=self.plan.keep, context=context)
+        quantized = self.loaded.with_model(qmodel)
+        if self.plan.needs_layer_errors(quant):
+            write_layer_errors(self.plan, self.loaded, qmodel, quant, context)
+        with kv_quantized(qmodel, self.plan.kv):
+            for cell in cells:
+                self.compute(quantized, cell)
+        del qmodel, quantized
+        gc.collect()
+
+    def report(self) -> RunReport:
+        keys = self.plan.keys
+        return RunReport([self.rows[k] for k in keys if k in self.rows], sum(1 for k in keys if k not in self.done),
+                         self.plan.settings.model)
+
+
+def load_checked(plan: Plan, say: Callable[[str], None], progress: bool) -> tuple[LoadedModel, dict[str, Any]]:
+    """The plan's model, trained first if it is a zoo or tune model not trained yet, loaded once, its Conv1D turned
+    into Linears, and checked (`check_loaded`); with its target Linears."""
+    ensure(plan.settings.model, progress=progress)
+    say(f"loading {plan.settings.model} ...")
+    loaded = load_model(plan.settings.model_spec, progress=progress)
+    convert_conv1d_(loaded.model)  # GPT-2: Linears from here on, as every backend sees them
+    targets = target_linears(loaded.model)
+    check_loaded(plan, loaded, targets)
+    return loaded, targets
+
+
+def execute(plan: Plan, say: Callable[[str], None] = print, progress: bool = True) -> RunReport:
+    settings = plan.settings
+    # read again, not taken from the plan: a sweep's earlier cells (or another writer) may have added rows since
+    done = {} if settings.force else existing_keys(settings.results)
+    todo = plan.todo(done)
+    if not todo and not any(plan.needs_layer_errors(quant) for quant in plan.schemes):
+        say(f"all {len(plan.keys)} rows are already in {settings.results}; pass --force to recompute")
+        return RunReport([done[k] for k in plan.keys], 0, settings.model)
+    loaded, targets = load_checked(plan, say, progress)
+    run = Execution(plan, loaded, targets, done, say, progress)
+    # transformed before anything is computed, so a model the transform refuses leaves the leaderboard untouched
+    quantized_todo = any(c.quant in plan.schemes for c in todo)
+    base = transformed(plan.transform, loaded.model, run.calibration, say) if quantized_todo else loaded.model
+    run.baselines(todo)
+    run.kv_only(todo)
+    for quant in plan.schemes:
+        run.scheme(quant, base, todo)
+    return run.report()
