@@ -29,6 +29,7 @@ from qharness.experiment.settings import RunSettings
 from qharness.experiment.shapes import shapes_of
 from qharness.models.sources import LoadedModel, dtype_name, load_model
 from qharness.quant.apply import apply_backend_, convert_conv1d_, target_linears
+from qharness.quant.backend import backend_note
 from qharness.quant.calibrate import calibration_batches, calibration_text
 from qharness.quant.footprint import weight_bytes
 from qharness.quant.kv import check_kv_model, kv_quantized
@@ -176,6 +177,10 @@ class Execution:
             return
         backend = self.plan.backends[quant]
         self.say(f"quantizing with {quant} [{backend.name}] ...")
+        if backend.name == "sim":  # auto on CUDA ran out of kernels for this scheme: say these are simulated numbers
+            note = backend_note(backend.name, self.plan.schemes[quant], self.loaded.device, self.plan.settings.backend)
+            if note:
+                self.say(note)
         qmodel = copy.deepcopy(base)
         context = QuantContext(self.loaded.device, calibration=self.calibration, tokenizer=self.loaded.tokenizer)
         apply_backend_(qmodel, self.plan.schemes[quant], backend, keep=self.plan.keep, context=context)
