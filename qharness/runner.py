@@ -56,6 +56,7 @@ from qharness.tasks.metrics import Metric
 from qharness.tasks.perplexity import perplexity
 from qharness.tasks.spec import within_context
 from qharness.training.ensure import ensure
+from qharness.units import interval_columns, read_units, store_units, units_of
 
 FP = BASELINE
 DEFAULT_TASKS = ("kjv-heldout", "wordnet-heldout")
@@ -292,6 +293,8 @@ def run(spec: RunSpec, say: Callable[[str], None] = print) -> RunReport:
     rows: dict[tuple[str, ...], Row] = dict(done)
     fp_values = {(c.task.name, m): float(done[k]["value"])  # baselines already measured are read, not recomputed
                  for c in cells if c.is_baseline for m, k in c.row_keys.items() if k in done}
+    fp_units = {(c.task.name, m): read_units(spec.results, k)  # and so are their per-unit results (None if absent)
+                for c in cells if c.is_baseline for m, k in c.row_keys.items() if k in done}
 
     def compute(model: LoadedModel, cell: Cell) -> None:
         say(f"evaluating {cell.task.name} [{cell.label}]")
@@ -305,8 +308,12 @@ def run(spec: RunSpec, say: Callable[[str], None] = print) -> RunReport:
         for metric in metrics:
             if cell.is_baseline:
                 fp_values[(cell.task.name, metric.name)] = metric.value
+                fp_units[(cell.task.name, metric.name)] = units_of(metric)
             row = _result_row(spec, model, cell, metric, fp_values[(cell.task.name, metric.name)], scheme,
                               seconds, run_id, weight_bytes(targets, scheme))
+            row.update(interval_columns(metric, fp_units.get((cell.task.name, metric.name)), cell.is_baseline,
+                                        spec.seed))
+            store_units(spec.results, cell.row_keys[metric.name], units_of(metric))  # before the row is written
             new_rows.append(row)
             rows[cell.row_keys[metric.name]] = row
         append_rows(spec.results, new_rows)

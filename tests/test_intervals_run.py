@@ -1,0 +1,85 @@
+"""Intervals through a whole run on the tiny model: units written with the rows, paired intervals on the rows,
+the CLI prints them, --force rewrites them, and a leaderboard without units still runs (no interval)."""
+
+import json
+import re
+
+import numpy as np
+import pytest
+
+from qharness.cli import main
+from qharness.models.sources import ModelSpec
+from qharness.results import key, read_rows
+from qharness.runner import RunSpec, run
+from qharness.units import fp_key, read_units, units_dir, units_path
+
+
+def spec_for(model_dir, task_dir, results, **kwargs) -> RunSpec:
+    return RunSpec(model=ModelSpec(str(model_dir)), tasks=(str(task_dir / "short.yaml"),), results=results,
+                   progress=False, **kwargs)
+
+
+def test_quantized_rows_carry_a_paired_interval_around_their_change(tiny_model_dir, tiny_task_dir, tmp_path):
+    results = tmp_path / "leaderboard.csv"
+    report = run(spec_for(tiny_model_dir, tiny_task_dir, results, quants=("int8-w8a8-token", "int8-w8a8-tensor")),
+                 say=lambda m: None)
+    fp, *quantized = report.rows
+    assert fp["ci_of"] == "value" and float(fp["ci_low"]) < float(fp["value"]) < float(fp["ci_high"])
+    for row in quantized:
+        assert row["ci_of"] == "rel_delta"
+        assert float(row["ci_low"]) <= float(row["rel_delta"]) <= float(row["ci_high"])
+        assert float(row["ci_low"]) < float(row["ci_high"])
+        assert int(row["ci_blocks"]) >= 10 and row["ci_resamples"] == "2000" and row["windows"]
+    assert read_rows(results) == report.rows  # what is printed is what is stored
+    # the units are the per-token NLLs: their mean gives the row's perplexity back, nothing recomputed
+    for row in report.rows:
+        units = read_units(results, key(row))
+        assert len(units.values) == int(row["n"])
+        assert np.exp(units.values.mean()) == pytest.approx(float(row["value"]), rel=1e-5)
+    assert len(list(units_dir(results).glob("*.npz"))) == 3
+    assert fp_key(key(quantized[0])) == key(fp)
+
+
+def test_force_rewrites_the_units_and_old_rows_without_units_still_run(tiny_model_dir, tiny_task_dir, tmp_path):
+    results = tmp_path / "leaderboard.csv"
+    spec = spec_for(tiny_model_dir, tiny_task_dir, results)
+    fp, q = run(spec, say=lambda m: None).rows
+    path = units_path(results, key(q))
+    path.write_bytes(b"stale")
+    forced = run(spec_for(tiny_model_dir, tiny_task_dir, results, force=True), say=lambda m: None)
+    assert read_units(results, key(q)) is not None and forced.rows[1]["ci_low"] == q["ci_low"]  # same seed
+    # an older leaderboard: its fp row has no units file; a new scheme on it runs and gets no interval
+    units_path(results, key(fp)).unlink()
+    more = run(spec_for(tiny_model_dir, tiny_task_dir, results, quants=("int8-w8a8-tensor",)), say=lambda m: None)
+    assert more.computed == 1 and more.rows[1]["ci_low"] == "" and more.rows[1]["rel_delta"]
+
+
+def test_cli_prints_the_interval_beside_the_change(capsys, tiny_model_dir, tiny_task_dir, tmp_path):
+    results = tmp_path / "lb.csv"
+    assert main(["run", "--model", str(tiny_model_dir), "--task", str(tiny_task_dir / "short.yaml"),
+                 "--results", str(results), "--quiet"]) == 0
+    out = capsys.readouterr().out
+    q = next(line for line in out.splitlines() if "int8-w8a8-token" in line)
+    match = re.search(r"([+-]\d+\.\d\d)% \[([+-]\d+\.\d\d), ([+-]\d+\.\d\d)\]", q)
+    assert match, q
+    rel, low, high = map(float, match.groups())
+    assert low <= rel <= high
+    row = read_rows(results)[1]
+    assert float(row["ci_low"]) * 100 == pytest.approx(low, abs=0.006)
+
+
+def test_zero_shot_rows_carry_item_intervals_and_the_standard_error(tiny_model_dir, tiny_task_dir, tmp_path):
+    items = [{"query": "And it came to", "choices": [" pass", " rest", " light", " be"], "gold": i % 4}
+             for i in range(12)]
+    (tiny_task_dir / "data" / "mc.jsonl").write_text("".join(json.dumps(i) + "\n" for i in items))
+    (tiny_task_dir / "mc.yaml").write_text("name: mc\nkind: zero-shot\ndata: data/mc.jsonl\nchance: 0.25\n")
+    results = tmp_path / "leaderboard.csv"
+    report = run(RunSpec(model=ModelSpec(str(tiny_model_dir)), tasks=(str(tiny_task_dir / "mc.yaml"),),
+                         results=results, progress=False), say=lambda m: None)
+    for row in report.rows:
+        units = read_units(results, key(row))
+        assert len(units.values) == 12 and units.values.mean() == pytest.approx(float(row["value"]))
+        p = float(row["value"])
+        assert float(row["stderr"]) == pytest.approx(np.sqrt(p * (1 - p) / 11))
+    fp_acc = report.rows[0]
+    assert fp_acc["ci_of"] == "value" and fp_acc["ci_blocks"] == "12"
