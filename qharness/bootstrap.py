@@ -10,17 +10,28 @@ resampling tokens understates the spread. We resample non-overlapping contiguous
 interval of exp(sum d / sum count) - 1 over the resamples (percentile bootstrap: no bias correction, no
 acceleration; at these sample sizes the statistic is close to symmetric and the coverage test below holds).
 
-Why 128 tokens. The autocorrelation of d[t] on SmolLM2-135M, first 2 windows of held-out KJV (4,094 tokens),
-measured by `benchmarks/intervals.py --autocorrelation` from the units files of a real run:
+Why 128 tokens. Measured on SmolLM2-135M, fp32, the first 2 windows (4,094 tokens) of each held-out text, by
+`benchmarks/intervals.py` from the units files of a real `qharness run` (2026-12-04):
 
-    scheme              lag 1    lag 2    lag 4    lag 8    lag 16   lag 32   lag 64   lag 128
-    int8-w8a8-token     AUTOCORR_TOKEN
-    int8-w8a8-tensor    AUTOCORR_TENSOR
+    autocorrelation of d[t]          lag 1   lag 2   lag 4   lag 8   lag 16  lag 32  1 + 2 sum(lags 1..127)
+    kjv      int8-w8a8-token         +0.025  +0.020  -0.015  -0.016  -0.005  +0.008  1.42
+    wordnet  int8-w8a8-token         +0.028  -0.000  -0.021  +0.002  +0.009  -0.019  1.09
+    kjv      int8-w8a8-tensor        +0.021  +0.021  +0.033  +0.027  +0.028  -0.016  2.82
+    wordnet  int8-w8a8-tensor        +0.087  +0.027  +0.016  +0.001  +0.004  +0.019  1.96
 
-The correlation is short-ranged (a few tokens) and within noise (+-2/sqrt(T) = +-0.03) past lag AUTOCORR_LAG, so
-blocks of 128 are many times longer than the dependence (Politis and White's rule wants blocks well past the lag
-where it dies out) while a 2-window run still has 32 of them. A text too short for MIN_BLOCKS blocks of 128 uses
-shorter blocks (T // MIN_BLOCKS tokens); the row records how many blocks and resamples its interval used.
+    half-width of the interval (pts)  block 1  block 8  block 32  block 64  block 128  block 256
+    kjv      int8-w8a8-token          0.91     0.91     0.88      0.87      1.00       0.83
+    kjv      int8-w8a8-tensor         10.18    11.00    13.86     13.13     15.52      15.88
+    wordnet  int8-w8a8-tensor         13.10    14.88    15.41     15.04     15.87      18.93
+
+Each lag alone is small (within the +-0.031 that independent tokens give, but for lag 1 of WordNet under
+per-tensor INT8), but under the severe scheme the small positive correlations persist over tens of tokens and add
+up: the variance of a mean is 2-3x what independent tokens give, and an interval over single tokens would be a
+third too narrow (10.2 against 15.5 points). The half-width grows with the block length up to about 32-128 tokens
+and levels off there; the mild scheme shows little (flat at 0.9-1.0). 128 tokens is past where it levels
+off, and 2 windows still hold 32 blocks. A text too short for MIN_BLOCKS blocks of 128 uses shorter blocks
+(T // MIN_BLOCKS tokens); the row records how many blocks and resamples its interval used. The coverage test
+(tests/test_bootstrap.py) checks 95% on simulated autocorrelated differences with a known shift.
 
 Zero-shot. Items are independent draws, so they are resampled one by one (paired across rows on the same items);
 beside the interval, lm-eval's standard error of a mean, sqrt(p (1 - p) / (n - 1)), so the two can be read side by

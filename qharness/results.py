@@ -37,7 +37,7 @@ COLUMNS = (
     # lm-eval's standard error of an accuracy, and how many windows the tokens of a perplexity came from
     "ci_of", "ci_low", "ci_high", "ci_blocks", "ci_resamples", "stderr", "windows",
     # what the model is (from its config and source, so that readers never parse model names)
-    "arch", "mitigation", "family", "train_seed",
+    "arch", "mitigation", "family", "train_seed", "train_recipe",
     # how to reproduce it
     "model_source", "scheme", "seed", "versions", "device", "git_rev", "run_id", "time", "seconds",
 )

@@ -231,6 +231,7 @@ def _result_row(spec: RunSpec, loaded: LoadedModel, cell: Cell, metric: Metric, 
         metric.value, fp_value, **_key_fields(spec, cell, metric.name, loaded.device.type, dtype_name(loaded.dtype)),
         higher_is_better=metric.higher_is_better, metric_kind=metric.kind, n=metric.n, chance=metric.chance,
         weight_bytes=weights, arch=loaded.arch, mitigation=loaded.mitigation, family=loaded.family,
+        train_seed=loaded.train_seed, train_recipe=loaded.train_recipe,
         model_source=loaded.source, scheme=scheme.to_dict() if scheme else None, seed=spec.seed, run_id=run_id,
         seconds=f"{seconds:.1f}", **provenance.row_fields(loaded.device),
     )

@@ -83,3 +83,22 @@ def test_zero_shot_rows_carry_item_intervals_and_the_standard_error(tiny_model_d
         assert float(row["stderr"]) == pytest.approx(np.sqrt(p * (1 - p) / 11))
     fp_acc = report.rows[0]
     assert fp_acc["ci_of"] == "value" and fp_acc["ci_blocks"] == "12"
+
+
+@pytest.mark.slow
+def test_the_real_model_prints_an_interval_per_quantized_row(capsys, tmp_path):
+    """The issue's done-when: `qharness run --quant int8-w8a8-token,int8-w8a8-tensor --limit 4` (here on held-out
+    KJV alone, whose 4 windows are the whole text, to halve the time: about 3 minutes on 2 cores)."""
+    results = tmp_path / "leaderboard.csv"
+    assert main(["run", "--quant", "int8-w8a8-token,int8-w8a8-tensor", "--limit", "4", "--task", "kjv-heldout",
+                 "--results", str(results), "--quiet"]) == 0
+    out = capsys.readouterr().out
+    for scheme in ("int8-w8a8-token", "int8-w8a8-tensor"):
+        line = next(line for line in out.splitlines() if f" {scheme} " in line)
+        assert re.search(r"%\s\[[+-]\d+\.\d\d, [+-]\d+\.\d\d\]", line), line
+    fp, *quantized = read_rows(results)
+    for row in quantized:
+        low, rel, high = float(row["ci_low"]), float(row["rel_delta"]), float(row["ci_high"])
+        assert low <= rel <= high and low < high
+        assert row["ci_of"] == "rel_delta" and row["windows"] == "4" and row["limit"] == "4"
+    assert float(quantized[0]["ci_high"]) < float(quantized[1]["ci_low"])  # per token is clearly the milder
