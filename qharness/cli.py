@@ -229,7 +229,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     for check in summary["causal_checks"]:
         print(f"causal check {check['model']} {check['quant']} keep {check['keep']} on {check['task']}: "
               + (f"{check['recovered']:.0%} of the {check['metric']} loss recovered" if check["recovered"] is not None
-                 else f"the plain scheme lost no {check['metric']}: nothing to recover"))
+                 else f"the plain scheme lost no {check['metric']}: nothing to recover")
+              + (" (within noise: the paired interval of kept - plain covers 0)" if check.get("within_noise") else ""))
     return 0
 
 

@@ -20,7 +20,8 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("qharness.activations", "qharness.quant"),
     ("qharness.training",),
     ("qharness.runner", "qharness.scanning", "qharness.sweep", "qharness.compare", "qharness.families",
-     "qharness.fixes", "qharness.predictors", "qharness.noise"),
+     "qharness.fixes", "qharness.predictors", "qharness.noise",
+     "qharness.seeds"),
     ("qharness.cli", "qharness.__main__"),
 )
 

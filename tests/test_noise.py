@@ -1,6 +1,7 @@
 """compare with per-unit results: within-noise marks, tied best fixes, paired differences, evaluation sizes."""
 
 import numpy as np
+import pytest
 
 from qharness.compare import compare
 from qharness.results import append_rows, key, make_row
@@ -114,3 +115,25 @@ def test_mitigations_within_noise_of_their_control(tmp_path):
     assert marks["tune:m-kv_bias"] == ["fp_vs_base", "int8-w8a8-tensor"]  # a mitigation that changed nothing
     assert marks["tune:m-outlier_penalty"] == []  # a real change on both
     assert table["evaluated"] == f"{TOKENS} tok, limit 2"
+
+
+def test_seeds_of_one_recipe_are_grouped_with_mean_and_spread(tmp_path):
+    from qharness.results import make_row
+
+    results = tmp_path / "lb.csv"
+    rows = []
+    for seed, (fp, q) in enumerate([(20.0, 30.0), (22.0, 30.8), (21.0, 29.4)]):
+        common = dict(model=f"runs/s{seed}/model", task="kjv-heldout", metric="ppl", bos=True, train_seed=seed,
+                      train_recipe="abc", mitigation="none", higher_is_better=False)
+        rows += [make_row(fp, fp, quant="none", **common), make_row(q, fp, quant="int8-w8a8-tensor", backend="sim",
+                                                                   **common)]
+    rows.append(make_row(50.0, 20.0, model="other", quant="int8-w8a8-tensor", task="kjv-heldout", metric="ppl",
+                         train_seed=0, train_recipe="xyz"))  # one seed of another recipe: no group
+    append_rows(results, rows)
+    groups = {g["quant"]: g for g in compare(results, tmp_path / "out")["seeds"]}
+    assert set(groups) == {"none", "int8-w8a8-tensor"}
+    fp, q = groups["none"], groups["int8-w8a8-tensor"]
+    assert fp["seeds"] == [0, 1, 2] and fp["value_mean"] == 21.0 and fp["value_sd"] == 1.0
+    assert q["rel_mean"] == pytest.approx(1.3 / 3) and q["rel_min"] == pytest.approx(0.4)
+    assert q["rel_max"] == pytest.approx(0.5) and q["rel_sd"] == pytest.approx(np.std([0.5, 0.4, 0.4], ddof=1))
+    assert "## Training seeds" in (tmp_path / "out" / "report.md").read_text()
