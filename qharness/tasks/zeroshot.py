@@ -43,6 +43,7 @@ def lm_eval_task(task: TaskSpec) -> dict[str, Any] | str:
 
 def item_scores(samples: list[dict[str, Any]], name: str) -> np.ndarray | None:
     """Each item's score under metric `name` (lm-eval's logged samples), in document order; None if not logged."""
+    samples = [sample for sample in samples if sample.get("filter", "none") == "none"]  # the scores of `name,none`
     if not samples or any(name not in sample for sample in samples):
         return None
     ordered = sorted(samples, key=lambda sample: int(sample["doc_id"]))
