@@ -16,12 +16,9 @@ leaderboard written before units were kept) reads fine and has no interval. Noth
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import io
 import json
-import os
-import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +27,7 @@ import numpy as np
 
 from qharness import bootstrap
 from qharness.errors import DataError
-from qharness.results import BASELINE, KEY_COLUMNS, Row, key
+from qharness.results import BASELINE, KEY_COLUMNS, Row, key, write_atomic
 
 FP_FIELDS = {"quant": BASELINE, "backend": "", "keep": "", "kv": "", "transform": ""}  # what makes a row its fp row
 
@@ -71,24 +68,14 @@ def fp_key(row_key: tuple[str, ...]) -> tuple[str, ...]:
 
 
 def write_units(results: Path, row_key: tuple[str, ...], units: Units) -> Path:
-    """Atomically (temp file + os.replace) write one row's units; a rerun replaces them."""
+    """Atomically (temp file + os.replace, results.write_atomic) write one row's units; a rerun replaces them."""
     path = units_path(results, row_key)
     path.parent.mkdir(parents=True, exist_ok=True)
     buffer = io.BytesIO()
     # NLLs in float32: 1e-7 relative on values of a few nats, far below any difference an interval resolves
     np.savez(buffer, units=units.values.astype(np.float32), kind=np.array(units.kind),
              units_hash=np.array(units.units_hash), key=np.array(json.dumps(list(row_key))))
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(buffer.getvalue())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    write_atomic(path, buffer.getvalue())
     return path
 
 

@@ -91,3 +91,14 @@ def test_accuracy_rows_carry_lm_evals_standard_error():
     cols = interval_columns(metric, None, True, seed=0)
     assert float(cols["stderr"]) == pytest.approx(np.sqrt(0.75 * 0.25 / 39))
     assert cols["ci_of"] == "value" and cols["ci_blocks"] == "40" and cols["windows"] == ""
+
+
+def test_units_files_get_the_mode_the_leaderboard_gets(tmp_path):
+    import os
+
+    umask = os.umask(0o022)
+    try:
+        path = write_units(tmp_path / "leaderboard.csv", row_key(), Units(np.zeros(3), "nll", "a"))
+    finally:
+        os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o644  # not mkstemp's private 0600
