@@ -15,13 +15,12 @@ PACKAGE = Path(__file__).resolve().parents[1] / "qharness"
 LAYERS: tuple[tuple[str, ...], ...] = (
     ("qharness.errors", "qharness.registry", "qharness.cache", "qharness.provenance", "qharness.recipe",
      "qharness.results", "qharness.scoped", "qharness.typecheck", "qharness.rankstats", "qharness.degradation",
-     "qharness.bootstrap", "qharness.units"),
+     "qharness.bootstrap", "qharness.units", "qharness.noise", "qharness.seeds"),
     ("qharness.models", "qharness.tasks"),
     ("qharness.activations", "qharness.quant"),
     ("qharness.training",),
     ("qharness.runner", "qharness.scanning", "qharness.sweep", "qharness.compare", "qharness.families",
-     "qharness.fixes", "qharness.predictors", "qharness.noise",
-     "qharness.seeds"),
+     "qharness.fixes", "qharness.predictors"),
     ("qharness.cli", "qharness.__main__"),
 )
 
