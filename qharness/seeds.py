@@ -3,8 +3,9 @@
 The rule: two rows are seeds of one recipe when their `train_recipe` (the digest of the training recipe without its
 seed, from each model's training.json) agrees, their `train_seed` differs, and everything else that makes a row (the
 scheme, what was kept, the KV cache, the transform, the task, the metric and the evaluation setting) is the same.
-Each group gives the mean and the spread (sample standard deviation, and min to max) over seeds of the value and
-of the relative change, which is the uncertainty a single trained model cannot show.
+Each group gives the mean and the spread (sample standard deviation, and min to max) over seeds of the value (the
+fp perplexity, a scan measure such as max |h|, a quantized perplexity) and of the relative change, which is the
+uncertainty a single trained model cannot show.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import statistics
 from typing import Any
 
 from qharness.degradation import percent
-from qharness.results import SCAN_TASK, Row
+from qharness.results import Row
 
 GROUP_COLUMNS = ("train_recipe", "mitigation", "quant", "backend", "keep", "kv", "transform", "task", "task_hash",
                  "metric", "bos", "context_length", "limit", "dtype")
@@ -22,7 +23,7 @@ GROUP_COLUMNS = ("train_recipe", "mitigation", "quant", "backend", "keep", "kv",
 def seed_groups(rows: list[Row]) -> list[dict[str, Any]]:
     groups: dict[tuple[str, ...], dict[str, Row]] = {}
     for row in rows:
-        if not row.get("train_recipe") or row.get("train_seed", "") == "" or row.get("task") == SCAN_TASK:
+        if not row.get("train_recipe") or row.get("train_seed", "") == "":
             continue
         groups.setdefault(tuple(row.get(c, "") for c in GROUP_COLUMNS), {})[row["train_seed"]] = row
     out = []

@@ -127,12 +127,15 @@ def test_seeds_of_one_recipe_are_grouped_with_mean_and_spread(tmp_path):
                       train_recipe="abc", mitigation="none", higher_is_better=False)
         rows += [make_row(fp, fp, quant="none", **common), make_row(q, fp, quant="int8-w8a8-tensor", backend="sim",
                                                                    **common)]
+        rows.append(make_row(1000.0 * (seed + 1), 1000.0 * (seed + 1), quant="none",
+                             **{**common, "task": "scan", "metric": "massive_max"}))  # the scan's max |h|
     rows.append(make_row(50.0, 20.0, model="other", quant="int8-w8a8-tensor", task="kjv-heldout", metric="ppl",
                          train_seed=0, train_recipe="xyz"))  # one seed of another recipe: no group
     append_rows(results, rows)
-    groups = {g["quant"]: g for g in compare(results, tmp_path / "out")["seeds"]}
-    assert set(groups) == {"none", "int8-w8a8-tensor"}
-    fp, q = groups["none"], groups["int8-w8a8-tensor"]
+    groups = {(g["quant"], g["metric"]): g for g in compare(results, tmp_path / "out")["seeds"]}
+    assert set(groups) == {("none", "ppl"), ("none", "massive_max"), ("int8-w8a8-tensor", "ppl")}
+    assert groups[("none", "massive_max")]["value_mean"] == 2000.0  # max |h| over seeds, from the scan rows
+    fp, q = groups[("none", "ppl")], groups[("int8-w8a8-tensor", "ppl")]
     assert fp["seeds"] == [0, 1, 2] and fp["value_mean"] == 21.0 and fp["value_sd"] == 1.0
     assert q["rel_mean"] == pytest.approx(1.3 / 3) and q["rel_min"] == pytest.approx(0.4)
     assert q["rel_max"] == pytest.approx(0.5) and q["rel_sd"] == pytest.approx(np.std([0.5, 0.4, 0.4], ddof=1))
