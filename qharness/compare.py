@@ -293,13 +293,14 @@ def markdown_report(items: list[Degradation], checks: list[dict[str, Any]], corr
         parts += seeds_markdown(seeds, _table)
     parts += ["", "## Causal check: keep the massive-activation positions in full precision", ""]
     paired = any(c.get("difference") for c in checks)
+    sized = any(c.get("evaluated") for c in checks)
     if paired:
         parts += ["kept - plain: the paired 95% interval of the difference in relative change (points of percent, "
                   "same tokens); a recovery whose interval covers 0 is within noise.", ""]
     if checks:
-        parts.append(_table(["model", "scheme", "task", *(["evaluated"] if paired else []), "metric", "kept", "fp",
+        parts.append(_table(["model", "scheme", "task", *(["evaluated"] if sized else []), "metric", "kept", "fp",
                              "plain", "kept value", "recovered", *(["kept - plain"] if paired else [])],
-                            [[c["model"], c["quant"], c["task"], *([c["evaluated"]] if paired else []), c["metric"],
+                            [[c["model"], c["quant"], c["task"], *([c["evaluated"]] if sized else []), c["metric"],
                               c["keep"], f"{c['fp']:.4g}", f"{c['plain']:.4g}", f"{c['kept']:.4g}",
                               recovered_text(c["recovered"]), *([_difference_text(c)] if paired else [])]
                              for c in checks]))
