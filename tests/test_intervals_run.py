@@ -102,3 +102,26 @@ def test_the_real_model_prints_an_interval_per_quantized_row(capsys, tmp_path):
         assert low <= rel <= high and low < high
         assert row["ci_of"] == "rel_delta" and row["windows"] == "4" and row["limit"] == "4"
     assert float(quantized[0]["ci_high"]) < float(quantized[1]["ci_low"])  # per token is clearly the milder
+
+
+def test_compare_pairs_the_rows_a_run_wrote_and_a_damaged_units_file_is_one_line(capsys, tiny_model_dir,
+                                                                                   tiny_task_dir, tmp_path):
+    from qharness.quant.schemes import Keep
+
+    results = tmp_path / "leaderboard.csv"
+    for keep in (Keep(), Keep(positions=(0,))):
+        run(spec_for(tiny_model_dir, tiny_task_dir, results, quants=("int8-w8a8-tensor",), keep=keep),
+            say=lambda m: None)
+    assert main(["compare", "--results", str(results), "--out", str(tmp_path / "out")]) == 0
+    summary = json.loads((tmp_path / "out" / "report.json").read_text())
+    (check,) = summary["causal_checks"]
+    low, high = check["difference"]
+    assert low < high and check["within_noise"] == (low <= 0 <= high)
+    assert [p["changed"] for p in summary["paired_differences"]] == ["keep"]
+    capsys.readouterr()
+    kept = next(r for r in read_rows(results) if r["keep"])
+    units_path(results, key(kept)).write_bytes(b"not an npz")
+    assert main(["compare", "--results", str(results), "--out", str(tmp_path / "out2")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("qharness: error: ") and "not a qharness units file" in err and "\n" not in err
+    assert not (tmp_path / "out2" / "report.md").exists()
