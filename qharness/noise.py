@@ -122,3 +122,38 @@ def paired_markdown(pairs: list[dict[str, Any]], table_of: Any) -> list[str]:
                             percent(p["rel_a"]), percent(p["rel_b"]), f"{p['difference'] * 100:+.2f} pts",
                             f"[{p['low'] * 100:+.2f}, {p['high'] * 100:+.2f}]", p["verdict"]] for p in pairs]))
     return parts
+
+
+def ranked_schemes(items: list[Degradation], noise: Noise) -> list[dict[str, Any]]:
+    """Per model, task, metric and evaluation setting, the plain schemes ordered by their loss, each against the
+    next milder one with the paired interval of the difference: which steps of the ranking are real and which
+    are ties (per-token INT8 against LLM.int8(), say)."""
+    groups: dict[tuple[Any, ...], list[Degradation]] = {}
+    for d in items:
+        if d.plain:
+            groups.setdefault((d.model, d.task, d.metric, d.setting), []).append(d)
+    out = []
+    for (model, task, metric, _), members in sorted(groups.items(), key=lambda kv: kv[0][:3]):
+        ranked = sorted(members, key=lambda d: d.loss)
+        for milder, worse in zip(ranked, ranked[1:], strict=False):
+            interval = noise.difference(worse, milder)
+            if interval is None:
+                continue
+            out.append({"model": model, "task": task, "metric": metric, "evaluated": worse.evaluated,
+                        "milder": milder.quant, "worse": worse.quant, "rel_milder": milder.rel, "rel_worse": worse.rel,
+                        "difference": worse.rel - milder.rel, "low": interval.low, "high": interval.high,
+                        "verdict": "within noise" if interval.covers(0.0) else "real"})
+    return out
+
+
+def ranked_markdown(ranked: list[dict[str, Any]], table_of: Any) -> list[str]:
+    parts = ["", "## Schemes ranked: is each one really worse than the next milder one?", "",
+             "The plain schemes of one model, task and evaluation setting, from the mildest, each against the one "
+             "before it on the same tokens: the difference of their relative changes with its paired 95% interval "
+             "(points of percent). \"within noise\": the two are not told apart on this text.", ""]
+    parts.append(table_of(["model", "task", "evaluated", "metric", "milder", "worse", "rel milder", "rel worse",
+                           "worse - milder", "95% interval", "verdict"],
+                          [[r["model"], r["task"], r["evaluated"], r["metric"], r["milder"], r["worse"],
+                            percent(r["rel_milder"]), percent(r["rel_worse"]), f"{r['difference'] * 100:+.2f} pts",
+                            f"[{r['low'] * 100:+.2f}, {r['high'] * 100:+.2f}]", r["verdict"]] for r in ranked]))
+    return parts

@@ -140,3 +140,20 @@ def test_seeds_of_one_recipe_are_grouped_with_mean_and_spread(tmp_path):
     assert q["rel_mean"] == pytest.approx(1.3 / 3) and q["rel_min"] == pytest.approx(0.4)
     assert q["rel_max"] == pytest.approx(0.5) and q["rel_sd"] == pytest.approx(np.std([0.5, 0.4, 0.4], ddof=1))
     assert "## Training seeds" in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_schemes_are_ranked_with_each_step_real_or_within_noise(tmp_path):
+    results = tmp_path / "lb.csv"
+    fp = text_nll()
+    token = noisy(fp, 0.035, 0.3, 1)
+    rows = [ppl_row(results, fp, quant="none"),
+            ppl_row(results, token, quant="int8-w8a8-token", fp_nll=fp),
+            ppl_row(results, noisy(token, 0.0, 0.01, 2), quant="llm-int8", fp_nll=fp),  # a tie with per token
+            ppl_row(results, noisy(fp, 0.85, 0.3, 3), quant="int8-w8a8-tensor", fp_nll=fp)]
+    append_rows(results, rows)
+    ranked = compare(results, tmp_path / "out")["ranked_schemes"]
+    steps = {(r["milder"], r["worse"]): r["verdict"] for r in ranked}
+    assert len(steps) == 2 and "within noise" in steps.values() and "real" in steps.values()
+    tie = next(pair for pair, verdict in steps.items() if verdict == "within noise")
+    assert set(tie) == {"int8-w8a8-token", "llm-int8"}
+    assert "## Schemes ranked" in (tmp_path / "out" / "report.md").read_text()
