@@ -16,7 +16,11 @@ Reads the leaderboard (and the per-layer error files) and writes results/report.
 - the fixes compared per scheme: keeping BOS, a post-hoc transform, a training-time mitigation (fixes.py);
 - what predicts the loss: rank correlation, pooled over every (model, scheme, task), of the perplexity change with
   max/median, kurtosis and the layer-wise error growth, with a bootstrap interval (predictors.py);
-- a heatmap of relative perplexity change (model x scheme) and degradation against max activation.
+- a heatmap of relative perplexity change (model x scheme) and degradation against max activation;
+- from the rows' per-unit results (units.py, noise.py): each row's interval and evaluation size, the plain schemes
+  ranked with each step real or within noise, pairs that differ in one setting, within-noise marks in the fixes,
+  causal-check and mitigations tables, and the spread over the training seeds of one recipe (seeds.py). Rows of
+  different evaluation settings (limit, context, BOS, task data) are never set side by side.
 """
 
 from __future__ import annotations
