@@ -303,8 +303,16 @@ def cmd_compare(args: argparse.Namespace) -> int:
     for check in summary["causal_checks"]:
         print(f"causal check {check['model']} {check['quant']} keep {check['keep']} on {check['task']}: "
               + (f"{check['recovered']:.0%} of the {check['metric']} loss recovered" if check["recovered"] is not None
-                 else f"the plain scheme lost no {check['metric']}: nothing to recover"))
+                 else f"the plain scheme lost no {check['metric']}: nothing to recover")
+              + (" (within noise: the paired interval of kept - plain covers 0)" if check.get("within_noise") else ""))
     return 0
+
+
+def bracket(row: dict[str, str], of: str, spec: str, scale: float = 1.0) -> str:
+    """` [low, high]`: the row's 95% interval when it is one of `of` (rel_delta in points of percent), else ''."""
+    if row.get("ci_of") != of or not row.get("ci_low"):
+        return ""
+    return f" [{spec.format(float(row['ci_low']) * scale)}, {spec.format(float(row['ci_high']) * scale)}]"
 
 
 def format_table(rows: list[dict[str, str]]) -> str:
@@ -315,13 +323,16 @@ def format_table(rows: list[dict[str, str]]) -> str:
     for row in rows:
         is_fp = is_baseline(row)
         rel = f"{float(row['rel_delta']):+.2%}" if row["rel_delta"] and not is_fp else ""
+        rel += bracket(row, "rel_delta", "{:+.2f}", 100)
         delta = f"{float(row['delta']):+.4g}" if not is_fp else ""
         metric = f"{row['metric']} ({row['metric_kind']}, n={row['n']})"
         quant = row["quant"] + (f" keep {row['keep']}" if row.get("keep") else "")
         quant += f" kv {row['kv']}" if row.get("kv") else ""
         quant += f" after {row['transform']}" if row.get("transform") else ""
         chance = f"{float(row['chance']):.2f}" if row.get("chance") else ""
-        lines.append((row["task"], quant, row["backend"], metric, f"{float(row['value']):.4f}",
+        value = f"{float(row['value']):.4f}" + bracket(row, "value", "{:.4f}")
+        value += f" se {float(row['stderr']):.4f}" if row.get("stderr") else ""
+        lines.append((row["task"], quant, row["backend"], metric, value,
                       f"{float(row['fp_value']):.4f}", delta, rel, chance))
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip()

@@ -16,14 +16,18 @@ Reads the leaderboard (and the per-layer error files) and writes results/report.
 - the fixes compared per scheme: keeping BOS, a post-hoc transform, a training-time mitigation (fixes.py);
 - what predicts the loss: rank correlation, pooled over every (model, scheme, task), of the perplexity change with
   max/median, kurtosis and the layer-wise error growth, with a bootstrap interval (predictors.py);
-- a heatmap of relative perplexity change (model x scheme) and degradation against max activation.
+- a heatmap of relative perplexity change (model x scheme) and degradation against max activation;
+- from the rows' per-unit results (units.py, noise.py): each row's interval and evaluation size, the plain schemes
+  ranked with each step real or within noise, pairs that differ in one setting, within-noise marks in the fixes,
+  causal-check and mitigations tables, and the spread over the training seeds of one recipe (seeds.py). Rows of
+  different evaluation settings (limit, context, BOS, task data) are never set side by side.
 """
 
 from __future__ import annotations
 
 import html
 import json
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -31,9 +35,18 @@ from qharness.costs import cost_markdown, cost_points, plot_cost_quality
 from qharness.degradation import Degradation, degradations, number, percent
 from qharness.families import REFERENCE, model_families, with_references
 from qharness.fixes import fixes_markdown, fixes_table
+from qharness.noise import (
+    Noise,
+    paired_differences,
+    paired_markdown,
+    ranked_markdown,
+    ranked_schemes,
+    within_noise,
+)
 from qharness.predictors import predictor_points, predictors, predictors_markdown, profile_extras
 from qharness.rankstats import spearman
 from qharness.results import SCAN_TASK, Row, layer_errors_dir, read_rows, scan_dir, write_atomic
+from qharness.seeds import seed_groups, seeds_markdown
 
 PROFILE_MEASURES = ("massive_max", "massive_ratio")  # correlated with degradation
 SCAN_MEASURES = (*PROFILE_MEASURES, "bos_holds_max", "first_massive_layer")  # read from the scan rows
@@ -59,23 +72,40 @@ def with_model_columns(rows: list[Row]) -> list[Row]:
     return out
 
 
+def _rel_text(d: Degradation) -> str:
+    if d.ci is None:
+        return f"{d.rel:+.2%}"
+    return f"{d.rel:+.2%} [{d.ci[0] * 100:+.2f}, {d.ci[1] * 100:+.2f}]"
+
+
 def recovered_text(recovered: float | None) -> str:
     return "no loss to recover" if recovered is None else f"{recovered:.0%}"
 
 
-def causal_checks(items: list[Degradation]) -> list[dict[str, Any]]:
-    """For each scheme run both plain and with kept positions: the share of its loss that keeping recovers."""
-    plain = {(d.model, d.quant, d.task, d.metric): d for d in items if d.plain}
+def causal_checks(items: list[Degradation], noise: Noise | None = None) -> list[dict[str, Any]]:
+    """For each scheme run both plain and with kept positions (on the same evaluation setting): the share of its
+    loss that keeping recovers, and with `noise` the paired interval of kept - plain (is the recovery real?)."""
+    plain = {(d.model, d.quant, d.task, d.metric, d.setting): d for d in items if d.plain}
     checks = []
     for kept in (d for d in items if d.keep and not (d.transform or d.kv)):
-        base = plain.get((kept.model, kept.quant, kept.task, kept.metric))
+        base = plain.get((kept.model, kept.quant, kept.task, kept.metric, kept.setting))
         if base is None:
             continue
         recovered = (base.loss - kept.loss) / base.loss if base.loss > 0 else None  # nothing lost to recover
+        interval = noise.difference(kept, base) if noise is not None else None
         checks.append({"model": kept.model, "quant": kept.quant, "task": kept.task, "metric": kept.metric,
                        "keep": kept.keep, "fp": base.fp_value, "plain": base.value, "kept": kept.value,
-                       "recovered": recovered})
+                       "recovered": recovered, "evaluated": kept.evaluated,
+                       "difference": None if interval is None else (interval.low, interval.high),
+                       "within_noise": within_noise(interval)})
     return checks
+
+
+def _difference_text(check: dict[str, Any]) -> str:
+    if check["difference"] is None:
+        return ""
+    low, high = check["difference"]
+    return f"[{low * 100:+.1f}, {high * 100:+.1f}]" + (" within noise" if check["within_noise"] else "")
 
 
 def profile_measures(rows: list[Row]) -> dict[str, dict[str, float]]:
@@ -105,30 +135,60 @@ def correlations(items: list[Degradation], measures: dict[str, dict[str, float]]
 
 
 def mitigation_table(measures: dict[str, dict[str, float]], items: list[Degradation],
-                     families: dict[str, tuple[str, str]]) -> dict[str, Any]:
-    """One row per model of a family on one perplexity task (kjv-heldout when present): activation measures, fp
+                     families: dict[str, tuple[str, str]], noise: Noise | None = None) -> dict[str, Any]:
+    """One row per model of a family on one perplexity task (kjv-heldout when present) and one evaluation setting
+    (the one most models were run at: rows of other settings are not comparable): activation measures, fp
     quality against its family's baseline (mitigation none), and the ppl change per headline scheme present. A
-    family's reference (the model it was trained from) comes first."""
+    family's reference (the model it was trained from) comes first. With `noise`, the fp change and each scheme's
+    change carry whether they are within noise of the family's control (paired on the same tokens)."""
     plain = [d for d in items if d.model in families and d.metric == "ppl" and d.plain]
     tasks = sorted({d.task for d in plain}, key=lambda t: (t != "kjv-heldout", t))
     if not tasks:
         return {"task": None, "schemes": [], "rows": []}
     task = tasks[0]
-    fp = {d.model: d.fp_value for d in plain if d.task == task}
-    rel = {(d.model, d.quant): d.rel for d in plain if d.task == task}
+    settings = Counter(d.setting for d in plain if d.task == task)
+    setting = max(settings, key=lambda s: (len({d.model for d in plain if d.task == task and d.setting == s}),
+                                           settings[s]))
+    chosen = [d for d in plain if d.task == task and d.setting == setting]
+    fp = {d.model: d.fp_value for d in chosen}
+    by_scheme = {(d.model, d.quant): d for d in chosen}
+    rel = {k: d.rel for k, d in by_scheme.items()}
     schemes = [s for s in HEADLINE_SCHEMES if any(q == s for _, q in rel)]
-    baselines = {family: fp[model] for model, (family, mitigation) in families.items()
-                 if mitigation == "none" and model in fp}
+    controls = {family: model for model, (family, mitigation) in families.items()
+                if mitigation == "none" and model in fp}
+    baselines = {family: fp[model] for family, model in controls.items()}
     table = []
     rank = {REFERENCE: 0, "none": 1}
     order = {model: (family, rank.get(mitigation, 2), mitigation) for model, (family, mitigation) in families.items()}
     for model in sorted(fp, key=order.__getitem__):
         base = baselines.get(families[model][0])
+        control = controls.get(families[model][0])
         label = f"{model} (trained from)" if families[model][1] == REFERENCE else model
+        noisy = _noisy_against(model, control, schemes, by_scheme, noise)
         table.append({"model": label, "bos_holds_max": None, **measures.get(model, {}),
                       "fp_ppl": fp[model], "fp_vs_base": fp[model] / base - 1 if base else None,
-                      **{scheme: rel.get((model, scheme)) for scheme in schemes}})
-    return {"task": task, "schemes": schemes, "rows": table}
+                      **{scheme: rel.get((model, scheme)) for scheme in schemes}, **noisy})
+    others = sorted({d.model for d in plain if d.task == task and d.setting != setting} - set(fp))
+    return {"task": task, "schemes": schemes, "rows": table, "evaluated": chosen[0].evaluated,
+            "other_settings": others}
+
+
+def _noisy_against(model: str, control: str | None, schemes: list[str], by_scheme: dict[tuple[str, str], Degradation],
+                   noise: Noise | None) -> dict[str, Any]:
+    """Which of a member's numbers are within noise of its control's: the fp perplexity ('fp_vs_base') and each
+    scheme's change, each a paired interval on the same tokens; empty without units or for the control itself."""
+    if noise is None or control is None or model == control:
+        return {"within_noise": []}
+    out = []
+    anyone = next((by_scheme[(model, s)] for s in schemes if (model, s) in by_scheme), None)
+    reference = next((by_scheme[(control, s)] for s in schemes if (control, s) in by_scheme), None)
+    if anyone is not None and reference is not None:
+        cost = noise.fp_change(anyone, reference)
+        if cost is not None and cost.covers(0.0):
+            out.append("fp_vs_base")
+    out += [s for s in schemes if (model, s) in by_scheme and (control, s) in by_scheme
+            and noise.tied(by_scheme[(model, s)], by_scheme[(control, s)])]
+    return {"within_noise": out}
 
 
 def _fmt(value: float | None, spec: str) -> str:
@@ -148,19 +208,29 @@ def mitigation_markdown(mitigations: dict[str, Any]) -> list[str]:
         return parts + ["No model of a family (zoo:<arch>-<mitigation>, tune:<model>-<mitigation>) has results yet; "
                         "see `qharness list models`."]
     schemes = mitigations["schemes"]
-    parts.append(f"Task {mitigations['task']}; max |h|, max/median, the massive criterion, the share of maxima on "
-                 "BOS and the attention on position 0 (mean over layers) from `qharness scan`; fp vs base is the "
-                 "full-precision perplexity against the family's member without a mitigation; the scheme columns "
-                 "are the relative perplexity change under each scheme.")
+    evaluated = f" ({mitigations['evaluated']})" if mitigations.get("evaluated") else ""
+    noise_note = (" ≈: within noise of the family's control (the paired interval of the difference covers 0)."
+                  if any(r.get("within_noise") for r in mitigations["rows"]) else "")
+    parts.append(f"Task {mitigations['task']}{evaluated}; max |h|, max/median, the massive criterion, the share of "
+                 "maxima on BOS and the attention on position 0 (mean over layers) from `qharness scan`; fp vs base is "
+                 "the full-precision perplexity against the family's member without a mitigation; the scheme columns "
+                 "are the relative perplexity change under each scheme." + noise_note)
     parts.append("")
     header = ["model", "max abs", "max/median", "massive", "BOS holds max", "attn@0", "fp ppl", "fp vs base", *schemes]
     parts.append(_table(header, [[r["model"], _fmt(r.get("massive_max"), ".1f"), _fmt(r.get("massive_ratio"), ".0f"),
                                   _massive(r), _fmt(r["bos_holds_max"], ".0%"), _fmt(r.get("attention_on_first"),
                                                                                     ".2f"),
-                                  number(r["fp_ppl"]), percent(r["fp_vs_base"]),
-                                  *[percent(r[s]) for s in schemes]]
+                                  number(r["fp_ppl"]), _marked(r, "fp_vs_base"),
+                                  *[_marked(r, s) for s in schemes]]
                                  for r in mitigations["rows"]]))
+    if mitigations.get("other_settings"):
+        parts += ["", f"Not in this table (measured at another evaluation setting, so not comparable with these "
+                      f"rows; see the degradation table): {', '.join(mitigations['other_settings'])}."]
     return parts
+
+
+def _marked(row: dict[str, Any], column: str) -> str:
+    return percent(row[column]) + (" ≈" if column in row.get("within_noise", ()) else "")
 
 
 def load_layer_errors(folder: Path) -> list[dict[str, Any]]:
@@ -211,23 +281,43 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
 def markdown_report(items: list[Degradation], checks: list[dict[str, Any]], corr: list[dict[str, Any]],
                     plots: list[str], layers: list[dict[str, Any]] | None = None,
                     mitigations: dict[str, Any] | None = None, fixes: dict[str, Any] | None = None,
-                    predicted: list[dict[str, Any]] | None = None) -> str:
+                    predicted: list[dict[str, Any]] | None = None,
+                    pairs: list[dict[str, Any]] | None = None, seeds: list[dict[str, Any]] | None = None,
+                    ranked: list[dict[str, Any]] | None = None) -> str:
     parts = ["# qharness report", "",
              "Generated by `qharness compare` from the leaderboard. Perplexity is token-level (lower is better); "
              "zero-shot scores are accuracies (higher is better).", "", "## Degradation per scheme", ""]
-    rows = [[d.model, d.label, d.backend, d.task, d.metric,
-             f"{d.fp_value:.4g}", f"{d.value:.4g}", f"{d.delta:+.4g}", f"{d.rel:+.2%}"]
-            for d in sorted(items, key=lambda d: (d.model, d.task, d.metric, d.rel))]
-    parts.append(_table(["model", "scheme", "backend", "task", "metric", "fp", "quantized", "delta", "rel"], rows))
+    sized = any(d.evaluated for d in items)  # leaderboards from before `n` was kept have no size to show
+    rows = [[d.model, d.label, d.backend, d.task, *([d.evaluated] if sized else []), d.metric,
+             f"{d.fp_value:.4g}", f"{d.value:.4g}", f"{d.delta:+.4g}", _rel_text(d)]
+            for d in sorted(items, key=lambda d: (d.model, d.task, d.setting, d.metric, d.rel))]
+    if sized:
+        parts += ["`evaluated`: the tokens (items) each number averages and the `--limit` it ran with; rel carries "
+                  "its 95% paired block-bootstrap interval in points of percent where the row has one.", ""]
+    parts.append(_table(["model", "scheme", "backend", "task", *(["evaluated"] if sized else []), "metric", "fp",
+                         "quantized", "delta", "rel"], rows))
+    if ranked:
+        parts += ranked_markdown(ranked, _table)
     if mitigations is not None:
         parts += mitigation_markdown(mitigations)
     if fixes is not None:
         parts += fixes_markdown(fixes, _table)
+    if pairs:
+        parts += paired_markdown(pairs, _table)
+    if seeds:
+        parts += seeds_markdown(seeds, _table)
     parts += ["", "## Causal check: keep the massive-activation positions in full precision", ""]
+    paired = any(c.get("difference") for c in checks)
+    sized = any(c.get("evaluated") for c in checks)
+    if paired:
+        parts += ["kept - plain: the paired 95% interval of the difference in relative change (points of percent, "
+                  "same tokens); a recovery whose interval covers 0 is within noise.", ""]
     if checks:
-        parts.append(_table(["model", "scheme", "task", "metric", "kept", "fp", "plain", "kept value", "recovered"],
-                            [[c["model"], c["quant"], c["task"], c["metric"], c["keep"], f"{c['fp']:.4g}",
-                              f"{c['plain']:.4g}", f"{c['kept']:.4g}", recovered_text(c["recovered"])]
+        parts.append(_table(["model", "scheme", "task", *(["evaluated"] if sized else []), "metric", "kept", "fp",
+                             "plain", "kept value", "recovered", *(["kept - plain"] if paired else [])],
+                            [[c["model"], c["quant"], c["task"], *([c["evaluated"]] if sized else []), c["metric"],
+                              c["keep"], f"{c['fp']:.4g}", f"{c['plain']:.4g}", f"{c['kept']:.4g}",
+                              recovered_text(c["recovered"]), *([_difference_text(c)] if paired else [])]
                              for c in checks]))
     else:
         parts.append("No scheme was run with `--keep-positions` yet.")
@@ -374,7 +464,8 @@ def compare(results: Path, out_dir: Path) -> dict[str, Any]:
     measures = profile_measures(rows)
     for model, extras in profile_extras(scan_dir(results)).items():
         measures.setdefault(model, {}).update(extras)
-    checks = causal_checks(items)
+    noise = Noise(results)
+    checks = causal_checks(items, noise)
     corr = correlations(items, measures)
     out_dir.mkdir(parents=True, exist_ok=True)
     layer_entries = load_layer_errors(layer_errors_dir(results))
@@ -388,16 +479,21 @@ def compare(results: Path, out_dir: Path) -> dict[str, Any]:
     plots += [str(cost_plot)] if cost_plot is not None else []
     layers = layer_error_summary(layer_entries)
     families = with_references(model_families(rows))
-    mitigations = mitigation_table(measures, items, families)
-    fixes = fixes_table(items, families)
+    mitigations = mitigation_table(measures, items, families, noise)
+    fixes = fixes_table(items, families, noise)
+    pairs = paired_differences(items, noise)
+    seeds = seed_groups(rows)
+    ranked = ranked_schemes(items, noise)
     predicted = predictors(predictor_points(items, measures, layer_entries))
-    markdown = markdown_report(items, checks, corr, plots, layers, mitigations, fixes, predicted)
+    markdown = markdown_report(items, checks, corr, plots, layers, mitigations, fixes, predicted, pairs, seeds,
+                               ranked)
     # the cost section sits with the other tables, before the plots
     markdown = markdown.replace("\n## Plots\n", "\n".join(cost_markdown(points, _table)) + "\n\n## Plots\n", 1)
     write_atomic(out_dir / "report.md", markdown)
     write_atomic(out_dir / "report.html", html_report(markdown))
     summary = {"degradations": len(items), "causal_checks": checks, "correlations": corr, "plots": plots,
                "layer_errors": layers, "mitigations": mitigations, "fixes": fixes, "predictors": predicted,
+               "paired_differences": pairs, "seeds": seeds, "ranked_schemes": ranked,
                "costs": [p.__dict__ for p in points]}
     write_atomic(out_dir / "report.json", json.dumps(summary, indent=1, default=str) + "\n")
     return summary

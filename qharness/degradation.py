@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from qharness.results import SCAN_TASK, Row, is_baseline, is_cost
+from qharness.results import SCAN_TASK, Row, is_baseline, is_cost, key
 
 
 @dataclass(frozen=True)
@@ -21,6 +21,19 @@ class Degradation:
     higher_is_better: bool
     kv: str = ""  # the KV-cache setting ("" = the cache in full precision)
     transform: str = ""  # the post-hoc transform applied before quantizing ("" = none)
+    n: str = ""  # tokens (perplexity) or items (zero-shot) evaluated; "" in leaderboards from before it was kept
+    setting: tuple[str, ...] = ()  # (task_hash, bos, context_length, limit): rows compare only within one setting
+    row_key: tuple[str, ...] = ()  # the row's leaderboard key: where its per-unit results are (units.py)
+    ci: tuple[float, float] | None = None  # the row's 95% interval on rel, when it has one
+
+    @property
+    def evaluated(self) -> str:
+        """What the number was measured on, as the report prints it: '4094 tok, limit 2' or '7435 tok, all'."""
+        if not self.n:
+            return ""
+        unit = "tok" if self.metric == "ppl" else "items"
+        limit = self.setting[3] if len(self.setting) == 4 else ""
+        return f"{self.n} {unit}, " + (f"limit {limit}" if limit else "all")
 
     @property
     def delta(self) -> float:
@@ -54,9 +67,13 @@ def degradations(rows: list[Row]) -> list[Degradation]:
     for row in rows:
         if is_baseline(row) or row.get("task") == SCAN_TASK or is_cost(row) or not row.get("fp_value"):
             continue
+        ci = ((float(row["ci_low"]), float(row["ci_high"])) if row.get("ci_of") == "rel_delta" and row.get("ci_low")
+              else None)
+        setting = tuple(row.get(c, "") for c in ("task_hash", "bos", "context_length", "limit"))
         out.append(Degradation(row["model"], row["quant"], row.get("backend", ""), row.get("keep", ""),
                                row["task"], row["metric"], float(row["value"]), float(row["fp_value"]),
-                               row.get("higher_is_better") == "True", row.get("kv", ""), row.get("transform", "")))
+                               row.get("higher_is_better") == "True", row.get("kv", ""), row.get("transform", ""),
+                               n=row.get("n", ""), setting=setting, row_key=key(row), ci=ci))
     return out
 
 
@@ -65,6 +82,13 @@ def percent(value: float | None) -> str:
     if value is None:
         return ""
     return f"{value:+.1%}" if abs(value) < 100 else f"{value * 100:+.2g}%"
+
+
+def percent_interval(value: float | None, ci: tuple[float, float] | None) -> str:
+    """'+3.7% [+3.1, +4.3]': a relative change and its interval in points of percent ('' parts when absent)."""
+    if ci is None or value is None or abs(value) >= 100:
+        return percent(value)
+    return f"{percent(value)} [{ci[0] * 100:+.1f}, {ci[1] * 100:+.1f}]"
 
 
 def number(value: float | None) -> str:

@@ -33,8 +33,12 @@ COLUMNS = (
     "limit", "dtype", "device_type",
     # the numbers
     "value", "fp_value", "delta", "rel_delta", "higher_is_better", "metric_kind", "n", "chance", "weight_bytes",
+    # how sure the numbers are (bootstrap.py; empty in files written before them, and where no units were kept):
+    # the interval of `ci_of` (rel_delta for a quantized row, value for an fp row), its resampling units and draws,
+    # lm-eval's standard error of an accuracy, and how many windows the tokens of a perplexity came from
+    "ci_of", "ci_low", "ci_high", "ci_blocks", "ci_resamples", "stderr", "windows",
     # what the model is (from its config and source, so that readers never parse model names)
-    "arch", "mitigation", "family",
+    "arch", "mitigation", "family", "train_seed", "train_recipe",
     # how to reproduce it
     "model_source", "scheme", "seed", "versions", "device", "git_rev", "run_id", "time", "seconds",
 )
@@ -113,7 +117,7 @@ def key(row: Row) -> tuple[str, ...]:
 # Every leaderboard qharness ever wrote has these (kv and transform came later: empty in older files, as in rows
 # that quantize no KV cache and transform nothing, so old rows keep their keys).
 REQUIRED_COLUMNS = tuple(c for c in KEY_COLUMNS if c not in ("kv", "transform")) + ("value",)
-NUMERIC_COLUMNS = ("value", "fp_value", "delta", "rel_delta")
+NUMERIC_COLUMNS = ("value", "fp_value", "delta", "rel_delta", "ci_low", "ci_high", "stderr")
 
 
 def _unreadable(path: Path, what: str) -> DataError:
@@ -207,12 +211,13 @@ def _file_mode(path: Path) -> int:
     return 0o666 & ~umask
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Write `text` to `path` so that readers and crashes only ever see the old or the new whole file."""
+def write_atomic(path: Path, text: str | bytes) -> None:
+    """Write `text` (or bytes) to `path` so that readers and crashes only ever see the old or the new whole file."""
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
     try:
         os.fchmod(fd, _file_mode(path))  # mkstemp makes it private (0600); a replaced file keeps its own mode
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
+        binary = isinstance(text, bytes)
+        with os.fdopen(fd, "wb" if binary else "w", **({} if binary else {"encoding": "utf-8", "newline": ""})) as f:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())

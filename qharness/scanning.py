@@ -88,7 +88,8 @@ def summary_rows(spec: ScanSpec, loaded: LoadedModel, summary: ProfileSummary, s
             context_length=spec.config.length, limit=spec.config.sequences, dtype=dtype_name(loaded.dtype),
             device_type=loaded.device.type, higher_is_better=higher, metric_kind="activation",
             n=spec.config.sequences, arch=loaded.arch, mitigation=loaded.mitigation, family=loaded.family,
-            model_source=loaded.source, seed=0, seconds=f"{seconds:.1f}", **provenance.row_fields(loaded.device),
+            train_seed=loaded.train_seed, train_recipe=loaded.train_recipe, model_source=loaded.source, seed=0,
+            seconds=f"{seconds:.1f}", **provenance.row_fields(loaded.device),
         ))
     return rows
 

@@ -14,7 +14,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "qharness"
 # Lowest first: a module may import modules of its own layer and of the layers below, never above.
 LAYERS: tuple[tuple[str, ...], ...] = (
     ("qharness.errors", "qharness.registry", "qharness.cache", "qharness.provenance", "qharness.recipe",
-     "qharness.results", "qharness.scoped", "qharness.typecheck", "qharness.rankstats", "qharness.degradation"),
+     "qharness.results", "qharness.scoped", "qharness.typecheck", "qharness.rankstats", "qharness.degradation",
+     "qharness.bootstrap", "qharness.units", "qharness.noise", "qharness.seeds"),
     ("qharness.models", "qharness.tasks"),
     ("qharness.activations", "qharness.quant"),
     ("qharness.training",),

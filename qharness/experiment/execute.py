@@ -41,6 +41,7 @@ from qharness.tasks import TaskSpec, load_task_text
 from qharness.tasks.metrics import Metric
 from qharness.tasks.perplexity import perplexity
 from qharness.training.ensure import ensure
+from qharness.units import interval_columns, read_units, store_units, units_of
 
 
 @dataclass
@@ -78,6 +79,7 @@ def result_row(plan: Plan, loaded: LoadedModel, cell: Cell, metric: Metric, fp_v
         metric.value, fp_value, **fields,
         higher_is_better=metric.higher_is_better, metric_kind=metric.kind, n=metric.n, chance=metric.chance,
         weight_bytes=weights, arch=loaded.arch, mitigation=loaded.mitigation, family=loaded.family,
+        train_seed=loaded.train_seed, train_recipe=loaded.train_recipe,
         model_source=loaded.source, scheme=scheme.to_dict() if scheme else None, seed=plan.settings.seed,
         run_id=run_id, seconds=f"{seconds:.1f}", **provenance.row_fields(loaded.device),
     )
@@ -130,6 +132,8 @@ class Execution:
         self.rows: dict[tuple[str, ...], Row] = dict(done)
         self.fp_values = {(c.task.name, m): float(done[k]["value"])  # baselines already measured: read, not rerun
                           for c in plan.cells if c.is_baseline for m, k in c.row_keys.items() if k in done}
+        self.fp_units = {(c.task.name, m): read_units(plan.settings.results, k)  # and their per-unit results
+                         for c in plan.cells if c.is_baseline for m, k in c.row_keys.items() if k in done}
 
     def calibration(self) -> list[torch.Tensor]:
         return calibration_batches(self.loaded.tokenizer, calibration_text(), length=self.plan.calibration_length,
@@ -148,8 +152,12 @@ class Execution:
         for metric in metrics:
             if cell.is_baseline:
                 self.fp_values[(cell.task.name, metric.name)] = metric.value
+                self.fp_units[(cell.task.name, metric.name)] = units_of(metric)
             row = result_row(self.plan, model, cell, metric, self.fp_values[(cell.task.name, metric.name)], scheme,
                              seconds, self.run_id, weight_bytes(self.targets, scheme))
+            row.update(interval_columns(metric, self.fp_units.get((cell.task.name, metric.name)), cell.is_baseline,
+                                        self.plan.settings.seed))
+            store_units(self.plan.settings.results, cell.row_keys[metric.name], units_of(metric))  # before the row
             new_rows.append(row)
             self.rows[cell.row_keys[metric.name]] = row
         append_rows(self.plan.settings.results, new_rows)

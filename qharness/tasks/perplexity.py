@@ -10,10 +10,12 @@ and is not comparable. Every metric carries its `kind` so the two never mix.
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
@@ -39,26 +41,27 @@ def token_windows(ids: Sequence[int], context_length: int, bos_id: int | None) -
 
 
 def window_nll(model: Any, windows: list[list[int]], batch_size: int, device: torch.device,
-               progress: bool = True) -> tuple[float, int]:
-    """(sum of NLL in float64, number of predicted tokens). Windows of equal length share a batch; padding is
-    never used, so the result does not depend on `batch_size`."""
-    by_length: dict[int, list[list[int]]] = {}
-    for window in windows:
-        by_length.setdefault(len(window), []).append(window)
+               progress: bool = True) -> np.ndarray:
+    """The NLL of every predicted token, window after window in text order (float64). Windows of equal length
+    share a batch; padding is never used, so the result does not depend on `batch_size`."""
+    by_length: dict[int, list[int]] = {}
+    for index, window in enumerate(windows):
+        by_length.setdefault(len(window), []).append(index)
     batches = [group[i : i + batch_size] for group in by_length.values() for i in range(0, len(group), batch_size)]
-    total, count = 0.0, 0
+    per_window: list[np.ndarray] = [np.empty(0)] * len(windows)
     with torch.inference_mode(), tqdm(total=len(windows), desc="windows", unit="win", disable=not progress,
                                       leave=False) as bar:
         for batch in batches:
-            input_ids = torch.tensor(batch, device=device)  # (B, T)
+            input_ids = torch.tensor([windows[i] for i in batch], device=device)  # (B, T)
             logits = model(input_ids=input_ids).logits  # (B, T, V)
             # targets shifted left, the last position ignored: no copy of the (B, T, V) logits is made
             targets = F.pad(input_ids[:, 1:], (0, 1), value=-100)  # (B, T)
             nll = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="none")  # (B*T,)
-            total += nll.double().sum().item()
-            count += input_ids.numel() - input_ids.shape[0]
+            rows = nll.double().view(len(batch), -1)[:, :-1].cpu().numpy()  # (B, T-1): the predicted tokens
+            for i, row in zip(batch, rows, strict=True):
+                per_window[i] = row
             bar.update(len(batch))
-    return total, count
+    return np.concatenate(per_window)
 
 
 def perplexity(model: Any, tokenizer: Any, text: str, context_length: int, *, bos: bool = True,
@@ -72,5 +75,12 @@ def perplexity(model: Any, tokenizer: Any, text: str, context_length: int, *, bo
     if not windows:
         raise ConfigError("the text is too short for one perplexity window")
     device = next(model.parameters()).device
-    total, count = window_nll(model, windows, batch_size, device, progress)
-    return Metric("ppl", math.exp(total / count), higher_is_better=False, kind="token-level", n=count)
+    nll = window_nll(model, windows, batch_size, device, progress)
+    return Metric("ppl", math.exp(float(nll.sum()) / len(nll)), higher_is_better=False, kind="token-level",
+                  n=len(nll), units=nll, units_hash=targets_hash(windows), windows=len(windows))
+
+
+def targets_hash(windows: list[list[int]]) -> str:
+    """A digest of the predicted token ids in order: two rows' NLLs pair token by token only when it agrees."""
+    targets = np.array([t for window in windows for t in window[1:]], dtype=np.int64)
+    return hashlib.sha1(targets.tobytes()).hexdigest()[:16]

@@ -8,9 +8,12 @@ and field names instead of templates; hub tasks (`lm_eval_task: hellaswag`) are 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import logging
 from typing import Any
+
+import numpy as np
 
 from qharness.errors import DataError, first_line
 from qharness.scoped import environment, logger_level
@@ -41,15 +44,34 @@ def lm_eval_task(task: TaskSpec) -> dict[str, Any] | str:
     return config
 
 
-def metrics_from_lm_eval(task: TaskSpec, results: dict[str, Any], n: int) -> list[Metric]:
-    """lm-eval's {"acc,none": 0.61, ...} -> our Metrics, in the task's declared order."""
+def item_scores(samples: list[dict[str, Any]], name: str) -> np.ndarray | None:
+    """Each item's score under metric `name` (lm-eval's logged samples), in document order; None if not logged."""
+    samples = [sample for sample in samples if sample.get("filter", "none") == "none"]  # the scores of `name,none`
+    if not samples or any(name not in sample for sample in samples):
+        return None
+    ordered = sorted(samples, key=lambda sample: int(sample["doc_id"]))
+    return np.array([float(sample[name]) for sample in ordered], dtype=np.float64)
+
+
+def items_hash(samples: list[dict[str, Any]]) -> str:
+    """A digest of the items scored, in document order (lm-eval's doc hashes): rows pair only when it agrees."""
+    ordered = sorted(samples, key=lambda sample: int(sample["doc_id"]))
+    text = "\n".join(str(sample.get("doc_hash", sample["doc_id"])) for sample in ordered)
+    return hashlib.sha1(text.encode()).hexdigest()[:16] if samples else ""
+
+
+def metrics_from_lm_eval(task: TaskSpec, results: dict[str, Any], n: int,
+                         samples: list[dict[str, Any]] | None = None) -> list[Metric]:
+    """lm-eval's {"acc,none": 0.61, ...} -> our Metrics, in the task's declared order, each with its per-item
+    scores when the samples were logged."""
     metrics = []
     for name in task.metrics:
         value = results.get(f"{name},none")
         if value is None:
             raise DataError(f"task '{task.name}': lm-eval returned no '{name}' (it returned "
                             f"{sorted(k.split(',')[0] for k in results if ',' in k)}); set metric_names in its YAML")
-        metrics.append(Metric(name, float(value), higher_is_better=True, kind="zero-shot", n=n, chance=task.chance))
+        metrics.append(Metric(name, float(value), higher_is_better=True, kind="zero-shot", n=n, chance=task.chance,
+                              units=item_scores(samples or [], name), units_hash=items_hash(samples or [])))
     return metrics
 
 
@@ -67,7 +89,7 @@ def zero_shot(model: Any, tokenizer: Any, task: TaskSpec, *, limit: int | None =
                 logger_level("lm_eval", logging.INFO if progress else logging.ERROR):
             lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, add_bos_token=bos)
             output = simple_evaluate(model=lm, tasks=[lm_eval_task(task)], limit=limit, bootstrap_iters=0,
-                                     log_samples=False, random_seed=0, numpy_random_seed=0, torch_random_seed=0)
+                                     log_samples=True, random_seed=0, numpy_random_seed=0, torch_random_seed=0)
     except Exception as exc:
         if task.lm_eval_task is None:
             raise
@@ -76,4 +98,5 @@ def zero_shot(model: Any, tokenizer: Any, task: TaskSpec, *, limit: int | None =
                         "need the internet, the offline ones are in `qharness list tasks`") from exc
     name, results = next(iter(output["results"].items()))
     n = int(output.get("n-samples", {}).get(name, {}).get("effective", 0))
-    return metrics_from_lm_eval(task, results, n)
+    # the per-item scores are what intervals resample (and pair across rows); logging them costs no model call
+    return metrics_from_lm_eval(task, results, n, output.get("samples", {}).get(name))

@@ -70,3 +70,20 @@ def test_bad_arguments_are_config_errors(tiny_model, tiny_tokenizer):
         perplexity(tiny_model, tiny_tokenizer, "some text", 8, batch_size=0)
     with pytest.raises(ConfigError, match="too short for one perplexity window"):
         perplexity(tiny_model, tiny_tokenizer, "", 8)
+
+
+def test_per_token_nlls_come_back_in_text_order_whatever_the_batch(tiny_model, tiny_tokenizer, heldout_text):
+    """The units intervals are built from: one NLL per predicted token, window after window, the same for any
+    batch size (windows of one length share a batch; the last, shorter window comes back last)."""
+    text = heldout_text[:1500]
+    one = perplexity(tiny_model, tiny_tokenizer, text, 32, batch_size=1, progress=False)
+    many = perplexity(tiny_model, tiny_tokenizer, text, 32, batch_size=5, progress=False)
+    assert len(one.units) == one.n and one.windows == math.ceil(one.n / 31)
+    assert one.value == pytest.approx(math.exp(one.units.mean()), rel=1e-12)
+    assert many.units == pytest.approx(one.units, rel=1e-5) and many.units_hash == one.units_hash
+    ids = tiny_tokenizer(text, add_special_tokens=False)["input_ids"]
+    first = token_windows(ids, 32, tiny_tokenizer.bos_token_id)[:1]
+    total, count = hand_nll(tiny_model, first)
+    assert one.units[:count].sum() == pytest.approx(total, rel=1e-5)  # the first window's tokens come first
+    other = perplexity(tiny_model, tiny_tokenizer, heldout_text[1500:3000], 32, progress=False)
+    assert other.units_hash != one.units_hash  # other tokens: never paired

@@ -60,6 +60,8 @@ class LoadedModel:
     arch: str = ""  # the config's model_type: llama, gpt2, ...
     mitigation: str = "none"  # the mitigation spec its config records
     family: str = ""  # see Source.family
+    train_seed: int | None = None  # the training seed of a model trained here (its training.json); None otherwise
+    train_recipe: str = ""  # digest of its training recipe without the seed: the seeds of one recipe share it
 
     def with_model(self, model: Any) -> LoadedModel:
         """The same description for another state of the model (a quantized copy)."""
@@ -163,8 +165,9 @@ def load_model(spec: ModelSpec, progress: bool = True) -> LoadedModel:
     mitigation = mitigations.recorded(model.config)
     if mitigation == mitigations.NONE and source.describe_name:  # a published model's name says what it was trained
         mitigation = source.describe_name(spec.name).get("mitigation", mitigation)  # with; its config cannot
+    seed, recipe = training_seed(spec.name)
     return LoadedModel(model, tokenizer, spec, provenance, device, dtype, arch=model.config.model_type,
-                       mitigation=mitigation, family=source.family(spec.name))
+                       mitigation=mitigation, family=source.family(spec.name), train_seed=seed, train_recipe=recipe)
 
 
 def is_trained_run(run_folder: Path) -> bool:
@@ -198,6 +201,41 @@ def related(name: str) -> tuple[tuple[str, ...], Path | None]:
         return (), None
     log = source.history(name)
     return source.requires(name), log if log is not None and log.is_file() else None
+
+
+def training_record(name: str) -> dict[str, Any]:
+    """What the training.json of a model trained here says (zoo and tune models: in their run folder, beside the
+    training log; a local folder written by `qharness train --out`: its own); {} for any other model."""
+    import json
+
+    source = _source_if_any(name)
+    if source is None:
+        return {}
+    log = source.history(name)
+    paths = ([log.parent / "model" / "training.json"] if log is not None else []) + (
+        [Path(name) / "training.json"] if source.name == "folder" else [])
+    for path in paths:
+        if path.is_file():
+            try:
+                return json.loads(path.read_text(encoding="utf-8"))
+            except (OSError, ValueError):  # an unreadable record says nothing; the model itself still loads
+                return {}
+    return {}
+
+
+def training_seed(name: str) -> tuple[int | None, str]:
+    """(training seed, digest of the recipe without its seed) of a model trained here, else (None, ''): rows of
+    models with the same recipe digest and different seeds are seeds of one recipe."""
+    import hashlib
+    import json
+
+    recipe = training_record(name).get("recipe")
+    if not isinstance(recipe, dict) or not isinstance(recipe.get("train"), dict) or "seed" not in recipe["train"]:
+        return None, ""
+    unseeded = {k: v for k, v in recipe.items() if k != "digest"}
+    unseeded["train"] = {k: v for k, v in recipe["train"].items() if k != "seed"}
+    digest = hashlib.sha256(json.dumps(unseeded, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    return int(recipe["train"]["seed"]), digest
 
 
 def name_columns(name: str) -> dict[str, str]:
