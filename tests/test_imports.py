@@ -105,7 +105,7 @@ def test_the_checker_sees_function_level_imports(tmp_path):
 
 @pytest.mark.parametrize("argv", [["--help"], ["run", "--help"], ["train", "--help"], ["list"], ["list", "models"],
                                   ["list", "quants"], ["list", "kv"], ["list", "backends"], ["list", "tasks"],
-                                  ["list", "transforms"]])
+                                  ["list", "transforms"], ["list", "mitigations"]])
 def test_help_and_list_import_no_torch(argv):
     code = (f"import sys\nfrom qharness.cli import main\ntry:\n    main({argv!r})\nexcept SystemExit:\n    pass\n"
             "heavy = sorted(m for m in ('torch', 'transformers', 'lm_eval') if m in sys.modules)\n"

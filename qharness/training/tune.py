@@ -5,6 +5,7 @@ computes, then the same loop as the zoo's on text tokenized with the model's own
 A mitigation is added either because it keeps the model's function (none, the control; the loss-side outlier
 penalty) or through its `retrofit`, which adds it so the function moves as little as it can; the change is
 measured on calibration text and recorded in training.json:
+- the loss-side penalties (outlier_penalty, lp_penalty) change no module: 0;
 - gated attention: gates 2 * sigmoid(0 x + 0) = 1, an exact pass-through that still learns (sigmoid's slope 1/4);
 - clipped softmax: gamma starts at 0 (exactly softmax) and ramps to its value over the first steps;
 - TVR: each decoder matrix's target std is its own pretrained std (0.02 would shrink SmolLM2's weights by 2x to
@@ -196,20 +197,27 @@ def retrofit_(model: Any, spec: str, tokenizer: Any) -> float:
 
 def loss_penalty(recipe: TuneRecipe) -> Any:
     """The recipe's loss-side mitigation with its settings, or None. Settings without a mitigation that reads them
-    would be dropped in silence (a `--penalty-strength` run that is really the control), so they are refused."""
+    would be dropped in silence (a `--penalty-strength` run that is really the control), so they are refused, as are
+    settings the named penalty does not take and two penalties in one recipe (whose strengths would share one flag)."""
     penalties = [m for m in mitigations.resolve(recipe.mitigation) if m.penalty is not None]
     if len(penalties) > 1:
-        raise ConfigError(f"mitigation '{recipe.mitigation}' joins {len(penalties)} loss penalties; use one")
+        raise ConfigError(f"mitigation '{recipe.mitigation}' joins {len(penalties)} loss penalties "
+                          f"({', '.join(m.name for m in penalties)}); use one per recipe")
+    given = ", ".join(f"--penalty-{key}" for key, _ in recipe.penalty)
     if not penalties:
         if recipe.penalty:
-            given = ", ".join(f"--penalty-{key}" for key, _ in recipe.penalty)
-            raise ConfigError(f"{given} set a loss penalty but mitigation '{recipe.mitigation}' has none; add "
-                              f"outlier_penalty (e.g. --mitigation outlier_penalty+{recipe.mitigation})"
-                              if recipe.mitigation != mitigations.NONE else
-                              f"{given} set a loss penalty but mitigation 'none' has none; use --mitigation "
-                              "outlier_penalty")
+            loss_side = sorted(e.name for e in mitigations.load_mitigations() if e.obj.penalty is not None)
+            example = (f" (e.g. --mitigation {loss_side[0]}+{recipe.mitigation})"
+                       if recipe.mitigation != mitigations.NONE else "")
+            raise ConfigError(f"{given} set a loss penalty but mitigation '{recipe.mitigation}' has none; add one "
+                              f"of {', '.join(loss_side)}{example}")
         return None
-    return penalties[0].penalty(dict(recipe.penalty))
+    penalty = penalties[0]
+    foreign = [key for key, _ in recipe.penalty if key not in penalty.settings]
+    if foreign:
+        takes = ", ".join(f"--penalty-{key}" for key in penalty.settings)
+        raise ConfigError(f"{penalty.name} takes {takes}, not {', '.join(f'--penalty-{k}' for k in foreign)}")
+    return penalty.penalty(dict(recipe.penalty))
 
 
 def check_recipe(recipe: TuneRecipe) -> None:

@@ -3,7 +3,12 @@
 A mitigation changes one place, declared as data in a `Mitigation`: `build` changes the architecture before
 training (DyT replaces the norms, KV bias adds k' and v'), `init` sets the starting weights (TVR's
 layer-index-rescaled init), `after_step` runs after each optimizer step (TVR's rescale). A spec names one or
-several joined by '+' ("tvr+kv_bias"); "none" is the baseline.
+several joined by '+' ("tvr+kv_bias"); "none" is the baseline. A loss-side mitigation (outlier_penalty, lp_penalty)
+declares `penalty` instead, a term added to the training loss, and the names of its settings (`--penalty-NAME`).
+
+Every mitigation module imports torch inside its functions only, so `qharness list mitigations` reads this registry
+without loading torch (tests/test_imports.py checks it); the modules it installs (DyT, the attention parts) live in
+qharness/models/norms.py and qharness/models/attention.py.
 
 Persistence: `build_` writes the spec to `config.qharness_mitigation`, so `save_pretrained` records it; our loader
 (qharness.models.sources) reads it back, builds the same modules and then loads the weights. Plain
@@ -21,7 +26,8 @@ from qharness.errors import ConfigError
 from qharness.registry import Registry
 
 MODULES = tuple(f"qharness.models.mitigations.{name}"
-                for name in ("dyt", "tvr", "kv_bias", "gated_attention", "clipped_softmax", "outlier_penalty"))
+                for name in ("dyt", "tvr", "kv_bias", "gated_attention", "clipped_softmax", "outlier_penalty",
+                             "lp_penalty"))
 CONFIG_KEY = "qharness_mitigation"
 NONE = "none"
 
@@ -36,6 +42,7 @@ class Mitigation:
     after_step: Callable[[Any, int], Any] | None = None  # (model, step) -> None: after each optimizer step
     # (settings dict or None) -> a penalty with attached(model) and take(): a term added to the training loss
     penalty: Callable[[dict[str, float] | None], Any] | None = None
+    settings: tuple[str, ...] = ()  # the penalty's settings, each a `--penalty-NAME` flag (e.g. "strength")
     # whether it can be added to a trained model without changing the function it computes (train --from)
     preserves_function: bool = False
     # (model, calibration input ids) -> None: add it to a trained model in place of `build`, so the function changes
