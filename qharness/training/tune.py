@@ -28,11 +28,11 @@ import numpy as np
 import torch
 
 from qharness.cache import cache_dir
-from qharness.errors import ConfigError, DataError, first_line
+from qharness.errors import DataError, first_line
 from qharness.models import mitigations
 from qharness.models.drift import logit_drift
 from qharness.models.sources import ModelSpec, load_model
-from qharness.models.sources.tune import check_context, folder_for, recipe_for
+from qharness.models.sources.tune import check_context, folder_for, recipe_for, snapshot_folder
 from qharness.provenance import row_fields
 from qharness.recipe import TUNE_TRAIN, TuneRecipe
 from qharness.training.heldout import Decontaminator
@@ -196,28 +196,10 @@ def retrofit_(model: Any, spec: str, tokenizer: Any) -> float:
 
 
 def loss_penalty(recipe: TuneRecipe) -> Any:
-    """The recipe's loss-side mitigation with its settings, or None. Settings without a mitigation that reads them
-    would be dropped in silence (a `--penalty-strength` run that is really the control), so they are refused, as are
-    settings the named penalty does not take and two penalties in one recipe (whose strengths would share one flag)."""
-    penalties = [m for m in mitigations.resolve(recipe.mitigation) if m.penalty is not None]
-    if len(penalties) > 1:
-        raise ConfigError(f"mitigation '{recipe.mitigation}' joins {len(penalties)} loss penalties "
-                          f"({', '.join(m.name for m in penalties)}); use one per recipe")
-    given = ", ".join(f"--penalty-{key}" for key, _ in recipe.penalty)
-    if not penalties:
-        if recipe.penalty:
-            loss_side = sorted(e.name for e in mitigations.load_mitigations() if e.obj.penalty is not None)
-            example = (f" (e.g. --mitigation {loss_side[0]}+{recipe.mitigation})"
-                       if recipe.mitigation != mitigations.NONE else "")
-            raise ConfigError(f"{given} set a loss penalty but mitigation '{recipe.mitigation}' has none; add one "
-                              f"of {', '.join(loss_side)}{example}")
-        return None
-    penalty = penalties[0]
-    foreign = [key for key, _ in recipe.penalty if key not in penalty.settings]
-    if foreign:
-        takes = ", ".join(f"--penalty-{key}" for key in penalty.settings)
-        raise ConfigError(f"{penalty.name} takes {takes}, not {', '.join(f'--penalty-{k}' for k in foreign)}")
-    return penalty.penalty(dict(recipe.penalty))
+    """The recipe's loss-side mitigation with its settings, or None (`mitigations.check_penalty` says what is
+    refused)."""
+    penalty = mitigations.check_penalty(recipe.mitigation, recipe.penalty)
+    return None if penalty is None else penalty.penalty(dict(recipe.penalty))
 
 
 def check_recipe(recipe: TuneRecipe) -> None:
@@ -248,6 +230,8 @@ def continue_training(recipe: TuneRecipe, out_dir: Path, progress: bool = True, 
               "before any step")
     applied = mitigations.resolve(recipe.mitigation)
     hooks = [m.after_step for m in applied if m.after_step is not None]
+    if recipe.snapshots:
+        hooks.append(snapshot_hook(recipe, tokenizer, out_dir, change))
     cfg = recipe.train if budget_minutes is None else replace(recipe.train, budget_minutes=budget_minutes)
     tokens = tuning_tokens(tokenizer, recipe.data, progress, needed_tokens=cfg.tokens)
     result = train(model, tokens, cfg, out_dir, bos_token_id(tokenizer), hooks, progress,
@@ -262,10 +246,28 @@ def continue_training(recipe: TuneRecipe, out_dir: Path, progress: bool = True, 
     return result
 
 
+def snapshot_hook(recipe: TuneRecipe, tokenizer: Any, out_dir: Path, change: float) -> Callable[[Any, int], None]:
+    """The step hook that keeps a bf16 copy of the weights at each of the recipe's snapshot steps (run by the main
+    process only). It runs before that step's checkpoint, so a run killed in between redoes the step and writes
+    the same snapshot again."""
+    from qharness.training.loop import process_state
+    from qharness.training.run import save_snapshot
+
+    def hook(model: Any, step: int) -> None:
+        if step in recipe.snapshots and process_state().is_main_process:
+            info = {"recipe": {**asdict(recipe), "digest": recipe.digest()}, "step": step,
+                    "tokens_seen": step * recipe.train.batch_size * recipe.train.grad_accum * recipe.train.context,
+                    "retrofit_logit_change": change, "precision": "bf16 copy of the fp32 training weights"}
+            save_snapshot(model, tokenizer, snapshot_folder(out_dir, step), info, progress=False)
+
+    return hook
+
+
 def train_tune_model(name: str, progress: bool = True, budget_minutes: float | None = None) -> Path | None:
     """Train the tune: model `name` unless it is trained; its model folder, or None when the budget stopped it."""
     from qharness.training.zoo import train_once
 
     recipe = recipe_for(name)
-    return train_once(name, folder_for(name), f"{recipe.train.steps} steps from {recipe.base}",
+    kept = f", weights kept at steps {', '.join(map(str, recipe.snapshots))}" if recipe.snapshots else ""
+    return train_once(name, folder_for(name), f"{recipe.train.steps} steps from {recipe.base}{kept}",
                       lambda folder: continue_training(recipe, folder, progress, budget_minutes), progress)

@@ -82,6 +82,31 @@ def check_from_scratch(spec: str) -> list[Mitigation]:
     return resolved
 
 
+def check_penalty(spec: str, settings: tuple[tuple[str, float], ...]) -> Mitigation | None:
+    """The loss-side mitigation of `spec` that `settings` (the --penalty-NAME values) configure, or None. Settings
+    without a mitigation that reads them would be dropped in silence (a `--penalty-strength` run that is really the
+    control), so they are refused, as are settings the named penalty does not take and two penalties in one recipe
+    (whose strengths would share one flag)."""
+    penalties = [m for m in resolve(spec) if m.penalty is not None]
+    if len(penalties) > 1:
+        raise ConfigError(f"mitigation '{spec}' joins {len(penalties)} loss penalties "
+                          f"({', '.join(m.name for m in penalties)}); use one per recipe")
+    given = ", ".join(f"--penalty-{key}" for key, _ in settings)
+    if not penalties:
+        if settings:
+            loss_side = sorted(e.name for e in load_mitigations() if e.obj.penalty is not None)
+            example = f" (e.g. --mitigation {loss_side[0]}+{spec})" if spec not in ("", NONE) else ""
+            raise ConfigError(f"{given} set a loss penalty but mitigation '{spec}' has none; add one "
+                              f"of {', '.join(loss_side)}{example}")
+        return None
+    penalty = penalties[0]
+    foreign = [key for key, _ in settings if key not in penalty.settings]
+    if foreign:
+        takes = ", ".join(f"--penalty-{key}" for key in penalty.settings)
+        raise ConfigError(f"{penalty.name} takes {takes}, not {', '.join(f'--penalty-{k}' for k in foreign)}")
+    return penalty
+
+
 def build_(model: Any, spec: str) -> list[Mitigation]:
     """Change the architecture for `spec` and record it in the config; returns the mitigations."""
     mitigations = resolve(spec)
