@@ -19,7 +19,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("qharness.activations", "qharness.quant"),
     ("qharness.training",),
     ("qharness.runner", "qharness.scanning", "qharness.sweep", "qharness.compare", "qharness.families",
-     "qharness.fixes", "qharness.predictors"),
+     "qharness.fixes", "qharness.predictors", "qharness.curves", "qharness.curve_sweep"),
     ("qharness.cli", "qharness.__main__"),
 )
 

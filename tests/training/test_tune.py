@@ -359,11 +359,11 @@ def test_the_long_recipe_resumes_its_schedule_and_snapshots_exactly(tmp_path, ti
 
 
 def test_long_names_carry_settings_and_steps():
-    name = "tune400:smollm2-135m-lp_penalty:strength=1,power=8@step100"
+    name = "tune400:smollm2-135m-lp_penalty:strength=1:power=8@step100"
     parsed = tune_names.parse_name(name)
     assert (parsed.base, parsed.mitigation, parsed.penalty, parsed.step) == (
         "smollm2-135m", "lp_penalty", (("power", 8.0), ("strength", 1.0)), 100)
-    assert parsed.run == "tune400:smollm2-135m-lp_penalty:power=8,strength=1"
+    assert parsed.run == "tune400:smollm2-135m-lp_penalty:power=8:strength=1"
     assert tune_names.family(name) == "tune400:smollm2-135m@step100"
     assert tune_names.family("tune400:smollm2-135m-none") == "tune400:smollm2-135m"
     recipe = tune_names.recipe_for(name)
@@ -376,6 +376,7 @@ def test_long_names_carry_settings_and_steps():
     assert tune_names.recipe_for("tune:smollm2-135m-none").digest() == replace(
         tune_names.RECIPE, base="smollm2-135m").digest()  # the 40-step names keep their folders
     assert parse_ok("tune:zoo:llama-base-outlier_penalty:strength=10") == ("zoo:llama-base", "outlier_penalty")
+    assert tune_names.parse_name("tune400:smollm2-135m-lp_penalty:strength=1e-3").penalty == (("strength", 0.001),)
 
 
 def parse_ok(name):
@@ -388,7 +389,7 @@ def parse_ok(name):
     ("tune:smollm2-135m-none@step40", "keeps no weights at step 40"),
     ("tune400:smollm2-135m-kv_bias:strength=10", "set a loss penalty but mitigation 'kv_bias' has none"),
     ("tune400:smollm2-135m-outlier_penalty:power=8", "outlier_penalty takes --penalty-threshold, --penalty-strength"),
-    ("tune400:smollm2-135m-lp_penalty:power=high", "penalty settings are NAME=NUMBER"),
+    ("tune400:smollm2-135m-lp_penalty:power=high", "penalty settings are :NAME=NUMBER each"),
 ])
 def test_bad_long_names_are_one_line_errors(name, message):
     with pytest.raises(Exception, match=message):

@@ -6,8 +6,9 @@ source only reads a trained one; `qharness.training.ensure` trains it on first u
 `tune400:` names the same with the longer recipe (`LONG_RECIPE`: 400 steps, cosine decay), which keeps a bf16 copy
 of the weights at each of its snapshot steps; `@step<N>` reads that copy, so every point of a training curve is a
 model name of its own (`tune400:smollm2-135m-none@step100`) and its leaderboard rows stay keyed apart. Settings of a
-loss-side mitigation follow the mitigation after ':' (`tune400:smollm2-135m-lp_penalty:power=8,strength=1`), the
-values `train --from ... --penalty-NAME` takes, so the name is the whole recipe.
+loss-side mitigation follow the mitigation, each after a ':' (`tune400:smollm2-135m-lp_penalty:power=8:strength=1`;
+not ',', which a YAML list would split), the values `train --from ... --penalty-NAME` takes, so the name is the whole
+recipe.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ RECIPE = TuneRecipe(base="")  # every tune: model: this, with its base and mitig
 LONG_RECIPE = TuneRecipe(base="", train=TUNE400_TRAIN, snapshots=TUNE400_SNAPSHOTS)  # every tune400: model
 SNAPSHOTS = "snapshots"  # the run folder's subfolder of step<N> model folders
 STEP = re.compile(r"^(.*)@step(\d+)$")
+SETTINGS = re.compile(r"^(?P<rest>.*?)(?P<settings>(?::[A-Za-z_]+=[^:]*)+)?$")  # a base holds no ':NAME=' part
 
 
 @dataclass(frozen=True)
@@ -45,7 +47,7 @@ class TuneName:
 
 
 def _settings_text(penalty: tuple[tuple[str, float], ...]) -> str:
-    return ":" + ",".join(f"{key}={value:g}" for key, value in penalty) if penalty else ""
+    return "".join(f":{key}={value:g}" for key, value in penalty)
 
 
 def _prefix_of(name: str) -> str:
@@ -54,31 +56,32 @@ def _prefix_of(name: str) -> str:
 
 def _settings(text: str, name: str) -> tuple[tuple[str, float], ...]:
     pairs = []
-    for item in text.split(","):
+    for item in text.removeprefix(":").split(":"):
         key, sep, value = item.partition("=")
         try:
             pairs.append((key.strip(), float(value)))
         except ValueError:
             sep = ""
         if not sep or not key.strip():
-            raise UnknownName(f"'{name}': penalty settings are NAME=NUMBER joined by ',', e.g. "
-                              f"{LONG_PREFIX}smollm2-135m-lp_penalty:power=8,strength=1; got '{item}'")
+            raise UnknownName(f"'{name}': penalty settings are :NAME=NUMBER each, e.g. "
+                              f"{LONG_PREFIX}smollm2-135m-lp_penalty:power=8:strength=1; got '{item}'")
     return tuple(sorted(pairs))
 
 
 def parse_name(name: str) -> TuneName:
     """`tune400:smollm2-135m-outlier_penalty+gated_attention:strength=10@step100` -> its parts; checks the form only.
-    Mitigation names have no '-', so the base is everything before the last '-' of the part without settings."""
+    Mitigation names have no '-', so the base is everything before the last '-' of the part without settings (a base
+    may hold ':' too, as zoo:llama-base does, but never ':NAME=')."""
     prefix = _prefix_of(name)
     rest, step = name.removeprefix(prefix), None
     matched = STEP.match(rest)
     if matched:
         rest, step = matched.group(1), int(matched.group(2))
-    head, sep, settings = rest.rpartition(":")
-    penalty = ()
-    if sep and "=" in settings:  # a base may hold ':' too (zoo:llama-base), never '='
-        rest, penalty = head, _settings(settings, name)
-    base, _, mitigation = rest.rpartition("-")
+    parts = SETTINGS.match(rest)
+    assert parts is not None, "the pattern matches any string"
+    rest, settings = parts["rest"], parts["settings"]
+    penalty = _settings(settings, name) if settings else ()
+    base, _, mitigation = rest.rpartition("-")  # after the settings are off: a value may hold '-' (1e-3)
     if not base or not mitigation:
         raise UnknownName(f"unknown tuned model '{name}': write {prefix}<model>-<mitigation>, e.g. "
                           f"{prefix}smollm2-135m-none or {prefix}smollm2-135m-outlier_penalty")
