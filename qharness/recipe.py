@@ -150,6 +150,7 @@ class TuneRecipe:
     # steps at which a bf16 copy of the weights is saved (run folder/snapshots/step<N>) for evaluation; what is kept
     # of a run, not how it trains, so it is outside the digest
     snapshots: tuple[int, ...] = ()
+    retrofit: str = ""  # the mitigations' retrofit versions ("dyt=sequential"), in the digest when set
 
     def __post_init__(self) -> None:
         wrong = [step for step in self.snapshots if not 1 <= step <= self.train.steps]
@@ -159,4 +160,6 @@ class TuneRecipe:
     def digest(self) -> str:
         settings = {"base": self.base, "mitigation": self.mitigation, "penalty": dict(self.penalty),
                     "data": list(self.data), "train": digest_fields(self.train)}
+        if self.retrofit:  # left out when empty: the digests of models trained before versions existed hold
+            settings["retrofit"] = self.retrofit
         return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]

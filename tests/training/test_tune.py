@@ -415,3 +415,36 @@ def test_a_snapshot_name_trains_its_run_then_reads_that_step(tmp_path, tiny_mode
     shutil.rmtree(tune_names.snapshot_folder(tune_names.folder_for(name), 2))
     with pytest.raises(Exception, match="were deleted once evaluated"):
         load_model(ModelSpec(name, device="cpu"))
+
+
+def test_each_dyt_is_fitted_on_what_the_converted_layers_below_it_produce(tiny_model_dir, monkeypatch):
+    """The sequential fit: the inputs each DyT was fitted on are exactly what it receives in the finished model (every
+    norm before it already a DyT), and its targets are the original norm's outputs in the original model."""
+    from qharness.models.layers import norm_modules
+    from qharness.models.mitigations import dyt
+    from qharness.quant.calibrate import calibration_batches, calibration_text
+
+    model, tokenizer = _tiny(tiny_model_dir)
+    batches = calibration_batches(tokenizer, calibration_text(), n=2, length=128)
+    with torch.no_grad():
+        originals = dyt.norm_inputs_and_outputs(model, batches)
+    fitted = []
+    real_fit = dyt.fit_dyt_
+    monkeypatch.setattr(dyt, "fit_dyt_", lambda module, x, y: fitted.append((x, y)) or real_fit(module, x, y))
+    names = list(norm_modules(model))
+    dyt.retrofit_dyt_(model, batches)
+    assert list(originals) == names and len(fitted) == 5 and not norm_modules(model)  # in forward order, all replaced
+    with torch.no_grad():
+        seen = {name: dyt.input_of(model, name, batches) for name in names}
+    for (x, y), name in zip(fitted, names, strict=True):
+        assert torch.equal(x, seen[name]), name  # what the converted model feeds it
+        assert torch.equal(y, originals[name][1]), name  # what the original norm gave
+    assert not torch.equal(fitted[-1][0], originals[names[-1]][0])  # the drift below reaches the last one
+
+
+def test_a_changed_retrofit_gets_a_recipe_of_its_own():
+    """Models continued with the earlier DyT retrofit keep their folder name and are not read as the new way's."""
+    new = tune_names.recipe_for("tune:smollm2-135m-dyt")
+    assert new.retrofit == "dyt=sequential"
+    assert new.digest() != replace(new, retrofit="").digest()
+    assert tune_names.recipe_for("tune:smollm2-135m-kv_bias").retrofit == ""

@@ -48,6 +48,12 @@ class Mitigation:
     # (model, calibration input ids) -> None: add it to a trained model in place of `build`, so the function changes
     # as little as it can (train --from measures and records how much it still does); None: it cannot be added
     retrofit: Callable[[Any, list[Any]], Any] | None = None
+    # (model) -> the parameters distilled to the original model's logits after the retrofit, before continued
+    # training (training/distill.py), for a retrofit that cannot keep the function; None: no distillation
+    distill: Callable[[Any], list[Any]] | None = None
+    # how the retrofit (and distillation) adds it, when that changed after models were trained with an earlier way:
+    # part of a continued-training recipe's digest when set, so those models are not read as the new way's
+    version: str = ""
 
 
 MITIGATIONS: Registry[Mitigation] = Registry("mitigation")

@@ -117,8 +117,9 @@ def recipe_for(name: str) -> TuneRecipe:
         raise UnknownName(f"mitigation '{'+'.join(unfit)}' cannot yet be added to a trained model without changing "
                           f"what it computes; continued training takes none or {', '.join(fit)}")
     mitigations.check_penalty(parsed.mitigation, parsed.penalty)
+    versions = "+".join(f"{m.name}={m.version}" for m in mitigations.resolve(parsed.mitigation) if m.version)
     recipe = replace(RECIPE if parsed.prefix == PREFIX else LONG_RECIPE, base=parsed.base,
-                     mitigation=parsed.mitigation, penalty=parsed.penalty)
+                     mitigation=parsed.mitigation, penalty=parsed.penalty, retrofit=versions)
     if parsed.step is not None and parsed.step not in recipe.snapshots:
         kept = ", ".join(f"@step{s}" for s in recipe.snapshots) or "none (only tune400: names keep snapshots)"
         raise UnknownName(f"'{name}': this recipe keeps no weights at step {parsed.step}; its snapshots: {kept}")
