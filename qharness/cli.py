@@ -61,6 +61,7 @@ LIST_EXAMPLES = """examples:
   qharness list            # everything
   qharness list quants
   qharness list kv
+  qharness list mitigations
   qharness list tasks
 """
 
@@ -380,8 +381,8 @@ def cmd_train(args: argparse.Namespace) -> int:
                                 "from scratch, with --out FOLDER)")
         return _train_named(args.model, args.budget, progress=not args.quiet)
     if args.from_model:
-        ignored = _unread(args, ("from_model", "out", "mitigation", "data", "penalty_threshold", "penalty_strength",
-                                 "budget", "quiet", *TRAIN_FLAGS))
+        ignored = _unread(args, ("from_model", "out", "mitigation", "data", *PENALTY_FLAGS, "budget", "quiet",
+                                 *TRAIN_FLAGS))
         if ignored:
             raise QHarnessError(f"train --from does not read {ignored}: settings of training from scratch that "
                                 f"continued training would ignore; drop {ignored}")
@@ -468,6 +469,7 @@ def _train_named(name: str, budget: float | None, progress: bool) -> int:
     return 0
 
 
+PENALTY_FLAGS = ("penalty_threshold", "penalty_strength", "penalty_power")  # --penalty-NAME -> the setting NAME
 TRAIN_FLAGS = ("steps", "batch_size", "context", "lr", "weight_decay", "warmup", "min_lr_ratio", "grad_clip", "seed",
                "precision", "grad_accum")
 
@@ -488,7 +490,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"llama (GLU) or gpt2 (non-GLU), from scratch (default {arch.arch})")
     parser.add_argument("--mitigation", default=None,
                         help="none, or mitigations joined by '+': kv_bias, tvr, dyt, gated_attention, "
-                             "clipped_softmax, outlier_penalty (e.g. tvr+kv_bias); with --from each is added to "
+                             "clipped_softmax, outlier_penalty, lp_penalty (e.g. tvr+kv_bias; `qharness list "
+                             "mitigations`); with --from each is added to "
                              "the trained model as README 'Continued training' says")
     parser.add_argument("--data", nargs="+", default=None, metavar="PATH",
                         help="with --from: text files, folders, .jsonl ('text'), .parquet ('text') or a hub dataset "
@@ -496,9 +499,12 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                              "(default: the built-in training text; text overlapping the evaluation text is dropped); "
                              "from scratch: builtin, to train a recipe of a hub dataset on the built-in text")
     parser.add_argument("--penalty-threshold", type=float, default=None,
-                        help="outlier_penalty: |h| above this is penalized (default 64)")
+                        help="outlier_penalty: |h| above this is penalized; lp_penalty: the |h| that costs 1 "
+                             "(default 64 for both)")
     parser.add_argument("--penalty-strength", type=float, default=None,
-                        help="outlier_penalty: weight of the penalty against the loss (default 1.0)")
+                        help="the loss penalty's weight against the next-token loss (default 1.0)")
+    parser.add_argument("--penalty-power", type=float, default=None,
+                        help="lp_penalty: the power p of (|h| / threshold)^p (default 4; try 8)")
     parser.add_argument("--budget", type=_minutes, default=None, metavar="MINUTES",
                         help="stop after this many minutes with a checkpoint; rerun to continue")
     parser.add_argument("--out", type=Path, default=None, help="folder for the checkpoint, log and model")
@@ -533,8 +539,8 @@ def _train_from(args: argparse.Namespace) -> int:
         raise QHarnessError(f"qharness train --from needs --out FOLDER (or --model tune:{args.from_model}-"
                             f"{args.mitigation or 'none'} to train into the cache)")
     recipe = recipe_for(f"tune:{args.from_model}-{args.mitigation or 'none'}")  # checks the base and the mitigation
-    penalty = {k: v for k, v in (("threshold", args.penalty_threshold), ("strength", args.penalty_strength))
-               if v is not None}
+    penalty = {flag.removeprefix("penalty_"): getattr(args, flag) for flag in PENALTY_FLAGS
+               if getattr(args, flag) is not None}
     recipe = replace(recipe, train=train_config(args, recipe.train), penalty=tuple(sorted(penalty.items())),
                      data=tuple(args.data or ()))
     check_recipe(recipe)  # before a zoo base trains for minutes, or any model loads
@@ -597,6 +603,8 @@ def cmd_list(args: argparse.Namespace) -> int:
             transform = entry.obj
             needs = f" (needs {', '.join(transform.requires)})" if transform.requires else ""
             print(f"  {entry.name:24} {transform.description}{needs}")
+    if args.what in ("all", "mitigations"):
+        _list_mitigations()
     if args.what in ("all", "tasks"):
         print("tasks:")
         for task in all_tasks():
@@ -604,9 +612,20 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def _list_mitigations() -> None:
+    from qharness.models.mitigations import load_mitigations
+
+    print("mitigations (train --mitigation A+B; loss-side ones take --penalty-NAME settings, one per recipe):")
+    for entry in load_mitigations():
+        mitigation = entry.obj
+        settings = f" [--penalty-{', --penalty-'.join(mitigation.settings)}]" if mitigation.settings else ""
+        print(f"  {entry.name:24} {mitigation.description}{settings}")
+        print(f"  {'':24} {mitigation.reference}")
+
+
 def add_list_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("what", nargs="?", default="all",
-                        choices=("all", "models", "quants", "kv", "backends", "transforms", "tasks"))
+                        choices=("all", "models", "quants", "kv", "backends", "transforms", "mitigations", "tasks"))
 
 
 COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], Callable[[argparse.ArgumentParser], None], str,

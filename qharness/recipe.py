@@ -129,6 +129,15 @@ TUNE_TRAIN = TrainConfig(steps=40, batch_size=2, context=256, lr=2e-4, weight_de
                          grad_clip=1.0, seed=0, log_every=5, checkpoint_every=10)
 
 
+# The longer continued training (`tune400:` names, issue 20): 10x the steps of TUNE_TRAIN at the same batch and peak
+# lr, 20 warmup steps and a cosine decay to 10% of the peak, so that the mitigations that "change nothing in 40
+# steps" get a length where they can act. 400 steps x 2 x 256 tokens = 204,800 tokens. The learning rate is a
+# function of the step alone (loop.learning_rate), so a resumed run continues the schedule exactly.
+TUNE400_TRAIN = TrainConfig(steps=400, batch_size=2, context=256, lr=2e-4, weight_decay=0.0, warmup=20,
+                            min_lr_ratio=0.1, grad_clip=1.0, seed=0, log_every=5, checkpoint_every=20)
+TUNE400_SNAPSHOTS = (40, 100, 200, 400)  # steps whose weights are kept (bf16) to be evaluated: the curves' points
+
+
 @dataclass(frozen=True)
 class TuneRecipe:
     """A pretrained model trained further with a mitigation; its digest names the result's folder in the cache."""
@@ -138,8 +147,19 @@ class TuneRecipe:
     train: TrainConfig = TUNE_TRAIN
     penalty: tuple[tuple[str, float], ...] = ()  # settings of a loss-side mitigation, e.g. (("strength", 0.1),)
     data: tuple[str, ...] = ()  # training text: files or folders; () = the built-in training text
+    # steps at which a bf16 copy of the weights is saved (run folder/snapshots/step<N>) for evaluation; what is kept
+    # of a run, not how it trains, so it is outside the digest
+    snapshots: tuple[int, ...] = ()
+    retrofit: str = ""  # the mitigations' retrofit versions ("dyt=sequential"), in the digest when set
+
+    def __post_init__(self) -> None:
+        wrong = [step for step in self.snapshots if not 1 <= step <= self.train.steps]
+        if wrong:
+            raise ConfigError(f"snapshot steps {wrong} are outside the training's 1..{self.train.steps} steps")
 
     def digest(self) -> str:
         settings = {"base": self.base, "mitigation": self.mitigation, "penalty": dict(self.penalty),
                     "data": list(self.data), "train": digest_fields(self.train)}
+        if self.retrofit:  # left out when empty: the digests of models trained before versions existed hold
+            settings["retrofit"] = self.retrofit
         return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]

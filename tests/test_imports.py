@@ -20,7 +20,8 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("qharness.activations", "qharness.quant"),
     ("qharness.training",),
     ("qharness.experiment", "qharness.runner", "qharness.scanning", "qharness.sweep", "qharness.bench",
-     "qharness.compare", "qharness.costs", "qharness.families", "qharness.fixes", "qharness.predictors"),
+     "qharness.compare", "qharness.costs", "qharness.curves", "qharness.curve_sweep", "qharness.families",
+     "qharness.fixes", "qharness.predictors"),
     ("qharness.cli", "qharness.__main__"),
 )
 
@@ -111,7 +112,7 @@ def test_the_checker_sees_type_checking_imports():
 
 @pytest.mark.parametrize("argv", [["--help"], ["run", "--help"], ["train", "--help"], ["list"], ["list", "models"],
                                   ["list", "quants"], ["list", "kv"], ["list", "backends"], ["list", "tasks"],
-                                  ["list", "transforms"]])
+                                  ["list", "transforms"], ["list", "mitigations"]])
 def test_help_and_list_import_no_torch(argv):
     code = (f"import sys\nfrom qharness.cli import main\ntry:\n    main({argv!r})\nexcept SystemExit:\n    pass\n"
             "heavy = sorted(m for m in ('torch', 'transformers', 'lm_eval') if m in sys.modules)\n"

@@ -17,3 +17,14 @@ def logit_drift(model: Any, batches: list[torch.Tensor], change: Callable[[], An
         change()
         after = [model(input_ids=ids).logits.double() for ids in batches]
     return max(float((a - b).abs().max() / b.abs().max()) for a, b in zip(after, before, strict=True))
+
+
+def logit_gap(model: Any, reference: Any, batches: list[torch.Tensor]) -> float:
+    """`logit_drift`'s measure between two models: the largest max |logits of model - logits of reference| / max
+    |logits of reference| over the batches, in float64 (a retrofitted model against the one it was made from)."""
+    with torch.no_grad():
+        gaps = []
+        for ids in batches:
+            ours, theirs = model(input_ids=ids).logits.double(), reference(input_ids=ids).logits.double()
+            gaps.append(float((ours - theirs).abs().max() / theirs.abs().max()))
+    return max(gaps)

@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from time import perf_counter  # the log's tokens/s: its own clock, apart from the budget's time.monotonic
 from typing import Any
 
 import torch
@@ -272,6 +273,7 @@ def train(model: nn.Module, tokens: Tensor, cfg: TrainConfig, out_dir: Path, bos
     bar = tqdm(total=cfg.steps, initial=step, desc="train", unit="step", disable=not (progress and is_main))
     model.train()
     penalties: list[float] = []
+    interval_start, interval_steps = perf_counter(), 0  # for the log's tokens/s
     with penalty.attached(inner) if penalty is not None else contextlib.nullcontext():
         while step < cfg.steps:
             if cfg.budget_minutes is not None:  # decided together, so data-parallel processes stop at one step
@@ -291,19 +293,23 @@ def train(model: nn.Module, tokens: Tensor, cfg: TrainConfig, out_dir: Path, bos
             for hook in hooks:
                 hook(inner, step)
             losses.append(loss)
+            interval_steps += 1
             bar.update(1)
             if step % cfg.log_every == 0 or step == cfg.steps:  # every process: the loss is averaged over all of them
                 mean = torch.tensor(sum(losses) / len(losses), device=accelerator.device)
                 loss_all = accelerator.reduce(mean, reduction="mean").item()
                 losses = []
                 if log is not None:
+                    seconds = perf_counter() - interval_start
                     entry = {"step": step, "loss": loss_all, "lr": learning_rate(step - 1, cfg),
-                             **activation_probe(inner, probe)}
+                             **activation_probe(inner, probe),  # tokens/s: this process's, steps since the last line
+                             "tokens_per_s": interval_steps * cfg.batch_size * cfg.grad_accum * cfg.context / seconds}
                     if penalties:  # the loss-side mitigation's term, mean over the interval (this process's)
                         entry["penalty"] = sum(penalties) / len(penalties)
                         penalties.clear()
                     log.write(json.dumps(entry) + "\n")
                     log.flush()
+                    interval_start, interval_steps = perf_counter(), 0
                     bar.set_postfix(loss=f"{loss_all:.3f}", max=f"{entry['max_abs']:.0f}",
                                     ratio=f"{entry['ratio']:.0f}")
             if step % cfg.checkpoint_every == 0 and is_main:

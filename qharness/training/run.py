@@ -32,6 +32,20 @@ def save_trained(model: Any, tokenizer: Any, folder: Path, info: dict[str, Any],
     staging.rename(folder)
 
 
+def save_snapshot(model: Any, tokenizer: Any, folder: Path, info: dict[str, Any], progress: bool = True) -> None:
+    """The weights as they are now, in bf16 (half the fp32 size: 270 MB for a 135M-parameter model), as a model
+    folder any command loads (it upcasts them to the dtype it asks for); swapped in whole like `save_trained`."""
+    staging = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    state = {name: tensor.detach().to(torch.bfloat16) for name, tensor in model.state_dict().items()}
+    with quiet_transformers(progress):
+        model.save_pretrained(staging, state_dict=state, safe_serialization=True)
+        tokenizer.save_pretrained(staging)
+    (staging / "training.json").write_text(json.dumps(info, indent=1))
+    shutil.rmtree(folder, ignore_errors=True)
+    staging.rename(folder)
+
+
 def finished_run(out_dir: Path, digest: str) -> TrainResult | None:
     """The result of a run whose model out_dir already holds, trained by the recipe with `digest`; None when there
     is none. A rerun then loads nothing and trains nothing (the checkpoint is gone, see `save_final`); a model

@@ -5,6 +5,7 @@ computes, then the same loop as the zoo's on text tokenized with the model's own
 A mitigation is added either because it keeps the model's function (none, the control; the loss-side outlier
 penalty) or through its `retrofit`, which adds it so the function moves as little as it can; the change is
 measured on calibration text and recorded in training.json:
+- the loss-side penalties (outlier_penalty, lp_penalty) change no module: 0;
 - gated attention: gates 2 * sigmoid(0 x + 0) = 1, an exact pass-through that still learns (sigmoid's slope 1/4);
 - clipped softmax: gamma starts at 0 (exactly softmax) and ramps to its value over the first steps;
 - TVR: each decoder matrix's target std is its own pretrained std (0.02 would shrink SmolLM2's weights by 2x to
@@ -16,6 +17,7 @@ measured on calibration text and recorded in training.json:
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 from collections.abc import Callable, Iterator
@@ -27,17 +29,17 @@ import numpy as np
 import torch
 
 from qharness.cache import cache_dir
-from qharness.errors import ConfigError, DataError, first_line
+from qharness.errors import DataError, first_line
 from qharness.models import mitigations
-from qharness.models.drift import logit_drift
+from qharness.models.drift import logit_drift, logit_gap
 from qharness.models.sources import ModelSpec, load_model
-from qharness.models.sources.tune import check_context, folder_for, recipe_for
+from qharness.models.sources.tune import check_context, folder_for, recipe_for, snapshot_folder
 from qharness.provenance import row_fields
 from qharness.recipe import TUNE_TRAIN, TuneRecipe
 from qharness.training.heldout import Decontaminator
 from qharness.training.hub_text import is_hub_text, stream_documents
 from qharness.training.hub_text import parse as parse_hub_text
-from qharness.training.loop import LOG, TrainResult, train
+from qharness.training.loop import CHECKPOINT, LOG, TrainResult, train
 from qharness.training.recipe_file import BUILTIN
 from qharness.training.text import encode_stream, training_texts
 
@@ -45,6 +47,7 @@ TEXT_SUFFIXES = (".txt", ".md", ".rst")
 DATA_SUFFIXES = (*TEXT_SUFFIXES, ".jsonl", ".parquet")  # what a --data folder is read for
 TEXT_VERSION = 2  # part of the token cache's key: 2 drops documents that overlap the evaluation text
 TUNE_TOKENS = TUNE_TRAIN.tokens  # what one default run reads
+DISTILL_LOG = "distill.json"  # in the run folder: the distillation before step 1, when the mitigation has one
 
 
 def read_documents(data: tuple[str, ...], needed_tokens: int = TUNE_TOKENS,
@@ -226,21 +229,10 @@ def retrofit_(model: Any, spec: str, tokenizer: Any) -> float:
 
 
 def loss_penalty(recipe: TuneRecipe) -> Any:
-    """The recipe's loss-side mitigation with its settings, or None. Settings without a mitigation that reads them
-    would be dropped in silence (a `--penalty-strength` run that is really the control), so they are refused."""
-    penalties = [m for m in mitigations.resolve(recipe.mitigation) if m.penalty is not None]
-    if len(penalties) > 1:
-        raise ConfigError(f"mitigation '{recipe.mitigation}' joins {len(penalties)} loss penalties; use one")
-    if not penalties:
-        if recipe.penalty:
-            given = ", ".join(f"--penalty-{key}" for key, _ in recipe.penalty)
-            raise ConfigError(f"{given} set a loss penalty but mitigation '{recipe.mitigation}' has none; add "
-                              f"outlier_penalty (e.g. --mitigation outlier_penalty+{recipe.mitigation})"
-                              if recipe.mitigation != mitigations.NONE else
-                              f"{given} set a loss penalty but mitigation 'none' has none; use --mitigation "
-                              "outlier_penalty")
-        return None
-    return penalties[0].penalty(dict(recipe.penalty))
+    """The recipe's loss-side mitigation with its settings, or None (`mitigations.check_penalty` says what is
+    refused)."""
+    penalty = mitigations.check_penalty(recipe.mitigation, recipe.penalty)
+    return None if penalty is None else penalty.penalty(dict(recipe.penalty))
 
 
 def check_recipe(recipe: TuneRecipe) -> None:
@@ -265,25 +257,76 @@ def continue_training(recipe: TuneRecipe, out_dir: Path, progress: bool = True, 
     penalty = loss_penalty(recipe)
     loaded = load_model(ModelSpec(recipe.base, dtype="fp32", device=device), progress=progress)
     model, tokenizer = loaded.model, loaded.tokenizer
+    applied = mitigations.resolve(recipe.mitigation)
+    resuming = (out_dir / CHECKPOINT / "state.json").is_file()  # its weights replace whatever is done here
+    teacher = copy.deepcopy(model) if any(m.distill for m in applied) and not resuming else None
     change = retrofit_(model, recipe.mitigation, tokenizer)
     if progress and recipe.mitigation != "none":
         print(f"{recipe.mitigation} added to {recipe.base}: logits moved by {change:.2%} of their largest value "
               "before any step")
-    applied = mitigations.resolve(recipe.mitigation)
-    hooks = [m.after_step for m in applied if m.after_step is not None]
     cfg = recipe.train if budget_minutes is None else replace(recipe.train, budget_minutes=budget_minutes)
     files = data_files(recipe.data)
     tokens = tuning_tokens(tokenizer, recipe.data, progress, needed_tokens=cfg.tokens, files=files)
+    if teacher is not None:
+        distill_to_(model, teacher, applied, tokens, recipe, tokenizer, out_dir, progress)
+        del teacher
+    distilled = json.loads((out_dir / DISTILL_LOG).read_text()) if (out_dir / DISTILL_LOG).is_file() else None
+    if distilled is not None:
+        change = distilled["logit_change_after"]  # what training starts from
+    hooks = [m.after_step for m in applied if m.after_step is not None]
+    if recipe.snapshots:
+        hooks.append(snapshot_hook(recipe, tokenizer, out_dir, change))
     result = train(model, tokens, cfg, out_dir, bos_token_id(tokenizer), hooks, progress,
                    penalty=penalty)
     if result.finished:
         log = [json.loads(line) for line in (out_dir / LOG).read_text().splitlines()]
         info = {"recipe": {**asdict(recipe), "digest": recipe.digest()}, "base_source": loaded.source,
-                "retrofit_logit_change": change, "final": log[-1] if log else {},
+                "retrofit_logit_change": change, "distillation": distilled, "final": log[-1] if log else {},
                 "tokens_seen": cfg.tokens, "data_files": files,
                 **row_fields(next(model.parameters()).device)}
         save_final(model, tokenizer, out_dir, info, progress)
     return result
+
+
+def distill_to_(model: Any, teacher: Any, applied: list[Any], tokens: torch.Tensor, recipe: TuneRecipe,
+                tokenizer: Any, out_dir: Path, progress: bool) -> None:
+    """Distil the retrofitted model's new parameters to the original's logits (training/distill.py) and record the
+    log and the logit change before and after in out_dir/distill.json, which a resumed run reads back."""
+    from qharness.quant.calibrate import calibration_batches, calibration_text
+    from qharness.tasks.perplexity import bos_token_id
+    from qharness.training.distill import DistillConfig, distill_
+
+    batches = calibration_batches(tokenizer, calibration_text(), n=2, length=128,
+                                  device=next(model.parameters()).device)  # the batches retrofit_ measures on
+    before = logit_gap(model, teacher, batches)
+    trainable = [p for m in applied if m.distill is not None for p in m.distill(model)]
+    cfg = DistillConfig()
+    log = distill_(model, teacher, trainable, tokens, recipe.train, bos_token_id(tokenizer), cfg,
+                   drift=lambda: logit_gap(model, teacher, batches))
+    record = {"steps": cfg.steps, "lr": cfg.lr, "parameters": sum(p.numel() for p in trainable),
+              "logit_change_before": before, "logit_change_after": log[-1]["logit_drift"], "log": log}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / DISTILL_LOG).write_text(json.dumps(record, indent=1))
+    if progress:
+        print(f"distilled {record['parameters']} parameters to {recipe.base}'s logits for {cfg.steps} steps: logits "
+              f"now {record['logit_change_after']:.2%} of their largest value away (from {before:.2%})")
+
+
+def snapshot_hook(recipe: TuneRecipe, tokenizer: Any, out_dir: Path, change: float) -> Callable[[Any, int], None]:
+    """The step hook that keeps a bf16 copy of the weights at each of the recipe's snapshot steps (run by the main
+    process only). It runs before that step's checkpoint, so a run killed in between redoes the step and writes
+    the same snapshot again."""
+    from qharness.training.loop import process_state
+    from qharness.training.run import save_snapshot
+
+    def hook(model: Any, step: int) -> None:
+        if step in recipe.snapshots and process_state().is_main_process:
+            info = {"recipe": {**asdict(recipe), "digest": recipe.digest()}, "step": step,
+                    "tokens_seen": step * recipe.train.batch_size * recipe.train.grad_accum * recipe.train.context,
+                    "retrofit_logit_change": change, "precision": "bf16 copy of the fp32 training weights"}
+            save_snapshot(model, tokenizer, snapshot_folder(out_dir, step), info, progress=False)
+
+    return hook
 
 
 def train_tune_model(name: str, progress: bool = True, budget_minutes: float | None = None) -> Path | None:
@@ -291,5 +334,6 @@ def train_tune_model(name: str, progress: bool = True, budget_minutes: float | N
     from qharness.training.zoo import train_once
 
     recipe = recipe_for(name)
-    return train_once(name, folder_for(name), f"{recipe.train.steps} steps from {recipe.base}",
+    kept = f", weights kept at steps {', '.join(map(str, recipe.snapshots))}" if recipe.snapshots else ""
+    return train_once(name, folder_for(name), f"{recipe.train.steps} steps from {recipe.base}{kept}",
                       lambda folder: continue_training(recipe, folder, progress, budget_minutes), progress)

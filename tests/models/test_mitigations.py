@@ -112,3 +112,30 @@ def test_mitigated_models_load_and_run_in_the_dtype_asked_for(arch, spec, tmp_pa
     assert logits.dtype == torch.bfloat16
     error = (logits.float() - expected).norm() / expected.norm()
     assert error < 0.02, f"bf16 relative error {error:.4f}"  # bf16 rounding (8 bits), not a wrong computation
+
+
+def test_the_lp_penalty_is_its_formula_by_hand():
+    """strength * mean over layers of mean over entries of (|h| / threshold)^power, against a hand computation."""
+    from qharness.models.mitigations.lp_penalty import LpPenalty
+
+    layer = torch.nn.Linear(2, 2)
+    for power, by_hand in ((4.0, (0.5**4 + 1.5**4 + 3.0**4 + 0.25**4) / 4),
+                           (8.0, (0.5**8 + 1.5**8 + 3.0**8 + 0.25**8) / 4)):
+        penalty = LpPenalty(threshold=2.0, power=power, strength=0.5)
+        penalty._record(layer, (), torch.tensor([[1.0, -3.0, 6.0, 0.5]]))  # layer 1: |h| / 2 = .5, 1.5, 3, .25
+        penalty._record(layer, (), (torch.tensor([[2.0, -2.0]]),))  # layer 2 (a tuple output): every entry costs 1
+        assert penalty.take().item() == pytest.approx(0.5 * (by_hand + 1.0) / 2)
+        assert penalty.take() is None  # taken once
+    with torch.no_grad():  # the activation probe's forward passes are not penalized
+        penalty._record(layer, (), torch.ones(2))
+    assert penalty.take() is None
+
+
+def test_list_mitigations_shows_every_one_with_its_reference(capsys):
+    from qharness.cli import main
+
+    assert main(["list", "mitigations"]) == 0
+    out = capsys.readouterr().out
+    for entry in load_mitigations():
+        assert f"  {entry.name} " in out and entry.obj.reference in out
+    assert "lp_penalty" in out and "--penalty-power" in out

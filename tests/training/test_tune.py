@@ -310,3 +310,141 @@ def test_on_cuda_every_retrofit_trains_in_bf16_with_accumulation_and_reloads(tmp
     ids = torch.arange(2, 30, device="cuda").unsqueeze(0)
     with torch.no_grad():
         assert torch.isfinite(reloaded.model(ids).logits).all()
+
+
+def _kill_at(stop: int):
+    def hook(model, step):
+        if step == stop:
+            raise KeyboardInterrupt
+
+    return hook
+
+
+def test_the_long_recipe_resumes_its_schedule_and_snapshots_exactly(tmp_path, tiny_model_dir, monkeypatch):
+    """Killed mid-run and resumed, the warmup + cosine recipe ends on the unbroken run's weights bit for bit, with the
+    same bf16 snapshots and the same logged lr and loss at every step."""
+    from qharness.recipe import TUNE400_TRAIN
+    from qharness.training import tune as tune_training
+    from qharness.training.tune import continue_training
+
+    recipe = replace(tune_names.LONG_RECIPE, base=str(tiny_model_dir), mitigation="lp_penalty+gated_attention",
+                     data=(CALIBRATION,), snapshots=(4, 10),
+                     train=replace(TUNE400_TRAIN, steps=10, warmup=2, context=32, log_every=2, checkpoint_every=3))
+    monkeypatch.setenv("QHARNESS_CACHE", str(tmp_path / "cache"))
+    assert continue_training(recipe, tmp_path / "a", progress=False).finished
+    real = tune_training.train
+    monkeypatch.setattr(tune_training, "train", lambda model, tokens, cfg, out, bos, hooks, progress, penalty=None:
+                        real(model, tokens, cfg, out, bos, [*hooks, _kill_at(7)], progress, penalty=penalty))
+    with pytest.raises(KeyboardInterrupt):
+        continue_training(recipe, tmp_path / "b", progress=False)
+    assert json.loads((tmp_path / "b" / "checkpoint" / "state.json").read_text())["step"] == 6
+    assert (tmp_path / "b" / "snapshots" / "step4").is_dir() and not (tmp_path / "b" / "snapshots" / "step10").exists()
+    monkeypatch.setattr(tune_training, "train", real)
+    assert continue_training(recipe, tmp_path / "b", progress=False).finished
+
+    from safetensors.torch import load_file
+
+    for part in ("model", "snapshots/step4", "snapshots/step10"):
+        unbroken, resumed = (load_file(tmp_path / run / part / "model.safetensors") for run in "ab")
+        assert unbroken.keys() == resumed.keys()
+        for name in unbroken:
+            assert torch.equal(unbroken[name], resumed[name]), (part, name)
+    final = load_file(tmp_path / "a" / "model" / "model.safetensors")
+    last = load_file(tmp_path / "a" / "snapshots" / "step10" / "model.safetensors")
+    assert all(last[k].dtype == torch.bfloat16 and torch.equal(last[k], final[k].to(torch.bfloat16)) for k in last)
+    logs = [[json.loads(line) for line in (tmp_path / run / "train_log.jsonl").read_text().splitlines()]
+            for run in "ab"]
+    assert [(e["step"], e["lr"], e["loss"]) for e in logs[0]] == [(e["step"], e["lr"], e["loss"]) for e in logs[1]]
+    assert logs[0][-1]["lr"] < logs[0][1]["lr"] and all(e["tokens_per_s"] > 0 for e in logs[0])
+
+
+def test_long_names_carry_settings_and_steps():
+    name = "tune400:smollm2-135m-lp_penalty:strength=1:power=8@step100"
+    parsed = tune_names.parse_name(name)
+    assert (parsed.base, parsed.mitigation, parsed.penalty, parsed.step) == (
+        "smollm2-135m", "lp_penalty", (("power", 8.0), ("strength", 1.0)), 100)
+    assert parsed.run == "tune400:smollm2-135m-lp_penalty:power=8:strength=1"
+    assert tune_names.family(name) == "tune400:smollm2-135m@step100"
+    assert tune_names.family("tune400:smollm2-135m-none") == "tune400:smollm2-135m"
+    recipe = tune_names.recipe_for(name)
+    assert (recipe.train.steps, recipe.train.warmup, recipe.train.min_lr_ratio, recipe.snapshots) == (
+        400, 20, 0.1, (40, 100, 200, 400))
+    assert tune_names.folder_for(name) == tune_names.folder_for(parsed.run)  # every step reads one run
+    # the name's settings are the recipe `train --from --penalty-*` makes: the same digest
+    assert recipe.digest() == replace(tune_names.LONG_RECIPE, base="smollm2-135m", mitigation="lp_penalty",
+                                      penalty=(("power", 8.0), ("strength", 1.0))).digest()
+    assert tune_names.recipe_for("tune:smollm2-135m-none").digest() == replace(
+        tune_names.RECIPE, base="smollm2-135m").digest()  # the 40-step names keep their folders
+    assert parse_ok("tune:zoo:llama-base-outlier_penalty:strength=10") == ("zoo:llama-base", "outlier_penalty")
+    assert tune_names.parse_name("tune400:smollm2-135m-lp_penalty:strength=1e-3").penalty == (("strength", 0.001),)
+
+
+def parse_ok(name):
+    parsed = tune_names.parse_name(name)
+    return parsed.base, parsed.mitigation
+
+
+@pytest.mark.parametrize(("name", "message"), [
+    ("tune400:smollm2-135m-none@step50", "keeps no weights at step 50; its snapshots: @step40, @step100"),
+    ("tune:smollm2-135m-none@step40", "keeps no weights at step 40"),
+    ("tune400:smollm2-135m-kv_bias:strength=10", "set a loss penalty but mitigation 'kv_bias' has none"),
+    ("tune400:smollm2-135m-outlier_penalty:power=8", "outlier_penalty takes --penalty-threshold, --penalty-strength"),
+    ("tune400:smollm2-135m-lp_penalty:power=high", "penalty settings are :NAME=NUMBER each"),
+])
+def test_bad_long_names_are_one_line_errors(name, message):
+    with pytest.raises(Exception, match=message):
+        classify(name)
+
+
+def test_a_snapshot_name_trains_its_run_then_reads_that_step(tmp_path, tiny_model_dir, monkeypatch):
+    from qharness.recipe import TUNE400_TRAIN
+
+    monkeypatch.setenv("QHARNESS_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(tune_names, "LONG_RECIPE", replace(
+        tune_names.LONG_RECIPE, data=(CALIBRATION,), snapshots=(2, 4),
+        train=replace(TUNE400_TRAIN, steps=4, warmup=1, context=32, log_every=1, checkpoint_every=2)))
+    name = f"tune400:{tiny_model_dir}-none@step2"
+    with pytest.raises(Exception, match="is not trained yet"):
+        load_model(ModelSpec(name, device="cpu"))
+    ensure(name, progress=False)
+    loaded = load_model(ModelSpec(name, device="cpu"))
+    assert loaded.family == f"tune400:{tiny_model_dir}@step2" and loaded.dtype == torch.float32
+    assert "at step 2" in loaded.source
+    import shutil
+
+    shutil.rmtree(tune_names.snapshot_folder(tune_names.folder_for(name), 2))
+    with pytest.raises(Exception, match="were deleted once evaluated"):
+        load_model(ModelSpec(name, device="cpu"))
+
+
+def test_each_dyt_is_fitted_on_what_the_converted_layers_below_it_produce(tiny_model_dir, monkeypatch):
+    """The sequential fit: the inputs each DyT was fitted on are exactly what it receives in the finished model (every
+    norm before it already a DyT), and its targets are the original norm's outputs in the original model."""
+    from qharness.models.layers import norm_modules
+    from qharness.models.mitigations import dyt
+    from qharness.quant.calibrate import calibration_batches, calibration_text
+
+    model, tokenizer = _tiny(tiny_model_dir)
+    batches = calibration_batches(tokenizer, calibration_text(), n=2, length=128)
+    with torch.no_grad():
+        originals = dyt.norm_inputs_and_outputs(model, batches)
+    fitted = []
+    real_fit = dyt.fit_dyt_
+    monkeypatch.setattr(dyt, "fit_dyt_", lambda module, x, y: fitted.append((x, y)) or real_fit(module, x, y))
+    names = list(norm_modules(model))
+    dyt.retrofit_dyt_(model, batches)
+    assert list(originals) == names and len(fitted) == 5 and not norm_modules(model)  # in forward order, all replaced
+    with torch.no_grad():
+        seen = {name: dyt.input_of(model, name, batches) for name in names}
+    for (x, y), name in zip(fitted, names, strict=True):
+        assert torch.equal(x, seen[name]), name  # what the converted model feeds it
+        assert torch.equal(y, originals[name][1]), name  # what the original norm gave
+    assert not torch.equal(fitted[-1][0], originals[names[-1]][0])  # the drift below reaches the last one
+
+
+def test_a_changed_retrofit_gets_a_recipe_of_its_own():
+    """Models continued with the earlier DyT retrofit keep their folder name and are not read as the new way's."""
+    new = tune_names.recipe_for("tune:smollm2-135m-dyt")
+    assert new.retrofit == "dyt=sequential"
+    assert new.digest() != replace(new, retrofit="").digest()
+    assert tune_names.recipe_for("tune:smollm2-135m-kv_bias").retrofit == ""

@@ -3,7 +3,12 @@
 A mitigation changes one place, declared as data in a `Mitigation`: `build` changes the architecture before
 training (DyT replaces the norms, KV bias adds k' and v'), `init` sets the starting weights (TVR's
 layer-index-rescaled init), `after_step` runs after each optimizer step (TVR's rescale). A spec names one or
-several joined by '+' ("tvr+kv_bias"); "none" is the baseline.
+several joined by '+' ("tvr+kv_bias"); "none" is the baseline. A loss-side mitigation (outlier_penalty, lp_penalty)
+declares `penalty` instead, a term added to the training loss, and the names of its settings (`--penalty-NAME`).
+
+Every mitigation module imports torch inside its functions only, so `qharness list mitigations` reads this registry
+without loading torch (tests/test_imports.py checks it); the modules it installs (DyT, the attention parts) live in
+qharness/models/norms.py and qharness/models/attention.py.
 
 Persistence: `build_` writes the spec to `config.qharness_mitigation`, so `save_pretrained` records it; our loader
 (qharness.models.sources) reads it back, builds the same modules and then loads the weights. Plain
@@ -21,7 +26,8 @@ from qharness.errors import ConfigError
 from qharness.registry import Registry
 
 MODULES = tuple(f"qharness.models.mitigations.{name}"
-                for name in ("dyt", "tvr", "kv_bias", "gated_attention", "clipped_softmax", "outlier_penalty"))
+                for name in ("dyt", "tvr", "kv_bias", "gated_attention", "clipped_softmax", "outlier_penalty",
+                             "lp_penalty"))
 CONFIG_KEY = "qharness_mitigation"
 NONE = "none"
 
@@ -36,11 +42,18 @@ class Mitigation:
     after_step: Callable[[Any, int], Any] | None = None  # (model, step) -> None: after each optimizer step
     # (settings dict or None) -> a penalty with attached(model) and take(): a term added to the training loss
     penalty: Callable[[dict[str, float] | None], Any] | None = None
+    settings: tuple[str, ...] = ()  # the penalty's settings, each a `--penalty-NAME` flag (e.g. "strength")
     # whether it can be added to a trained model without changing the function it computes (train --from)
     preserves_function: bool = False
     # (model, calibration input ids) -> None: add it to a trained model in place of `build`, so the function changes
     # as little as it can (train --from measures and records how much it still does); None: it cannot be added
     retrofit: Callable[[Any, list[Any]], Any] | None = None
+    # (model) -> the parameters distilled to the original model's logits after the retrofit, before continued
+    # training (training/distill.py), for a retrofit that cannot keep the function; None: no distillation
+    distill: Callable[[Any], list[Any]] | None = None
+    # how the retrofit (and distillation) adds it, when that changed after models were trained with an earlier way:
+    # part of a continued-training recipe's digest when set, so those models are not read as the new way's
+    version: str = ""
 
 
 MITIGATIONS: Registry[Mitigation] = Registry("mitigation")
@@ -76,6 +89,31 @@ def check_from_scratch(spec: str) -> list[Mitigation]:
                           "so the model would be the baseline under its name; add it to a trained model with "
                           f"train --from MODEL --mitigation {spec} --out FOLDER")
     return resolved
+
+
+def check_penalty(spec: str, settings: tuple[tuple[str, float], ...]) -> Mitigation | None:
+    """The loss-side mitigation of `spec` that `settings` (the --penalty-NAME values) configure, or None. Settings
+    without a mitigation that reads them would be dropped in silence (a `--penalty-strength` run that is really the
+    control), so they are refused, as are settings the named penalty does not take and two penalties in one recipe
+    (whose strengths would share one flag)."""
+    penalties = [m for m in resolve(spec) if m.penalty is not None]
+    if len(penalties) > 1:
+        raise ConfigError(f"mitigation '{spec}' joins {len(penalties)} loss penalties "
+                          f"({', '.join(m.name for m in penalties)}); use one per recipe")
+    given = ", ".join(f"--penalty-{key}" for key, _ in settings)
+    if not penalties:
+        if settings:
+            loss_side = sorted(e.name for e in load_mitigations() if e.obj.penalty is not None)
+            example = f" (e.g. --mitigation {loss_side[0]}+{spec})" if spec not in ("", NONE) else ""
+            raise ConfigError(f"{given} set a loss penalty but mitigation '{spec}' has none; add one "
+                              f"of {', '.join(loss_side)}{example}")
+        return None
+    penalty = penalties[0]
+    foreign = [key for key, _ in settings if key not in penalty.settings]
+    if foreign:
+        takes = ", ".join(f"--penalty-{key}" for key in penalty.settings)
+        raise ConfigError(f"{penalty.name} takes {takes}, not {', '.join(f'--penalty-{k}' for k in foreign)}")
+    return penalty
 
 
 def build_(model: Any, spec: str) -> list[Mitigation]:

@@ -6,34 +6,36 @@ starts at 1 and beta at 0. tanh bounds every normalized value, which is what sho
 
 from __future__ import annotations
 
-import torch
-from torch import Tensor, nn
+import contextlib
+from typing import TYPE_CHECKING, Any
 
 from qharness.errors import ConfigError
-from qharness.models.layers import decoder_layers, is_norm, norm_modules
 from qharness.models.mitigations import MITIGATIONS, Mitigation, placed_like
+
+if TYPE_CHECKING:
+    from torch import Tensor, nn
+
+    from qharness.models.norms import DyT
 
 ALPHA_ATTENTION = 1.0
 ALPHA_OTHER = 0.5
 
 
-class DyT(nn.Module):
-    def __init__(self, dim: int, alpha_init: float = ALPHA_OTHER) -> None:
-        super().__init__()
-        self.alpha = nn.Parameter(torch.tensor(float(alpha_init)))
-        self.weight = nn.Parameter(torch.ones(dim))  # gamma
-        self.bias = nn.Parameter(torch.zeros(dim))  # beta
+def __getattr__(name: str) -> Any:
+    """`from qharness.models.mitigations.dyt import DyT` still works: the class lives in models/norms.py, imported
+    on first use so that registering this mitigation loads no torch."""
+    if name == "DyT":
+        from qharness.models.norms import DyT
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.weight * torch.tanh(self.alpha * x) + self.bias
-
-    def extra_repr(self) -> str:
-        return f"dim={self.weight.numel()}, alpha={self.alpha.item():.3g}"
+        return DyT
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def attention_norms(model: nn.Module) -> set[int]:
     """ids of the norm in front of attention in each decoder layer: the first norm a layer registers (Llama's
     input_layernorm, GPT-2's ln_1, OPT's self_attn_layer_norm)."""
+    from qharness.models.layers import decoder_layers, is_norm
+
     firsts = set()
     for layer in decoder_layers(model):
         first = next((m for m in layer.modules() if m is not layer and is_norm(m)), None)
@@ -44,14 +46,12 @@ def attention_norms(model: nn.Module) -> set[int]:
 
 def apply_dyt_(model: nn.Module) -> int:
     """Replace every norm of `model` with DyT in place; returns how many were replaced."""
+    from qharness.models.layers import norm_modules
+
     before_attention = attention_norms(model)
     replaced = 0
     for name, norm in norm_modules(model).items():
-        dim = norm.weight.numel() if getattr(norm, "weight", None) is not None else model.config.hidden_size
-        alpha = ALPHA_ATTENTION if id(norm) in before_attention else ALPHA_OTHER
-        parent, _, child = name.rpartition(".")
-        reference = norm if getattr(norm, "weight", None) is not None else model  # a norm without affine weights
-        setattr(model.get_submodule(parent), child, placed_like(DyT(dim, alpha), reference))
+        replace_with_dyt_(model, name, norm, ALPHA_ATTENTION if id(norm) in before_attention else ALPHA_OTHER)
         replaced += 1
     if not replaced:
         raise ConfigError(f"dyt replaces normalization layers and {type(model).__name__} has none qharness "
@@ -59,26 +59,76 @@ def apply_dyt_(model: nn.Module) -> int:
     return replaced
 
 
-# The fit of a DyT to a trained norm: alpha on a log grid, then gamma and beta per channel by least squares.
-ALPHA_GRID = torch.logspace(-4, 1, 61)
+def replace_with_dyt_(model: nn.Module, name: str, norm: nn.Module, alpha: float) -> DyT:
+    """The norm called `name` becomes a DyT of its width, on its device and in its dtype."""
+    from qharness.models.norms import DyT
+
+    dim = norm.weight.numel() if getattr(norm, "weight", None) is not None else model.config.hidden_size
+    reference = norm if getattr(norm, "weight", None) is not None else model  # a norm without affine weights
+    parent, _, child = name.rpartition(".")
+    dyt = placed_like(DyT(dim, alpha), reference)
+    setattr(model.get_submodule(parent), child, dyt)
+    return dyt
 
 
-@torch.no_grad()
+# The fit of a DyT to a trained norm: alpha on a log grid (10^-4 .. 10^1, 61 points), then gamma and beta per channel
+# by least squares.
+ALPHA_GRID = (-4.0, 1.0, 61)
+
+
+class _Reached(Exception):
+    """Raised by a pre-hook to stop a forward pass at the module whose input it wanted."""
+
+
 def retrofit_dyt_(model: nn.Module, batches: list[Tensor]) -> None:
-    """A norm divides each token by its own RMS and tanh cannot, so no DyT equals a trained norm. Each DyT starts as
-    the best fit to its norm's outputs on the calibration batches instead (alpha by grid; gamma, beta per channel by
-    least squares), the function change is measured by the caller, and continued training does the rest."""
-    captured = norm_inputs_and_outputs(model, batches)
-    apply_dyt_(model)
-    for name, (x, y) in captured.items():
-        fit_dyt_(model.get_submodule(name), x, y)
+    """A norm divides each token by its own RMS and tanh cannot, so no DyT equals a trained norm. The DyTs are fitted
+    one at a time in the order the forward pass reaches the norms, each on the inputs the model produces with every
+    norm before it already replaced, to the outputs the original norm gave in the original model (alpha by grid;
+    gamma, beta per channel by least squares): each DyT absorbs what it can of the drift of those below it, instead
+    of being fitted to inputs the converted model no longer produces. The caller measures the function change, and
+    continued training does the rest."""
+    import torch
+
+    with torch.no_grad():
+        targets = norm_inputs_and_outputs(model, batches)  # in the order the forward pass reaches them
+        for name, (_, y) in targets.items():
+            x = input_of(model, name, batches)
+            dyt = replace_with_dyt_(model, name, model.get_submodule(name), ALPHA_OTHER)
+            fit_dyt_(dyt, x, y)
+
+
+def input_of(model: nn.Module, name: str, batches: list[Tensor]) -> Tensor:
+    """What the module called `name` receives on `batches` as the model is now, (tokens, channels) in fp32; each
+    forward pass stops there."""
+    import torch
+
+    seen: list[Tensor] = []
+
+    def stop(module: nn.Module, args: tuple[Tensor, ...]) -> None:
+        seen.append(args[0].flatten(0, -2).float())
+        raise _Reached
+
+    handle = model.get_submodule(name).register_forward_pre_hook(stop)
+    try:
+        for ids in batches:
+            with contextlib.suppress(_Reached):
+                model(input_ids=ids)
+    finally:
+        handle.remove()
+    return torch.cat(seen)
 
 
 def norm_inputs_and_outputs(model: nn.Module, batches: list[Tensor]) -> dict[str, tuple[Tensor, Tensor]]:
-    """Qualified norm name -> (inputs, outputs), each (tokens, channels) in fp32, over all batches."""
-    seen: dict[str, list[tuple[Tensor, Tensor]]] = {name: [] for name in norm_modules(model)}
+    """Qualified norm name -> (inputs, outputs), each (tokens, channels) in fp32, over all batches, in the order the
+    forward pass reaches the norms."""
+    import torch
+
+    from qharness.models.layers import norm_modules
+
+    seen: dict[str, list[tuple[Tensor, Tensor]]] = {}
     handles = [module.register_forward_hook(
-        lambda m, args, out, name=name: seen[name].append((args[0].flatten(0, -2).float(), out.flatten(0, -2).float())))
+        lambda m, args, out, name=name: seen.setdefault(name, []).append(
+            (args[0].flatten(0, -2).float(), out.flatten(0, -2).float())))
         for name, module in norm_modules(model).items()]
     try:
         for ids in batches:
@@ -89,12 +139,20 @@ def norm_inputs_and_outputs(model: nn.Module, batches: list[Tensor]) -> dict[str
     return {name: (torch.cat([x for x, _ in pairs]), torch.cat([y for _, y in pairs])) for name, pairs in seen.items()}
 
 
-@torch.no_grad()
 def fit_dyt_(dyt: DyT, x: Tensor, y: Tensor) -> float:
     """Set dyt's alpha, gamma, beta to minimise the squared error to y over x; returns the relative residual."""
+    import torch
+
+    with torch.no_grad():
+        return _fit(dyt, x, y, torch.logspace(*ALPHA_GRID[:2], int(ALPHA_GRID[2])).tolist())
+
+
+def _fit(dyt: DyT, x: Tensor, y: Tensor, alphas: list[float]) -> float:
+    import torch
+
     y_centered = y - y.mean(0)
     best = (float("inf"), 0.0, None, None)
-    for alpha in ALPHA_GRID.tolist():
+    for alpha in alphas:
         t = torch.tanh(alpha * x)
         t_centered = t - t.mean(0)
         variance = t_centered.pow(2).sum(0).clamp_min(1e-12)
@@ -115,4 +173,5 @@ MITIGATIONS.add("dyt", Mitigation(
     reference="Zhu et al. 2025, Transformers without Normalization (arXiv 2503.10622)",
     build=apply_dyt_,
     retrofit=retrofit_dyt_,
+    version="sequential",  # fitted in forward order on the converted model's own inputs (was: all at once)
 ))

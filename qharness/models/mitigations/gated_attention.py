@@ -3,18 +3,22 @@ attention sink, reported to remove massive activations (Qiu et al. 2025; Bondare
 
 from __future__ import annotations
 
-import torch
-from torch import nn
+from typing import TYPE_CHECKING
 
-from qharness.models.attention import AttentionGate, stash_gate_input, use_mitigated_attention_
-from qharness.models.layers import attention_modules
 from qharness.models.mitigations import MITIGATIONS, Mitigation, placed_like
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 SCALE_KEY = "qharness_gate_scale"  # in the config, so a reloaded retrofitted model rebuilds its gates alike
 RETROFIT_SCALE = 2.0
 
 
 def add_attention_gate_(model: nn.Module) -> None:
+    from qharness.models.attention import AttentionGate, stash_gate_input, use_mitigated_attention_
+    from qharness.models.layers import attention_modules
+
     config = model.config
     scale = float(getattr(config, SCALE_KEY, 1.0))
     for attention in attention_modules(model):
@@ -24,16 +28,20 @@ def add_attention_gate_(model: nn.Module) -> None:
     use_mitigated_attention_(model)
 
 
-@torch.no_grad()
 def retrofit_attention_gate_(model: nn.Module, batches: list[torch.Tensor]) -> None:
     """Gates 2 * sigmoid(0) = 1 exactly: the trained model's attention passes through unchanged, and each gate learns
     from sigmoid's steepest point. (A bias of +20 would also give 1.0 in fp32, but with a slope of 2e-9: no gate
     would ever learn.)"""
+    import torch
+
+    from qharness.models.layers import attention_modules
+
     setattr(model.config, SCALE_KEY, RETROFIT_SCALE)
     add_attention_gate_(model)
-    for attention in attention_modules(model):
-        attention.gate.proj.weight.zero_()
-        attention.gate.proj.bias.zero_()
+    with torch.no_grad():
+        for attention in attention_modules(model):
+            attention.gate.proj.weight.zero_()
+            attention.gate.proj.bias.zero_()
 
 
 MITIGATIONS.add("gated_attention", Mitigation(

@@ -4,15 +4,19 @@ The arithmetic lives in qharness/models/attention.py."""
 
 from __future__ import annotations
 
-import torch
-from torch import nn
+from typing import TYPE_CHECKING
 
-from qharness.models.attention import KVBias, use_mitigated_attention_
-from qharness.models.layers import attention_modules
 from qharness.models.mitigations import MITIGATIONS, Mitigation, placed_like
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 
 def add_kv_bias_(model: nn.Module) -> None:
+    from qharness.models.attention import KVBias, use_mitigated_attention_
+    from qharness.models.layers import attention_modules
+
     config = model.config
     for attention in attention_modules(model):
         kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
@@ -25,14 +29,18 @@ def retrofit_kv_bias_(model: nn.Module, batches: list[torch.Tensor]) -> None:
     zero_kv_bias_(model)
 
 
-@torch.no_grad()
 def zero_kv_bias_(model: nn.Module) -> None:
     """For a trained model: k' = v' = 0. The sink then adds nothing to any head's output, but it still takes the
     softmax share 1 / (1 + sum_j exp(s_j)) of each query, so the function changes by as much as the heads' scores
     leave room for: little where a head already sinks its attention into BOS with a large score."""
-    for attention in attention_modules(model):
-        attention.kv_bias.k.zero_()
-        attention.kv_bias.v.zero_()
+    import torch
+
+    from qharness.models.layers import attention_modules
+
+    with torch.no_grad():
+        for attention in attention_modules(model):
+            attention.kv_bias.k.zero_()
+            attention.kv_bias.v.zero_()
 
 
 MITIGATIONS.add("kv_bias", Mitigation(

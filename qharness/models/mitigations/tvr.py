@@ -9,12 +9,13 @@ Embeddings, the LM head and the norms are outside the decoder layers' 2-D weight
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
-from torch import nn
-
-from qharness.models.layers import decoder_layers
 from qharness.models.mitigations import MITIGATIONS, Mitigation
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 
 @dataclass(frozen=True)
@@ -27,27 +28,33 @@ class TVRConfig:
 
 def decoder_matrices(model: nn.Module) -> list[tuple[int, nn.Parameter]]:
     """(1-based layer index, weight) for every 2-D weight inside the decoder layers."""
+    from qharness.models.layers import decoder_layers
+
     return [(index, param) for index, layer in enumerate(decoder_layers(model), start=1)
             for param in layer.parameters() if param.dim() == 2]
 
 
-@torch.no_grad()
 def lir_init_(model: nn.Module, config: TVRConfig = TVRConfig()) -> None:
-    for index, weight in decoder_matrices(model):
-        weight.normal_(0.0, config.init_sigma / index**0.5)
+    import torch
+
+    with torch.no_grad():
+        for index, weight in decoder_matrices(model):
+            weight.normal_(0.0, config.init_sigma / index**0.5)
 
 
-@torch.no_grad()
 def rescale_(model: nn.Module, targets: list[float], threshold: float) -> int:
     """One rescale pass, matrix i pulled back to std targets[i] if its std exceeds threshold x that; returns how many
     weights were rescaled."""
+    import torch
+
     rescaled = 0
-    for (_, weight), target in zip(decoder_matrices(model), targets, strict=True):
-        std = weight.std()
-        if std > threshold * target:
-            mean = weight.mean()
-            weight.sub_(mean).div_(std).mul_(target).add_(mean)
-            rescaled += 1
+    with torch.no_grad():
+        for (_, weight), target in zip(decoder_matrices(model), targets, strict=True):
+            std = weight.std()
+            if std > threshold * target:
+                mean = weight.mean()
+                weight.sub_(mean).div_(std).mul_(target).add_(mean)
+                rescaled += 1
     return rescaled
 
 
@@ -62,9 +69,8 @@ RETROFIT_ATTRIBUTE = "qharness_tvr_targets"  # on the model object, for the run 
 RETROFIT_INTERVAL = 10  # continued training runs 40 steps by default (recipe.TUNE_TRAIN): 50 would never fire
 
 
-@torch.no_grad()
 def retrofit_tvr_(model: nn.Module, batches: list[torch.Tensor]) -> None:
-    setattr(model, RETROFIT_ATTRIBUTE, [float(weight.std()) for _, weight in decoder_matrices(model)])
+    setattr(model, RETROFIT_ATTRIBUTE, [float(weight.detach().std()) for _, weight in decoder_matrices(model)])
 
 
 def tvr_after_step(model: nn.Module, step: int, config: TVRConfig = TVRConfig()) -> int:

@@ -1,0 +1,63 @@
+"""What the loss-side mitigations share: a term computed from every decoder layer's output while training, added to
+the next-token loss (outlier_penalty, lp_penalty). A subclass says what one layer's output costs (`term`); this
+class hooks the layers, keeps one term per layer of the forward pass in flight, and hands back
+strength x their mean. torch is imported inside the methods, so registering a penalty loads nothing."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from qharness.errors import ConfigError
+
+if TYPE_CHECKING:
+    from torch import Tensor, nn
+
+
+def check_positive(owner: str, name: str, value: float, meaning: str) -> None:
+    """One-line refusal of a setting that is not a finite number > 0."""
+    if not (isinstance(value, int | float) and value > 0 and math.isfinite(value)):
+        raise ConfigError(f"{owner} {name} must be a number > 0 ({meaning}), got {value}")
+
+
+@dataclass
+class LayerPenalty:
+    strength: float = 1.0  # weight of the penalty against the next-token loss
+    _terms: list[Tensor] = field(default_factory=list, repr=False)
+
+    def term(self, hidden: Tensor) -> Tensor:
+        """What one decoder layer's output costs (a scalar tensor)."""
+        raise NotImplementedError
+
+    def _record(self, module: nn.Module, args: object, output: object) -> None:
+        import torch
+
+        hidden = output[0] if isinstance(output, tuple) else output
+        if torch.is_grad_enabled():  # the training forward, not the activation probe under no_grad
+            self._terms.append(self.term(hidden))
+
+    @contextmanager
+    def attached(self, model: nn.Module) -> Iterator[Any]:
+        """Observe every decoder layer's output while training; all hooks removed on exit."""
+        from qharness.models.layers import decoder_layers
+
+        handles = [layer.register_forward_hook(self._record) for layer in decoder_layers(model)]
+        try:
+            yield self
+        finally:
+            for handle in handles:
+                handle.remove()
+            self._terms.clear()
+
+    def take(self) -> Tensor | None:
+        """The penalty of the forward pass since the last call (None if none ran), and forget it."""
+        import torch
+
+        if not self._terms:
+            return None
+        value = self.strength * torch.stack(self._terms).mean()
+        self._terms.clear()
+        return value
