@@ -264,3 +264,48 @@ def test_a_model_the_transform_cannot_take_is_refused_before_anything_is_written
     with pytest.raises(ConfigError, match="^transform 'smoothquant' supports Llama-style decoders"):
         run(spec_for(folder, tiny_task_dir, results, transform="smoothquant"), say=lambda m: None)
     assert not results.exists()
+
+
+@pytest.mark.parametrize("backends", [("sim",), ("sim", "torchao", "bnb")])
+def test_schemes_applied_in_place_and_undone_give_the_numbers_each_gives_alone(tiny_model_dir, tiny_task_dir,
+                                                                             tmp_path, backends):
+    """One model in memory: each scheme quantizes the fp model itself and is undone from its Linears' fp weights on
+    disk. A scheme run after others must give exactly what it gives alone, and the fp row after them what it was."""
+    from qharness.quant.backend import load_backends
+
+    chosen = [b for b in backends if b == "sim" or load_backends().get(b).requires[0] in _installed()]
+    schemes = {"sim": ("int8-w8a8-tensor", "int4-weight-g128", "int8-w8a8-tensor-static"),
+               "torchao": ("int8-weight-channel-halfspan",), "bnb": ("nf4",)}
+    together = tmp_path / "together.csv"
+    for backend in chosen:
+        run(spec_for(tiny_model_dir, tiny_task_dir, together, quants=schemes[backend], backend=backend),
+            say=lambda m: None)
+    values = {(r["quant"], r["backend"]): r["value"] for r in read_rows(together)}
+    for backend in chosen:
+        for quant in schemes[backend]:
+            alone = tmp_path / f"{quant}.csv"
+            run(spec_for(tiny_model_dir, tiny_task_dir, alone, quants=(quant,), backend=backend), say=lambda m: None)
+            by_key = {(r["quant"], r["backend"]): r["value"] for r in read_rows(alone)}
+            assert by_key[(quant, backend)] == values[(quant, backend)], (quant, backend)
+            assert by_key[("none", "")] == values[("none", "")]
+
+
+def _installed() -> set[str]:
+    import importlib.util
+
+    return {name for name in ("torchao", "bitsandbytes") if importlib.util.find_spec(name) is not None}
+
+
+def test_a_run_holds_one_model_the_fp_weights_wait_on_disk(tiny_model_dir, tiny_task_dir, tmp_path, monkeypatch):
+    """No deep copy of the model per scheme (layer errors aside, which compare the two)."""
+    import copy as copy_module
+
+    from qharness.models.sources import LoadedModel
+
+    copies = []
+    real = copy_module.deepcopy
+    monkeypatch.setattr(copy_module, "deepcopy", lambda obj, *a: copies.append(type(obj).__name__) or real(obj, *a))
+    run(spec_for(tiny_model_dir, tiny_task_dir, tmp_path / "lb.csv", quants=("int8-w8a8-tensor", "int4")),
+        say=lambda m: None)
+    assert not [name for name in copies if name.endswith("ForCausalLM")], copies
+    assert LoadedModel  # the loaded model is the one that was quantized and restored

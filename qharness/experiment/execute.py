@@ -32,6 +32,7 @@ from qharness.quant.apply import apply_backend_, convert_conv1d_, target_linears
 from qharness.quant.backend import backend_note
 from qharness.quant.calibrate import calibration_batches, calibration_text
 from qharness.quant.footprint import weight_bytes
+from qharness.quant.fp_weights import FpWeights
 from qharness.quant.kv import check_kv_model, kv_quantized
 from qharness.quant.schemes import QuantScheme
 from qharness.quant.transforms import TransformSpec, transform_
@@ -132,6 +133,9 @@ class Execution:
         self.rows: dict[tuple[str, ...], Row] = dict(done)
         self.fp_values = {(c.task.name, m): float(done[k]["value"])  # baselines already measured: read, not rerun
                           for c in plan.cells if c.is_baseline for m, k in c.row_keys.items() if k in done}
+        # from the shapes before any scheme runs: a scheme applied in place releases its Linears' fp weights
+        self.weight_bytes = {quant: weight_bytes(targets, plan.schemes.get(quant))
+                             for quant in (BASELINE, *plan.schemes)}
         self.fp_units = {(c.task.name, m): read_units(plan.settings.results, k)  # and their per-unit results
                          for c in plan.cells if c.is_baseline for m, k in c.row_keys.items() if k in done}
 
@@ -154,7 +158,7 @@ class Execution:
                 self.fp_values[(cell.task.name, metric.name)] = metric.value
                 self.fp_units[(cell.task.name, metric.name)] = units_of(metric)
             row = result_row(self.plan, model, cell, metric, self.fp_values[(cell.task.name, metric.name)], scheme,
-                             seconds, self.run_id, weight_bytes(self.targets, scheme))
+                             seconds, self.run_id, self.weight_bytes[cell.quant])
             row.update(interval_columns(metric, self.fp_units.get((cell.task.name, metric.name)), cell.is_baseline,
                                         self.plan.settings.seed))
             store_units(self.plan.settings.results, cell.row_keys[metric.name], units_of(metric))  # before the row
@@ -177,9 +181,11 @@ class Execution:
                 for cell in cells:
                     self.compute(self.loaded, cell)
 
-    def scheme(self, quant: str, base: Any, todo: list[Cell]) -> None:
-        """One scheme's cells: a copy of `base` (the fp model, transformed if the plan says so) quantized by the
-        backend the plan chose, its layer errors if asked, then each task with the plan's KV setting."""
+    def scheme(self, quant: str, base: Any, todo: list[Cell], fp: FpWeights | None = None) -> None:
+        """One scheme's cells: `base` (the fp model, transformed if the plan says so) quantized by the backend the
+        plan chose, its layer errors if asked, then each task with the plan's KV setting. With `fp` (its Linears'
+        fp weights kept on disk) the scheme is applied to `base` itself and undone after; without, to a copy (layer
+        errors compare the two, so they need both at once)."""
         cells = [c for c in todo if c.quant == quant]
         if not cells and not self.plan.needs_layer_errors(quant):
             return
@@ -189,16 +195,24 @@ class Execution:
             note = backend_note(backend.name, self.plan.schemes[quant], self.loaded.device, self.plan.settings.backend)
             if note:
                 self.say(note)
-        qmodel = copy.deepcopy(base)
-        context = QuantContext(self.loaded.device, calibration=self.calibration, tokenizer=self.loaded.tokenizer)
-        apply_backend_(qmodel, self.plan.schemes[quant], backend, keep=self.plan.keep, context=context)
-        quantized = self.loaded.with_model(qmodel)
-        if self.plan.needs_layer_errors(quant):
-            write_layer_errors(self.plan, self.loaded, qmodel, quant, context)
-        with kv_quantized(qmodel, self.plan.kv):
-            for cell in cells:
-                self.compute(quantized, cell)
-        del qmodel, quantized
+        in_place = fp is not None and not self.plan.needs_layer_errors(quant)
+        qmodel = base if in_place else copy.deepcopy(base)
+        context = QuantContext(self.loaded.device, calibration=self.calibration, tokenizer=self.loaded.tokenizer,
+                               consume=in_place)
+        try:
+            apply_backend_(qmodel, self.plan.schemes[quant], backend, keep=self.plan.keep, context=context)
+            if in_place:
+                fp.release_()
+            quantized = self.loaded.with_model(qmodel)
+            if self.plan.needs_layer_errors(quant):
+                write_layer_errors(self.plan, self.loaded, qmodel, quant, context)
+            with kv_quantized(qmodel, self.plan.kv):
+                for cell in cells:
+                    self.compute(quantized, cell)
+        finally:
+            if in_place:
+                fp.restore_()
+        del qmodel
         gc.collect()
 
     def report(self) -> RunReport:
@@ -234,6 +248,12 @@ def execute(plan: Plan, say: Callable[[str], None] = print, progress: bool = Tru
     base = transformed(plan.transform, loaded.model, run.calibration, say) if quantized_todo else loaded.model
     run.baselines(todo)
     run.kv_only(todo)
-    for quant in plan.schemes:
-        run.scheme(quant, base, todo)
+    # one model in memory: each scheme is applied to `base` and undone from its Linears' fp weights kept on disk
+    fp = FpWeights(base, target_linears(base)) if quantized_todo else None  # in $TMPDIR
+    try:
+        for quant in plan.schemes:
+            run.scheme(quant, base, todo, fp)
+    finally:
+        if fp is not None:
+            fp.close()
     return run.report()

@@ -230,7 +230,8 @@ class SimQuantLinear(nn.Module):
     turns that into `act_amax`.
     """
 
-    def __init__(self, linear: nn.Linear, scheme: QuantScheme, keep: Keep | None = None) -> None:
+    def __init__(self, linear: nn.Linear, scheme: QuantScheme, keep: Keep | None = None,
+                 in_place: bool = False) -> None:
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.scheme_name = scheme.name
@@ -239,7 +240,9 @@ class SimQuantLinear(nn.Module):
         self.keep_positions = keep.positions if keep else ()
         self.keep_channels = keep.channels if keep else ()
         weight = linear.weight.detach()
-        if scheme.weights is not None:
+        if scheme.weights is not None and in_place:  # into the Linear's own storage: no second copy of the model
+            weight.copy_(fake_quantize(weight, scheme.weights))
+        elif scheme.weights is not None:
             weight = fake_quantize(weight, scheme.weights)
         self.weight = nn.Parameter(weight, requires_grad=False)
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(), requires_grad=False)
@@ -329,7 +332,7 @@ def apply_sim(model: nn.Module, scheme: QuantScheme, targets: dict[str, nn.Linea
     positions_only = Keep(positions=keep.positions)
     for name, linear in targets.items():  # hidden channels are only meaningful where the input is the hidden state
         layer_keep = keep if linear.in_features == hidden else positions_only
-        swap_module(model, name, SimQuantLinear(linear, scheme, layer_keep))
+        swap_module(model, name, SimQuantLinear(linear, scheme, layer_keep, in_place=context.consume))
     if scheme.needs_calibration:
         calibrate_(model, context.calibration_batches(scheme.name))
 

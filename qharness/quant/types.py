@@ -49,6 +49,9 @@ class QuantContext:
     device: torch.device
     calibration: Callable[[], list[torch.Tensor]] | None = None
     tokenizer: Any = None  # for backends that work on a saved model folder (gptq)
+    # the caller gives the target Linears' fp weights up (it restores them itself, quant/fp_weights.py): a backend
+    # may then quantize into their storage instead of beside it (sim does), so a run holds one model, not two
+    consume: bool = False
 
     def calibration_batches(self, scheme_name: str) -> list[torch.Tensor]:
         if self.calibration is None:
