@@ -108,10 +108,11 @@ def read_row_units(results: Path, row: Row) -> Units | None:
     return read_units(results, key(row))
 
 
-def interval_columns(metric: object, fp_units: Units | None, is_baseline: bool, seed: int) -> dict[str, str]:
+def interval_columns(metric: object, fp_units: Units | None, is_baseline: bool, seed: int,
+                     interval: bool = True) -> dict[str, str]:
     """A row's uncertainty columns: an fp row's interval on its value, a quantized row's paired interval on
     rel_delta (against fp units on the same tokens or items; none without them), the standard error of an
-    accuracy, and the windows of a perplexity."""
+    accuracy, and the windows of a perplexity. `interval=False` (`--no-intervals`) leaves the ci columns empty."""
     units = units_of(metric)
     out = {"windows": "" if getattr(metric, "windows", None) is None else str(metric.windows)}  # type: ignore[attr-defined]
     if units is None:
@@ -119,10 +120,10 @@ def interval_columns(metric: object, fp_units: Units | None, is_baseline: bool, 
     if units.kind == "score":
         stderr = bootstrap.standard_error(float(np.mean(units.values)), len(units.values))
         out["stderr"] = "" if stderr is None else repr(stderr)
-    interval = _interval(units, fp_units, is_baseline, seed)
-    if interval is not None:
-        out.update(ci_of="value" if is_baseline else "rel_delta", ci_low=repr(interval.low),
-                   ci_high=repr(interval.high), ci_blocks=str(interval.blocks), ci_resamples=str(interval.resamples))
+    found = _interval(units, fp_units, is_baseline, seed) if interval else None
+    if found is not None:
+        out.update(ci_of="value" if is_baseline else "rel_delta", ci_low=repr(found.low), ci_high=repr(found.high),
+                   ci_blocks=str(found.blocks), ci_resamples=str(found.resamples))
     return out
 
 

@@ -8,15 +8,18 @@ import numpy as np
 import pytest
 
 from qharness.cli import main
-from qharness.models.sources import ModelSpec
+from qharness.experiment.settings import RunSettings
 from qharness.results import key, read_rows
-from qharness.runner import RunSpec, run
+from qharness.runner import run as run_with_progress
 from qharness.units import fp_key, read_units, units_dir, units_path
 
 
-def spec_for(model_dir, task_dir, results, **kwargs) -> RunSpec:
-    return RunSpec(model=ModelSpec(str(model_dir)), tasks=(str(task_dir / "short.yaml"),), results=results,
-                   progress=False, **kwargs)
+def run(settings: RunSettings, say):
+    return run_with_progress(settings, say=say, progress=False)
+
+
+def spec_for(model_dir, task_dir, results, **kwargs) -> RunSettings:
+    return RunSettings(model=str(model_dir), tasks=(str(task_dir / "short.yaml"),), results=results, **kwargs)
 
 
 def test_quantized_rows_carry_a_paired_interval_around_their_change(tiny_model_dir, tiny_task_dir, tmp_path):
@@ -74,8 +77,8 @@ def test_zero_shot_rows_carry_item_intervals_and_the_standard_error(tiny_model_d
     (tiny_task_dir / "data" / "mc.jsonl").write_text("".join(json.dumps(i) + "\n" for i in items))
     (tiny_task_dir / "mc.yaml").write_text("name: mc\nkind: zero-shot\ndata: data/mc.jsonl\nchance: 0.25\n")
     results = tmp_path / "leaderboard.csv"
-    report = run(RunSpec(model=ModelSpec(str(tiny_model_dir)), tasks=(str(tiny_task_dir / "mc.yaml"),),
-                         results=results, progress=False), say=lambda m: None)
+    report = run(RunSettings(model=str(tiny_model_dir), tasks=(str(tiny_task_dir / "mc.yaml"),), results=results),
+                 say=lambda m: None)
     for row in report.rows:
         units = read_units(results, key(row))
         assert len(units.values) == 12 and units.values.mean() == pytest.approx(float(row["value"]))
@@ -106,11 +109,9 @@ def test_the_real_model_prints_an_interval_per_quantized_row(capsys, tmp_path):
 
 def test_compare_pairs_the_rows_a_run_wrote_and_a_damaged_units_file_is_one_line(capsys, tiny_model_dir,
                                                                                    tiny_task_dir, tmp_path):
-    from qharness.quant.schemes import Keep
-
     results = tmp_path / "leaderboard.csv"
-    for keep in (Keep(), Keep(positions=(0,))):
-        run(spec_for(tiny_model_dir, tiny_task_dir, results, quants=("int8-w8a8-tensor",), keep=keep),
+    for positions in ((), (0,)):
+        run(spec_for(tiny_model_dir, tiny_task_dir, results, quants=("int8-w8a8-tensor",), keep_positions=positions),
             say=lambda m: None)
     assert main(["compare", "--results", str(results), "--out", str(tmp_path / "out")]) == 0
     summary = json.loads((tmp_path / "out" / "report.json").read_text())
@@ -125,3 +126,10 @@ def test_compare_pairs_the_rows_a_run_wrote_and_a_damaged_units_file_is_one_line
     err = capsys.readouterr().err.strip()
     assert err.startswith("qharness: error: ") and "not a qharness units file" in err and "\n" not in err
     assert not (tmp_path / "out2" / "report.md").exists()
+
+
+def test_no_intervals_keeps_the_units_but_leaves_the_interval_columns_empty(tiny_model_dir, tiny_task_dir, tmp_path):
+    results = tmp_path / "leaderboard.csv"
+    rows = run(spec_for(tiny_model_dir, tiny_task_dir, results, intervals=False), say=lambda m: None).rows
+    assert all(r["ci_low"] == r["ci_of"] == "" and r["windows"] for r in rows)
+    assert all(read_units(results, key(r)) is not None for r in rows)  # compare can still pair them

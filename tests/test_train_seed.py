@@ -5,10 +5,11 @@ from dataclasses import replace
 
 import pytest
 
-from qharness.models.sources import ModelSpec, training_seed
+from qharness.experiment.settings import RunSettings
+from qharness.models.sources import training_seed
 from qharness.recipe import ArchConfig, Recipe, TrainConfig
 from qharness.results import read_rows
-from qharness.runner import RunSpec, run
+from qharness.runner import run
 
 
 @pytest.fixture()
@@ -34,8 +35,8 @@ def test_seeds_of_one_recipe_share_a_digest_and_reach_the_rows(train_tiny, tiny_
     (s3, recipe3), (s4, recipe4), (_, recipe_other) = map(training_seed, (seed3, seed4, other))
     assert (s3, s4) == (3, 4) and recipe3 == recipe4 and recipe3 != recipe_other and len(recipe3) == 12
     results = tmp_path / "lb.csv"
-    run(RunSpec(model=ModelSpec(seed4, device="cpu"), tasks=(str(tiny_task_dir / "short.yaml"),), results=results,
-                progress=False), say=lambda m: None)
+    run(RunSettings(model=seed4, device="cpu", tasks=(str(tiny_task_dir / "short.yaml"),), results=results),
+        say=lambda m: None, progress=False)
     assert {(r["train_seed"], r["train_recipe"]) for r in read_rows(results)} == {("4", recipe4)}
 
 

@@ -160,8 +160,9 @@ class Execution:
             row = result_row(self.plan, model, cell, metric, self.fp_values[(cell.task.name, metric.name)], scheme,
                              seconds, self.run_id, self.weight_bytes[cell.quant])
             row.update(interval_columns(metric, self.fp_units.get((cell.task.name, metric.name)), cell.is_baseline,
-                                        self.plan.settings.seed))
-            store_units(self.plan.settings.results, cell.row_keys[metric.name], units_of(metric))  # before the row
+                                        self.plan.settings.seed, interval=self.plan.settings.intervals))
+            # written before its row, so a row never exists without its units
+            store_units(self.plan.settings.results, cell.row_keys[metric.name], units_of(metric))
             new_rows.append(row)
             self.rows[cell.row_keys[metric.name]] = row
         append_rows(self.plan.settings.results, new_rows)

@@ -51,7 +51,7 @@ class RunSettings:
     device: str = "auto"  # auto | cpu | cuda
     device_map: str | None = None  # accelerate's device map ("auto") for a model larger than one device: not yet
     max_memory: dict[str, str] | None = None  # per device ("0": "20GiB", "cpu": "64GiB") with device_map: not yet
-    intervals: bool = True  # a paired interval on each quantized row (read by the intervals work; no column yet)
+    intervals: bool = True  # the ci_* columns (units.py): each fp row's interval, each quantized row's paired one
     results: Path = DEFAULT_RESULTS  # the leaderboard CSV the rows are appended to
     force: bool = False  # recompute cells that are already in the leaderboard
     layer_errors: bool = False  # also write each scheme's per-layer output error (results/layers/) for compare
