@@ -46,11 +46,10 @@ def delete_evaluated(names: tuple[str, ...], say: Callable[[str], Any]) -> None:
 
 
 def curve_sweep(config: SweepConfig, say: Callable[[str], Any] = print) -> SweepReport:
-    from qharness.runner import plan_cells
+    from qharness.experiment.plan import plan_all
     from qharness.training.ensure import ensure
 
-    for spec in config.run_specs():  # every name and setting is checked before anything trains
-        plan_cells(spec)
+    plan_all(config.cells())  # every name and setting is checked before anything trains
     report = SweepReport()
     for run, names in run_groups(config.models):
         stepped = any(step_of(name) for name in names)

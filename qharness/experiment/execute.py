@@ -29,7 +29,6 @@ from qharness.experiment.settings import RunSettings
 from qharness.experiment.shapes import shapes_of
 from qharness.models.sources import LoadedModel, dtype_name, load_model
 from qharness.quant.apply import apply_backend_, convert_conv1d_, target_linears
-from qharness.quant.backend import backend_note
 from qharness.quant.calibrate import calibration_batches, calibration_text
 from qharness.quant.footprint import weight_bytes
 from qharness.quant.fp_weights import FpWeights
@@ -192,16 +191,15 @@ class Execution:
             return
         backend = self.plan.backends[quant]
         self.say(f"quantizing with {quant} [{backend.name}] ...")
-        if backend.name == "sim":  # auto on CUDA ran out of kernels for this scheme: say these are simulated numbers
-            note = backend_note(backend.name, self.plan.schemes[quant], self.loaded.device, self.plan.settings.backend)
-            if note:
-                self.say(note)
+        if quant in self.plan.notes:  # a kernel built at first use, or sim standing in for a kernel on CUDA
+            self.say(self.plan.notes[quant])
         in_place = fp is not None and not self.plan.needs_layer_errors(quant)
         qmodel = base if in_place else copy.deepcopy(base)
         context = QuantContext(self.loaded.device, calibration=self.calibration, tokenizer=self.loaded.tokenizer,
                                consume=in_place)
         try:
-            apply_backend_(qmodel, self.plan.schemes[quant], backend, keep=self.plan.keep, context=context)
+            apply_backend_(qmodel, self.plan.schemes[quant], backend, keep=self.plan.keep, context=context,
+                           announce=False)
             if in_place:
                 fp.release_()
             quantized = self.loaded.with_model(qmodel)

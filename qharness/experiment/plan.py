@@ -20,7 +20,7 @@ from qharness.errors import BackendUnavailable, ConfigError, ModelLoadError
 from qharness.experiment.settings import Origin, RunSettings, spelled
 from qharness.experiment.shapes import ModelShapes, model_shapes
 from qharness.models.sources import classify, context_limit, dtype_name, resolve_device, resolve_dtype
-from qharness.quant.backend import Backend, load_backends, select_backend
+from qharness.quant.backend import Backend, backend_note, load_backends, select_backend
 from qharness.quant.calibrate import CALIBRATION_LENGTH
 from qharness.quant.kv import KVSetting, get_kv, split_quants
 from qharness.quant.schemes import SCHEMES, Keep, QuantScheme, get_scheme
@@ -73,6 +73,7 @@ class Plan:
     keep: Keep
     schemes: dict[str, QuantScheme]  # canonical name -> scheme, in the order given
     backends: dict[str, Backend]  # canonical scheme name -> the backend that runs it, chosen once
+    notes: dict[str, str]  # scheme -> a line to say before it runs (a kernel build; sim standing in on CUDA)
     kv: KVSetting | None  # None: a full-precision cache
     transform: TransformSpec | None  # None: no transform
     cells: tuple[Cell, ...]  # baseline first, then KV-only, then each scheme; each task in order
@@ -244,7 +245,9 @@ def plan(settings: RunSettings, origin: Origin = "cli",
     layer_files = ({name: layer_errors_path(settings.results, settings.model, name, keep.label) for name in schemes}
                    if settings.layer_errors else {})
     present = {} if settings.force else existing_keys(settings.results)
-    result = Plan(settings, device, dtype, keep, schemes, backends, kv, transform, cells,
+    notes = {name: note for name, scheme in schemes.items()
+             if (note := backend_note(backends[name].name, scheme, device, settings.backend))}
+    result = Plan(settings, device, dtype, keep, schemes, backends, notes, kv, transform, cells,
                   calibration_length=min(CALIBRATION_LENGTH, limit or CALIBRATION_LENGTH), shapes=shapes,
                   layer_error_files=layer_files,
                   done=frozenset(k for cell in cells for k in cell.row_keys.values() if k in present), origin=origin)

@@ -18,7 +18,7 @@ from torch import nn
 
 from qharness.errors import BackendUnavailable
 from qharness.models.layers import decoder_layers
-from qharness.quant.backend import Backend, QuantContext, backend_note, load_backends, select_backend
+from qharness.quant.backend import Backend, QuantContext, backend_note, build_note, load_backends, select_backend
 from qharness.quant.modules import conv1d_to_linear, swap_module
 from qharness.quant.schemes import Keep, QuantScheme
 
@@ -84,9 +84,10 @@ def apply_backend_(
     keep: Keep | None = None,
     skip: Callable[[str], bool] = lambda name: False,
     context: QuantContext | None = None,
+    announce: bool = True,
 ) -> None:
     """Quantize with a backend already chosen: checked against this model's dtype and widths (raising before any
-    weight changes), never chosen again."""
+    weight changes), never chosen again. `announce`: log a kernel build (a run's plan says it instead)."""
     first = next(model.parameters())
     context = context or QuantContext(first.device)
     keep = keep or Keep()
@@ -96,7 +97,7 @@ def apply_backend_(
     if keep.in_activations and not backend.supports_keep:
         raise BackendUnavailable(f"backend '{backend.name}' cannot keep token positions or channels in full "
                                  "precision; use --backend sim")
-    note = backend_note(backend.name, scheme, first.device, backend.name)
+    note = build_note(backend, scheme, first.device) if announce else None
     if note:  # a kernel compiled at first use: minutes with no output otherwise
         logging.getLogger("qharness").warning(note)
     backend.apply(model, scheme, targets, keep, context)

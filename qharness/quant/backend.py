@@ -265,13 +265,22 @@ def select_backend(scheme: Any, device: torch.device, requested: str = "auto", d
                              f"{'; '.join(reasons) or 'none implements it'}")
 
 
+def build_note(backend: Backend, scheme: Any, device: torch.device) -> str | None:
+    """The line to say before `backend` compiles its kernel for `scheme` at first use (minutes with no output
+    otherwise); None when it needs no build. Reads the backend's own table only, no registry."""
+    cap = next((c for c in backend.runs(scheme) if c.device == device.type), None)
+    if cap is None or not cap.needs:
+        return None
+    return (f"{backend.name} compiles its kernel for '{scheme.name}' at first use ({cap.build_note or 'minutes'}); "
+            "later runs reuse it")
+
+
 def backend_note(chosen: str, scheme: Any, device: torch.device, requested: str = "auto") -> str | None:
-    """One line a user should read before quantizing starts, or None: a kernel compiled at first use (minutes with
-    no output otherwise), or `auto` on CUDA running sim because no library kernel computes this scheme exactly."""
-    cap = capability_on(chosen, scheme, device)
-    if cap is not None and cap.needs:
-        return (f"{chosen} compiles its kernel for '{scheme.name}' at first use ({cap.build_note or 'minutes'}); "
-                "later runs reuse it")
+    """One line a user should read before quantizing starts, or None: a kernel compiled at first use, or `auto` on
+    CUDA running sim because no library kernel computes this scheme exactly."""
+    note = build_note(load_backends().get(chosen), scheme, device)
+    if note:
+        return note
     if requested == "auto" and chosen == "sim" and device.type == "cuda":
         return (f"no library kernel computes '{scheme.name}' exactly on this GPU: running sim, the reference "
                 "arithmetic (fake quantization: numbers, not speed)")
