@@ -47,7 +47,9 @@ def test_scheme_backends_come_from_the_backends_tables():
         declared = tuple(entry.name for entry in load_backends() if entry.obj.runs(scheme))
         assert backends_for(scheme) and sorted(backends_for(scheme)) == sorted(declared), name
     assert backends_for(get_scheme("llm-int8")) == ("bnb", "sim")  # most preferred on CUDA first, sim last
-    assert backends_for(get_scheme("int8-weight-channel")) == ("torchao", "quanto", "sim")
+    # torchao's int8 is amax/127.5: it runs the schemes named for that grid, not amax/127's
+    assert backends_for(get_scheme("int8-weight-channel")) == ("quanto", "sim")
+    assert backends_for(get_scheme("int8-weight-channel-halfspan")) == ("torchao", "sim")
     assert backends_for(get_scheme("gptq")) == ("gptq",)  # sim does not pass round-to-nearest off as GPTQ
     assert backends_for(get_scheme("int8-w8a8-tensor")) == ("sim",)
     assert backends_for(get_scheme("mxfp8-w8a8")) == ("torchao", "sim")
@@ -61,7 +63,8 @@ def test_auto_on_cpu_is_sim_whenever_sim_implements_the_scheme():
 
 def test_auto_on_cuda_prefers_library_kernels(h100):
     assert select_backend(get_scheme("llm-int8"), h100) == "bnb"
-    assert select_backend(get_scheme("int8"), h100) == "torchao"
+    assert select_backend(get_scheme("int8-w8a8-token-halfspan"), h100) == "torchao"
+    assert select_backend(get_scheme("int8"), h100) == "sim"  # torchao's int8 grid is another scheme's
     assert select_backend(get_scheme("fp8-e4m3-weight"), h100, dtype=torch.bfloat16) == "torchao"
     assert select_backend(get_scheme("int8-w8a8-tensor"), h100) == "sim"  # no library implements it
 
@@ -218,7 +221,7 @@ def test_a_backend_outside_its_table_is_refused_and_a_recipe_miss_is_an_error():
                      capabilities={"nf4": (Capability("cpu"),)})
     assert narrow.schemes == ("nf4",) and narrow.devices == ("cpu",)
     with pytest.raises(BackendUnavailable, match="^backend 'narrow' does not implement scheme 'int8-w8a8-token'; "
-                                                 "its backends: torchao, sim$"):
+                                                 "its backends: sim$"):
         narrow.check(CPU, get_scheme("int8"))
     with pytest.raises(BackendUnavailable, match="^backend 'bnb' does not implement scheme 'int4-weight-g128'; "
                                                  "it implements llm-int8, nf4$"):
