@@ -82,9 +82,10 @@ class TaskSpec:
     def content_hash(self) -> str:
         """12 hex chars over the config and the local data bytes: part of every result row's key. Hub data is
         identified by its config (pin a `revision` in `dataset` to make it exact). Zero-shot tasks add how they are
-        scored, so rows scored another way never pass for current ones."""
+        scored (local ones: lm-eval scores hub tasks its own way), so rows scored another way never pass for current
+        ones."""
         config = self.config_dict()
-        if self.kind == "zero-shot":
+        if self.kind == "zero-shot" and self.lm_eval_task is None:
             config["scoring"] = ZERO_SHOT_SCORING
         digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode())
         if self.data is not None:
