@@ -121,7 +121,8 @@ BUGS = (
         ("tests/quant/test_kv.py",)),
     Bug("KV cache: values left in fp", "qharness/models/attention.py",
         "key, value, attention_mask = kv_quant(query, key, value, attention_mask)",
-        "key, _, attention_mask = kv_quant(query, key, value, attention_mask)", ("tests/quant/test_kv.py",)),
+        "key, _, attention_mask = kv_quant(query, key, value, attention_mask)",
+        ("tests/quant/test_kv.py::test_the_model_computes_with_exactly_the_quantized_cache[int8-token]",)),
 )
 
 
