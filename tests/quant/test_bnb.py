@@ -165,4 +165,5 @@ def test_cuda_logits_agree_with_sim(tiny_model, scheme, dtype, tolerance):
     assert layer.weight.device.type == "cuda"
     assert layer.weight.dtype == (torch.int8 if scheme == "llm-int8" else torch.uint8)  # quantized, not fp
     assert (bnb_logits - sim_logits).abs().max() / sim_logits.abs().max() < tolerance
-    assert not torch.allclose(bnb_logits, reference, atol=1e-5)
+    # it quantized: the logits moved at least half as far as sim's quantization moves them (not merely by 1e-5)
+    assert relative(bnb_logits, reference) >= 0.5 * relative(sim_logits, reference)

@@ -4,7 +4,7 @@ import copy
 
 import pytest
 import torch
-from agreement import layer_distances, logit_distances
+from agreement import layer_distances, logit_distances, relative
 
 from qharness.quant.apply import quantize_
 from qharness.quant.backend import QuantContext
@@ -88,4 +88,5 @@ def test_cuda_logits_agree_with_sim(tiny_model, tiny_tokenizer, heldout_text, sc
         quanto_logits, sim_logits = model(ids).logits.float(), sim_model(ids).logits.float()
     assert torch.isfinite(quanto_logits).all()
     assert (quanto_logits - sim_logits).abs().max() / sim_logits.abs().max() < tolerance
-    assert not torch.allclose(quanto_logits, reference, atol=1e-6)
+    # it quantized: the logits moved at least half as far as sim's quantization moves them (not merely by 1e-6)
+    assert relative(quanto_logits, reference) >= 0.5 * relative(sim_logits, reference)
