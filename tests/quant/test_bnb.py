@@ -60,7 +60,9 @@ def bnb_llm_int8_by_hand(linear: torch.nn.Linear, x: torch.Tensor, threshold: fl
     col_stats = w16.abs().amax(dim=1).float()
     cb = torch.round(w16 * (127.0 / col_stats.unsqueeze(-1)))
     out = (ca @ cb.t()) * (row_stats.unsqueeze(-1) * col_stats.unsqueeze(0)) * 6.200124e-05  # bnb's 1 / 127^2
-    out = out + a[:, columns] @ (cb[:, columns] * (col_stats.unsqueeze(-1) / 127)).t() + linear.bias.detach()
+    out = out + a[:, columns] @ (cb[:, columns] * (col_stats.unsqueeze(-1) / 127)).t()
+    if linear.bias is not None:
+        out = out + linear.bias.detach()
     return out.reshape(*x.shape[:-1], -1)
 
 
@@ -87,6 +89,23 @@ def test_llm_int8_with_an_outlier_column_is_bitsandbytes_rule_not_sims():
             reference = half(x.half()).float()
         assert relative(bnb_out, by_hand) <= 1e-5, seed
         assert relative(bnb_out, sim16) >= 0.5 * relative(reference, sim16), seed
+
+
+def test_llm_int8_through_quantize_is_that_rule_at_the_schemes_threshold(tiny_model):
+    """The layers quantize_ builds compute the rule above with llm-int8's threshold of 6 (measured <= 1e-7 of the
+    output's range from it by hand); at another threshold the outlier column would be quantized too."""
+    fp = copy.deepcopy(tiny_model)
+    assert quantize_(tiny_model, get_scheme("llm-int8"), backend="bnb") == "bnb"
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 128)
+    x[0, 0, 3] = 50.0
+    x[1, :, 3] = 5.5
+    with torch.inference_mode():
+        out = tiny_model.model.layers[0].mlp.down_proj(x)
+        by_hand = bnb_llm_int8_by_hand(fp.model.layers[0].mlp.down_proj, x, 6.0)
+        no_outliers = bnb_llm_int8_by_hand(fp.model.layers[0].mlp.down_proj, x, 1e9)
+    assert relative(out, by_hand) <= 1e-5
+    assert relative(no_outliers, by_hand) > 1e-3  # the threshold matters on this input (measured 2.3e-2)
 
 
 # NF4: the weights are equal (above), but bitsandbytes' 4-bit CPU matmul is not an fp32 GEMM on them (about 0.3%
