@@ -110,7 +110,8 @@ BUGS = (
         ("tests/quant/test_quanto.py",)),
     Bug("torchao runs its amax/127.5 grid as int8-weight-channel", "qharness/quant/torchao.py",
         '"int8-weight-channel-halfspan": (everywhere(), _int8_weight_only)',
-        '"int8-weight-channel": (everywhere(), _int8_weight_only)', ("tests/quant/test_torchao.py",)),
+        '"int8-weight-channel": (everywhere(), _int8_weight_only)',
+        ("tests/quant/test_torchao.py::test_int8_under_sims_amax_over_127_is_not_what_torchao_computes",)),
     Bug("quanto: calibrated by its own Calibration pass", "qharness/quant/quanto.py",
         "        _calibrate_as_sim(model, modules, context.calibration_batches(scheme.name))",
         "        import torch\n\n        with torch.inference_mode(), optimum.quanto.Calibration(momentum=0.0):\n"
@@ -145,7 +146,7 @@ def run_tests(tree: Path, tests: tuple[str, ...]) -> tuple[int, str]:
     result = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-m", "not slow",
                              "--tb=line", *tests], cwd=tree, env=env, capture_output=True, text=True)
     failed = re.search(r"^(?:FAILED|ERROR) \S+::(\S+)", result.stdout, re.MULTILINE)
-    raised = re.search(r"^\S+:\d+: (\w+)", result.stdout, re.MULTILINE)  # --tb=line: path:line: Exception
+    raised = re.search(r"^\S+:\d+: ([\w.]+)", result.stdout, re.MULTILINE)  # --tb=line: path:line: Exception
     if failed:  # which test, and whether an assertion or a crash
         return result.returncode, f"{failed.group(1)}: {raised.group(1) if raised else 'error'}"
     lines = [line for line in result.stdout.splitlines() if re.search(r"\b(passed|failed|error|no tests ran)\b", line)]
