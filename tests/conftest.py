@@ -25,6 +25,25 @@ def installed(package: str) -> bool:
         return False
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--needs", action="append", default=[], metavar="PACKAGE",
+                     help="run only the tests marked needs(PACKAGE), wherever they live (a library's tox env)")
+
+
+def needed_packages(item: pytest.Item) -> set[str]:
+    return {mark.args[0] for mark in item.iter_markers("needs")}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """`--needs PKG`: keep the tests that need PKG, deselect the rest (they run in the env without it)."""
+    wanted = set(config.getoption("--needs"))
+    if not wanted:
+        return
+    kept = [item for item in items if needed_packages(item) & wanted]
+    config.hook.pytest_deselected(items=[item for item in items if not needed_packages(item) & wanted])
+    items[:] = kept
+
+
 def pytest_runtest_setup(item: pytest.Item) -> None:
     """`needs(pkg)` skips with a reason when pkg is missing, unless the tox env lists it in QHARNESS_REQUIRE: there a
     missing library is an error, so a backend env can never pass by skipping. `gpu` skips without CUDA."""

@@ -16,6 +16,10 @@ Kind = Literal["perplexity", "zero-shot"]
 KINDS = ("perplexity", "zero-shot")
 OUTPUT_TYPES = ("multiple_choice", "loglikelihood")
 
+# Bump when zero-shot scoring changes (it is part of those tasks' hash). 2: each choice scored exactly as written
+# after the query (2026-12-04); 1 let lm-eval put its default " " before choices that carry their own space.
+ZERO_SHOT_SCORING = 2
+
 
 def tasks_dir() -> Path:
     """The task folder: inside an installed wheel (qharness/_tasks) or at the top of a source checkout."""
@@ -77,8 +81,13 @@ class TaskSpec:
 
     def content_hash(self) -> str:
         """12 hex chars over the config and the local data bytes: part of every result row's key. Hub data is
-        identified by its config (pin a `revision` in `dataset` to make it exact)."""
-        digest = hashlib.sha256(json.dumps(self.config_dict(), sort_keys=True).encode())
+        identified by its config (pin a `revision` in `dataset` to make it exact). Zero-shot tasks add how they are
+        scored (local ones: lm-eval scores hub tasks its own way), so rows scored another way never pass for current
+        ones."""
+        config = self.config_dict()
+        if self.kind == "zero-shot" and self.lm_eval_task is None:
+            config["scoring"] = ZERO_SHOT_SCORING
+        digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode())
         if self.data is not None:
             digest.update(load_task_bytes(self))
         return digest.hexdigest()[:12]

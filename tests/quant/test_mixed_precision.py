@@ -35,11 +35,12 @@ def test_llm_int8_keeps_outlier_columns_and_quantizes_the_rest_per_token():
     lin = linear()
     x = torch.randn(2, 5, 32, dtype=torch.float64)
     x[1, 3, 7] = 40.0  # column 7 exceeds the threshold 6.0 somewhere
+    x[0, 2, 20] = -40.0  # and column 20, by magnitude
     layer = SimQuantLinear(lin, get_scheme("llm-int8"))
     inner = x.clone()
-    inner[..., 7] = 0
+    inner[..., [7, 20]] = 0
     expected_input = fake_quantize(inner, get_scheme("int8").activations)
-    expected_input[..., 7] = x[..., 7]
+    expected_input[..., [7, 20]] = x[..., [7, 20]]
     expected = torch.nn.functional.linear(expected_input, layer.weight, layer.bias)
     assert torch.allclose(layer(x), expected)
 

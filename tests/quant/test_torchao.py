@@ -4,7 +4,7 @@ import copy
 
 import pytest
 import torch
-from agreement import layer_distances, logit_distances
+from agreement import layer_distances, logit_distances, relative
 
 from qharness.quant.apply import quantize_
 from qharness.quant.schemes import get_scheme
@@ -215,8 +215,7 @@ def test_nvfp4_weight_only_recipe_matches_sim_when_run_on_cpu():
         apply_torchao(model, scheme, target_linears(model), None, QuantContext(torch.device("cpu")))
         quantize_(sim_model, scheme, backend="sim")
         ao, sim = model(ids).logits, sim_model(ids).logits
-    assert torch.allclose(ao, sim, rtol=0, atol=1e-5)
-    assert not torch.allclose(ao, reference, atol=1e-3)  # it did quantize
+    assert relative(ao, sim) <= 1e-3 * relative(reference, sim)  # measured: 0 against NVFP4's own 0.19
 
 
 def test_mx_recipes_use_the_ocp_floor_scale_that_sim_implements():

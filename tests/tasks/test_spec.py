@@ -15,6 +15,16 @@ def test_shipped_tasks_load_and_their_data_exists():
     assert {"wikitext2", "c4", "pg19", "hellaswag", "piqa", "arc-easy", "winogrande", "lambada-openai"} <= hub
 
 
+def test_zero_shot_hashes_follow_the_scoring_and_perplexity_ones_do_not(monkeypatch):
+    from qharness.tasks import spec
+
+    zero_shot, ppl, hub = get_task("wordnet-cloze"), get_task("kjv-heldout"), get_task("hellaswag")
+    before = zero_shot.content_hash(), ppl.content_hash(), hub.content_hash()
+    monkeypatch.setattr(spec, "ZERO_SHOT_SCORING", spec.ZERO_SHOT_SCORING + 1)
+    assert zero_shot.content_hash() != before[0]  # rows scored the old way are other cells
+    assert (ppl.content_hash(), hub.content_hash()) == before[1:]  # lm-eval configures hub tasks itself
+
+
 def test_unknown_task_lists_known_ones():
     with pytest.raises(UnknownName, match="unknown task 'kjv'; did you mean 'kjv-heldout'"):
         get_task("kjv")
