@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
@@ -50,3 +51,49 @@ def test_bad_distillation_settings_are_one_line_errors():
         DistillConfig(steps=0)
     with pytest.raises(ConfigError, match="distillation lr"):
         DistillConfig(lr=float("nan"))
+
+
+def test_continued_training_distils_before_step_one_and_a_resume_reads_it_back(tmp_path, tiny_model_dir, monkeypatch):
+    """A mitigation that declares what to distil is distilled once, before the first step; the recorded logit change
+    is the distilled one, and a resumed run neither distils again nor loses the record."""
+    from dataclasses import replace
+
+    from qharness.models.mitigations import MITIGATIONS, load_mitigations
+    from qharness.models.sources import tune as tune_names
+    from qharness.recipe import TUNE_TRAIN
+    from qharness.tasks.spec import tasks_dir
+    from qharness.training import distill as distill_module
+    from qharness.training import tune as tune_training
+
+    load_mitigations()
+    entry = MITIGATIONS.entry("dyt")
+    monkeypatch.setitem(MITIGATIONS._entries, "dyt", replace(entry, obj=replace(
+        entry.obj, distill=lambda model: [p for m in model.modules() if isinstance(m, DyT) for p in m.parameters()])))
+    monkeypatch.setattr(distill_module.DistillConfig.__init__, "__defaults__", (5, 1e-2, 5))
+    monkeypatch.setenv("QHARNESS_CACHE", str(tmp_path / "cache"))
+    recipe = replace(tune_names.RECIPE, base=str(tiny_model_dir), mitigation="dyt",
+                     data=(str(tasks_dir() / "data" / "calibration.txt"),),
+                     train=replace(TUNE_TRAIN, steps=4, context=32, log_every=2, checkpoint_every=2))
+    calls = []
+    real = tune_training.distill_to_
+    monkeypatch.setattr(tune_training, "distill_to_", lambda *args: calls.append(1) or real(*args))
+    train = tune_training.train
+    monkeypatch.setattr(tune_training, "train", lambda *a, **k: train(*a[:5], [*a[5], _stop_at(3)], *a[6:], **k))
+    with pytest.raises(KeyboardInterrupt):
+        tune_training.continue_training(recipe, tmp_path / "run", progress=False)
+    record = json.loads((tmp_path / "run" / "distill.json").read_text())
+    assert calls == [1] and record["steps"] == 5 and [e["step"] for e in record["log"]] == [5]
+    assert record["logit_change_after"] == record["log"][-1]["logit_drift"]
+    monkeypatch.setattr(tune_training, "train", train)
+    assert tune_training.continue_training(recipe, tmp_path / "run", progress=False).finished
+    assert calls == [1]  # the resumed run took the checkpoint's weights and did not distil again
+    info = json.loads((tmp_path / "run" / "model" / "training.json").read_text())
+    assert info["distillation"] == record and info["retrofit_logit_change"] == record["logit_change_after"]
+
+
+def _stop_at(stop: int):
+    def hook(model, step):
+        if step == stop:
+            raise KeyboardInterrupt
+
+    return hook
