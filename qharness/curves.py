@@ -20,7 +20,7 @@ from qharness.degradation import Degradation, number, percent
 from qharness.results import SCAN_TASK, Row, is_baseline
 
 STEP = re.compile(r"^(?P<run>.+)@step(?P<step>\d+)$")
-SCAN_CURVES = {"massive_max": "max |h|", "massive_ratio": "max/median"}
+SCAN_CURVES = {"massive_max": "max abs", "massive_ratio": "max/median"}  # no "|": a markdown cell
 FP = "fp ppl"
 FP_VS_CONTROL = "fp vs control"
 

@@ -63,10 +63,12 @@ def test_the_curve_sweep_trains_evaluates_prunes_and_resumes(short_recipe, tmp_p
     assert penalized["fp vs control"][4] == pytest.approx(penalized["fp ppl"][4] / control["fp ppl"][4] - 1)
     drawn = sorted(Path(p).name for p in summary["plots"] if Path(p).name.startswith("curve_"))
     assert drawn == ["curve_fp_ppl.png", "curve_fp_vs_control.png", "curve_int8-w8a8-tensor.png",
-                     "curve_int8-w8a8-token.png", "curve_max_h.png", "curve_max_median.png"]
+                     "curve_int8-w8a8-token.png", "curve_max_abs.png", "curve_max_median.png"]
     assert all((tmp_path / "report" / name).stat().st_size > 0 for name in drawn)
     report_md = (tmp_path / "report" / "report.md").read_text()
     assert "## Training curves" in report_md and f"| {runs[1]} | 2, 4 |" in report_md
+    table = report_md.split("## Training curves")[1].split("\n\n")[2].splitlines()
+    assert len(table) == 4 and len({line.count("|") for line in table}) == 1  # no label breaks a column
 
 
 def test_a_bad_name_in_the_file_stops_before_anything_trains(short_recipe, tmp_path, tiny_model_dir, tiny_task_dir,
