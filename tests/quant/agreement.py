@@ -17,6 +17,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from qharness.quant.agreement import linear_inputs
+
 
 def relative(a: torch.Tensor, b: torch.Tensor) -> float:
     """max |a - b| / max |b|: the distance the suite uses for logits."""
@@ -41,29 +43,10 @@ def logit_distances(backend_model: nn.Module, sim_model: nn.Module, fp_model: nn
         return Distances(relative(backend_model(ids).logits, sim), relative(fp_model(ids).logits, sim))
 
 
-def target_inputs(model: nn.Module, names: list[str], ids: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The input each named module sees in one forward pass of `model` over `ids`."""
-    modules = dict(model.named_modules())
-    seen: dict[str, torch.Tensor] = {}
-
-    def keep(name: str, args: tuple) -> None:  # a forward hook that returned the tensor would replace the output
-        seen.setdefault(name, args[0].detach().clone())
-
-    handles = [modules[name].register_forward_hook(lambda module, args, out, name=name: keep(name, args))
-               for name in names]
-    try:
-        with torch.inference_mode():
-            model(ids)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return seen
-
-
 def layer_distances(backend_model: nn.Module, sim_model: nn.Module, fp_model: nn.Module, names: list[str],
                     ids: torch.Tensor) -> dict[str, Distances]:
     """Per named Linear, the distances of its output on the input the sim model fed it."""
-    inputs = target_inputs(sim_model, names, ids)
+    inputs = linear_inputs(sim_model, names, ids)
     backend, sim, fp = (dict(m.named_modules()) for m in (backend_model, sim_model, fp_model))
     dtype = next(p for p in backend_model.parameters() if p.is_floating_point()).dtype  # sim may run in fp16
     with torch.inference_mode():
