@@ -20,12 +20,12 @@ import time
 
 import torch
 
+from qharness.data.recipe import TUNE400_TRAIN
 from qharness.models.drift import logit_drift, logit_gap
 from qharness.models.mitigations import dyt
 from qharness.models.norms import DyT
 from qharness.models.sources import ModelSpec, load_model
 from qharness.quant.calibrate import calibration_batches, calibration_text
-from qharness.recipe import TUNE400_TRAIN
 from qharness.tasks.perplexity import bos_token_id
 from qharness.training.distill import DistillConfig, distill_
 from qharness.training.tune import tuning_tokens

@@ -26,10 +26,10 @@ from pathlib import Path
 
 import numpy as np
 
-from qharness import bootstrap
-from qharness.results import key, read_rows
+from qharness.data.results import key, read_rows
+from qharness.data.units import fp_key, interval_columns, read_units, units_of, write_units
+from qharness.stats import bootstrap
 from qharness.tasks.metrics import Metric
-from qharness.units import fp_key, interval_columns, read_units, units_of, write_units
 
 LAGS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 BLOCKS = (1, 8, 32, 64, 128, 256, 512)

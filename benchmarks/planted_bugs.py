@@ -48,8 +48,8 @@ BUGS = (
         'activations=TensorQuant("fp8_e4m3", PerToken()),\n        description="FP8 E4M3, per-channel',
         'activations=TensorQuant("fp8_e4m3", PerTensor()),\n        description="FP8 E4M3, per-channel',
         ("tests/quant/test_schemes.py", "tests/quant/test_sim.py")),
-    Bug("Spearman: ties at their lowest rank", "qharness/rankstats.py",
-        "ranks[order[k]] = (i + j) / 2", "ranks[order[k]] = i", ("tests/test_compare.py",)),
+    Bug("Spearman: ties at their lowest rank", "qharness/stats/rankstats.py",
+        "ranks[order[k]] = (i + j) / 2", "ranks[order[k]] = i", ("tests/report/test_compare.py",)),
     # definitions and arithmetic
     Bug("int8-w8a8-token: per-tensor weights", "qharness/quant/schemes.py",
         'weights=TensorQuant("int8", PerChannel()),\n        activations=TensorQuant("int8", PerToken()),\n'

@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from qharness.errors import BackendUnavailable
+from qharness.core.errors import BackendUnavailable
 from qharness.models.sources import ModelSpec, load_model
 from qharness.quant.apply import quantize_, target_linears
 from qharness.quant.backend import QuantContext, backends_for, load_backends

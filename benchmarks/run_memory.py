@@ -4,8 +4,9 @@
     python benchmarks/run_memory.py --quant int8,int4 --model path/to/folder --device cuda
 
 Each measurement runs in a fresh process. `bare`: load the model and run one fp forward of the run's batch (a
-window of the task); `run`: `qharness.runner.run` with the schemes. On the CPU the figure is peak RSS minus the RSS
-after the imports (ru_maxrss cannot be reset, hence a process each); on CUDA, torch.cuda.max_memory_allocated.
+window of the task); `run`: `qharness.experiment.runner.run` with the schemes. On the CPU the figure is peak RSS
+minus the RSS after the imports (ru_maxrss cannot be reset, hence a process each); on CUDA,
+torch.cuda.max_memory_allocated.
 Printed: the fp weight bytes W, the bare forward's peak beyond them F, the run's peak P, and (P - F) / W, which
 issue #18 asks to be <= 1.3 (it was 3.1 on an H200 when each scheme quantized a deep copy of the fp model).
 """
@@ -26,7 +27,7 @@ def rss():
     return int(next(l for l in open("/proc/self/status") if l.startswith("VmRSS")).split()[1]) * 1024
 args = json.loads(sys.argv[1])
 from qharness.models.sources import ModelSpec, load_model
-from qharness.runner import run
+from qharness.experiment.runner import run
 from qharness.experiment.settings import RunSettings
 from qharness.tasks import get_task, load_task_text
 from qharness.tasks.perplexity import perplexity

@@ -26,9 +26,9 @@ import time
 
 import torch
 
+from qharness.data.recipe import TUNE_TRAIN, ArchConfig, TrainConfig
 from qharness.models import mitigations
 from qharness.models.sources import zoo
-from qharness.recipe import TUNE_TRAIN, ArchConfig, TrainConfig
 from qharness.training.architectures import new_model
 from qharness.training.loop import sample_batch, train
 

@@ -27,8 +27,8 @@ _API = {
     "RunSettings": "qharness.experiment.settings",
     "plan": "qharness.experiment.plan",
     "execute": "qharness.experiment.execute",
-    "run": "qharness.runner",
-    "append_rows": "qharness.results",
+    "run": "qharness.experiment.runner",
+    "append_rows": "qharness.data.results",
 }
 
 

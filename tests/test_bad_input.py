@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from qharness.cli import main
-from qharness.results import COLUMNS, KEY_COLUMNS, append_rows, read_rows
+from qharness.data.results import COLUMNS, KEY_COLUMNS, append_rows, read_rows
 from qharness.tasks.spec import tasks_dir
 
 Setup = Callable[[Path, Path, Path], list[str]]  # (tmp, tiny model folder, tiny task yaml) -> argv
@@ -390,7 +390,8 @@ def test_kept_values_are_refused_before_any_model_loads(flags, capsys, tmp_path,
                                                 ("--keep-channels=5,3,5", "--keep-channels=5,3"),
                                                 ("--keep-linears=q_proj,q_proj", "--keep-linears=q_proj")])
 def test_a_value_given_twice_is_the_same_row_key_as_given_once(repeated, once, tmp_path, tiny_model_dir, tiny_task_dir):
-    from qharness.cli import build_parser, run_settings
+    from qharness.cli import build_parser
+    from qharness.cli.run import run_settings
     from qharness.experiment.plan import plan
 
     def keys(flag: str) -> list[tuple[str, ...]]:

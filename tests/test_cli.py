@@ -1,7 +1,7 @@
 import pytest
 
 from qharness.cli import main
-from qharness.results import read_rows
+from qharness.data.results import read_rows
 
 
 def run_cli(capsys, *argv: str) -> tuple[int, str, str]:

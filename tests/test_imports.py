@@ -13,15 +13,13 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "qharness"
 # Lowest first: a module may import modules of its own layer and of the layers below, never above.
 LAYERS: tuple[tuple[str, ...], ...] = (
-    ("qharness.errors", "qharness.registry", "qharness.cache", "qharness.provenance", "qharness.recipe",
-     "qharness.results", "qharness.scoped", "qharness.typecheck", "qharness.rankstats", "qharness.degradation",
-     "qharness.bootstrap", "qharness.units", "qharness.noise", "qharness.seeds"),
+    ("qharness.core", "qharness.stats"),
+    ("qharness.data",),
     ("qharness.models", "qharness.tasks"),
     ("qharness.activations", "qharness.quant"),
     ("qharness.training",),
-    ("qharness.experiment", "qharness.runner", "qharness.scanning", "qharness.sweep", "qharness.bench",
-     "qharness.compare", "qharness.costs", "qharness.curves", "qharness.curve_sweep", "qharness.families",
-     "qharness.fixes", "qharness.predictors"),
+    ("qharness.experiment",),
+    ("qharness.report",),
     ("qharness.cli", "qharness.__main__"),
 )
 

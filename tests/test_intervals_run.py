@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 
 from qharness.cli import main
+from qharness.data.results import key, read_rows
+from qharness.data.units import fp_key, read_units, units_dir, units_path
+from qharness.experiment.runner import run as run_with_progress
 from qharness.experiment.settings import RunSettings
-from qharness.results import key, read_rows
-from qharness.runner import run as run_with_progress
-from qharness.units import fp_key, read_units, units_dir, units_path
 
 
 def run(settings: RunSettings, say):

@@ -5,11 +5,11 @@ from dataclasses import replace
 
 import pytest
 
+from qharness.data.recipe import ArchConfig, Recipe, TrainConfig
+from qharness.data.results import read_rows
+from qharness.experiment.runner import run
 from qharness.experiment.settings import RunSettings
 from qharness.models.sources import training_seed
-from qharness.recipe import ArchConfig, Recipe, TrainConfig
-from qharness.results import read_rows
-from qharness.runner import run
 
 
 @pytest.fixture()

@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from qharness.errors import DataError
+from qharness.core.errors import DataError
 
 SCHEMA = "qharness.profile/1"
 

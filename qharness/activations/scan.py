@@ -32,7 +32,7 @@ from qharness.activations.stats import (
     layer_stats,
     outlier_mask,
 )
-from qharness.errors import ConfigError
+from qharness.core.errors import ConfigError
 from qharness.models.layers import decoder_layers
 
 __all__ = ["SCHEMA", "ScanConfig", "scan"]

@@ -22,8 +22,10 @@ from typing import Any
 
 import torch
 
-from qharness import provenance
-from qharness.errors import QHarnessError
+from qharness.core import provenance
+from qharness.core.errors import QHarnessError
+from qharness.data.results import BASELINE, Row, append_rows, existing_keys, make_row, write_atomic
+from qharness.data.units import interval_columns, read_units, store_units, units_of
 from qharness.experiment.plan import Cell, Plan, check_backends, check_shapes, key_fields
 from qharness.experiment.settings import RunSettings
 from qharness.experiment.shapes import shapes_of
@@ -36,12 +38,10 @@ from qharness.quant.kv import check_kv_model, kv_quantized
 from qharness.quant.schemes import QuantScheme
 from qharness.quant.transforms import TransformSpec, transform_
 from qharness.quant.types import QuantContext
-from qharness.results import BASELINE, Row, append_rows, existing_keys, make_row, write_atomic
 from qharness.tasks import TaskSpec, load_task_text
 from qharness.tasks.metrics import Metric
 from qharness.tasks.perplexity import perplexity
 from qharness.training.ensure import ensure
-from qharness.units import interval_columns, read_units, store_units, units_of
 
 
 @dataclass

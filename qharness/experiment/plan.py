@@ -16,16 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from qharness.errors import BackendUnavailable, ConfigError, ModelLoadError
-from qharness.experiment.settings import Origin, RunSettings, spelled
-from qharness.experiment.shapes import ModelShapes, model_shapes
-from qharness.models.sources import classify, context_limit, dtype_name, resolve_device, resolve_dtype
-from qharness.quant.backend import Backend, backend_note, load_backends, select_backend
-from qharness.quant.calibrate import CALIBRATION_LENGTH
-from qharness.quant.kv import KVSetting, get_kv, split_quants
-from qharness.quant.schemes import SCHEMES, Keep, QuantScheme, get_scheme
-from qharness.quant.transforms import TransformSpec, check_transform, parse_transform
-from qharness.results import (
+from qharness.core.errors import BackendUnavailable, ConfigError, ModelLoadError
+from qharness.data.results import (
     BASELINE,
     check_writable,
     existing_keys,
@@ -34,6 +26,14 @@ from qharness.results import (
     layer_errors_path,
     make_row,
 )
+from qharness.experiment.settings import Origin, RunSettings, spelled
+from qharness.experiment.shapes import ModelShapes, model_shapes
+from qharness.models.sources import classify, context_limit, dtype_name, resolve_device, resolve_dtype
+from qharness.quant.backend import Backend, backend_note, load_backends, select_backend
+from qharness.quant.calibrate import CALIBRATION_LENGTH
+from qharness.quant.kv import KVSetting, get_kv, split_quants
+from qharness.quant.schemes import SCHEMES, Keep, QuantScheme, get_scheme
+from qharness.quant.transforms import TransformSpec, check_transform, parse_transform
 from qharness.tasks import TaskSpec, get_task
 from qharness.tasks.spec import within_context
 

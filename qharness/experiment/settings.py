@@ -2,7 +2,7 @@
 per cell of its grid; `plan` resolves it and `execute` runs the plan.
 
 A setting is one field here, with its comment. The command line names it in `CLI_FLAGS` (and
-cli.add_run_arguments adds the flag), a sweep file in `SWEEP_KEYS` (and sweep.SweepConfig has the key);
+cli.run.add_arguments adds the flag), a sweep file in `SWEEP_KEYS` (and sweep.SweepConfig has the key);
 tests/experiment/test_settings.py sets every field through both and fails for one that either cannot reach. Checks
 of a value alone live in `__post_init__`; checks that need a registry, the leaderboard or the model's shapes live in
 the plan. Lists of kept positions, channels and Linears are normalised here (duplicates dropped, first order kept),
@@ -15,8 +15,8 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
-from qharness.errors import ConfigError
-from qharness.recipe import check_seed
+from qharness.core.errors import ConfigError
+from qharness.data.recipe import check_seed
 
 if TYPE_CHECKING:
     from qharness.models.sources import ModelSpec

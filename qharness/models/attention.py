@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from qharness.errors import ConfigError
+from qharness.core.errors import ConfigError
 
 EAGER = "qharness_eager"
 SDPA = "qharness_sdpa"

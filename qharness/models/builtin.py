@@ -24,9 +24,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from qharness.cache import cache_dir, cache_path
-from qharness.errors import ModelLoadError
-from qharness.registry import Registry
+from qharness.core.cache import cache_dir, cache_path
+from qharness.core.errors import ModelLoadError
+from qharness.core.registry import Registry
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from qharness.errors import ModelLoadError
+from qharness.core.errors import ModelLoadError
 
 LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
 

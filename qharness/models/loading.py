@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from qharness.errors import ModelLoadError, first_line
+from qharness.core.errors import ModelLoadError, first_line
 
 
 @contextmanager

@@ -11,7 +11,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from qharness.errors import ConfigError
+from qharness.core.errors import ConfigError
 
 if TYPE_CHECKING:
     from torch import Tensor, nn

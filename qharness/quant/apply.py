@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 from torch import nn
 
-from qharness.errors import BackendUnavailable
+from qharness.core.errors import BackendUnavailable
 from qharness.models.layers import decoder_layers
 from qharness.quant.backend import Backend, QuantContext, backend_note, build_note, load_backends, select_backend
 from qharness.quant.modules import conv1d_to_linear, swap_module

@@ -22,9 +22,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from qharness.errors import BackendUnavailable
+from qharness.core.errors import BackendUnavailable
+from qharness.core.registry import Registry
 from qharness.quant.types import Capability, QuantContext, everywhere
-from qharness.registry import Registry
 
 # re-exported: each backend module takes what it declares from here (bnb.py: Backend, Capability, QuantContext, ...)
 __all__ = ["BACKENDS", "Backend", "Capability", "QuantContext", "everywhere", "recipe", "select_backend"]

@@ -27,10 +27,10 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from qharness.errors import QHarnessError
+from qharness.core.errors import QHarnessError
+from qharness.core.scoped import environment, logger_level
 from qharness.quant.backend import BACKENDS, Backend, Capability, QuantContext, recipe
 from qharness.quant.schemes import Keep, QuantScheme
-from qharness.scoped import environment, logger_level
 
 if TYPE_CHECKING:
     import torch

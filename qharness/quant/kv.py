@@ -29,9 +29,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
-from qharness.errors import ConfigError, UnknownName
+from qharness.core.errors import ConfigError, UnknownName
+from qharness.core.registry import Registry
 from qharness.quant.schemes import PerGroup, PerToken, TensorQuant
-from qharness.registry import Registry
 
 if TYPE_CHECKING:
     from torch import Tensor, nn

@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from qharness.errors import QHarnessError
+from qharness.core.errors import QHarnessError
 from qharness.quant.modules import swap_module
 from qharness.quant.schemes import (
     Keep,

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from qharness.errors import QHarnessError
+from qharness.core.errors import QHarnessError
 
 if TYPE_CHECKING:
     import torch

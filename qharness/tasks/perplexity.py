@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from qharness.errors import ConfigError
+from qharness.core.errors import ConfigError
 from qharness.tasks.metrics import Metric
 
 

@@ -8,9 +8,9 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
-from qharness.errors import ConfigError, DataError, first_line
-from qharness.registry import Registry
-from qharness.typecheck import from_mapping, read_yaml_mapping
+from qharness.core.errors import ConfigError, DataError, first_line
+from qharness.core.registry import Registry
+from qharness.core.typecheck import from_mapping, read_yaml_mapping
 
 Kind = Literal["perplexity", "zero-shot"]
 KINDS = ("perplexity", "zero-shot")

@@ -15,8 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from qharness.errors import DataError, first_line
-from qharness.scoped import environment, logger_level
+from qharness.core.errors import DataError, first_line
+from qharness.core.scoped import environment, logger_level
 from qharness.tasks.metrics import Metric
 from qharness.tasks.spec import TaskSpec
 

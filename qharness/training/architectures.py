@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from qharness.recipe import ArchConfig
+from qharness.data.recipe import ArchConfig
 
 
 def transformers_config(cfg: ArchConfig, bos_id: int, eos_id: int) -> Any:

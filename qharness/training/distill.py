@@ -19,8 +19,8 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
-from qharness.errors import ConfigError
-from qharness.recipe import TrainConfig
+from qharness.core.errors import ConfigError
+from qharness.data.recipe import TrainConfig
 from qharness.training.loop import sample_batch
 
 if TYPE_CHECKING:

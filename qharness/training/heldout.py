@@ -15,7 +15,7 @@ import json
 import re
 from collections.abc import Iterator
 
-from qharness.errors import DataError
+from qharness.core.errors import DataError
 
 NGRAM = 13
 MIN_WORDS = 6  # shorter units ("a cat", a one-word choice) are common phrases, not evidence of contamination

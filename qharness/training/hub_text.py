@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from qharness.errors import DataError, first_line
+from qharness.core.errors import DataError, first_line
 from qharness.training.heldout import check_hub_split
 
 PREFIX = "hf:"

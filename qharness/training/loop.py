@@ -30,9 +30,9 @@ from torch import Tensor, nn
 
 from qharness.activations.scan import layer_hooks
 from qharness.activations.stats import layer_stats
-from qharness.errors import ConfigError
+from qharness.core.errors import ConfigError
+from qharness.data.recipe import LATER_FIELDS, TrainConfig
 from qharness.models.layers import decoder_layers
-from qharness.recipe import LATER_FIELDS, TrainConfig
 
 StepHook = Callable[[nn.Module, int], Any]  # (model, step) after each optimizer step; step counts from 1
 CHECKPOINT = "checkpoint"

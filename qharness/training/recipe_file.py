@@ -2,9 +2,9 @@
 it ran on) that `qharness train --recipe FILE` trains and `--dry-run` prices at 6·N·T FLOPs without training.
 
 A file holds the keys of `RecipeFile`, with `arch:` and `train:` mappings checked against ArchConfig and TrainConfig
-through qharness.typecheck, so an unknown key or a value of the wrong type is a one-line error. `recipes/` holds the
-published settings; each file says in comments which values its paper or code confirms and which are assumed. To
-add one, copy a file there and cite where every number comes from.
+through qharness.core.typecheck, so an unknown key or a value of the wrong type is a one-line error. `recipes/`
+holds the published settings; each file says in comments which values its paper or code confirms and which are
+assumed. To add one, copy a file there and cite where every number comes from.
 
 Data: from-scratch training reads the built-in training text only (`data: builtin`, its own 4k BPE). A recipe that
 names a hub dataset (`data: hf:<dataset>`, what the published run trained on) is refused for training with a
@@ -18,9 +18,9 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from qharness.errors import ConfigError, DataError
-from qharness.recipe import ArchConfig, Recipe, TrainConfig
-from qharness.typecheck import from_mapping, read_yaml_mapping
+from qharness.core.errors import ConfigError, DataError
+from qharness.core.typecheck import from_mapping, read_yaml_mapping
+from qharness.data.recipe import ArchConfig, Recipe, TrainConfig
 
 BUILTIN = "builtin"
 # Dense tensor-core peak of one H100 SXM or H200 (the same compute die) in TFLOP/s: BF16 989, TF32 495 (what fp32

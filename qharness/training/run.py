@@ -11,10 +11,10 @@ from typing import Any
 
 import torch
 
-from qharness.errors import ConfigError
+from qharness.core.errors import ConfigError
+from qharness.core.provenance import row_fields
 from qharness.models import mitigations
 from qharness.models.loading import quiet_transformers
-from qharness.provenance import row_fields
 from qharness.training.architectures import new_model
 from qharness.training.loop import CHECKPOINT, LOG, TrainResult, process_state, train
 from qharness.training.text import training_corpus

@@ -13,8 +13,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from qharness.cache import cache_dir
-from qharness.errors import DataError, first_line
+from qharness.core.cache import cache_dir
+from qharness.core.errors import DataError, first_line
 
 BOS, EOS = "<|bos|>", "<|eos|>"
 VOCAB_SIZE = 4096

@@ -28,14 +28,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from qharness.cache import cache_dir
-from qharness.errors import DataError, first_line
+from qharness.core.cache import cache_dir
+from qharness.core.errors import DataError, first_line
+from qharness.core.provenance import row_fields
+from qharness.data.recipe import TUNE_TRAIN, TuneRecipe
 from qharness.models import mitigations
 from qharness.models.drift import logit_drift, logit_gap
 from qharness.models.sources import ModelSpec, load_model
 from qharness.models.sources.tune import check_context, folder_for, recipe_for, snapshot_folder
-from qharness.provenance import row_fields
-from qharness.recipe import TUNE_TRAIN, TuneRecipe
 from qharness.training.heldout import Decontaminator
 from qharness.training.hub_text import is_hub_text, stream_documents
 from qharness.training.hub_text import parse as parse_hub_text

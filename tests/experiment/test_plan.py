@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from qharness.errors import ConfigError
+from qharness.core.errors import ConfigError
+from qharness.data.results import read_rows
 from qharness.experiment import execute as executor
 from qharness.experiment import plan as planner
 from qharness.experiment.execute import execute
 from qharness.experiment.plan import plan
 from qharness.experiment.settings import RunSettings
 from qharness.experiment.shapes import model_shapes, shapes_of
-from qharness.results import read_rows
 
 
 def settings_for(model_dir, task_dir, results, **kwargs) -> RunSettings:

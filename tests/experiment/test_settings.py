@@ -7,10 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from qharness.cli import build_parser, run_settings
-from qharness.errors import ConfigError
+from qharness.cli import build_parser
+from qharness.cli.run import run_settings
+from qharness.core.errors import ConfigError
 from qharness.experiment.settings import CLI_FLAGS, SWEEP_KEYS, RunSettings, setting_names
-from qharness.sweep import SweepConfig
+from qharness.experiment.sweep import SweepConfig
 
 # field -> (a value other than the default, the argv that sets it, the sweep YAML line that sets it)
 NON_DEFAULT: dict[str, tuple[object, list[str], str]] = {

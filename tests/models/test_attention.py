@@ -179,7 +179,7 @@ def test_saved_model_reloads_with_its_mitigation_and_identical_logits(arch, spec
 
 
 def test_load_refuses_weights_that_do_not_fit_the_recorded_mitigation(tmp_path, tiny_tokenizer):
-    from qharness.errors import ModelLoadError
+    from qharness.core.errors import ModelLoadError
     from qharness.models.sources import ModelSpec, load_model
 
     model = mitigated_model("llama", "kv_bias", "sdpa")
@@ -191,7 +191,7 @@ def test_load_refuses_weights_that_do_not_fit_the_recorded_mitigation(tmp_path, 
 
 
 def test_spec_parsing_names_the_valid_mitigations():
-    from qharness.errors import ConfigError, UnknownName
+    from qharness.core.errors import ConfigError, UnknownName
 
     assert mitigations.resolve("none") == []
     assert [m.name for m in mitigations.resolve("tvr+kv_bias")] == ["tvr", "kv_bias"]

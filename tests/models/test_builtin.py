@@ -2,7 +2,7 @@
 
 import pytest
 
-from qharness.errors import ModelLoadError
+from qharness.core.errors import ModelLoadError
 from qharness.models import builtin
 from qharness.models.builtin import BUILTIN_MODELS, SMOLLM2_GGUF, smollm2_gguf
 

@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch import nn
 
-from qharness.errors import ModelLoadError
+from qharness.core.errors import ModelLoadError
 from qharness.models.layers import decoder_layers
 
 

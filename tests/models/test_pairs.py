@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 
 from qharness.cli import main
-from qharness.errors import ModelLoadError, UnknownName
+from qharness.core.errors import ModelLoadError, UnknownName
+from qharness.experiment.sweep import SweepConfig
 from qharness.models import loading
 from qharness.models.sources import ModelSpec, classify, load_model, name_columns, source_for
 from qharness.models.sources import pairs as pair_names
-from qharness.sweep import SweepConfig
 
 SWEEP = Path(__file__).resolve().parents[2] / "sweeps" / "pairs.yaml"
 

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from qharness.errors import ConfigError, ModelLoadError
+from qharness.core.errors import ConfigError, ModelLoadError
 from qharness.models.sources import ModelSpec, classify, load_model
 
 

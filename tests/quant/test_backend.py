@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from qharness.errors import BackendUnavailable
+from qharness.core.errors import BackendUnavailable
 from qharness.quant import backend as backend_module
 from qharness.quant.apply import quantize_
 from qharness.quant.backend import Backend, Capability, backends_for, load_backends, recipe, select_backend

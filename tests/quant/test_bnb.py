@@ -131,7 +131,7 @@ def test_llm_int8_does_not_log_a_cast_notice_per_call(caplog):
 
 
 def test_a_scheme_outside_the_table_is_an_error_not_nf4(tiny_model):
-    from qharness.errors import BackendUnavailable
+    from qharness.core.errors import BackendUnavailable
     from qharness.quant.apply import target_linears
     from qharness.quant.backend import QuantContext
     from qharness.quant.bnb import apply_bnb
@@ -151,7 +151,7 @@ def test_nf4_on_the_cpu_refuses_widths_its_packed_kernel_cannot_take():
     a multiple of 32) failed there with "shape '[32, 0]' is invalid", after quantize_ had reported success."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from qharness.errors import BackendUnavailable
+    from qharness.core.errors import BackendUnavailable
 
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,

@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 
-from qharness.errors import BackendUnavailable
+from qharness.core.errors import BackendUnavailable
 from qharness.models.sources import resolve_dtype
 from qharness.quant.agreement import kernel_cases, llama_builder, measure_agreement
 

@@ -47,7 +47,7 @@ def test_gptq_quantizes_every_target_and_beats_round_to_nearest(tiny_tokenizer, 
 
 
 def test_gptq_without_the_library_says_how_to_install(monkeypatch):
-    from qharness.errors import BackendUnavailable
+    from qharness.core.errors import BackendUnavailable
     from qharness.quant import backend as backend_module
     from qharness.quant.backend import select_backend
 
@@ -125,7 +125,7 @@ def test_gptq_quantizes_on_the_device_it_is_given(tiny_tokenizer, heldout_text, 
 def test_gptq_on_cuda_beats_round_to_nearest(tiny_tokenizer, heldout_text, hidden):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from qharness.errors import BackendUnavailable
+    from qharness.core.errors import BackendUnavailable
 
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=len(tiny_tokenizer), hidden_size=hidden, intermediate_size=256,

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from qharness.errors import ConfigError, UnknownName
+from qharness.core.errors import ConfigError, UnknownName
 from qharness.quant.kv import (
     KV_SETTINGS,
     block_done,

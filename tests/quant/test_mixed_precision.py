@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from qharness.errors import QHarnessError
+from qharness.core.errors import QHarnessError
 from qharness.quant.schemes import Keep, PerGroup, TensorQuant, get_scheme
 from qharness.quant.sim import NF4_CODE, SimQuantLinear, calibrate_, fake_quantize
 
@@ -96,7 +96,7 @@ def test_unscaled_fp8_saturates_e4m3_and_overflows_e5m2():
 
 
 def test_keep_rejects_negative_values_and_labels_what_it_keeps():
-    from qharness.errors import ConfigError
+    from qharness.core.errors import ConfigError
 
     with pytest.raises(ConfigError, match="kept positions must be >= 0"):
         Keep(positions=(-1,))

@@ -90,7 +90,7 @@ def test_half_span_grid_by_hand():
 
 
 def test_half_span_is_for_symmetric_integer_formats_only():
-    from qharness.errors import ConfigError
+    from qharness.core.errors import ConfigError
     from qharness.quant.schemes import PerChannel
 
     with pytest.raises(ConfigError, match="int_scale 'half-span' is for symmetric integer formats, not 'fp8_e4m3'"):

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from qharness.errors import ConfigError
+from qharness.core.errors import ConfigError
 from qharness.quant.schemes import PerChannel, PerGroup, PerTensor, PerToken, TensorQuant, get_scheme
 from qharness.quant.sim import SimQuantLinear, fake_quantize
 

@@ -4,7 +4,7 @@ NVFP4 and torchao's reference quantizers."""
 import pytest
 import torch
 
-from qharness.errors import ConfigError
+from qharness.core.errors import ConfigError
 from qharness.quant.schemes import PerBlock, PerGroup, PerTensor, TensorQuant, get_scheme
 from qharness.quant.sim import SimQuantLinear, fake_quantize, round_to_float
 

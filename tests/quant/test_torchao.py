@@ -68,7 +68,7 @@ def test_int8_under_sims_amax_over_127_is_not_what_torchao_computes(scheme):
     """torchao's int8 grid is amax/127.5; asked for the amax/127 scheme by name it refuses, and auto on CPU runs
     sim, so a row named int8-weight-channel is never torchao's other grid. The two grids are not close enough to
     share a name: torchao's logits are further from amax/127 sim than the unquantized model is (0.0152 vs 0.0118)."""
-    from qharness.errors import BackendUnavailable
+    from qharness.core.errors import BackendUnavailable
 
     model = make_model()
     with pytest.raises(BackendUnavailable, match=rf"^backend 'torchao' does not implement scheme '{scheme}'; its "
@@ -110,7 +110,7 @@ def test_sim_tinygemm_is_bit_equal_to_torchaos_tinygemm_primitives(dtype):
 
 
 def test_ragged_int4_groups_point_to_sim(tiny_model):
-    from qharness.errors import BackendUnavailable
+    from qharness.core.errors import BackendUnavailable
 
     # torchao 0.18 would leave such a Linear in full precision (logged at INFO) and the row would lie
     with pytest.raises(BackendUnavailable, match=r"^backend 'torchao' runs 'int4-weight-g128' on input widths "
@@ -168,7 +168,7 @@ def test_blackwell_block_scaled_kernels_agree_with_sim(scheme, tolerance):
 def test_cuda_before_blackwell_refuses_block_scaled_kernels_in_one_line_and_auto_runs_sim(scheme):
     """An H100/H200 is compute capability 9.0: torchao would quantize the weights and then fail in the first
     _scaled_mm (MX) or assert is_sm_at_least_100 (NVFP4), so torchao is refused by name and auto falls back."""
-    from qharness.errors import BackendUnavailable
+    from qharness.core.errors import BackendUnavailable
 
     if torch.cuda.get_device_capability() >= (10, 0):
         pytest.skip("on Blackwell torchao runs these (test_blackwell_block_scaled_kernels_agree_with_sim)")
@@ -185,7 +185,7 @@ def test_cuda_before_blackwell_refuses_block_scaled_kernels_in_one_line_and_auto
 
 @pytest.mark.gpu
 def test_cuda_refusals_and_the_auto_fallback(tiny_model):
-    from qharness.errors import BackendUnavailable
+    from qharness.core.errors import BackendUnavailable
 
     fp32 = make_model().to("cuda")
     tinygemm = get_scheme("int4-weight-g128-tinygemm")

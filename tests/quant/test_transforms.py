@@ -8,7 +8,7 @@ import copy
 import pytest
 import torch
 
-from qharness.errors import ConfigError, UnknownName
+from qharness.core.errors import ConfigError, UnknownName
 from qharness.quant.apply import target_linears
 from qharness.quant.transforms import TransformSpec, parse_transform, transform_
 from qharness.quant.transforms.smoothquant import input_maxima
@@ -244,7 +244,7 @@ def test_on_cuda_a_transformed_16_bit_model_stays_on_its_device_and_quantizes(ti
     it must land on the model's device, the weights in the model's dtype, and every backend must then quantize the
     transformed model there. Not yet run on a GPU; the tolerances are the CPU test's reasoning (bf16 rounding of
     gqa_llama's weights moves its logits by about 1e-2)."""
-    from qharness.errors import BackendUnavailable
+    from qharness.core.errors import BackendUnavailable
     from qharness.quant.apply import quantize_
     from qharness.quant.modules import OnlineRotation
     from qharness.quant.schemes import get_scheme

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from qharness.errors import ConfigError
+from qharness.core.errors import ConfigError
 from qharness.tasks.perplexity import bos_token_id, perplexity, token_windows
 
 

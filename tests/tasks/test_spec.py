@@ -1,6 +1,6 @@
 import pytest
 
-from qharness.errors import ConfigError, DataError, UnknownName
+from qharness.core.errors import ConfigError, DataError, UnknownName
 from qharness.tasks.spec import all_tasks, get_task, read_task_file
 
 

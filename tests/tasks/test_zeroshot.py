@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from qharness.errors import DataError
+from qharness.core.errors import DataError
 from qharness.tasks.spec import get_task, read_task_file
 from qharness.tasks.zeroshot import zero_shot
 

@@ -8,12 +8,12 @@ import json
 import pytest
 import torch
 
-from qharness.errors import ConfigError
+from qharness.core.errors import ConfigError
+from qharness.data.recipe import TUNE400_TRAIN
 from qharness.models.drift import logit_gap
 from qharness.models.norms import DyT
 from qharness.models.sources import ModelSpec, load_model
 from qharness.quant.calibrate import calibration_batches, calibration_text
-from qharness.recipe import TUNE400_TRAIN
 from qharness.training.distill import DistillConfig, distill_, kl_to_teacher
 from qharness.training.tune import retrofit_
 
@@ -58,9 +58,9 @@ def test_continued_training_distils_before_step_one_and_a_resume_reads_it_back(t
     is the distilled one, and a resumed run neither distils again nor loses the record."""
     from dataclasses import replace
 
+    from qharness.data.recipe import TUNE_TRAIN
     from qharness.models.mitigations import MITIGATIONS, load_mitigations
     from qharness.models.sources import tune as tune_names
-    from qharness.recipe import TUNE_TRAIN
     from qharness.tasks.spec import tasks_dir
     from qharness.training import distill as distill_module
     from qharness.training import tune as tune_training

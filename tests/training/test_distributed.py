@@ -8,10 +8,10 @@ import os
 import pytest
 import torch
 
-from qharness.errors import ConfigError
+from qharness.core.errors import ConfigError
+from qharness.data.recipe import ArchConfig, Recipe
 from qharness.models import mitigations
 from qharness.models.sources import zoo as zoo_names
-from qharness.recipe import ArchConfig, Recipe
 from qharness.training import run, text, zoo
 from qharness.training.architectures import new_model
 from qharness.training.loop import CHECKPOINT, LOG, TrainConfig, process_state, train

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from qharness.errors import DataError
+from qharness.core.errors import DataError
 from qharness.tasks.spec import tasks_dir
 from qharness.training import hub_text
 from qharness.training.hub_text import HubText, parse, stream_documents

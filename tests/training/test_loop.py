@@ -8,7 +8,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from qharness.errors import ConfigError
+from qharness.core.errors import ConfigError
 from qharness.models import mitigations
 from qharness.models.mitigations.tvr import decoder_matrices
 from qharness.training import loop

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from qharness.cli import main
-from qharness.errors import ConfigError
-from qharness.recipe import Recipe
+from qharness.core.errors import ConfigError
+from qharness.data.recipe import Recipe
 from qharness.training.recipe_file import compute_estimate, load_recipe_file
 
 RECIPES = Path(__file__).resolve().parents[2] / "recipes"

@@ -10,12 +10,12 @@ import pytest
 import torch
 
 from qharness.cli import main
-from qharness.errors import DataError, UnknownName
+from qharness.core.errors import DataError, UnknownName
+from qharness.data.recipe import TUNE_TRAIN
 from qharness.models.mitigations import build_
 from qharness.models.mitigations.outlier_penalty import OutlierPenalty
 from qharness.models.sources import ModelSpec, classify, load_model
 from qharness.models.sources import tune as tune_names
-from qharness.recipe import TUNE_TRAIN
 from qharness.tasks.spec import tasks_dir
 from qharness.training.ensure import ensure
 from qharness.training.tune import read_documents, retrofit_
@@ -148,7 +148,7 @@ def test_training_sequences_past_the_base_models_positions_are_refused(capsys, t
     before any model loads (they failed mid-run with an IndexError, leaving a run folder behind)."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from qharness.errors import ConfigError
+    from qharness.core.errors import ConfigError
 
     folder = tmp_path / "gpt2"
     GPT2LMHeadModel(GPT2Config(vocab_size=len(tiny_tokenizer), n_embd=32, n_layer=1, n_head=2, n_positions=64,
@@ -323,7 +323,7 @@ def _kill_at(stop: int):
 def test_the_long_recipe_resumes_its_schedule_and_snapshots_exactly(tmp_path, tiny_model_dir, monkeypatch):
     """Killed mid-run and resumed, the warmup + cosine recipe ends on the unbroken run's weights bit for bit, with the
     same bf16 snapshots and the same logged lr and loss at every step."""
-    from qharness.recipe import TUNE400_TRAIN
+    from qharness.data.recipe import TUNE400_TRAIN
     from qharness.training import tune as tune_training
     from qharness.training.tune import continue_training
 
@@ -397,7 +397,7 @@ def test_bad_long_names_are_one_line_errors(name, message):
 
 
 def test_a_snapshot_name_trains_its_run_then_reads_that_step(tmp_path, tiny_model_dir, monkeypatch):
-    from qharness.recipe import TUNE400_TRAIN
+    from qharness.data.recipe import TUNE400_TRAIN
 
     monkeypatch.setenv("QHARNESS_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(tune_names, "LONG_RECIPE", replace(

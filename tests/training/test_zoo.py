@@ -6,11 +6,11 @@ import pytest
 
 from qharness.activations.scan import ScanConfig
 from qharness.cli import main
-from qharness.errors import ConfigError, ModelLoadError, UnknownName
+from qharness.core.errors import ConfigError, ModelLoadError, UnknownName
+from qharness.data.recipe import ArchConfig, Recipe, TrainConfig
+from qharness.data.results import read_rows
+from qharness.experiment.scanning import ScanSpec, run_scan
 from qharness.models.sources import ModelSpec, classify, load_model, zoo
-from qharness.recipe import ArchConfig, Recipe, TrainConfig
-from qharness.results import read_rows
-from qharness.scanning import ScanSpec, run_scan
 from qharness.training.ensure import ensure
 
 
@@ -83,8 +83,8 @@ def test_a_finished_run_keeps_no_checkpoint_and_a_rerun_trains_nothing(tiny_zoo,
 
 @pytest.mark.parametrize("name", zoo.GRID)
 def test_every_variant_trains_scans_and_runs(name, tiny_zoo, tiny_task_dir):
+    from qharness.experiment.runner import run
     from qharness.experiment.settings import RunSettings
-    from qharness.runner import run
 
     results = tiny_zoo / "lb.csv"
     profile = run_scan(ScanSpec(model=ModelSpec(name, device="cpu"), config=ScanConfig(sequences=1, length=24),

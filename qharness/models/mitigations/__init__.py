@@ -22,8 +22,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from qharness.errors import ConfigError
-from qharness.registry import Registry
+from qharness.core.errors import ConfigError
+from qharness.core.registry import Registry
 
 MODULES = tuple(f"qharness.models.mitigations.{name}"
                 for name in ("dyt", "tvr", "kv_bias", "gated_attention", "clipped_softmax", "outlier_penalty",

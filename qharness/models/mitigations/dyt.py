@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 from typing import TYPE_CHECKING, Any
 
-from qharness.errors import ConfigError
+from qharness.core.errors import ConfigError
 from qharness.models.mitigations import MITIGATIONS, Mitigation, placed_like
 
 if TYPE_CHECKING:

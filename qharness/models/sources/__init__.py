@@ -25,8 +25,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from qharness.errors import BackendUnavailable, ConfigError, ModelLoadError, QHarnessError
-from qharness.registry import Registry
+from qharness.core.errors import BackendUnavailable, ConfigError, ModelLoadError, QHarnessError
+from qharness.core.registry import Registry
 
 if TYPE_CHECKING:
     import torch

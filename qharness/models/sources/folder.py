@@ -7,7 +7,7 @@ import shlex
 from pathlib import Path
 from typing import Any
 
-from qharness.errors import ModelLoadError
+from qharness.core.errors import ModelLoadError
 from qharness.models.sources import SOURCES, Source
 
 

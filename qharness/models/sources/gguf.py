@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from qharness.errors import ModelLoadError
+from qharness.core.errors import ModelLoadError
 from qharness.models.sources import SOURCES, Source
 
 

@@ -20,7 +20,7 @@ import difflib
 from dataclasses import dataclass
 from typing import Any
 
-from qharness.errors import ModelLoadError, UnknownName
+from qharness.core.errors import ModelLoadError, UnknownName
 from qharness.models.sources import SOURCES, Source
 
 PREFIX = "pair:"

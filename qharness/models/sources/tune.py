@@ -18,10 +18,10 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from qharness.cache import cache_path
-from qharness.errors import ConfigError, ModelLoadError, QHarnessError, UnknownName
+from qharness.core.cache import cache_path
+from qharness.core.errors import ConfigError, ModelLoadError, QHarnessError, UnknownName
+from qharness.data.recipe import TUNE400_SNAPSHOTS, TUNE400_TRAIN, TuneRecipe
 from qharness.models.sources import SOURCES, Source, read_trained, source_for
-from qharness.recipe import TUNE400_SNAPSHOTS, TUNE400_TRAIN, TuneRecipe
 
 PREFIX = "tune:"
 LONG_PREFIX = "tune400:"
@@ -30,6 +30,12 @@ LONG_RECIPE = TuneRecipe(base="", train=TUNE400_TRAIN, snapshots=TUNE400_SNAPSHO
 SNAPSHOTS = "snapshots"  # the run folder's subfolder of step<N> model folders
 STEP = re.compile(r"^(.*)@step(\d+)$")
 SETTINGS = re.compile(r"^(?P<rest>.*?)(?P<settings>(?::[A-Za-z_]+=[^:]*)+)?$")  # a base holds no ':NAME=' part
+
+
+def step_of(model: str) -> tuple[str, int] | None:
+    """`tune400:smollm2-135m-none@step100` -> ("tune400:smollm2-135m-none", 100); None for a name without a step."""
+    matched = STEP.match(model)
+    return (matched.group(1), int(matched.group(2))) if matched else None
 
 
 @dataclass(frozen=True)

@@ -15,10 +15,10 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from qharness.cache import cache_path
-from qharness.errors import QHarnessError, UnknownName
+from qharness.core.cache import cache_path
+from qharness.core.errors import QHarnessError, UnknownName
+from qharness.data.recipe import ARCHES, Recipe
 from qharness.models.sources import SOURCES, Source, is_trained_run, read_trained
-from qharness.recipe import ARCHES, Recipe
 
 PREFIX = "zoo:"
 BASELINE = "base"  # the mitigation part of a zoo name for "no mitigation"

@@ -19,8 +19,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from qharness.errors import BackendUnavailable, ConfigError
-from qharness.registry import Registry
+from qharness.core.errors import BackendUnavailable, ConfigError
+from qharness.core.registry import Registry
 
 if TYPE_CHECKING:
     from torch import Tensor, nn

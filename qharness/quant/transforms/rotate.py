@@ -27,7 +27,7 @@ import contextlib
 import sys
 from typing import TYPE_CHECKING
 
-from qharness.errors import ConfigError
+from qharness.core.errors import ConfigError
 from qharness.quant.transforms import TRANSFORMS, Transform
 
 if TYPE_CHECKING:  # torch is imported where it runs, so `qharness list` stays fast

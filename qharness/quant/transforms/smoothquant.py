@@ -29,7 +29,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
-from qharness.errors import ConfigError
+from qharness.core.errors import ConfigError
 from qharness.quant.transforms import TRANSFORMS, Transform
 
 if TYPE_CHECKING:  # torch is imported where it runs, so `qharness list` stays fast

@@ -1,0 +1,68 @@
+"""Seeds of one recipe: models trained here with the same recipe and different training seeds, grouped.
+
+The rule: two rows are seeds of one recipe when their `train_recipe` (the digest of the training recipe without its
+seed, from each model's training.json) agrees, their `train_seed` differs, and everything else that makes a row (the
+scheme, what was kept, the KV cache, the transform, the task, the metric and the evaluation setting) is the same.
+Each group gives the mean and the spread (sample standard deviation, and min to max) over seeds of the value (the
+fp perplexity, a scan measure such as max |h|, a quantized perplexity) and of the relative change, which is the
+uncertainty a single trained model cannot show.
+"""
+
+from __future__ import annotations
+
+import statistics
+from typing import Any
+
+from qharness.data.results import Row
+from qharness.report.degradation import percent
+
+GROUP_COLUMNS = ("train_recipe", "mitigation", "quant", "backend", "keep", "kv", "transform", "task", "task_hash",
+                 "metric", "bos", "context_length", "limit", "dtype")
+
+
+def seed_groups(rows: list[Row]) -> list[dict[str, Any]]:
+    groups: dict[tuple[str, ...], dict[str, Row]] = {}
+    for row in rows:
+        if not row.get("train_recipe") or row.get("train_seed", "") == "":
+            continue
+        groups.setdefault(tuple(row.get(c, "") for c in GROUP_COLUMNS), {})[row["train_seed"]] = row
+    out = []
+    for group, by_seed in sorted(groups.items()):
+        if len(by_seed) < 2:
+            continue
+        members = [by_seed[s] for s in sorted(by_seed, key=int)]
+        values = [float(r["value"]) for r in members]
+        rels = [float(r["rel_delta"]) for r in members if r.get("rel_delta") and r["quant"] != "none"]
+        fields = dict(zip(GROUP_COLUMNS, group, strict=True))
+        out.append({**{k: fields[k] for k in ("train_recipe", "mitigation", "quant", "keep", "kv", "transform",
+                                               "task", "metric", "limit")},
+                    "seeds": [int(s) for s in sorted(by_seed, key=int)], "models": [r["model"] for r in members],
+                    "value_mean": statistics.fmean(values), "value_sd": statistics.stdev(values),
+                    "value_min": min(values), "value_max": max(values),
+                    "rel_mean": statistics.fmean(rels) if rels else None,
+                    "rel_sd": statistics.stdev(rels) if len(rels) >= 2 else None,
+                    "rel_min": min(rels, default=None), "rel_max": max(rels, default=None)})
+    return out
+
+
+def seeds_markdown(groups: list[dict[str, Any]], table_of: Any) -> list[str]:
+    parts = ["", "## Training seeds: one recipe trained with several seeds", ""]
+    if not groups:
+        return parts + ["No recipe has results for more than one training seed yet (`qharness train --seed S` gives "
+                        "each model its seed; rows record it as train_seed)."]
+    parts += ["Rows of models trained with the same recipe (train_recipe) and different seeds, on the same scheme, "
+              "task and evaluation setting: mean, sample standard deviation and range over seeds.", ""]
+    parts.append(table_of(["recipe", "mitigation", "scheme", "task", "metric", "limit", "seeds", "value mean", "sd",
+                           "range", "rel mean", "rel sd", "rel range"],
+                          [[g["train_recipe"], g["mitigation"], _scheme(g), g["task"], g["metric"], g["limit"] or "all",
+                            ", ".join(map(str, g["seeds"])), f"{g['value_mean']:.4g}", f"{g['value_sd']:.2g}",
+                            f"{g['value_min']:.4g} to {g['value_max']:.4g}", percent(g["rel_mean"]),
+                            "" if g["rel_sd"] is None else f"{g['rel_sd'] * 100:.2f} pts",
+                            "" if g["rel_min"] is None else f"{percent(g['rel_min'])} to {percent(g['rel_max'])}"]
+                           for g in groups]))
+    return parts
+
+
+def _scheme(group: dict[str, Any]) -> str:
+    extras = [f"{name} {group[name]}" for name in ("keep", "kv", "transform") if group[name]]
+    return group["quant"] + (f" ({', '.join(extras)})" if extras else "")

@@ -1,0 +1,81 @@
+"""The training curves: the driver that trains, evaluates and prunes each run's steps (curve_sweep.py), and the
+report's curves (curves.py), on the tiny model with a few steps."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from qharness.data.recipe import TUNE400_TRAIN
+from qharness.data.results import read_rows
+from qharness.experiment.curve_sweep import curve_sweep, main, run_groups
+from qharness.experiment.sweep import SweepConfig
+from qharness.models.sources import tune as tune_names
+from qharness.models.sources.tune import step_of
+from qharness.report.compare import compare
+from qharness.tasks.spec import tasks_dir
+
+CALIBRATION = str(tasks_dir() / "data" / "calibration.txt")
+
+
+@pytest.fixture()
+def short_recipe(tmp_path, monkeypatch):
+    monkeypatch.setenv("QHARNESS_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(tune_names, "LONG_RECIPE", replace(
+        tune_names.LONG_RECIPE, data=(CALIBRATION,), snapshots=(2, 4),
+        train=replace(TUNE400_TRAIN, steps=4, warmup=1, context=32, log_every=1, checkpoint_every=2)))
+
+
+def test_names_group_by_run_in_file_order():
+    assert step_of("tune400:m-none@step40") == ("tune400:m-none", 40) and step_of("smollm2-135m") is None
+    assert run_groups(("tune400:m-none@step2", "tune400:m-none@step4", "base", "tune400:m-kv_bias@step2")) == [
+        ("tune400:m-none", ("tune400:m-none@step2", "tune400:m-none@step4")), ("base", ("base",)),
+        ("tune400:m-kv_bias", ("tune400:m-kv_bias@step2",))]
+
+
+def test_the_curve_sweep_trains_evaluates_prunes_and_resumes(short_recipe, tmp_path, tiny_model_dir, tiny_task_dir):
+    runs = [f"tune400:{tiny_model_dir}-none", f"tune400:{tiny_model_dir}-lp_penalty:power=8:threshold=0.5"]
+    models = [f"{run}@step{step}" for run in runs for step in (2, 4)] + [str(tiny_model_dir)]
+    (tmp_path / "curves.yaml").write_text(
+        f"models: [{', '.join(models)}]\nquants: [int8-w8a8-tensor, int8-w8a8-token]\n"
+        f"tasks: [{tiny_task_dir / 'short.yaml'}]\nresults: {tmp_path / 'lb.csv'}\nscan: true\n")
+    config = SweepConfig.from_file(tmp_path / "curves.yaml")
+    report = curve_sweep(config, say=lambda message: None)
+    rows = read_rows(tmp_path / "lb.csv")
+    assert report.computed == 5 * 3  # each model: fp and two schemes
+    assert {r["model"] for r in rows} == set(models)  # each step keyed apart, scans included
+    assert {r["family"] for r in rows if r["model"].endswith("@step2")} == {f"tune400:{tiny_model_dir}@step2"}
+    for run in runs:  # evaluated steps are deleted, the trained model stays
+        folder = tune_names.folder_for(run)
+        assert (folder / "model" / "config.json").is_file() and not any((folder / "snapshots").iterdir())
+    assert main([str(tmp_path / "curves.yaml")]) == 0  # a rerun loads nothing: every row is there
+    assert len(read_rows(tmp_path / "lb.csv")) == len(rows)
+
+    summary = compare(tmp_path / "lb.csv", tmp_path / "report")
+    curves = {c["run"]: c for c in summary["curves"]}
+    assert set(curves) == set(runs)
+    control, penalized = curves[runs[0]]["points"], curves[runs[1]]["points"]
+    assert set(control["fp ppl"]) == {0, 2, 4}  # step 0: the model the runs started from
+    assert control["fp ppl"][0] == penalized["fp ppl"][0]
+    assert set(penalized["fp vs control"]) == {2, 4} and set(control["int8-w8a8-tensor"]) == {0, 2, 4}
+    assert penalized["fp vs control"][4] == pytest.approx(penalized["fp ppl"][4] / control["fp ppl"][4] - 1)
+    drawn = sorted(Path(p).name for p in summary["plots"] if Path(p).name.startswith("curve_"))
+    assert drawn == ["curve_fp_ppl.png", "curve_fp_vs_control.png", "curve_int8-w8a8-tensor.png",
+                     "curve_int8-w8a8-token.png", "curve_max_abs.png", "curve_max_median.png"]
+    assert all((tmp_path / "report" / name).stat().st_size > 0 for name in drawn)
+    report_md = (tmp_path / "report" / "report.md").read_text()
+    assert "## Training curves" in report_md and f"| {runs[1]} | 2, 4 |" in report_md
+    table = report_md.split("## Training curves")[1].split("\n\n")[2].splitlines()
+    assert len(table) == 4 and len({line.count("|") for line in table}) == 1  # no label breaks a column
+
+
+def test_a_bad_name_in_the_file_stops_before_anything_trains(short_recipe, tmp_path, tiny_model_dir, tiny_task_dir,
+                                                              capsys):
+    (tmp_path / "curves.yaml").write_text(
+        f"models: [tune400:{tiny_model_dir}-none@step2, tune400:{tiny_model_dir}-none@step3]\nquants: [int8]\n"
+        f"tasks: [{tiny_task_dir / 'short.yaml'}]\nresults: {tmp_path / 'lb.csv'}\n")
+    assert main([str(tmp_path / "curves.yaml")]) == 2
+    assert "keeps no weights at step 3; its snapshots: @step2, @step4" in capsys.readouterr().err
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "lb.csv").exists()
