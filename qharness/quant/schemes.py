@@ -1,8 +1,8 @@
 """Quantization schemes: what is quantized (weights, activations), to which format, at which granularity.
 
 A scheme is data (`QuantScheme`); the arithmetic lives in `sim.py` (the reference) and in library backends.
-Add a scheme: one function returning a `QuantScheme`, decorated with `@SCHEMES.register("name")`; `sim` runs it,
-and a library backend runs it once its capability table (quant/backend.py) lists it.
+Add a scheme: one `QuantScheme` entry in `TABLE` (a table, not code: every scheme is the same few fields); `sim`
+runs it at once, and a library backend runs it once its capability table (quant/backends/) lists it.
 Names read `<format>-<what>-<activation granularity>`, e.g. `int8-w8a8-token`, with `-g<size>` when the weights are
 grouped unlike their format's default. Microscaling formats (`mxfp8`, `mxfp4`, `nvfp4`) fix their own block size and
 scale format, so their names stop at `<what>`.
@@ -15,8 +15,8 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
-from qharness.errors import ConfigError
-from qharness.registry import Registry
+from qharness.core.errors import ConfigError
+from qharness.core.registry import Registry
 
 Format = Literal["int8", "int4", "fp8_e4m3", "fp8_e5m2", "fp4_e2m1", "nf4"]
 FORMATS: tuple[str, ...] = ("int8", "int4", "fp8_e4m3", "fp8_e5m2", "fp4_e2m1", "nf4")
@@ -206,101 +206,74 @@ class Keep:
         return ";".join(parts)
 
 
-SCHEMES: Registry[Any] = Registry("scheme")  # name -> () -> QuantScheme
-
-
-def get_scheme(name: str) -> QuantScheme:
-    return SCHEMES.get(name)()
-
-
 SMOOTHQUANT = "Xiao et al. 2023, SmoothQuant (arXiv 2211.10438)"
 LLM_INT8 = "Dettmers et al. 2022, LLM.int8() (arXiv 2208.07339)"
 FP8_FORMATS = "Micikevicius et al. 2022, FP8 Formats for Deep Learning (arXiv 2209.05433)"
+QUAROT = "Ashkboos et al. 2024, QuaRot (arXiv 2404.00456)"
+OCP_MX = "OCP Microscaling Formats (MX) v1.0 spec (2023); Rouhani et al. 2023 (arXiv 2310.10537)"
+NVFP4 = "NVIDIA NVFP4 (Blackwell): E2M1 in blocks of 16, E4M3 block scales, one fp32 scale per tensor"
+MX_BLOCK = PerBlock(32, "e8m0")
+NVFP4_BLOCK = PerBlock(16, "e4m3")
+TORCHAO_INT8 = ("torchao 0.18 Int8Tensor.from_hp -> choose_qparams_affine(MappingType.SYMMETRIC): "
+                "scale = amax / ((127 - (-128)) / 2)")
 
 
-@SCHEMES.register("int8-w8a8-token", aliases=("int8",))
-def int8_w8a8_token() -> QuantScheme:
-    return QuantScheme(
+# The schemes, as data: a scheme is a `QuantScheme`; adding one is one more entry here (or `SCHEMES.add(name,
+# QuantScheme(...))` from another module), and `sim` runs it at once.
+TABLE: tuple[QuantScheme, ...] = (
+    # ---- INT8 -------------------------------------------------------------------------------------------------------
+    QuantScheme(
         name="int8-w8a8-token",
         weights=TensorQuant("int8", PerChannel()),
         activations=TensorQuant("int8", PerToken()),
         description="INT8 weights per output channel, INT8 activations per token (dynamic), symmetric",
         reference=f"the W8A8 per-token baseline of {SMOOTHQUANT}",
-    )
-
-
-# ---- INT8 -------------------------------------------------------------------------------------------------------
-@SCHEMES.register("int8-weight-channel", aliases=("int8-wo",))
-def int8_weight_channel() -> QuantScheme:
-    return QuantScheme(
+    ),
+    QuantScheme(
         name="int8-weight-channel",
         weights=TensorQuant("int8", PerChannel()),
         activations=None,
         description="INT8 weight-only, one scale per output channel, symmetric",
         reference="round-to-nearest weight-only; torchao Int8WeightOnlyConfig",
-    )
-
-
-@SCHEMES.register("int8-w8a8-tensor")
-def int8_w8a8_tensor() -> QuantScheme:
-    return QuantScheme(
+    ),
+    QuantScheme(
         name="int8-w8a8-tensor",
         weights=TensorQuant("int8", PerChannel()),
         activations=TensorQuant("int8", PerTensor()),
         description="INT8 weights per channel, INT8 activations with one dynamic scale per tensor",
         reference=f"the naive W8A8 of {SMOOTHQUANT}: the scheme massive activations break",
-    )
-
-
-@SCHEMES.register("int8-w8a8-tensor-static")
-def int8_w8a8_tensor_static() -> QuantScheme:
-    return QuantScheme(
+    ),
+    QuantScheme(
         name="int8-w8a8-tensor-static",
         weights=TensorQuant("int8", PerChannel()),
         activations=TensorQuant("int8", PerTensor(), dynamic=False, observer="minmax"),
         description="INT8 weights per channel, INT8 activations with a static per-tensor scale (calibrated max)",
         reference=f"static W8A8 of {SMOOTHQUANT}",
-    )
-
-
-@SCHEMES.register("int8-w8a8-tensor-static-p9999")
-def int8_w8a8_tensor_static_percentile() -> QuantScheme:
-    return QuantScheme(
+    ),
+    QuantScheme(
         name="int8-w8a8-tensor-static-p9999",
         weights=TensorQuant("int8", PerChannel()),
         activations=TensorQuant("int8", PerTensor(), dynamic=False, observer="percentile", percentile=99.99),
         description="as int8-w8a8-tensor-static, scale from the 99.99th percentile of |x|: clips the outliers",
         reference="percentile calibration (Wu et al. 2020, arXiv 2004.09602)",
-    )
-
-
-@SCHEMES.register("llm-int8")
-def llm_int8() -> QuantScheme:
-    return QuantScheme(
+    ),
+    QuantScheme(
         name="llm-int8",
         weights=TensorQuant("int8", PerChannel()),
         activations=TensorQuant("int8", PerToken()),
         description="LLM.int8(): W8A8 per token/channel, input columns with any |x| > 6 kept in 16-bit",
         reference=LLM_INT8,
         outlier_threshold=6.0,
-    )
-
-
-# ---- INT4 -------------------------------------------------------------------------------------------------------
-@SCHEMES.register("int4-weight-g128", aliases=("int4",))
-def int4_weight_g128() -> QuantScheme:
-    return QuantScheme(
+    ),
+    # ---- INT4 -------------------------------------------------------------------------------------------------------
+    QuantScheme(
         name="int4-weight-g128",
         weights=TensorQuant("int4", PerGroup(128), symmetric=False),
         activations=None,
         description="INT4 weight-only round-to-nearest, asymmetric, groups of 128 input channels",
         reference="RTN g128 baseline of GPTQ/AWQ papers; torchao IntxWeightOnlyConfig(int4, PerGroup(128))",
-    )
-
-
-@SCHEMES.register("int4-weight-g128-tinygemm")
-def int4_weight_g128_tinygemm() -> QuantScheme:
-    return QuantScheme(
+    ),
+    QuantScheme(
         name="int4-weight-g128-tinygemm",
         weights=TensorQuant("int4", PerGroup(128), symmetric=False, zero_point="float"),
         activations=None,
@@ -308,255 +281,175 @@ def int4_weight_g128_tinygemm() -> QuantScheme:
                     "min..max (0 not kept exact), scale and zero in the model's dtype",
         reference="torchao Int4WeightOnlyConfig(TILE_PACKED_TO_4D), the CUDA tinygemm kernel (gpt-fast); "
                   "torchao.quantization.quant_primitives._choose_qparams_affine_tinygemm",
-    )
-
-
-QUAROT = "Ashkboos et al. 2024, QuaRot (arXiv 2404.00456)"
-
-
-@SCHEMES.register("int4-w4a8-token")
-def int4_w4a8_token() -> QuantScheme:
-    return QuantScheme(
+    ),
+    QuantScheme(
         name="int4-w4a8-token",
         weights=TensorQuant("int4", PerChannel()),
         activations=TensorQuant("int8", PerToken()),
         description="INT4 weights per output channel, INT8 activations per token (dynamic), symmetric",
         reference=f"the W4A8 setting of {QUAROT} and its successors, round-to-nearest",
-    )
-
-
-@SCHEMES.register("int4-w4a4-token")
-def int4_w4a4_token() -> QuantScheme:
-    return QuantScheme(
+    ),
+    QuantScheme(
         name="int4-w4a4-token",
         weights=TensorQuant("int4", PerChannel()),
         activations=TensorQuant("int4", PerToken()),
         description="INT4 weights per output channel, INT4 activations per token (dynamic), symmetric",
         reference=f"the W4A4 round-to-nearest baseline of {QUAROT}",
-    )
-
-
-@SCHEMES.register("int4-w4a4-tensor")
-def int4_w4a4_tensor() -> QuantScheme:
-    return QuantScheme(
+    ),
+    QuantScheme(
         name="int4-w4a4-tensor",
         weights=TensorQuant("int4", PerChannel()),
         activations=TensorQuant("int4", PerTensor()),
         description="INT4 weights per output channel, INT4 activations with one scale per tensor (dynamic)",
         reference=f"W4A4 with per-tensor activation scales, the setting outlier tokens break most ({QUAROT})",
-    )
-
-
-# Weights grouped by 128 input channels, activations as in the per-channel schemes above: only the weight
-# granularity changes, so symmetric like them (the asymmetric g128 of int4-weight-g128 would change two things).
-@SCHEMES.register("int4-w4a8-token-g128")
-def int4_w4a8_token_g128() -> QuantScheme:
-    return QuantScheme(
+    ),
+    # Weights grouped by 128 input channels, activations as in the per-channel schemes above: only the weight
+    # granularity changes, so symmetric like them (the asymmetric g128 of int4-weight-g128 would change two things).
+    QuantScheme(
         name="int4-w4a8-token-g128",
         weights=TensorQuant("int4", PerGroup(128)),
         activations=TensorQuant("int8", PerToken()),
         description="INT4 weights in groups of 128 input channels, INT8 activations per token (dynamic), symmetric",
         reference=f"the W4A8 g128 setting of {QUAROT} and QServe (Lin et al. 2024, arXiv 2405.04532), RTN",
-    )
-
-
-@SCHEMES.register("int4-w4a4-token-g128")
-def int4_w4a4_token_g128() -> QuantScheme:
-    return QuantScheme(
+    ),
+    QuantScheme(
         name="int4-w4a4-token-g128",
         weights=TensorQuant("int4", PerGroup(128)),
         activations=TensorQuant("int4", PerToken()),
         description="INT4 weights in groups of 128 input channels, INT4 activations per token (dynamic), symmetric",
         reference=f"the W4A4 g128 round-to-nearest baseline of {QUAROT}",
-    )
-
-
-@SCHEMES.register("int4-w4a4-tensor-g128")
-def int4_w4a4_tensor_g128() -> QuantScheme:
-    return QuantScheme(
+    ),
+    QuantScheme(
         name="int4-w4a4-tensor-g128",
         weights=TensorQuant("int4", PerGroup(128)),
         activations=TensorQuant("int4", PerTensor()),
         description="INT4 weights in groups of 128 input channels, INT4 activations with one scale per tensor",
         reference=f"as int4-w4a4-tensor with grouped weights: isolates what the activations lose ({QUAROT})",
-    )
-
-
-@SCHEMES.register("gptq-int4-g128", aliases=("gptq",))
-def gptq_int4_g128() -> QuantScheme:
-    return QuantScheme(
+    ),
+    QuantScheme(
         name="gptq-int4-g128",
         weights=TensorQuant("int4", PerGroup(128)),
         activations=None,
         description="GPTQ 4-bit, symmetric, groups of 128: calibrated second-order weight rounding (gptqmodel)",
         reference="Frantar et al. 2023, GPTQ (arXiv 2210.17323); gptqmodel",
-    )
-
-
-@SCHEMES.register("nf4")
-def nf4() -> QuantScheme:
-    return QuantScheme(
+    ),
+    QuantScheme(
         name="nf4",
         weights=TensorQuant("nf4", PerGroup(64)),
         activations=None,
         description="NF4 weight-only (normal-float 4-bit codebook, absmax blocks of 64)",
         reference="Dettmers et al. 2023, QLoRA (arXiv 2305.14314); bitsandbytes Linear4bit",
-    )
-
-
-# ---- FP8 --------------------------------------------------------------------------------------------------------
-@SCHEMES.register("fp8-e4m3-w8a8-tensor", aliases=("fp8",))
-def fp8_e4m3_w8a8_tensor() -> QuantScheme:
-    return QuantScheme(
+    ),
+    # ---- FP8 --------------------------------------------------------------------------------------------------------
+    QuantScheme(
         name="fp8-e4m3-w8a8-tensor",
         weights=TensorQuant("fp8_e4m3", PerTensor()),
         activations=TensorQuant("fp8_e4m3", PerTensor()),
         description="FP8 E4M3 weights and activations, one dynamic scale per tensor (amax -> 448)",
         reference=f"{FP8_FORMATS}; torchao Float8DynamicActivationFloat8Weight(PerTensor)",
-    )
-
-
-@SCHEMES.register("fp8-e4m3-w8a8-token")
-def fp8_e4m3_w8a8_token() -> QuantScheme:
-    return QuantScheme(
+    ),
+    QuantScheme(
         name="fp8-e4m3-w8a8-token",
         weights=TensorQuant("fp8_e4m3", PerChannel()),
         activations=TensorQuant("fp8_e4m3", PerToken()),
         description="FP8 E4M3, per-channel weight and per-token activation scales ('rowwise')",
         reference=f"{FP8_FORMATS}; torchao Float8DynamicActivationFloat8Weight(PerRow)",
-    )
-
-
-@SCHEMES.register("fp8-e4m3-weight")
-def fp8_e4m3_weight() -> QuantScheme:
-    return QuantScheme(
+    ),
+    QuantScheme(
         name="fp8-e4m3-weight",
         weights=TensorQuant("fp8_e4m3", PerChannel()),
         activations=None,
         description="FP8 E4M3 weight-only, one scale per output channel",
         reference=f"{FP8_FORMATS}; torchao Float8WeightOnlyConfig",
-    )
-
-
-@SCHEMES.register("fp8-e5m2-w8a8-tensor")
-def fp8_e5m2_w8a8_tensor() -> QuantScheme:
-    return QuantScheme(
+    ),
+    QuantScheme(
         name="fp8-e5m2-w8a8-tensor",
         weights=TensorQuant("fp8_e5m2", PerTensor()),
         activations=TensorQuant("fp8_e5m2", PerTensor()),
         description="FP8 E5M2 (more range, 2 mantissa bits), one dynamic scale per tensor",
         reference=FP8_FORMATS,
-    )
-
-
-@SCHEMES.register("fp8-e4m3-unscaled")
-def fp8_e4m3_unscaled() -> QuantScheme:
-    return QuantScheme(
+    ),
+    QuantScheme(
         name="fp8-e4m3-unscaled",
         weights=TensorQuant("fp8_e4m3", PerTensor(), scaled=False),
         activations=TensorQuant("fp8_e4m3", PerTensor(), scaled=False),
         description="FP8 E4M3 plain cast, no scales: values past 448 (massive activations) saturate to 448",
         reference=f"{FP8_FORMATS}: what happens without scaling",
-    )
-
-
-@SCHEMES.register("fp8-e5m2-unscaled")
-def fp8_e5m2_unscaled() -> QuantScheme:
-    return QuantScheme(
+    ),
+    QuantScheme(
         name="fp8-e5m2-unscaled",
         weights=TensorQuant("fp8_e5m2", PerTensor(), scaled=False),
         activations=TensorQuant("fp8_e5m2", PerTensor(), scaled=False),
         description="FP8 E5M2 plain cast, no scales: values past 57344 overflow to inf",
         reference=f"{FP8_FORMATS}: what happens without scaling",
-    )
-
-
-# ---- Microscaling (MX, NVFP4) -------------------------------------------------------------------------------------
-OCP_MX = "OCP Microscaling Formats (MX) v1.0 spec (2023); Rouhani et al. 2023 (arXiv 2310.10537)"
-NVFP4 = "NVIDIA NVFP4 (Blackwell): E2M1 in blocks of 16, E4M3 block scales, one fp32 scale per tensor"
-MX_BLOCK = PerBlock(32, "e8m0")
-NVFP4_BLOCK = PerBlock(16, "e4m3")
-
-
-@SCHEMES.register("mxfp8-w8a8")
-def mxfp8_w8a8() -> QuantScheme:
-    return QuantScheme(
+    ),
+    # ---- Microscaling (MX, NVFP4) ------------------------------------------------------------------------------------
+    QuantScheme(
         name="mxfp8-w8a8",
         weights=TensorQuant("fp8_e4m3", MX_BLOCK),
         activations=TensorQuant("fp8_e4m3", MX_BLOCK),
         description="MXFP8: E4M3 weights and activations, a power-of-two (E8M0) scale per 32 input channels",
         reference=f"{OCP_MX}; torchao MXDynamicActivationMXWeightConfig(float8_e4m3fn)",
-    )
-
-
-@SCHEMES.register("mxfp4-w4a4")
-def mxfp4_w4a4() -> QuantScheme:
-    return QuantScheme(
+    ),
+    QuantScheme(
         name="mxfp4-w4a4",
         weights=TensorQuant("fp4_e2m1", MX_BLOCK),
         activations=TensorQuant("fp4_e2m1", MX_BLOCK),
         description="MXFP4: FP4 E2M1 weights and activations, a power-of-two (E8M0) scale per 32 input channels",
         reference=f"{OCP_MX}; torchao MXDynamicActivationMXWeightConfig(float4_e2m1fn_x2)",
-    )
-
-
-@SCHEMES.register("mxfp4-weight")
-def mxfp4_weight() -> QuantScheme:
-    return QuantScheme(
+    ),
+    QuantScheme(
         name="mxfp4-weight",
         weights=TensorQuant("fp4_e2m1", MX_BLOCK),
         activations=None,
         description="MXFP4 weight-only: FP4 E2M1, a power-of-two (E8M0) scale per 32 input channels",
         reference=OCP_MX,
-    )
-
-
-@SCHEMES.register("nvfp4-w4a4")
-def nvfp4_w4a4() -> QuantScheme:
-    return QuantScheme(
+    ),
+    QuantScheme(
         name="nvfp4-w4a4",
         weights=TensorQuant("fp4_e2m1", NVFP4_BLOCK),
         activations=TensorQuant("fp4_e2m1", NVFP4_BLOCK),
         description="NVFP4: FP4 E2M1 weights and activations, E4M3 scale per 16 input channels + fp32 per tensor",
         reference=f"{NVFP4}; torchao NVFP4DynamicActivationNVFP4WeightConfig",
-    )
-
-
-@SCHEMES.register("nvfp4-weight")
-def nvfp4_weight() -> QuantScheme:
-    return QuantScheme(
+    ),
+    QuantScheme(
         name="nvfp4-weight",
         weights=TensorQuant("fp4_e2m1", NVFP4_BLOCK),
         activations=None,
         description="NVFP4 weight-only: FP4 E2M1, E4M3 scale per 16 input channels + fp32 per tensor",
         reference=f"{NVFP4}; torchao NVFP4WeightOnlyConfig",
-    )
-
-
-# ---- Library arithmetic that differs from the schemes above ------------------------------------------------------
-# A backend may only run a scheme whose arithmetic it does; where a library's differs, the difference is a scheme of
-# its own, run by sim too, so a row's name always says what was computed and a test can hold the library to it.
-TORCHAO_INT8 = ("torchao 0.18 Int8Tensor.from_hp -> choose_qparams_affine(MappingType.SYMMETRIC): "
-                "scale = amax / ((127 - (-128)) / 2)")
-
-
-@SCHEMES.register("int8-weight-channel-halfspan")
-def int8_weight_channel_halfspan() -> QuantScheme:
-    return QuantScheme(
+    ),
+    # ---- Library arithmetic that differs from the schemes above ------------------------------------------------------
+    # A backend may only run a scheme whose arithmetic it does; where a library's differs, the difference is a scheme of
+    # its own, run by sim too, so a row's name always says what was computed and a test can hold the library to it.
+    QuantScheme(
         name="int8-weight-channel-halfspan",
         weights=TensorQuant("int8", PerChannel(), int_scale="half-span"),
         activations=None,
         description="as int8-weight-channel, scale amax/127.5 (the full code span: -amax -> -128, +amax -> 127)",
         reference=f"{TORCHAO_INT8}; torchao Int8WeightOnlyConfig",
-    )
-
-
-@SCHEMES.register("int8-w8a8-token-halfspan")
-def int8_w8a8_token_halfspan() -> QuantScheme:
-    return QuantScheme(
+    ),
+    QuantScheme(
         name="int8-w8a8-token-halfspan",
         weights=TensorQuant("int8", PerChannel(), int_scale="half-span"),
         activations=TensorQuant("int8", PerToken(), int_scale="half-span"),
         description="as int8-w8a8-token, weight and activation scales amax/127.5 (the full code span)",
         reference=f"{TORCHAO_INT8}; torchao Int8DynamicActivationInt8WeightConfig",
-    )
+    ),
+)
+ALIASES = {  # short names people type -> the scheme they mean
+    "int8": "int8-w8a8-token",
+    "int8-wo": "int8-weight-channel",
+    "int4": "int4-weight-g128",
+    "gptq": "gptq-int4-g128",
+    "fp8": "fp8-e4m3-w8a8-tensor",
+}
+
+SCHEMES: Registry[QuantScheme] = Registry("scheme")
+for _scheme in TABLE:
+    SCHEMES.add(_scheme.name, _scheme, aliases=tuple(a for a, name in ALIASES.items() if name == _scheme.name))
+
+
+def get_scheme(name: str) -> QuantScheme:
+    """The scheme called `name` (or one of its aliases); one shared frozen instance."""
+    return SCHEMES.get(name)

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from qharness.errors import UnknownName
+from qharness.core.errors import UnknownName
 from qharness.quant.apply import convert_conv1d_, quantize_, target_linears
 from qharness.quant.backend import QuantContext, backends_for
 from qharness.quant.calibrate import calibration_batches
@@ -40,7 +40,7 @@ def sqnr_floor(scheme) -> float:
     return 20.0 if scheme.weight_bits == 8 else 10.0
 
 
-@pytest.mark.parametrize("name", [n for n in SCHEMES.names() if "sim" in backends_for(SCHEMES.get(n)())])
+@pytest.mark.parametrize("name", [n for n in SCHEMES.names() if "sim" in backends_for(SCHEMES.get(n))])
 def test_every_scheme_keeps_shapes_and_meets_its_sqnr_floor(tiny_model, tiny_tokenizer, heldout_text, name):
     scheme = get_scheme(name)
     ids = torch.randint(0, tiny_model.config.vocab_size, (2, 16))
