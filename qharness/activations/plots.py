@@ -5,21 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from qharness.core.figures import pyplot
+
 if TYPE_CHECKING:
     from qharness.activations.profile import Profile
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only, no display
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def plot_magnitudes(profile: Profile, path: Path, title: str) -> Path:
-    plt = _pyplot()
+    plt = pyplot()
     layers = [entry.layer for entry in profile.layers]
     fig, ax = plt.subplots(figsize=(7, 3.5))
     for rank, style in enumerate(("-o", "-s", "-^")):
@@ -41,7 +34,7 @@ def plot_attention_sink(profile: Profile, path: Path, title: str) -> Path | None
     shares = [entry.attention_on_first for entry in profile.layers]
     if all(share is None for share in shares):
         return None
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 3))
     ax.bar([entry.layer for entry in profile.layers], [s or 0.0 for s in shares], color="tab:purple")
     ax.set_ylim(0, 1)

@@ -34,8 +34,8 @@ from pathlib import Path
 from typing import Any
 
 from qharness.data.results import SCAN_TASK, Row, layer_errors_dir, read_rows, scan_dir, write_atomic
-from qharness.report.costs import cost_markdown, cost_points, plot_cost_quality
-from qharness.report.curves import build_curves, curves_markdown, plot_curves
+from qharness.report.costs import cost_markdown, cost_points
+from qharness.report.curves import build_curves, curves_markdown
 from qharness.report.degradation import Degradation, degradations, number, percent
 from qharness.report.families import REFERENCE, model_families, with_references
 from qharness.report.fixes import fixes_markdown, fixes_table
@@ -46,6 +46,14 @@ from qharness.report.noise import (
     ranked_markdown,
     ranked_schemes,
     within_noise,
+)
+from qharness.report.plots import (
+    plot_against_activation,
+    plot_cost_quality,
+    plot_curves,
+    plot_heatmap,
+    plot_layer_errors,
+    plot_training,
 )
 from qharness.report.predictors import predictor_points, predictors, predictors_markdown, profile_extras
 from qharness.report.seeds import seed_groups, seeds_markdown
@@ -254,27 +262,6 @@ def layer_error_summary(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def plot_layer_errors(entries: list[dict[str, Any]], path: Path) -> Path | None:
-    if not entries:
-        return None
-    from qharness.activations.plots import _pyplot
-
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for entry in entries:
-        label = f"{entry['model']} {entry['quant']}" + (f" keep {entry['keep']}" if entry.get("keep") else "")
-        ax.scatter([layer["fp_max"] for layer in entry["layers"]], [layer["rel_error"] for layer in entry["layers"]],
-                   s=12, label=label)
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("layer's max |activation| (fp)")
-    ax.set_ylabel("layer output error, relative L2")
-    ax.legend(fontsize=6)
-    fig.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(fig)
-    return path
-
-
 def _table(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
@@ -379,86 +366,6 @@ def html_report(markdown: str) -> str:
              "td,th{border:1px solid #ccc;padding:2px 8px;font-size:13px}img{max-width:100%}")
     return f"<!doctype html><html><head><meta charset='utf-8'><title>qharness report</title><style>{style}</style>" \
            f"</head><body>{''.join(body)}</body></html>\n"
-
-
-def plot_heatmap(items: list[Degradation], path: Path) -> Path | None:
-    ppl = [d for d in items if d.metric == "ppl" and not (d.keep or d.transform)]  # a KV setting is a scheme here
-    if not ppl:
-        return None
-    from qharness.activations.plots import _pyplot
-
-    plt = _pyplot()
-    models = sorted({d.model for d in ppl})
-    schemes = sorted({d.label for d in ppl})
-    cell: dict[tuple[str, str], list[float]] = defaultdict(list)
-    for d in ppl:
-        cell[(d.model, d.label)].append(d.rel * 100)
-    grid = [[sum(cell[(m, s)]) / len(cell[(m, s)]) if cell[(m, s)] else float("nan") for s in schemes]
-            for m in models]
-    fig, ax = plt.subplots(figsize=(2.0 + 0.6 * len(schemes), 1.2 + 0.5 * len(models)))
-    image = ax.imshow([[min(v, 100.0) for v in row] for row in grid], cmap="Reds", vmin=0, aspect="auto")
-    ax.set_xticks(range(len(schemes)), schemes, rotation=60, ha="right", fontsize=8)
-    ax.set_yticks(range(len(models)), models, fontsize=8)
-    for i, row in enumerate(grid):
-        for j, value in enumerate(row):
-            if value == value:  # not NaN
-                ax.text(j, i, f"{value:.1f}" if abs(value) < 1000 else f"{value:.0e}", ha="center", va="center",
-                        fontsize=6)
-    fig.colorbar(image, label="ppl change, % (cap 100)")
-    ax.set_title("perplexity change vs fp (mean over tasks)")
-    fig.savefig(path, dpi=120, bbox_inches="tight")  # rotated scheme names need the room
-    plt.close(fig)
-    return path
-
-
-def plot_training(families: dict[str, tuple[str, str]], path: Path) -> Path | None:
-    """max |h| on the training loop's probe batch against the step, for every model of a family trained here:
-    how fast each mitigation shrinks the activation (and whether it grows back)."""
-    from qharness.models.sources import related
-
-    logs = {model: log for model in sorted(families) if (log := related(model)[1]) is not None}
-    if not logs:
-        return None
-    from qharness.activations.plots import _pyplot
-
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for model, log in logs.items():
-        entries = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
-        ax.plot([e["step"] for e in entries], [e["max_abs"] for e in entries], "-o", markersize=3, label=model)
-    ax.set_yscale("log")
-    ax.set_xlabel("training step")
-    ax.set_ylabel("max |h| (probe batch)")
-    ax.legend(fontsize=6)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
-
-
-def plot_against_activation(items: list[Degradation], measures: dict[str, dict[str, float]],
-                            path: Path) -> Path | None:
-    points = [(measures[d.model]["massive_max"], d.rel * 100, d.quant) for d in items
-              if d.metric == "ppl" and d.plain and "massive_max" in measures.get(d.model, {})]
-    if not points:
-        return None
-    from qharness.activations.plots import _pyplot
-
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for quant in sorted({p[2] for p in points}):
-        xs = [p[0] for p in points if p[2] == quant]
-        ys = [p[1] for p in points if p[2] == quant]
-        ax.scatter(xs, ys, s=14, label=quant)
-    ax.set_xscale("log")
-    ax.set_yscale("symlog")
-    ax.set_xlabel("max |activation| (scan)")
-    ax.set_ylabel("perplexity change, %")
-    ax.legend(fontsize=6, ncol=2)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
 
 
 def compare(results: Path, out_dir: Path) -> dict[str, Any]:

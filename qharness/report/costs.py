@@ -5,7 +5,6 @@ them. Costs measured under sim are a simulation's, not a kernel's: they are list
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 from qharness.data.results import BASELINE, Row, is_cost
 from qharness.report.degradation import Degradation
@@ -67,25 +66,3 @@ def cost_markdown(points: list[CostPoint], table) -> list[str]:
                            "weights vs fp", "mode", "Pareto"], rows)]
 
 
-def plot_cost_quality(points: list[CostPoint], path: Path) -> Path | None:
-    kernels = [p for p in points if not p.simulated]
-    if not kernels:
-        return None
-    from qharness.activations.plots import _pyplot
-
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for (model, task, mode) in sorted({(p.model, p.task, p.mode) for p in kernels}):
-        group = sorted((p for p in kernels if (p.model, p.task, p.mode) == (model, task, mode)),
-                       key=lambda p: p.speedup)
-        ax.scatter([p.speedup for p in group], [p.quality * 100 for p in group], label=f"{model} {task} {mode}")
-        front = [p for p in group if p.pareto]
-        ax.plot([p.speedup for p in front], [p.quality * 100 for p in front], linestyle="--", linewidth=1)
-        for p in group:
-            ax.annotate(p.quant, (p.speedup, p.quality * 100), fontsize=7)
-    ax.set_xlabel(f"{COST_METRIC} against the fp model (x)")
-    ax.set_ylabel("perplexity change (%)")
-    ax.legend(fontsize=7)
-    fig.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(fig)
-    return path

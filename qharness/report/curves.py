@@ -10,10 +10,8 @@ own fp perplexity. One plot per measure with every run on it, and a table of the
 
 from __future__ import annotations
 
-import re
 from collections import defaultdict
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from qharness.data.results import SCAN_TASK, Row, is_baseline
@@ -121,29 +119,3 @@ def curves_markdown(curves: list[Curve], task: str | None, table: Any) -> list[s
             table(["run", "steps", *measures], rows)]
 
 
-def plot_curves(curves: list[Curve], out_dir: Path) -> list[Path]:
-    """One PNG per measure: the measure against the training step, one line per run."""
-    if not curves:
-        return []
-    from qharness.activations.plots import _pyplot
-
-    plt = _pyplot()
-    paths = []
-    for measure in measures_of(curves):
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for curve in curves:
-            points = sorted(curve.points.get(measure, {}).items())
-            if points:
-                values = [v * 100 if measure not in (*SCAN_CURVES.values(), FP) else v for _, v in points]
-                ax.plot([s for s, _ in points], values, "-o", markersize=3, label=curve.run)
-        if measure in SCAN_CURVES.values():
-            ax.set_yscale("log")
-        ax.set_xlabel("training step")
-        ax.set_ylabel(measure if measure in (*SCAN_CURVES.values(), FP) else f"{measure}: ppl change, %")
-        ax.legend(fontsize=5)
-        fig.tight_layout()
-        path = out_dir / f"curve_{re.sub(r'[^A-Za-z0-9_.-]+', '_', measure).strip('_')}.png"
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-        paths.append(path)
-    return paths
