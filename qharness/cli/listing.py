@@ -18,7 +18,7 @@ HELP = "list built-in models, quantization schemes and tasks"
 
 def main(args: argparse.Namespace) -> int:
     from qharness.models.builtin import BUILTIN_MODELS
-    from qharness.quant.backend import backends_for
+    from qharness.quant.backends import backends_for
     from qharness.quant.schemes import SCHEMES
     from qharness.tasks.spec import all_tasks
 
@@ -53,7 +53,7 @@ def main(args: argparse.Namespace) -> int:
         for entry in KV_SETTINGS:
             print(f"  {entry.name:30} {entry.obj().description}")
     if args.what in ("all", "backends"):
-        from qharness.quant.backend import load_backends
+        from qharness.quant.backends import load_backends
 
         print("backends:")
         for entry in load_backends():

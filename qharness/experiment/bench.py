@@ -41,10 +41,8 @@ from qharness.core import provenance
 from qharness.core.errors import ConfigError
 from qharness.data.results import BASELINE, BENCH_TASK, Row, append_rows, check_writable, existing_keys, key, make_row
 from qharness.models.sources import LoadedModel, ModelSpec, dtype_name, load_model, resolve_device, resolve_dtype
-from qharness.quant.apply import convert_conv1d_, quantize_, target_linears
-from qharness.quant.backend import QuantContext, select_backend
-from qharness.quant.footprint import weight_bytes
-from qharness.quant.schemes import SCHEMES, QuantScheme, get_scheme
+from qharness.quant import SCHEMES, QuantScheme, convert_conv1d_, get_scheme, quantize_, target_linears, weight_bytes
+from qharness.quant.backends import QuantContext, select_backend
 
 RANDOM = "random:"
 # published shapes (config.json of each model): hidden, intermediate, heads, kv heads, layers, vocab

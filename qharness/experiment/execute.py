@@ -30,14 +30,21 @@ from qharness.experiment.plan import Cell, Plan, check_backends, check_shapes, k
 from qharness.experiment.settings import RunSettings
 from qharness.experiment.shapes import shapes_of
 from qharness.models.sources import LoadedModel, dtype_name, load_model
-from qharness.quant.apply import apply_backend_, convert_conv1d_, target_linears
-from qharness.quant.calibrate import calibration_batches, calibration_text
-from qharness.quant.footprint import weight_bytes
-from qharness.quant.fp_weights import FpWeights
-from qharness.quant.kv import check_kv_model, kv_quantized
-from qharness.quant.schemes import QuantScheme
-from qharness.quant.transforms import TransformSpec, transform_
-from qharness.quant.types import QuantContext
+from qharness.quant import (
+    FpWeights,
+    QuantContext,
+    QuantScheme,
+    TransformSpec,
+    apply_backend_,
+    calibration_batches,
+    calibration_text,
+    check_kv_model,
+    convert_conv1d_,
+    kv_quantized,
+    target_linears,
+    transform_,
+    weight_bytes,
+)
 from qharness.tasks import TaskSpec, load_task_text
 from qharness.tasks.metrics import Metric
 from qharness.tasks.perplexity import perplexity

@@ -29,11 +29,23 @@ from qharness.data.results import (
 from qharness.experiment.settings import Origin, RunSettings, spelled
 from qharness.experiment.shapes import ModelShapes, model_shapes
 from qharness.models.sources import classify, context_limit, dtype_name, resolve_device, resolve_dtype
-from qharness.quant.backend import Backend, backend_note, load_backends, select_backend
-from qharness.quant.calibrate import CALIBRATION_LENGTH
-from qharness.quant.kv import KVSetting, get_kv, split_quants
-from qharness.quant.schemes import SCHEMES, Keep, QuantScheme, get_scheme
-from qharness.quant.transforms import TransformSpec, check_transform, parse_transform
+from qharness.quant import (
+    CALIBRATION_LENGTH,
+    SCHEMES,
+    Backend,
+    Keep,
+    KVSetting,
+    QuantScheme,
+    TransformSpec,
+    backend_note,
+    check_transform,
+    get_kv,
+    get_scheme,
+    load_backends,
+    parse_transform,
+    select_backend,
+    split_quants,
+)
 from qharness.tasks import TaskSpec, get_task
 from qharness.tasks.spec import within_context
 

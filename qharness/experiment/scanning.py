@@ -29,7 +29,7 @@ from qharness.data.results import (
 )
 from qharness.models.layers import decoder_layers, layers_at
 from qharness.models.sources import LoadedModel, ModelSpec, classify, context_limit, dtype_name, load_model
-from qharness.quant.calibrate import calibration_batches, calibration_text
+from qharness.quant import calibration_batches, calibration_text
 from qharness.tasks import get_task, load_task_text
 from qharness.tasks.perplexity import perplexity
 from qharness.tasks.spec import within_context

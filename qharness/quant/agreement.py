@@ -131,7 +131,7 @@ def measure_agreement(build: Callable[[], nn.Module], scheme_name: str, backend:
 
     from qharness.models.sources import dtype_name, resolve_dtype
     from qharness.quant.apply import quantize_, target_linears
-    from qharness.quant.backend import QuantContext, capability_on
+    from qharness.quant.backends import QuantContext, capability_on
     from qharness.quant.schemes import get_scheme
 
     scheme = get_scheme(scheme_name)
@@ -185,7 +185,7 @@ class Case:
 def kernel_cases(device_type: str = "cuda") -> list[Case]:
     """Every (backend, scheme, dtype) that a library backend declares on `device_type`: read from the capability
     tables, so a new table entry is checked without a new test."""
-    from qharness.quant.backend import load_backends
+    from qharness.quant.backends import load_backends
 
     cases = []
     for entry in load_backends():

@@ -18,7 +18,7 @@ from torch import nn
 
 from qharness.core.errors import BackendUnavailable
 from qharness.models.layers import decoder_layers
-from qharness.quant.backend import Backend, QuantContext, backend_note, build_note, load_backends, select_backend
+from qharness.quant.backends import Backend, QuantContext, backend_note, build_note, load_backends, select_backend
 from qharness.quant.modules import conv1d_to_linear, swap_module
 from qharness.quant.schemes import Keep, QuantScheme
 

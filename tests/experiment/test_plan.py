@@ -21,7 +21,7 @@ def settings_for(model_dir, task_dir, results, **kwargs) -> RunSettings:
 def test_execute_resolves_no_name_again(tiny_model_dir, tiny_task_dir, tmp_path, monkeypatch):
     """Every resolver the plan calls raises once the plan is made (looked up wherever execute could reach it);
     execute still runs the baseline, a KV-quantized scheme and a transform, and writes their rows."""
-    import qharness.quant.backend as backend
+    import qharness.quant.backends as backend
     import qharness.quant.kv as kv
     import qharness.quant.schemes as schemes
     import qharness.quant.transforms as transforms

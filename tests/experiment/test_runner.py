@@ -271,7 +271,7 @@ def test_schemes_applied_in_place_and_undone_give_the_numbers_each_gives_alone(t
                                                                              tmp_path, backends):
     """One model in memory: each scheme quantizes the fp model itself and is undone from its Linears' fp weights on
     disk. A scheme run after others must give exactly what it gives alone, and the fp row after them what it was."""
-    from qharness.quant.backend import load_backends
+    from qharness.quant.backends import load_backends
 
     chosen = [b for b in backends if b == "sim" or load_backends().get(b).requires[0] in _installed()]
     schemes = {"sim": ("int8-w8a8-tensor", "int4-weight-g128", "int8-w8a8-tensor-static"),

@@ -8,7 +8,7 @@ import pytest
 from qharness.core.errors import BackendUnavailable, ConfigError
 from qharness.data.results import key, read_rows
 from qharness.experiment.sweep import SweepConfig, gpus_per_task, sweep
-from qharness.quant.backend import backends_for
+from qharness.quant.backends import backends_for
 from qharness.quant.schemes import SCHEMES
 
 SIM_SCHEMES = [name for name in SCHEMES.names() if "sim" in backends_for(SCHEMES.get(name))]

@@ -1,9 +1,11 @@
+import importlib
+
 import pytest
 import torch
 
 from qharness.core.errors import UnknownName
 from qharness.quant.apply import convert_conv1d_, quantize_, target_linears
-from qharness.quant.backend import QuantContext, backends_for
+from qharness.quant.backends import QuantContext, backends_for
 from qharness.quant.calibrate import calibration_batches
 from qharness.quant.schemes import SCHEMES, get_scheme
 from qharness.quant.sim import SimQuantLinear
@@ -105,3 +107,12 @@ def test_kept_linears_stay_unquantized_and_are_named_in_the_label(tiny_model):
     assert sum(kind is SimQuantLinear for kind in kinds.values()) == 14 - len(exact)
     assert keep.label == "lin:q_proj,layers.1.mlp" and not keep.in_activations
     assert Keep(positions=(0,), linears=("o_proj",)).label == "pos:0;lin:o_proj"
+
+
+def test_every_name_of_the_quant_face_resolves_to_its_module():
+    import qharness.quant as quant
+
+    for name in quant.__all__:
+        assert getattr(quant, name) is getattr(importlib.import_module(f"qharness.quant.{quant._FACE[name]}"), name)
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        quant.nope  # noqa: B018

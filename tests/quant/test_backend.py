@@ -2,9 +2,9 @@ import pytest
 import torch
 
 from qharness.core.errors import BackendUnavailable
-from qharness.quant import backend as backend_module
+from qharness.quant import backends as backend_module
 from qharness.quant.apply import quantize_
-from qharness.quant.backend import Backend, Capability, backends_for, load_backends, recipe, select_backend
+from qharness.quant.backends import Backend, Capability, backends_for, load_backends, recipe, select_backend
 from qharness.quant.schemes import SCHEMES, Keep, get_scheme
 
 CPU = torch.device("cpu")
@@ -257,7 +257,7 @@ def test_torchao_fp8_per_tensor_refuses_a_128x128_weight_it_would_misread(h100):
 
 
 def test_auto_prefers_a_backend_that_needs_no_build_and_a_build_is_announced(h100):
-    from qharness.quant.backend import backend_note
+    from qharness.quant.backends import backend_note
 
     fp8_weight = get_scheme("fp8-e4m3-weight")  # quanto (Marlin, compiled at first use) and torchao run it on CUDA
     assert select_backend(fp8_weight, h100, dtype=torch.bfloat16) == "torchao"

@@ -16,7 +16,7 @@ pytestmark = pytest.mark.needs("bitsandbytes")
 def test_nf4_weights_equal_sim_exactly():
     from bitsandbytes.functional import dequantize_4bit
 
-    from qharness.quant.bnb import _nf4_linear
+    from qharness.quant.backends.bnb import _nf4_linear
     from qharness.quant.sim import fake_quantize
 
     torch.manual_seed(0)
@@ -31,7 +31,7 @@ def test_llm_int8_layer_without_outliers_is_sim_computed_in_fp16():
     column it is sim's llm-int8 on the layer in fp16. Measured over 4 seeds: 3.3e-4 to 1.2e-3 of the output's
     range from sim-in-fp16, against the quantization's own effect there of 5.2e-3 to 9.4e-3 (ratio <= 0.13).
     With an outlier column the two can differ by more than rounding (the next test)."""
-    from qharness.quant.bnb import _int8_linear
+    from qharness.quant.backends.bnb import _int8_linear
 
     for seed in range(4):
         torch.manual_seed(seed)
@@ -73,7 +73,7 @@ def test_llm_int8_with_an_outlier_column_is_bitsandbytes_rule_not_sims():
     rules part: measured over 3 seeds, bnb is <= 1.0e-7 of the output's range from its rule by hand, and 4.3e-3
     to 5.1e-3 from sim-in-fp16, as far as the unquantized layer is (4.3e-3 to 5.2e-3). So `llm-int8` run by bnb
     (auto's choice on CUDA) is not sim's `llm-int8` on such inputs."""
-    from qharness.quant.bnb import _int8_linear
+    from qharness.quant.backends.bnb import _int8_linear
 
     for seed in range(3):
         torch.manual_seed(seed)
@@ -120,7 +120,7 @@ def test_nf4_logits_agree_with_sim(tiny_model):
 
 
 def test_llm_int8_does_not_log_a_cast_notice_per_call(caplog):
-    from qharness.quant.bnb import _int8_linear
+    from qharness.quant.backends.bnb import _int8_linear
 
     torch.manual_seed(0)
     module = _int8_linear(torch.nn.Linear(64, 32), 6.0).eval()
@@ -133,8 +133,8 @@ def test_llm_int8_does_not_log_a_cast_notice_per_call(caplog):
 def test_a_scheme_outside_the_table_is_an_error_not_nf4(tiny_model):
     from qharness.core.errors import BackendUnavailable
     from qharness.quant.apply import target_linears
-    from qharness.quant.backend import QuantContext
-    from qharness.quant.bnb import apply_bnb
+    from qharness.quant.backends import QuantContext
+    from qharness.quant.backends.bnb import apply_bnb
     from qharness.quant.schemes import Keep
 
     targets = target_linears(tiny_model)

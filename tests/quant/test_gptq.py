@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from qharness.quant.apply import quantize_
-from qharness.quant.backend import QuantContext
+from qharness.quant.backends import QuantContext
 from qharness.quant.calibrate import calibration_batches
 from qharness.quant.schemes import get_scheme
 
@@ -48,8 +48,8 @@ def test_gptq_quantizes_every_target_and_beats_round_to_nearest(tiny_tokenizer, 
 
 def test_gptq_without_the_library_says_how_to_install(monkeypatch):
     from qharness.core.errors import BackendUnavailable
-    from qharness.quant import backend as backend_module
-    from qharness.quant.backend import select_backend
+    from qharness.quant import backends as backend_module
+    from qharness.quant.backends import select_backend
 
     monkeypatch.setattr(backend_module, "_installed", lambda package: package != "gptqmodel")
     with pytest.raises(BackendUnavailable, match="no backend can run scheme 'gptq-int4-g128' on cpu: backend "
@@ -88,7 +88,7 @@ def test_gptq_on_gpt2_conv1d_is_as_close_as_round_to_nearest(tiny_tokenizer, hel
 
 def test_native_state_dict_puts_conv1d_weights_back_in_their_layout():
     from qharness.quant.apply import convert_conv1d_
-    from qharness.quant.gptq import native_state_dict
+    from qharness.quant.backends.gptq import native_state_dict
 
     model = tiny_gpt2(50)
     original = {k: v.clone() for k, v in model.state_dict().items()}

@@ -7,7 +7,7 @@ import torch
 from agreement import layer_distances, logit_distances
 
 from qharness.quant.apply import quantize_
-from qharness.quant.backend import QuantContext
+from qharness.quant.backends import QuantContext
 from qharness.quant.calibrate import calibration_batches
 from qharness.quant.schemes import get_scheme
 

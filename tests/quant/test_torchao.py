@@ -124,7 +124,7 @@ def test_cuda_int4_uses_the_built_in_tinygemm_packing():
     from torchao.quantization import Int4WeightOnlyConfig, IntxWeightOnlyConfig
     from torchao.quantization.quantize_.workflows import Int4PackingFormat
 
-    from qharness.quant.torchao import torchao_config
+    from qharness.quant.backends.torchao import torchao_config
 
     # the default (PLAIN) packing imports the mslk package, which nothing here installs
     config = torchao_config(get_scheme("int4-weight-g128-tinygemm"), torch.device("cuda"))
@@ -203,8 +203,8 @@ def test_nvfp4_weight_only_recipe_matches_sim_when_run_on_cpu():
     """Declared for CUDA only (on CPU it is no kernel, just torchao's emulation), but the recipe is pure torch, so
     its numerics are checked here: weights bit-equal to sim's, hence the same logits."""
     from qharness.quant.apply import target_linears
-    from qharness.quant.backend import QuantContext
-    from qharness.quant.torchao import apply_torchao
+    from qharness.quant.backends import QuantContext
+    from qharness.quant.backends.torchao import apply_torchao
 
     model = make_model()
     sim_model = copy.deepcopy(model)
@@ -221,7 +221,7 @@ def test_nvfp4_weight_only_recipe_matches_sim_when_run_on_cpu():
 def test_mx_recipes_use_the_ocp_floor_scale_that_sim_implements():
     from torchao.prototype.mx_formats import MXDynamicActivationMXWeightConfig, ScaleCalculationMode
 
-    from qharness.quant.torchao import torchao_config
+    from qharness.quant.backends.torchao import torchao_config
 
     for name, dtype in (("mxfp8-w8a8", torch.float8_e4m3fn), ("mxfp4-w4a4", torch.float4_e2m1fn_x2)):
         config = torchao_config(get_scheme(name), torch.device("cuda"))

@@ -18,6 +18,7 @@ Persistence: `build_` writes the spec to `config.qharness_mitigation`, so `save_
 from __future__ import annotations
 
 import importlib
+import pkgutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -25,9 +26,6 @@ from typing import Any
 from qharness.core.errors import ConfigError
 from qharness.core.registry import Registry
 
-MODULES = tuple(f"qharness.models.mitigations.{name}"
-                for name in ("dyt", "tvr", "kv_bias", "gated_attention", "clipped_softmax", "outlier_penalty",
-                             "lp_penalty"))
 CONFIG_KEY = "qharness_mitigation"
 NONE = "none"
 
@@ -60,8 +58,8 @@ MITIGATIONS: Registry[Mitigation] = Registry("mitigation")
 
 
 def load_mitigations() -> Registry[Mitigation]:
-    for module in MODULES:
-        importlib.import_module(module)
+    for module in pkgutil.iter_modules(__path__):
+        importlib.import_module(f"{__name__}.{module.name}")
     return MITIGATIONS
 
 

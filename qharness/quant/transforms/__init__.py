@@ -7,7 +7,8 @@ sequence before and after and refuses a model whose logits moved: a layout that 
 knows (a mitigation's extra modules, another norm) is refused instead of silently changed. So the fp baseline of a
 transformed run is the untransformed model's, and its quantized rows name the transform in the `transform` column.
 
-Add a transform: a file here that registers a `Transform`, and its module name in `MODULES`.
+Add a transform: a file here that registers a `Transform` (every module here is imported when transforms are
+first asked for).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import math
+import pkgutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -24,9 +26,6 @@ from qharness.core.registry import Registry
 
 if TYPE_CHECKING:
     from torch import Tensor, nn
-
-MODULES = tuple(f"qharness.quant.transforms.{name}" for name in ("smoothquant", "rotate"))
-
 
 @dataclass(frozen=True)
 class Transform:
@@ -47,8 +46,8 @@ TRANSFORMS: Registry[Transform] = Registry("transform")
 
 
 def load_transforms() -> Registry[Transform]:
-    for module in MODULES:
-        importlib.import_module(module)
+    for module in pkgutil.iter_modules(__path__):
+        importlib.import_module(f"{__name__}.{module.name}")
     return TRANSFORMS
 
 

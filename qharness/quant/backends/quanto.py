@@ -21,7 +21,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from qharness.core.errors import QHarnessError
-from qharness.quant.backend import BACKENDS, Backend, Capability, QuantContext, everywhere, recipe
+from qharness.quant.backends import BACKENDS, Backend, Capability, QuantContext, everywhere, recipe
 from qharness.quant.schemes import Keep, QuantScheme
 
 if TYPE_CHECKING:

@@ -12,7 +12,7 @@ import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from qharness.quant.backend import BACKENDS, Backend, Capability, QuantContext, everywhere, recipe
+from qharness.quant.backends import BACKENDS, Backend, Capability, QuantContext, everywhere, recipe
 from qharness.quant.schemes import Keep, QuantScheme
 
 if TYPE_CHECKING:

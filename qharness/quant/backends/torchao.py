@@ -38,7 +38,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from qharness.quant.backend import BACKENDS, Backend, Capability, QuantContext, everywhere, recipe
+from qharness.quant.backends import BACKENDS, Backend, Capability, QuantContext, everywhere, recipe
 from qharness.quant.schemes import Keep, QuantScheme
 
 if TYPE_CHECKING:

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING
 
 from qharness.core.errors import QHarnessError
 from qharness.core.scoped import environment, logger_level
-from qharness.quant.backend import BACKENDS, Backend, Capability, QuantContext, recipe
+from qharness.quant.backends import BACKENDS, Backend, Capability, QuantContext, recipe
 from qharness.quant.schemes import Keep, QuantScheme
 
 if TYPE_CHECKING:

@@ -6,7 +6,8 @@ device type (the model dtypes, CUDA compute capability, widths and build tools t
 is the only place that says which backend runs which scheme: `QuantScheme.backends`, `check`, `select_backend`
 and `qharness list` all read it. `check` raises a one-line `BackendUnavailable` naming what would work, before any
 weight moves; `apply(model, scheme, targets, keep, context)` swaps the target Linears in place. Add a backend: a new
-file that registers a `Backend`, and its name in `MODULES`.
+file in this folder that registers a `Backend` (every module here is imported when the backends are first asked for,
+the way model sources are).
 
 `auto` picks, per scheme, a real kernel backend on CUDA (highest `preference` first) and `sim` on CPU (the same
 math, so CI exercises it), falling back to whichever backend accepts the scheme, device, dtype and model.
@@ -17,6 +18,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
+import pkgutil
 import shutil
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -34,7 +36,6 @@ if TYPE_CHECKING:
     from torch import nn
 
 # Declarations import no torch (kernels and libraries load inside `apply`), so `qharness list` stays fast.
-MODULES = ("qharness.quant.bnb", "qharness.quant.torchao", "qharness.quant.gptq", "qharness.quant.quanto")
 PIP_NAMES = {"bitsandbytes": "bitsandbytes", "torchao": "torchao", "gptqmodel": "gptqmodel",
              "optimum.quanto": "optimum-quanto"}
 
@@ -193,8 +194,8 @@ BACKENDS: Registry[Backend] = Registry("backend")
 def load_backends() -> Registry[Backend]:
     """Every backend, each registered by importing its module (a no-op after the first time: modules are cached by
     the import system, so no flag of our own says whether it happened)."""
-    for module in MODULES:
-        importlib.import_module(module)
+    for module in pkgutil.iter_modules(__path__):
+        importlib.import_module(f"{__name__}.{module.name}")
     return BACKENDS
 
 
