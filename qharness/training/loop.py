@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import shutil
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -190,6 +191,14 @@ def load_checkpoint(folder: Path, model: nn.Module, optimizer: torch.optim.Optim
     return int(state["step"])
 
 
+def _remove(created: list[Path]) -> None:
+    for path in reversed(created):  # the log before its folder
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
+
+
 def _out_of_time(accelerator: Any, created: list[Path], cfg: TrainConfig, seconds: float, bar: Any, log: Any) -> None:
     """The budget ran out before this call's first step: nothing trained, so nothing is saved, and what this call
     created (a fresh run folder, an empty log) is removed before the one-line error."""
@@ -198,11 +207,7 @@ def _out_of_time(accelerator: Any, created: list[Path], cfg: TrainConfig, second
         log.close()
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        for path in reversed(created):  # the log before its folder
-            if path.is_dir():
-                shutil.rmtree(path)
-            else:
-                path.unlink(missing_ok=True)
+        _remove(created)
     raise ConfigError(f"the {cfg.budget_minutes:g}-minute budget ran out before the first training step (setting up "
                       f"took {seconds:.1f} s); nothing was trained or saved; give a larger --budget")
 
@@ -248,14 +253,28 @@ def _optimizer_step(accelerator: Any, model: nn.Module, optimizer: Any, batch: T
 def train(model: nn.Module, tokens: Tensor, cfg: TrainConfig, out_dir: Path, bos_id: int,
           hooks: Sequence[StepHook] = (), progress: bool = True, penalty: Any = None) -> TrainResult:
     """Train `model` in place on `tokens` (1-D) until cfg.steps or the time budget; resumes from out_dir. A
-    `penalty` (a loss-side mitigation with `attached(model)` and `take()`) adds its term to every step's loss."""
+    `penalty` (a loss-side mitigation with `attached(model)` and `take()`) adds its term to every step's loss.
+
+    Ctrl-C: a run with a checkpoint resumes from it, so it stays as it is. One without (interrupted before its first
+    checkpoint) could resume nothing: what this call created, a fresh folder and a log of steps a rerun takes again,
+    is removed rather than left as an empty train_log.jsonl that looks like a run."""
+    created = [path for path in (out_dir, out_dir / LOG) if not path.exists()]
+    try:
+        return _train(model, tokens, cfg, out_dir, bos_id, hooks, progress, penalty, created)
+    except KeyboardInterrupt:
+        if not (out_dir / CHECKPOINT).exists() and int(os.environ.get("RANK", "0")) == 0:
+            _remove(created)
+        raise
+
+
+def _train(model: nn.Module, tokens: Tensor, cfg: TrainConfig, out_dir: Path, bos_id: int,
+           hooks: Sequence[StepHook], progress: bool, penalty: Any, created: list[Path]) -> TrainResult:
     from tqdm.auto import tqdm
 
     if len(tokens) < cfg.context:
         raise ConfigError(f"training text has {len(tokens)} tokens, fewer than one sequence of {cfg.context}")
     started = time.monotonic()
     accelerator = _accelerator(cfg)
-    created = [path for path in (out_dir, out_dir / LOG) if not path.exists()]  # removed if no step is taken
     out_dir.mkdir(parents=True, exist_ok=True)
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]

@@ -264,3 +264,14 @@ def test_on_cuda_bf16_accumulated_training_moves_everything_to_the_gpu_and_resum
     assert train(resumed, tokens, cfg, tmp_path / "b", tiny_tokenizer.bos_token_id, hooks, progress=False).step == 6
     for (name, a), (_, b) in zip(unbroken.state_dict().items(), resumed.state_dict().items(), strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-5, msg=name)
+
+
+def test_ctrl_c_before_the_first_checkpoint_leaves_no_folder_and_no_empty_log(tokens, tiny_tokenizer, tmp_path):
+    model, _ = tiny("gpt2", "none", tiny_tokenizer)
+    cfg = TrainConfig(steps=8, batch_size=2, context=32, log_every=4, checkpoint_every=4)
+    with pytest.raises(KeyboardInterrupt):
+        train(model, tokens, cfg, tmp_path / "run", 0, [kill_at(2)], progress=False)
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(KeyboardInterrupt):  # past a checkpoint: the run stays, to resume
+        train(model, tokens, cfg, tmp_path / "run", 0, [kill_at(5)], progress=False)
+    assert (tmp_path / "run" / CHECKPOINT).exists() and (tmp_path / "run" / "train_log.jsonl").stat().st_size > 0
