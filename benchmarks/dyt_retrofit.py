@@ -27,8 +27,8 @@ from qharness.models.norms import DyT
 from qharness.models.sources import ModelSpec, load_model
 from qharness.quant.calibrate import calibration_batches, calibration_text
 from qharness.tasks.perplexity import bos_token_id
+from qharness.training.continued import tuning_tokens
 from qharness.training.distill import DistillConfig, distill_
-from qharness.training.tune import tuning_tokens
 
 
 def all_at_once_(model: torch.nn.Module, batches: list[torch.Tensor]) -> None:

@@ -90,7 +90,7 @@ def tune_table(steps: int) -> None:
 
     from qharness.models.sources import ModelSpec, load_model
     from qharness.tasks.perplexity import bos_token_id
-    from qharness.training.tune import tuning_tokens
+    from qharness.training.continued import tuning_tokens
 
     cfg = replace(TUNE_TRAIN, steps=steps + 1, log_every=5, checkpoint_every=10_000)
     batch, context = cfg.batch_size, cfg.context

@@ -409,7 +409,7 @@ def test_the_data_token_cache_follows_the_content_and_training_json_records_it(t
     import hashlib
     import json
 
-    from qharness.training.tune import tuning_tokens
+    from qharness.training.continued import tuning_tokens
 
     monkeypatch.setenv("QHARNESS_CACHE", str(tmp_path / "cache"))
     text = tmp_path / "text.txt"
@@ -515,7 +515,7 @@ def test_ctrl_c_says_what_the_interrupted_command_kept(command, said, capsys, mo
 ])
 def test_data_content_is_checked_before_the_model_loads(files, message, capsys, tmp_path, tiny_model_dir, monkeypatch):
     """Empty, binary or record-less --data was refused only once the model had loaded (and a null text trained)."""
-    from qharness.training import tune
+    from qharness.training import continued as tune
 
     monkeypatch.setattr(tune, "load_model", lambda *a, **k: pytest.fail("loaded a model for refused --data"))
     (tmp_path / "texts").mkdir()

@@ -17,7 +17,7 @@ HELP = "list built-in models, quantization schemes and tasks"
 
 
 def main(args: argparse.Namespace) -> int:
-    from qharness.models.builtin import BUILTIN_MODELS
+    from qharness.models.shipped import BUILTIN_MODELS
     from qharness.quant.backends import backends_for
     from qharness.quant.schemes import SCHEMES
     from qharness.tasks.spec import all_tasks

@@ -194,8 +194,8 @@ def _train_from(args: argparse.Namespace) -> int:
 
     from qharness.data.results import check_writable_dir
     from qharness.models.sources.tune import recipe_for
+    from qharness.training.continued import check_recipe, continue_training
     from qharness.training.ensure import ensure
-    from qharness.training.tune import check_recipe, continue_training
 
     if args.out is None:
         raise QHarnessError(f"qharness train --from needs --out FOLDER (or --model tune:{args.from_model}-"

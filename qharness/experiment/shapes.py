@@ -62,7 +62,7 @@ def _file_config(path: Path | None) -> Any:
 
 
 def _builtin_config(name: str) -> Any:
-    from qharness.models.builtin import BUILTIN_MODELS
+    from qharness.models.shipped import BUILTIN_MODELS
 
     return _file_config(BUILTIN_MODELS.get(name).local())
 

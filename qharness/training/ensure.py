@@ -11,8 +11,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from qharness.models.sources import source_for
-from qharness.training.tune import train_tune_model
-from qharness.training.zoo import train_zoo_model
+from qharness.training.cached import train_zoo_model
+from qharness.training.continued import train_tune_model
 
 Trainer = Callable[..., Path | None]  # (name, progress=, budget_minutes=) -> model folder, or None if stopped early
 TRAINERS: dict[str, Trainer] = {"zoo": train_zoo_model, "tune": train_tune_model}

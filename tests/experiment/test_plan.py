@@ -124,7 +124,7 @@ def test_the_builtin_model_shapes_from_its_converted_folder_and_its_gguf_header_
                                                                                                        tmp_path):
     """SmolLM2 before loading: from the converted folder's config.json and, before conversion, from the GGUF header
     alone; both are what the loaded model has (576 wide, 8,192 positions, 30 layers x 7 Linears)."""
-    from qharness.models import builtin
+    from qharness.models import shipped as builtin
     from qharness.models.sources import ModelSpec, context_limit, load_model
 
     loaded = load_model(ModelSpec("smollm2-135m"), progress=False).model

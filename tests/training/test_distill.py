@@ -14,8 +14,8 @@ from qharness.models.drift import logit_gap
 from qharness.models.norms import DyT
 from qharness.models.sources import ModelSpec, load_model
 from qharness.quant.calibrate import calibration_batches, calibration_text
+from qharness.training.continued import retrofit_
 from qharness.training.distill import DistillConfig, distill_, kl_to_teacher
-from qharness.training.tune import retrofit_
 
 
 def test_kl_is_zero_for_equal_logits_and_positive_otherwise():
@@ -62,8 +62,8 @@ def test_continued_training_distils_before_step_one_and_a_resume_reads_it_back(t
     from qharness.models.mitigations import MITIGATIONS, load_mitigations
     from qharness.models.sources import tune as tune_names
     from qharness.tasks.spec import tasks_dir
+    from qharness.training import continued as tune_training
     from qharness.training import distill as distill_module
-    from qharness.training import tune as tune_training
 
     load_mitigations()
     entry = MITIGATIONS.entry("dyt")

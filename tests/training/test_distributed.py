@@ -12,7 +12,7 @@ from qharness.core.errors import ConfigError
 from qharness.data.recipe import ArchConfig, Recipe
 from qharness.models import mitigations
 from qharness.models.sources import zoo as zoo_names
-from qharness.training import run, text, zoo
+from qharness.training import cached, run, text
 from qharness.training.architectures import new_model
 from qharness.training.loop import CHECKPOINT, LOG, TrainConfig, process_state, train
 
@@ -49,7 +49,7 @@ def record(path, what: str) -> None:
 
 def train_zoo_model_on_each_rank(name: str) -> None:
     one_thread_per_rank()
-    assert zoo.train_zoo_model(name, progress=False) is not None, "no budget: runs to the end"
+    assert cached.train_zoo_model(name, progress=False) is not None, "no budget: runs to the end"
 
 
 def zoo_job(tmp_path, name: str) -> None:

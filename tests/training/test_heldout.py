@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from qharness.tasks.spec import all_tasks, tasks_dir
+from qharness.training.continued import read_documents
 from qharness.training.heldout import LM_EVAL_DATASETS, Decontaminator, evaluated_datasets
-from qharness.training.tune import read_documents
 
 
 def test_every_hub_task_names_its_dataset():

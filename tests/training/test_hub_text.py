@@ -8,8 +8,8 @@ import pytest
 from qharness.core.errors import DataError
 from qharness.tasks.spec import tasks_dir
 from qharness.training import hub_text
+from qharness.training.continued import read_documents, tuning_tokens
 from qharness.training.hub_text import HubText, parse, stream_documents
-from qharness.training.tune import read_documents, tuning_tokens
 
 HELDOUT_CHAPTER = (tasks_dir() / "data" / "kjv-heldout.txt").read_text(encoding="utf-8").split("\n\n")[1]
 

@@ -1,10 +1,10 @@
-"""Built-in names (`smollm2-135m`): real pretrained models that a package registry ships; see models/builtin.py."""
+"""Built-in names (`smollm2-135m`): real pretrained models that a package registry ships; see models/shipped.py."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from qharness.models.builtin import BUILTIN_MODELS
+from qharness.models.shipped import BUILTIN_MODELS
 from qharness.models.sources import SOURCES, Source
 
 

@@ -1,6 +1,7 @@
-"""Training the zoo's models on first use. Their names, recipe and cache folders live in the zoo model source
-(qharness.models.sources.zoo), which reads a trained one; this module trains one that is missing, one trainer per
-model at a time, resuming its checkpoint if a run was interrupted.
+"""A model trained once into the cache: `train_once` trains a missing one, one trainer per folder at a time,
+resuming its checkpoint if a run was interrupted (zoo and tune models alike), and `train_zoo_model` is the zoo's
+trainer. The zoo's names, recipe and cache folders live in its model source (qharness.models.sources.zoo), which
+reads a trained one.
 """
 
 from __future__ import annotations

@@ -99,7 +99,7 @@ def check_data(data: tuple[str, ...]) -> None:
 def data_files(data: tuple[str, ...]) -> list[dict[str, Any]]:
     """Each local file --data reads, by content: path, size, mtime and sha256. The token cache is keyed on these (a
     file rewritten in place is new text, not the old text's cached tokens) and training.json records them."""
-    from qharness.models.builtin import sha256_of
+    from qharness.models.shipped import sha256_of
 
     files = []
     for item in data:
@@ -331,7 +331,7 @@ def snapshot_hook(recipe: TuneRecipe, tokenizer: Any, out_dir: Path, change: flo
 
 def train_tune_model(name: str, progress: bool = True, budget_minutes: float | None = None) -> Path | None:
     """Train the tune: model `name` unless it is trained; its model folder, or None when the budget stopped it."""
-    from qharness.training.zoo import train_once
+    from qharness.training.cached import train_once
 
     recipe = recipe_for(name)
     kept = f", weights kept at steps {', '.join(map(str, recipe.snapshots))}" if recipe.snapshots else ""

@@ -3,8 +3,8 @@
 import pytest
 
 from qharness.core.errors import ModelLoadError
-from qharness.models import builtin
-from qharness.models.builtin import BUILTIN_MODELS, SMOLLM2_GGUF, smollm2_gguf
+from qharness.models import shipped as builtin
+from qharness.models.shipped import BUILTIN_MODELS, SMOLLM2_GGUF, smollm2_gguf
 
 
 def test_a_corrupted_download_is_refused_and_removed(tmp_path, monkeypatch):

@@ -17,8 +17,8 @@ from qharness.models.mitigations.outlier_penalty import OutlierPenalty
 from qharness.models.sources import ModelSpec, classify, load_model
 from qharness.models.sources import tune as tune_names
 from qharness.tasks.spec import tasks_dir
+from qharness.training.continued import read_documents, retrofit_
 from qharness.training.ensure import ensure
-from qharness.training.tune import read_documents, retrofit_
 
 CALIBRATION = str(tasks_dir() / "data" / "calibration.txt")  # training-split text, shipped
 
@@ -81,7 +81,7 @@ def test_local_data_is_checked_before_a_model_loads(tmp_path, tiny_model_dir, mo
     """A missing file or a broken parquet file is found before the base model loads (SmolLM2 takes seconds, a zoo
     base is trained first for minutes), not after."""
     from qharness.cli import main
-    from qharness.training import tune
+    from qharness.training import continued as tune
 
     def no_load(*args, **kwargs):
         raise AssertionError("the model loaded before the data was checked")
@@ -324,8 +324,8 @@ def test_the_long_recipe_resumes_its_schedule_and_snapshots_exactly(tmp_path, ti
     """Killed mid-run and resumed, the warmup + cosine recipe ends on the unbroken run's weights bit for bit, with the
     same bf16 snapshots and the same logged lr and loss at every step."""
     from qharness.data.recipe import TUNE400_TRAIN
-    from qharness.training import tune as tune_training
-    from qharness.training.tune import continue_training
+    from qharness.training import continued as tune_training
+    from qharness.training.continued import continue_training
 
     recipe = replace(tune_names.LONG_RECIPE, base=str(tiny_model_dir), mitigation="lp_penalty+gated_attention",
                      data=(CALIBRATION,), snapshots=(4, 10),
