@@ -75,7 +75,7 @@ RUNS = (
     # transforms: the layout checked on an fp32 copy, then the bf16 model transformed and quantized on the GPU
     Run("sim", "int4-w4a4-token", ("--transform", "rotate"), "ok"),
     Run("torchao", "int8-w8a8-token-halfspan", ("--transform", "smoothquant"), "ok"),
-    Run("bnb", "llm-int8", ("--transform", "rotate", "--kv", "int4-kivi+keep0"), "ok"),
+    Run("bnb", "llm-int8-bnb", ("--transform", "rotate", "--kv", "int4-kivi+keep0"), "ok"),
     # fp16 (its own fp baseline)
     Run("sim", "int8-w8a8-token", ("--dtype", "fp16", "--kv", "int4-kivi"), "ok"),
     Run("sim", "int4-w4a4-token", ("--dtype", "fp16", "--transform", "rotate"), "ok"),
@@ -85,7 +85,7 @@ RUNS = (
     Run("sim", "int8-w8a8-token", ("--kv", "int4-kivi"), "ok (the model trained just before: its attention "
         "mitigations with a quantized cache)", trained=ATTENTION_FIXES),
     # the library backends (read before, never run on a GPU)
-    Run("bnb", "llm-int8", (), "ok"),
+    Run("bnb", "llm-int8-bnb", (), "ok"),
     Run("bnb", "nf4", (), "ok"),
     Run("torchao", "int8-weight-channel-halfspan", (), "ok"),
     Run("torchao", "int8-w8a8-token-halfspan", (), "ok"),

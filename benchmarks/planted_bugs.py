@@ -96,8 +96,8 @@ BUGS = (
         ("tests/activations/test_scan.py",)),
     # backends: replaced by the unquantized model, or running another grid under the scheme's name
     Bug("bnb LLM.int8: outlier columns kept in int8", "qharness/quant/backends/bnb.py",
-        '"llm-int8": lambda linear, scheme: _int8_linear(linear, scheme.outlier_threshold or 0.0)',
-        '"llm-int8": lambda linear, scheme: _int8_linear(linear, 0.0)', ("tests/quant/test_bnb.py",)),
+        '"llm-int8-bnb": lambda linear, scheme: _int8_linear(linear, scheme.outlier_threshold or 0.0)',
+        '"llm-int8-bnb": lambda linear, scheme: _int8_linear(linear, 0.0)', ("tests/quant/test_bnb.py",)),
     Bug("bnb: Linears left unquantized", "qharness/quant/backends/bnb.py",
         "    for name, linear in targets.items():\n        # in training mode",
         "    for name, linear in {}.items():\n        # in training mode", ("tests/quant/test_bnb.py",)),

@@ -26,6 +26,7 @@ BlockScale = Literal["e8m0", "e4m3"]
 Observer = Literal["minmax", "percentile"]
 ZeroPoint = Literal["int", "float"]
 IntScale = Literal["qmax", "half-span"]
+OutlierRule = Literal["column", "entries"]
 
 
 @dataclass(frozen=True)
@@ -145,6 +146,11 @@ class QuantScheme:
     description: str = ""
     reference: str = ""  # where the scheme comes from
     outlier_threshold: float | None = None  # LLM.int8(): input columns with any |x| above it stay in fp
+    # which entries of a kept outlier column leave the row's activation scale. "column": all of them (the paper's
+    # decomposition: the kept columns are out of the int8 product, so out of its scale). "entries": only those at or
+    # above the threshold; the column's other entries still count toward the row's absmax although the product
+    # takes the whole column from x (bitsandbytes 0.50's MatMul8bitLt, whose threshold test is also >=)
+    outlier_rule: OutlierRule = "column"
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -154,6 +160,10 @@ class QuantScheme:
     @property
     def needs_calibration(self) -> bool:
         return self.activations is not None and not self.activations.dynamic
+
+    def __post_init__(self) -> None:
+        if self.outlier_rule not in ("column", "entries"):
+            raise ConfigError(f"unknown outlier rule '{self.outlier_rule}'; valid: column, entries")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -264,6 +274,16 @@ TABLE: tuple[QuantScheme, ...] = (
         description="LLM.int8(): W8A8 per token/channel, input columns with any |x| > 6 kept in 16-bit",
         reference=LLM_INT8,
         outlier_threshold=6.0,
+    ),
+    QuantScheme(
+        name="llm-int8-bnb",
+        weights=TensorQuant("int8", PerChannel()),
+        activations=TensorQuant("int8", PerToken()),
+        description="LLM.int8() as bitsandbytes computes it: columns with any |x| >= 6 kept in 16-bit, but only "
+                    "the entries >= 6 leave each row's scale",
+        reference=f"{LLM_INT8}; bitsandbytes 0.50 MatMul8bitLt (tests/quant/test_bnb.py writes its rule out)",
+        outlier_threshold=6.0,
+        outlier_rule="entries",
     ),
     # ---- INT4 -------------------------------------------------------------------------------------------------------
     QuantScheme(

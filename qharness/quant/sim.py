@@ -237,6 +237,7 @@ class SimQuantLinear(nn.Module):
         self.scheme_name = scheme.name
         self.activations = scheme.activations
         self.outlier_threshold = scheme.outlier_threshold
+        self.outlier_rule = scheme.outlier_rule
         self.keep_positions = keep.positions if keep else ()
         self.keep_channels = keep.channels if keep else ()
         weight = linear.weight.detach()
@@ -257,6 +258,13 @@ class SimQuantLinear(nn.Module):
 
     def _kept(self, x: Tensor) -> Tensor | None:
         """Bool mask broadcastable to x: True where the input stays in full precision; None when nothing does."""
+        mask = self._kept_positions_and_channels(x)
+        if self.outlier_threshold is not None:
+            columns = self._outliers(x).reshape(-1, x.shape[-1]).any(dim=0)  # (C,)
+            mask = columns if mask is None else mask | columns
+        return mask
+
+    def _kept_positions_and_channels(self, x: Tensor) -> Tensor | None:
         mask = None
         if self.keep_positions and x.dim() >= 2:
             positions = [p for p in self.keep_positions if p < x.shape[-2]]
@@ -266,14 +274,21 @@ class SimQuantLinear(nn.Module):
             columns = torch.zeros(x.shape[-1], dtype=torch.bool, device=x.device)
             columns[[c for c in self.keep_channels if c < x.shape[-1]]] = True
             mask = columns if mask is None else mask | columns
-        if self.outlier_threshold is not None:
-            columns = (x.abs() > self.outlier_threshold).reshape(-1, x.shape[-1]).any(dim=0)  # (C,)
-            mask = columns if mask is None else mask | columns
         return mask
+
+    def _outliers(self, x: Tensor) -> Tensor:
+        """The entries past the outlier threshold (bitsandbytes' rule counts the threshold itself)."""
+        return x.abs() >= self.outlier_threshold if self.outlier_rule == "entries" else x.abs() > self.outlier_threshold
 
     def _quantize_input(self, x: Tensor) -> Tensor:
         kept = self._kept(x)
         inner = x if kept is None else x.masked_fill(kept, 0)
+        if kept is not None and self.outlier_threshold is not None and self.outlier_rule == "entries":
+            # the rows' scales see the kept columns' other entries: zero only the outliers (and the kept positions
+            # and channels); the kept columns are taken from x below all the same
+            others = self._kept_positions_and_channels(x)
+            outliers = self._outliers(x)
+            inner = x.masked_fill(outliers if others is None else outliers | others, 0)
         if self.observing:
             self._observed.append(self._range(inner))
             return x

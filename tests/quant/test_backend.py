@@ -46,7 +46,8 @@ def test_scheme_backends_come_from_the_backends_tables():
         scheme = get_scheme(name)
         declared = tuple(entry.name for entry in load_backends() if entry.obj.runs(scheme))
         assert backends_for(scheme) and sorted(backends_for(scheme)) == sorted(declared), name
-    assert backends_for(get_scheme("llm-int8")) == ("bnb", "sim")  # most preferred on CUDA first, sim last
+    assert backends_for(get_scheme("llm-int8-bnb")) == ("bnb", "sim")  # most preferred on CUDA first, sim last
+    assert backends_for(get_scheme("llm-int8")) == ("sim",)  # bitsandbytes' outlier rule is llm-int8-bnb's
     # torchao's int8 is amax/127.5: it runs the schemes named for that grid, not amax/127's
     assert backends_for(get_scheme("int8-weight-channel")) == ("quanto", "sim")
     assert backends_for(get_scheme("int8-weight-channel-halfspan")) == ("torchao", "sim")
@@ -62,7 +63,8 @@ def test_auto_on_cpu_is_sim_whenever_sim_implements_the_scheme():
 
 
 def test_auto_on_cuda_prefers_library_kernels(h100):
-    assert select_backend(get_scheme("llm-int8"), h100) == "bnb"
+    assert select_backend(get_scheme("llm-int8-bnb"), h100) == "bnb"
+    assert select_backend(get_scheme("llm-int8"), h100) == "sim"  # no kernel computes the paper's rule
     assert select_backend(get_scheme("int8-w8a8-token-halfspan"), h100) == "torchao"
     assert select_backend(get_scheme("int8"), h100) == "sim"  # torchao's int8 grid is another scheme's
     assert select_backend(get_scheme("fp8-e4m3-weight"), h100, dtype=torch.bfloat16) == "torchao"

@@ -28,8 +28,9 @@ def test_nf4_weights_equal_sim_exactly():
 
 def test_llm_int8_layer_without_outliers_is_sim_computed_in_fp16():
     """bitsandbytes' CPU LLM.int8() quantizes the weight and the activations from fp16 copies: without an outlier
-    column it is sim's llm-int8 on the layer in fp16. Measured over 4 seeds: 3.3e-4 to 1.2e-3 of the output's
-    range from sim-in-fp16, against the quantization's own effect there of 5.2e-3 to 9.4e-3 (ratio <= 0.13).
+    column it is sim's llm-int8 (and llm-int8-bnb, the same there) on the layer in fp16. Measured over 4 seeds:
+    3.3e-4 to 1.2e-3 of the output's range from sim-in-fp16, against the quantization's own effect there of 5.2e-3
+    to 9.4e-3 (ratio <= 0.13).
     With an outlier column the two can differ by more than rounding (the next test)."""
     from qharness.quant.backends.bnb import _int8_linear
 
@@ -66,13 +67,13 @@ def bnb_llm_int8_by_hand(linear: torch.nn.Linear, x: torch.Tensor, threshold: fl
     return out.reshape(*x.shape[:-1], -1)
 
 
-def test_llm_int8_with_an_outlier_column_is_bitsandbytes_rule_not_sims():
-    """The finding the test above leaves out, pinned: with an outlier column bitsandbytes computes its own rule
-    (bnb_llm_int8_by_hand: the column's other entries stay in each row's scale), not sim's (the whole kept column
-    out of the scale). Where those other entries are their rows' largest (5.5 here, under the threshold), the two
-    rules part: measured over 3 seeds, bnb is <= 1.0e-7 of the output's range from its rule by hand, and 4.3e-3
-    to 5.1e-3 from sim-in-fp16, as far as the unquantized layer is (4.3e-3 to 5.2e-3). So `llm-int8` run by bnb
-    (auto's choice on CUDA) is not sim's `llm-int8` on such inputs."""
+def test_llm_int8_with_an_outlier_column_is_bitsandbytes_rule_which_sim_computes_as_llm_int8_bnb():
+    """With an outlier column bitsandbytes computes its own rule (bnb_llm_int8_by_hand: the column's other entries
+    stay in each row's scale), not the paper's (the whole kept column out of the scale, sim's `llm-int8`). Where
+    those other entries are their rows' largest (5.5 here, under the threshold), the two rules part: measured over 3
+    seeds, bnb is <= 1.0e-7 of the output's range from its rule by hand and 4.3e-3 to 5.1e-3 from sim's llm-int8 in
+    fp16, as far as the unquantized layer is (4.3e-3 to 5.2e-3). sim's `llm-int8-bnb` is that rule: bnb is within
+    fp16 rounding of it (the no-outlier test's bound), so bnb runs `llm-int8-bnb` and never `llm-int8`."""
     from qharness.quant.backends.bnb import _int8_linear
 
     for seed in range(3):
@@ -85,17 +86,39 @@ def test_llm_int8_with_an_outlier_column_is_bitsandbytes_rule_not_sims():
             bnb_out = _int8_linear(linear, 6.0).eval()(x)
             by_hand = bnb_llm_int8_by_hand(linear, x, 6.0)
             half = copy.deepcopy(linear).half()
-            sim16 = SimQuantLinear(half, get_scheme("llm-int8"))(x.half()).float()
+            paper = SimQuantLinear(half, get_scheme("llm-int8"))(x.half()).float()
+            bnb_rule = SimQuantLinear(half, get_scheme("llm-int8-bnb"))(x.half()).float()
             reference = half(x.half()).float()
         assert relative(bnb_out, by_hand) <= 1e-5, seed
-        assert relative(bnb_out, sim16) >= 0.5 * relative(reference, sim16), seed
+        assert relative(bnb_out, paper) >= 0.5 * relative(reference, paper), seed
+        assert relative(bnb_out, bnb_rule) <= 0.2 * relative(reference, bnb_rule), seed
+
+
+def test_the_bnb_rule_in_sim_counts_the_threshold_and_keeps_other_entries_in_the_scale():
+    """By hand on one row: entries 8 (outlier) and 6 (at the threshold: an outlier for bitsandbytes, not for the
+    paper's > 6) and 3 in a kept column's other row."""
+    linear = torch.nn.Linear(4, 1, bias=False)
+    with torch.no_grad():
+        linear.weight.copy_(torch.tensor([[1.0, 1.0, 1.0, 1.0]]))
+    x = torch.tensor([[[8.0, 1.0, 0.5, 0.25], [3.0, 1.0, 6.0, 0.25]]])  # columns 0 and 2 hold outliers
+    bnb_rule = SimQuantLinear(linear, get_scheme("llm-int8-bnb"))
+    paper = SimQuantLinear(linear, get_scheme("llm-int8"))
+    with torch.inference_mode():
+        bnb_input = bnb_rule._quantize_input(x)
+        paper_input = paper._quantize_input(x)
+    # bnb: columns 0 (8 >= 6) and 2 (6 >= 6) kept. Row 0's scale from max(1, 0.5, 0.25) = 1 with 8 zeroed; row 1's
+    # from max(3, 1, 0.25) = 3: its column-0 entry 3 is no outlier, so it counts, and only the 6 is zeroed
+    assert torch.allclose(bnb_input[0, 0], torch.tensor([8.0, 127 / 127, 0.5, 32 / 127]))
+    assert torch.allclose(bnb_input[0, 1], torch.tensor([3.0, 42 * 3 / 127, 6.0, 11 * 3 / 127]))
+    # the paper's rule: only column 0 kept (6 is not > 6), its every entry out of the scale: row 1's scale from 6
+    assert torch.allclose(paper_input[0, 1], torch.tensor([3.0, 21 * 6 / 127, 127 * 6 / 127, 5 * 6 / 127]))
 
 
 def test_llm_int8_through_quantize_is_that_rule_at_the_schemes_threshold(tiny_model):
     """The layers quantize_ builds compute the rule above with llm-int8's threshold of 6 (measured <= 1e-7 of the
     output's range from it by hand); at another threshold the outlier column would be quantized too."""
     fp = copy.deepcopy(tiny_model)
-    assert quantize_(tiny_model, get_scheme("llm-int8"), backend="bnb") == "bnb"
+    assert quantize_(tiny_model, get_scheme("llm-int8-bnb"), backend="bnb") == "bnb"
     torch.manual_seed(0)
     x = torch.randn(2, 5, 128)
     x[0, 0, 3] = 50.0
@@ -139,7 +162,7 @@ def test_a_scheme_outside_the_table_is_an_error_not_nf4(tiny_model):
 
     targets = target_linears(tiny_model)
     with pytest.raises(BackendUnavailable, match="^backend 'bnb' does not implement scheme 'int4-weight-g128'; "
-                                                 "it implements llm-int8, nf4$"):
+                                                 "it implements llm-int8-bnb, nf4$"):
         apply_bnb(tiny_model, get_scheme("int4"), targets, Keep(), QuantContext(torch.device("cpu")))
     assert type(tiny_model.model.layers[0].mlp.down_proj) is torch.nn.Linear
 
@@ -166,12 +189,12 @@ def test_nf4_on_the_cpu_refuses_widths_its_packed_kernel_cannot_take():
 # On CUDA the model is moved first and quantized there: the weights must be quantized by the move from the CPU
 # inside _int8_linear (a CUDA weight would stay fp). How close the numbers are to sim: test_cuda_agreement.py
 @pytest.mark.gpu
-@pytest.mark.parametrize("scheme", ["llm-int8", "nf4"])
+@pytest.mark.parametrize("scheme", ["llm-int8-bnb", "nf4"])
 def test_cuda_weights_are_quantized_on_the_device(tiny_model, scheme):
     model = tiny_model.to("cuda", torch.bfloat16)
     assert quantize_(model, get_scheme(scheme)) == "bnb"  # auto on CUDA prefers the library kernel
     layer = model.model.layers[0].mlp.down_proj
     assert layer.weight.device.type == "cuda"
-    assert layer.weight.dtype == (torch.int8 if scheme == "llm-int8" else torch.uint8)  # quantized, not fp
+    assert layer.weight.dtype == (torch.int8 if scheme == "llm-int8-bnb" else torch.uint8)  # quantized, not fp
     with torch.inference_mode():
         assert torch.isfinite(model(torch.randint(0, 300, (2, 16), device="cuda")).logits).all()

@@ -40,10 +40,6 @@ def test_cuda_kernel_computes_its_scheme(case, hidden):
         assert "\n" not in str(exc)
         pytest.skip(f"declined up front: {exc}")
     print(result.line())
-    if case.backend == "bnb" and case.scheme == "llm-int8" and case.dtype == "fp32":
-        pytest.xfail("a finding, not a tolerance: bitsandbytes' LLM.int8() takes each row's scale before dropping its "
-                     "outlier entries and computes in fp16; 3-4e-3 from sim layer by layer against an effect of 1e-2 "
-                     "(CPU), 1.1e-2 of 1.5e-2 at the logits (H200)")
     if result.level == "layer" and case.dtype != "fp32" and fp32_case_exists(case):
         pytest.skip("activations quantized with scales the kernel computes in 16 bits (sim: fp32), so codes differ "
                     "by one step here and there: the fp32 case holds this kernel to sim")

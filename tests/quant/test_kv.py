@@ -255,7 +255,7 @@ def test_on_cuda_eager_and_sdpa_quantize_the_cache_as_on_the_cpu_and_stay_causal
 @pytest.mark.gpu
 @pytest.mark.parametrize(("backend", "scheme"), [
     pytest.param("bnb", "nf4", marks=pytest.mark.needs("bitsandbytes")),
-    pytest.param("bnb", "llm-int8", marks=pytest.mark.needs("bitsandbytes")),
+    pytest.param("bnb", "llm-int8-bnb", marks=pytest.mark.needs("bitsandbytes")),
     pytest.param("torchao", "int8-weight-channel-halfspan", marks=pytest.mark.needs("torchao")),
     pytest.param("torchao", "int8-w8a8-token-halfspan", marks=pytest.mark.needs("torchao")),
 ])

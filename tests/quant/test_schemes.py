@@ -10,7 +10,7 @@ import torch
 from qharness.quant.schemes import SCHEMES, TensorQuant, get_scheme
 from qharness.quant.sim import fake_quantize
 
-# name: (weights, activations, LLM.int8 outlier threshold); a tensor reads
+# name: (weights, activations, LLM.int8 outlier threshold and rule); a tensor reads
 # "<format> <granularity> <sym|asym> [static-<observer>] [unscaled] [half-span] [float-zero]"
 EXPECTED = {
     "fp8-e4m3-unscaled": ("fp8_e4m3 tensor sym unscaled", "fp8_e4m3 tensor sym unscaled", None),
@@ -35,7 +35,8 @@ EXPECTED = {
     "int8-w8a8-token-halfspan": ("int8 channel sym half-span", "int8 token sym half-span", None),
     "int8-weight-channel": ("int8 channel sym", None, None),
     "int8-weight-channel-halfspan": ("int8 channel sym half-span", None, None),
-    "llm-int8": ("int8 channel sym", "int8 token sym", 6.0),
+    "llm-int8": ("int8 channel sym", "int8 token sym", (6.0, "column")),
+    "llm-int8-bnb": ("int8 channel sym", "int8 token sym", (6.0, "entries")),
     "mxfp4-w4a4": ("fp4_e2m1 b32/e8m0 sym", "fp4_e2m1 b32/e8m0 sym", None),
     "mxfp4-weight": ("fp4_e2m1 b32/e8m0 sym", None, None),
     "mxfp8-w8a8": ("fp8_e4m3 b32/e8m0 sym", "fp8_e4m3 b32/e8m0 sym", None),
@@ -74,7 +75,8 @@ def test_the_table_covers_every_registered_scheme_and_every_field():
 def test_scheme_definition(name):
     scheme = get_scheme(name)
     assert scheme.name == name
-    assert (describe(scheme.weights), describe(scheme.activations), scheme.outlier_threshold) == EXPECTED[name]
+    outliers = None if scheme.outlier_threshold is None else (scheme.outlier_threshold, scheme.outlier_rule)
+    assert (describe(scheme.weights), describe(scheme.activations), outliers) == EXPECTED[name]
     assert scheme.description and scheme.reference  # every scheme says what it is and where it comes from
 
 

@@ -260,7 +260,8 @@ def test_on_cuda_a_transformed_16_bit_model_stays_on_its_device_and_quantizes(ti
     assert all(r.dtype == torch.float32 for r in rotations) and len(rotations) == (2 if text == "rotate" else 0)
     unseen = torch.tensor([[0, *range(5, 60)]], device="cuda")
     assert relative_change(logits(reference, unseen), logits(model, unseen)) < 5e-2
-    for backend, scheme in (("sim", "int4-w4a4-token"), ("torchao", "int8-w8a8-token-halfspan"), ("bnb", "llm-int8")):
+    for backend, scheme in (("sim", "int4-w4a4-token"), ("torchao", "int8-w8a8-token-halfspan"),
+                            ("bnb", "llm-int8-bnb")):
         quantized = copy.deepcopy(model)
         try:
             assert quantize_(quantized, get_scheme(scheme), backend=backend) == backend

@@ -1,8 +1,10 @@
 """bitsandbytes backend: LLM.int8() (Linear8bitLt with outlier decomposition) and NF4 (Linear4bit).
 
 Both run on CPU in bitsandbytes >= 0.45 as well as on CUDA. NF4 uses blocks of 64 without double quantization
-of the block scales, so its weights equal `sim`'s NF4 exactly; LLM.int8() matches `sim`'s `llm-int8` within
-float rounding (tests/quant/test_bnb.py). bitsandbytes quantizes an Int8Params weight only when it moves *from the
+of the block scales, so its weights equal `sim`'s NF4 exactly. Its LLM.int8() is the scheme `llm-int8-bnb`, not
+`llm-int8`: it keeps an outlier column's other entries in each row's scale (and tests |x| >= 6, not > 6), which
+sim computes as that scheme within fp16 rounding (tests/quant/test_bnb.py); `llm-int8` stays the paper's rule, run
+by sim on every device. bitsandbytes quantizes an Int8Params weight only when it moves *from the
 CPU* to a device, so each module is built on the CPU and then moved, whatever the model's device.
 """
 
@@ -64,7 +66,7 @@ def _silence_fp16_cast_warning() -> None:
 
 # scheme -> how to build one quantized Linear from a float one; a scheme missing here is an error, not NF4
 BUILDERS: dict[str, Callable[[nn.Linear, QuantScheme], nn.Module]] = {
-    "llm-int8": lambda linear, scheme: _int8_linear(linear, scheme.outlier_threshold or 0.0),
+    "llm-int8-bnb": lambda linear, scheme: _int8_linear(linear, scheme.outlier_threshold or 0.0),
     "nf4": lambda linear, scheme: _nf4_linear(linear, scheme.weights.granularity.size),
 }
 
@@ -87,7 +89,7 @@ BACKENDS.add("bnb", Backend(
     # (_convert_weight_packed_for_cpu), reshaping the block scales to (out, in // 64) and asserting out % 32 == 0: a
     # ragged width fails there, after quantization looked fine, so it is refused up front
     # LLM.int8() casts activations to fp16 on every device (MatMul8bitLt), so fp16's rounding is part of its output
-    capabilities={"llm-int8": everywhere(computes_in="fp16"),
+    capabilities={"llm-int8-bnb": everywhere(computes_in="fp16"),
                   "nf4": (Capability("cpu", whole_groups=True, width_multiple=32), Capability("cuda"))},
     requires=("bitsandbytes",),
     preference=30,
