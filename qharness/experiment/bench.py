@@ -40,9 +40,10 @@ import torch
 from qharness.core import provenance
 from qharness.core.errors import ConfigError
 from qharness.data.results import BASELINE, BENCH_TASK, Row, append_rows, check_writable, existing_keys, key, make_row
+from qharness.experiment.shapes import model_shapes, shapes_of
 from qharness.models.sources import LoadedModel, ModelSpec, dtype_name, load_model, resolve_device, resolve_dtype
 from qharness.quant import SCHEMES, QuantScheme, convert_conv1d_, get_scheme, quantize_, target_linears, weight_bytes
-from qharness.quant.backends import QuantContext, select_backend
+from qharness.quant.backends import QuantContext, load_backends, select_backend
 
 RANDOM = "random:"
 # published shapes (config.json of each model): hidden, intermediate, heads, kv heads, layers, vocab
@@ -87,21 +88,38 @@ class BenchSettings:
         return "compile" if self.compile else "eager"
 
 
+def _random_config(settings: BenchSettings) -> Any:
+    from transformers import LlamaConfig
+
+    hidden, intermediate, heads, kv_heads, layers, vocab = SHAPES[settings.model.name[len(RANDOM):]]
+    return LlamaConfig(hidden_size=hidden, intermediate_size=intermediate, num_attention_heads=heads,
+                       num_key_value_heads=kv_heads, num_hidden_layers=settings.layers or layers, vocab_size=vocab,
+                       max_position_embeddings=8192, tie_word_embeddings=False)
+
+
 def random_model(settings: BenchSettings) -> LoadedModel:
     """A Llama of a published shape with random weights, in the requested dtype on the device."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
-    shape = settings.model.name[len(RANDOM):]
-    hidden, intermediate, heads, kv_heads, layers, vocab = SHAPES[shape]
     device = resolve_device(settings.model.device)
     dtype = resolve_dtype(settings.model.dtype, device)
-    config = LlamaConfig(hidden_size=hidden, intermediate_size=intermediate, num_attention_heads=heads,
-                         num_key_value_heads=kv_heads, num_hidden_layers=settings.layers or layers, vocab_size=vocab,
-                         max_position_embeddings=8192, tie_word_embeddings=False)
     torch.manual_seed(settings.seed)
     with torch.device(device):
-        model = LlamaForCausalLM(config).to(dtype).eval()
+        model = LlamaForCausalLM(_random_config(settings)).to(dtype).eval()
+    shape = settings.model.name[len(RANDOM):]
     return LoadedModel(model, None, settings.model, f"random weights, {shape} shape", device, dtype, arch="llama")
+
+
+def planned_targets(settings: BenchSettings) -> dict[str, Any] | None:
+    """The Linears a scheme will quantize, as weightless stand-ins, known before any weight loads (a random shape's
+    meta skeleton, or the model's config as `run`'s plan reads it); None where only loading can tell."""
+    if settings.model.name.startswith(RANDOM):
+        from transformers import LlamaForCausalLM
+
+        with torch.device("meta"):
+            return shapes_of(LlamaForCausalLM(_random_config(settings))).meta_linears()
+    shapes = model_shapes(settings.model.name)
+    return shapes.meta_linears() if shapes is not None else None
 
 
 def _sync(device: torch.device) -> None:
@@ -208,7 +226,9 @@ def bench(settings: BenchSettings, say: Callable[[str], None] = print) -> BenchR
     device = resolve_device(settings.model.device)
     dtype = resolve_dtype(settings.model.dtype, device)
     schemes = {SCHEMES.resolve(q): get_scheme(q) for q in settings.quants if q != BASELINE}
-    backends = {name: select_backend(s, device, settings.backend, dtype=dtype) for name, s in schemes.items()}
+    planned = planned_targets(settings)  # chosen once, from the widths the model will have
+    backends = {name: select_backend(s, device, settings.backend, dtype=dtype, targets=planned)
+                for name, s in schemes.items()}
     task = BENCH_TASK + settings.mode
     task_hash = _task_hash(settings, device)
     metrics = ["prefill_tok_s", *(f"decode_b{b}_tok_s" for b in settings.decode_batches), "weight_bytes"]
@@ -232,9 +252,9 @@ def bench(settings: BenchSettings, say: Callable[[str], None] = print) -> BenchR
     vocab = loaded.model.config.vocab_size
     convert_conv1d_(loaded.model)  # GPT-2's Conv1D as the Linears every backend quantizes
     targets = target_linears(loaded.model)
-    backends = {name: select_backend(s, device, settings.backend, dtype=dtype, targets=targets)
-                for name, s in schemes.items()}
-    cells = [(BASELINE, "")] + [(name, backends[name]) for name in schemes]
+    if planned is None:  # widths unknown before loading: each chosen backend is checked against them now
+        for name, scheme in schemes.items():
+            load_backends().get(backends[name]).check(device, scheme, dtype, targets)
     rows: list[Row] = []
     baseline: dict[str, float] = {}
     for quant, backend in cells:  # the baseline first, on the device; then it waits on the CPU, and each scheme

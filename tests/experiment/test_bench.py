@@ -83,3 +83,22 @@ def test_compare_sets_quality_beside_cost_and_never_puts_a_simulated_cost_on_the
     assert "## Quality against cost" in report and "d | sim (simulated cost)" in report
     assert (tmp_path / "report" / "quality_vs_cost.png").is_file()
     assert "decode_b1_tok_s" not in report.split("## Quality against cost")[0]  # cost rows are no degradation
+
+
+def test_backends_are_chosen_once_from_the_widths_known_before_loading(tiny_model_dir, tmp_path, monkeypatch):
+    """bench reads the model's Linears from its config (a random shape: a meta skeleton) and chooses each scheme's
+    backend once, with those widths, before any weight loads."""
+    from qharness.experiment import bench as bench_module
+
+    seen = []
+    choose = bench_module.select_backend
+
+    def counted(scheme, device, requested="auto", dtype=None, targets=None):
+        seen.append((scheme.name, sorted(targets) if targets is not None else None))
+        return choose(scheme, device, requested, dtype=dtype, targets=targets)
+
+    monkeypatch.setattr(bench_module, "select_backend", counted)
+    bench(settings(tiny_model_dir, tmp_path / "lb.csv"), say=lambda msg: None)
+    assert [name for name, _ in seen] == ["int8-weight-channel", "int4-weight-g128"]
+    assert all(targets and all(name.startswith("model.layers.") for name in targets) for _, targets in seen)
+    assert len(bench_module.planned_targets(settings("random:llama-3-8b", tmp_path / "x.csv", layers=1))) == 7

@@ -1,21 +1,13 @@
 import dataclasses
 
 import pytest
+from tiny_runs import run, spec_for
 
 from qharness.core.errors import ModelLoadError, UnknownName
 from qharness.data.results import read_rows
 from qharness.experiment import execute as executor
 from qharness.experiment import plan as planner
-from qharness.experiment.runner import run as run_with_progress
 from qharness.experiment.settings import RunSettings
-
-
-def run(settings: RunSettings, say):
-    return run_with_progress(settings, say=say, progress=False)
-
-
-def spec_for(model_dir, task_dir, results, **kwargs) -> RunSettings:
-    return RunSettings(model=str(model_dir), tasks=(str(task_dir / "short.yaml"),), results=results, **kwargs)
 
 
 def test_run_writes_fp_and_quant_rows_with_provenance(tiny_model_dir, tiny_task_dir, tmp_path):

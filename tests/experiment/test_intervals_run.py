@@ -6,20 +6,12 @@ import re
 
 import numpy as np
 import pytest
+from tiny_runs import run, spec_for
 
 from qharness.cli import main
 from qharness.data.results import key, read_rows
 from qharness.data.units import fp_key, read_units, units_dir, units_path
-from qharness.experiment.runner import run as run_with_progress
 from qharness.experiment.settings import RunSettings
-
-
-def run(settings: RunSettings, say):
-    return run_with_progress(settings, say=say, progress=False)
-
-
-def spec_for(model_dir, task_dir, results, **kwargs) -> RunSettings:
-    return RunSettings(model=str(model_dir), tasks=(str(task_dir / "short.yaml"),), results=results, **kwargs)
 
 
 def test_quantized_rows_carry_a_paired_interval_around_their_change(tiny_model_dir, tiny_task_dir, tmp_path):
