@@ -245,14 +245,15 @@ def render_pairs(table: Table, board: Leaderboard) -> list[str]:
     _check_one_setting([d for _, a, b in present for d in (a, b)], table)
     has_recovery = any(pair.recovery for pair, _, _ in present)
     lines = [_source(table) + f" {_evaluated(board, [present[0][1]], table)}. Each change is against the fp row "
-             "with its own interval; B - A is the difference of the two changes in points of percent with its 95% "
+             "with its own interval; B - A is the difference of the two changes in points of percent (two decimals, so "
+             "that an end near 0 shows its side) with its 95% "
              f"interval ({BLOCK_NOTE}, the same blocks for every model: the text's difficulty cancels); within "
              "noise: that interval covers 0." + (" recovered: the share of A's loss that B takes back, with its "
                                                   "interval from the same resamples." if has_recovery else ""), ""]
     rows = []
     for pair, a, b in present:
         interval = board.noise.difference(b, a)
-        diff = f"{(b.rel - a.rel) * 100:+.1f}" + (f" [{interval.low * 100:+.1f}, {interval.high * 100:+.1f}]"
+        diff = f"{(b.rel - a.rel) * 100:+.2f}" + (f" [{interval.low * 100:+.2f}, {interval.high * 100:+.2f}]"
                                                    if interval is not None else " (no units: no interval)")
         rows.append([pair.finding, f"`{a.label}`", percent_interval(a.rel, a.ci), f"`{b.label}`",
                      percent_interval(b.rel, b.ci), diff, verdict(interval, "B", "A") or "",
