@@ -103,6 +103,7 @@ TABLES: tuple[Table, ...] = (
     Table("smollm2-scheme-pairs", "smollm2-schemes.csv", "pairs", pairs=(
         Pair(_p("int8-w8a8-token"), _p("llm-int8"), "LLM.int8() against per-token INT8"),
         Pair(_p("int8-weight-channel"), _p("int8-w8a8-token"), "INT8 activations per token against weight-only"),
+        Pair(_p("int8-w8a8-tensor"), _p("int8-w8a8-tensor-static"), "static per-tensor INT8 against dynamic"),
         Pair(_p("int8-w8a8-tensor"), _p("int8-w8a8-tensor", keep=BOS), "keep BOS, dynamic per-tensor INT8",
              recovery=True),
         Pair(_p("int8-w8a8-tensor-static"), _p("int8-w8a8-tensor-static", keep=BOS),
