@@ -27,7 +27,8 @@ from pathlib import Path
 from typing import Literal
 
 from qharness.core.errors import DataError, QHarnessError
-from qharness.data.results import Row, is_baseline, key, read_rows, write_atomic
+from qharness.data.results import Row, key, read_rows, write_atomic
+from qharness.data.units import fp_key
 from qharness.report.curves import build_curves, curves_table
 from qharness.report.degradation import Degradation, degradations, number, percent_interval
 from qharness.report.noise import Noise, verdict
@@ -186,15 +187,13 @@ class Leaderboard:
 
     def find(self, pick: Pick, table: Table) -> Degradation | None:
         found = [d for d in self.items if d.task == table.task and d.metric == table.metric and pick.matches(d)]
-        if len({d.setting for d in found}) > 1 or len(found) > 1:
+        if len(found) > 1:
             raise DataError(f"{self.path}: {len(found)} rows for {pick.label} on {table.task} (several backends or "
                             "evaluation settings); a published table takes one, so keep one in the leaderboard")
         return found[0] if found else None
 
     def fp_row(self, d: Degradation) -> Row | None:
-        return next((r for r in self.rows if is_baseline(r) and r["task"] == d.task and r["metric"] == d.metric
-                     and tuple(r.get(c, "") for c in ("task_hash", "bos", "context_length", "limit")) == d.setting),
-                    None)
+        return self.by_key.get(fp_key(d.row_key))
 
 
 def _check_one_setting(found: list[Degradation], table: Table) -> None:

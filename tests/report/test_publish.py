@@ -40,10 +40,10 @@ def test_the_published_folder_is_tracked_and_default_runs_write_elsewhere():
     assert RunSettings().results == Path("results/leaderboard.csv")  # the quick start never reads the shipped rows
 
 
-def ppl_row(results, nll, fp_nll, quant="none", **settings):
+def ppl_row(results, nll, fp_nll, quant="none", limit="", **settings):
     row = make_row(float(np.exp(nll.mean())), float(np.exp(fp_nll.mean())), model="m", quant=quant,
                    backend="" if quant == "none" else "sim", task="kjv-heldout", task_hash="h", metric="ppl",
-                   bos=True, context_length=2048, limit="", dtype="fp32", device_type="cpu", higher_is_better=False,
+                   bos=True, context_length=2048, limit=limit, dtype="fp32", device_type="cpu", higher_is_better=False,
                    metric_kind="token-level", n=TOKENS, windows=2, weight_bytes=2**20 * 3, **settings)
     write_units(results, key(row), Units(nll, "nll", "kjv"))
     return row
@@ -137,6 +137,19 @@ def test_the_check_mode_fails_with_a_diff_and_writes_nothing(board, tmp_path, mo
 def test_broken_markers_are_one_line_errors(board, doc, message):
     with pytest.raises(DataError, match=message.replace("[", r"\[")):
         regenerate(doc, TABLES, board)
+
+
+def test_a_row_measured_twice_or_rows_of_two_settings_are_refused(board):
+    results = board / "lb.csv"
+    rng = np.random.default_rng(1)
+    fp = rng.gamma(2.0, 1.5, size=TOKENS)
+    append_rows(results, [ppl_row(results, fp, fp, limit="2"), ppl_row(results, fp + 0.1, fp, quant="nf4", limit="2"),
+                          ppl_row(results, fp + 0.2, fp, quant="int8-w8a8-tensor", limit="2")])
+    with pytest.raises(DataError, match=r"2 rows for int8-w8a8-tensor on kjv-heldout \(several backends or evaluation"):
+        render(TABLES[0], board)
+    mixed = Table("mixed", "lb.csv", "rows", rows=(Pick("int8-w8a8-tensor", keep="pos:0"), Pick("nf4")))
+    with pytest.raises(DataError, match="table mixed: its rows were measured at different evaluation settings"):
+        render(mixed, board)
 
 
 def test_a_table_whose_leaderboard_is_not_shipped_says_how_to_make_it(tmp_path):
