@@ -247,6 +247,15 @@ def render_rows(table: Table, board: Leaderboard) -> list[str]:
     return lines + ([""] + [" ".join(extra)] if extra else [])
 
 
+def _backends(found: list[Degradation]) -> str:
+    """Who computed a pairs table's rows (its columns have no room for it): 'Every row computed by sim ...'."""
+    names = sorted({d.backend for d in found if d.backend})
+    if names == ["sim"]:
+        return "Every row computed by `sim`, the reference arithmetic."
+    listed = ", ".join(f"`{n}`" for n in names)
+    return f"Rows computed by {listed} (`sim`: the reference arithmetic; any other: a library kernel)."
+
+
 def _recovered(board: Leaderboard, a: Degradation, b: Degradation) -> str:
     if a.rel <= 0:
         return "no loss to recover"
@@ -269,7 +278,8 @@ def render_pairs(table: Table, board: Leaderboard) -> list[str]:
              "that an end near 0 shows its side) with its 95% "
              f"interval ({BLOCK_NOTE}, the same blocks for every model: the text's difficulty cancels); within "
              "noise: that interval covers 0." + (" recovered: the share of A's loss that B takes back, with its "
-                                                  "interval from the same resamples." if has_recovery else ""), ""]
+                                                  "interval from the same resamples." if has_recovery else "")
+             + f" {_backends([d for _, a, b in present for d in (a, b)])}", ""]
     rows = []
     for pair, a, b in present:
         interval = board.noise.difference(b, a)

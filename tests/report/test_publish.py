@@ -106,6 +106,7 @@ def test_markers_are_replaced_and_the_text_outside_them_is_untouched(board):
     assert "Not computed yet (no row in the leaderboard): `nf4`. A note." in prose
 
     pairs = out.split("<!-- generated: keep-bos -->\n")[1].split("<!-- end: keep-bos -->")[0]
+    assert "Every row computed by `sim`" in " ".join(pairs.splitlines())
     (line,) = [row for row in pairs.splitlines() if row.startswith("| keep BOS")]
     cells = [c.strip() for c in line.strip("|").split("|")]
     assert cells[1] == "`int8-w8a8-tensor`" and cells[3] == "`int8-w8a8-tensor (keep pos:0)`"
