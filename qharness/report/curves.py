@@ -98,9 +98,16 @@ def _cell(measure: str, value: float | None) -> str:
 
 
 def curves_markdown(curves: list[Curve], task: str | None, table: Any) -> list[str]:
-    """The table: per run and measure, the value at the last step with the first evaluated step beside it."""
+    """The report's section: a heading, then `curves_table`."""
     if not curves:
         return []
+    return ["", "## Training curves", "",
+            *curves_table(curves, task, table, " One plot per measure below (step 0: the model the run started from).")]
+
+
+def curves_table(curves: list[Curve], task: str | None, table: Any, more: str = "") -> list[str]:
+    """The table: per run and measure, the value at the last step with the first evaluated step beside it (also
+    what a published findings table shows, report/publish.py)."""
     measures = measures_of(curves)
     rows = []
     for curve in curves:
@@ -112,10 +119,8 @@ def curves_markdown(curves: list[Curve], task: str | None, table: Any) -> list[s
                          if values and first != last else _cell(measure, values.get(last)) if values else "")
         steps = sorted({s for v in curve.points.values() for s in v if s > 0})
         rows.append([curve.run, ", ".join(map(str, steps)), *cells])
-    return ["", "## Training curves", "",
-            f"Each run's last evaluated step, with its first in brackets; schemes: perplexity change against the "
+    return [f"Each run's last evaluated step, with its first in brackets; schemes: perplexity change against the "
             f"model's own fp perplexity on {task}; fp vs control: against the run without a mitigation at the same "
-            "step. One plot per measure below (step 0: the model the run started from).", "",
-            table(["run", "steps", *measures], rows)]
+            "step." + more, "", table(["run", "steps", *measures], rows)]
 
 

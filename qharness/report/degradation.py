@@ -85,10 +85,12 @@ def percent(value: float | None) -> str:
 
 
 def percent_interval(value: float | None, ci: tuple[float, float] | None) -> str:
-    """'+3.7% [+3.1, +4.3]': a relative change and its interval in points of percent ('' parts when absent)."""
-    if ci is None or value is None or abs(value) >= 100:
+    """'+3.7% [+3.1, +4.3]': a relative change and its interval in points of percent ('' parts when absent); a
+    broken model's in the notation of its value, '+2.9e+04% [+2.6e+04, +3.3e+04]', not dropped."""
+    if ci is None or value is None:
         return percent(value)
-    return f"{percent(value)} [{ci[0] * 100:+.1f}, {ci[1] * 100:+.1f}]"
+    spec = "+.1f" if abs(value) < 100 else "+.2g"
+    return f"{percent(value)} [{ci[0] * 100:{spec}}, {ci[1] * 100:{spec}}]"
 
 
 def number(value: float | None) -> str:

@@ -58,6 +58,16 @@ class Noise:
         return bootstrap.ratio_difference_interval(pa[0].values, pa[1].values, pb[0].values, pb[1].values,
                                                    seed=SEED)
 
+    def recovered(self, plain: Degradation, fixed: Degradation) -> bootstrap.Interval | None:
+        """The interval of the share of `plain`'s loss that `fixed` takes back, both against one fp row on the same
+        tokens (perplexity only); None without units, on other tokens, or when a resample shows no loss."""
+        if fp_key(plain.row_key) != fp_key(fixed.row_key):
+            return None  # two fp rows (a mitigation against its control): the share is defined against one
+        pa, pb = self.pair(plain), self.pair(fixed)
+        if pa is None or pb is None or pa[0].kind != "nll" or not pa[1].pairs_with(pb[1]):
+            return None
+        return bootstrap.recovered_interval(pa[0].values, pa[1].values, pb[1].values, seed=SEED)
+
     def tied(self, a: Degradation, b: Degradation) -> bool:
         """The two differ by less than the noise (False when that cannot be told)."""
         interval = self.difference(a, b)

@@ -143,6 +143,21 @@ def rel_difference_interval(fp_a: np.ndarray, q_a: np.ndarray, fp_b: np.ndarray,
     return Interval(low, high, blocks, resamples, block_size(len(fp_a), block))
 
 
+def recovered_interval(fp_nll: np.ndarray, q_plain: np.ndarray, q_fixed: np.ndarray, *, block: int = BLOCK,
+                       resamples: int = RESAMPLES, seed: int = 0, level: float = LEVEL) -> Interval | None:
+    """The interval of (rel_plain - rel_fixed) / rel_plain, the share of a scheme's perplexity loss that a fix (keep
+    BOS, a transform, kept Linears) takes back, all three on the same tokens and the same blocks; None when some
+    resample shows no loss to recover (rel_plain <= 0), where the share means nothing."""
+    fp = np.asarray(fp_nll, dtype=np.float64)
+    (plain, fixed), blocks = _block_means([np.asarray(q_plain) - fp, np.asarray(q_fixed) - fp], block, resamples,
+                                          seed)
+    rel_plain, rel_fixed = np.expm1(plain), np.expm1(fixed)
+    if np.any(rel_plain <= 0):
+        return None
+    low, high = _percentiles((rel_plain - rel_fixed) / rel_plain, level)
+    return Interval(low, high, blocks, resamples, block_size(len(fp), block))
+
+
 def mean_interval(scores: np.ndarray, *, resamples: int = RESAMPLES, seed: int = 0, level: float = LEVEL) -> Interval:
     """The item bootstrap of a mean score (an accuracy)."""
     (means,), items = _block_means([np.asarray(scores)], 1, resamples, seed)

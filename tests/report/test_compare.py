@@ -269,6 +269,14 @@ def test_fixes_set_keep_transform_and_trained_mitigations_side_by_side():
     assert percent(0.123) == "+12.3%" and percent(5.6e33) == "+5.6e+35%" and number(5.6e35) == "5.6e+35"
 
 
+def test_a_broken_models_change_keeps_its_interval():
+    from qharness.report.degradation import percent_interval
+
+    assert percent_interval(0.035, (0.028, 0.042)) == "+3.5% [+2.8, +4.2]"
+    assert percent_interval(289.65, (262.1, 318.4)) == "+2.9e+04% [+2.6e+04, +3.2e+04]"  # W4A4 once dropped it
+    assert percent_interval(289.65, None) == "+2.9e+04%"
+
+
 def test_predictors_pool_every_model_and_scheme_with_an_interval():
     from qharness.report.degradation import Degradation
     from qharness.report.predictors import error_growth, predictor_points, predictors

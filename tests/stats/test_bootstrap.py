@@ -93,6 +93,19 @@ def test_paired_difference_of_two_rows():
     assert cross.low == pytest.approx(0.0, abs=1e-12) and cross.high == pytest.approx(0.0, abs=1e-12)
 
 
+def test_recovered_share_of_a_loss():
+    rng = np.random.default_rng(9)
+    fp = rng.gamma(2.0, 1.5, size=4094)
+    plain, fixed = fp + 0.4, fp + 0.1  # constant shifts: every resample gives the same share
+    exact = bootstrap.recovered_interval(fp, plain, fixed)
+    share = (math.expm1(0.4) - math.expm1(0.1)) / math.expm1(0.4)
+    assert exact.low == pytest.approx(share, rel=1e-10) and exact.high == pytest.approx(share, rel=1e-10)
+    noisy = bootstrap.recovered_interval(fp, fp + 0.3 + ar1(rng, 4094, 0.3, 0.3), fp + 0.15 + ar1(rng, 4094, 0.3, 0.3))
+    truth = (math.expm1(0.3) - math.expm1(0.15)) / math.expm1(0.3)  # half the log-loss: 54% of the perplexity loss
+    assert noisy.low < truth < noisy.high and noisy.high - noisy.low < 0.15
+    assert bootstrap.recovered_interval(fp, fp + ar1(rng, 4094, 0.3, 0.3), fp) is None  # no loss in some resample
+
+
 def test_item_bootstrap_and_lm_evals_standard_error():
     from lm_eval.api.metrics import mean_stderr
 

@@ -1,0 +1,377 @@
+"""The findings' published tables: each table of docs/findings.md between `<!-- generated: NAME -->` and
+`<!-- end: NAME -->` is regenerated from a leaderboard shipped under results/published/.
+
+Why: a number typed into the findings drifts from the run that made it and carries no interval. Here each table
+is data (TABLES: its name, the leaderboard it reads, the rows or pairs it shows) rendered by the report's own
+machinery: degradation.py for a row against its fp row with the row's paired interval, noise.py for the paired
+interval of two rows' difference, curves.py for training curves. `python -m qharness.report.publish` rewrites the
+text between the markers and nothing else; `--check` changes nothing, prints the diff and exits 1 when the
+document and the shipped rows disagree (tests/report/test_publish.py runs it). Nothing here computes a model:
+the rows come from `qharness run --results results/published/<name>.csv`, a folder no default run reads or writes.
+
+Adding a table: compute its rows into a leaderboard under results/published/ (its `.units/` folder, the per-token
+NLLs the intervals are drawn from, is shipped with it), add a `Table` to TABLES, put the two markers where the
+table goes in docs/findings.md, and run the module.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import re
+import sys
+import textwrap
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from qharness.core.errors import DataError, QHarnessError
+from qharness.data.results import Row, key, read_rows, write_atomic
+from qharness.data.units import fp_key
+from qharness.report.curves import build_curves, curves_table
+from qharness.report.degradation import Degradation, degradations, number, percent_interval
+from qharness.report.noise import Noise, verdict
+
+ROOT = Path(__file__).resolve().parents[2]
+DOC = ROOT / "docs" / "findings.md"
+PUBLISHED = ROOT / "results" / "published"
+# a marker is a line of its own (a marker quoted inside a sentence, as the findings' header quotes one, is text)
+START = re.compile(r"^<!-- generated: ([\w.-]+) -->$", re.M)
+MARKERS = re.compile(r"^<!-- generated: (?P<name>[\w.-]+) -->\n(?P<body>.*?)^<!-- end: (?P<end>[\w.-]+) -->$",
+                     re.S | re.M)
+WIDTH = 118  # the findings' line width
+BLOCK_NOTE = "paired block bootstrap: blocks of 128 tokens, 2,000 resamples"
+
+
+@dataclass(frozen=True)
+class Pick:
+    """One quantized row of a leaderboard: a scheme and what was added to it (empty: nothing), as its columns say."""
+
+    quant: str
+    keep: str = ""  # the keep column: pos:0, ch:507, lin:q_proj,k_proj,v_proj
+    kv: str = ""
+    transform: str = ""
+
+    def matches(self, d: Degradation) -> bool:
+        return (d.quant, d.keep, d.kv, d.transform) == (self.quant, self.keep, self.kv, self.transform)
+
+    @property
+    def label(self) -> str:
+        return Degradation("", self.quant, "", self.keep, "", "", 0.0, 1.0, False, self.kv, self.transform).label
+
+
+@dataclass(frozen=True)
+class Pair:
+    """Two rows on the same tokens and what their difference tests; `recovery`: b is a fix of a, and the table
+    also gives the share of a's loss that b recovers."""
+
+    a: Pick
+    b: Pick
+    finding: str
+    recovery: bool = False
+
+
+@dataclass(frozen=True)
+class Table:
+    name: str  # the marker's NAME
+    leaderboard: str  # a CSV under results/published/
+    kind: Literal["rows", "pairs", "curves"]
+    rows: tuple[Pick, ...] = ()  # kind rows: in this order
+    pairs: tuple[Pair, ...] = ()  # kind pairs
+    task: str = "kjv-heldout"
+    metric: str = "ppl"
+    note: str = ""  # printed under the table (what is left out of it and why)
+
+
+def _p(quant: str, **settings: str) -> Pick:
+    return Pick(quant, **settings)
+
+
+BOS = "pos:0"
+QKV = "lin:q_proj,k_proj,v_proj"
+
+TABLES: tuple[Table, ...] = (
+    Table("smollm2-schemes", "smollm2-schemes.csv", "rows", rows=(
+        _p("int8-weight-channel"), _p("int8-w8a8-token"), _p("llm-int8"),
+        _p("int8-w8a8-tensor"), _p("int8-w8a8-tensor", keep=BOS), _p("int8-w8a8-tensor", keep="ch:507"),
+        _p("int8-w8a8-tensor-static"), _p("int8-w8a8-tensor-static", keep=BOS), _p("int8-w8a8-tensor-static-p9999"),
+        _p("int4-weight-g128"), _p("nf4"), _p("int4-w4a8-token"), _p("int4-w4a4-token"),
+        _p("int4-w4a4-token", keep=BOS), _p("int4-w4a4-tensor"), _p("int4-w4a4-tensor", keep=BOS),
+        _p("fp8-e4m3-weight"), _p("fp8-e4m3-w8a8-tensor"), _p("fp8-e4m3-w8a8-token"), _p("fp8-e5m2-w8a8-tensor"),
+        _p("fp8-e4m3-unscaled"), _p("fp8-e5m2-unscaled")),
+        note="`gptq-int4-g128` is not in it: gptqmodel is not installed on the machine that computed these rows."),
+    Table("smollm2-scheme-pairs", "smollm2-schemes.csv", "pairs", pairs=(
+        Pair(_p("int8-w8a8-token"), _p("llm-int8"), "LLM.int8() against per-token INT8"),
+        Pair(_p("int8-weight-channel"), _p("int8-w8a8-token"), "INT8 activations per token against weight-only"),
+        Pair(_p("int8-w8a8-tensor"), _p("int8-w8a8-tensor-static"), "static per-tensor INT8 against dynamic"),
+        Pair(_p("int8-w8a8-tensor"), _p("int8-w8a8-tensor", keep=BOS), "keep BOS, dynamic per-tensor INT8",
+             recovery=True),
+        Pair(_p("int8-w8a8-tensor-static"), _p("int8-w8a8-tensor-static", keep=BOS),
+             "keep BOS, static per-tensor INT8", recovery=True),
+        Pair(_p("int8-w8a8-tensor"), _p("int8-w8a8-tensor", keep="ch:507"), "keep channel 507, per-tensor INT8",
+             recovery=True),
+        Pair(_p("int8-w8a8-tensor-static"), _p("int8-w8a8-tensor-static-p9999"),
+             "99.99th-percentile static scale against the max"),
+        Pair(_p("int8-w8a8-token"), _p("fp8-e4m3-w8a8-tensor"), "FP8 E4M3 per tensor against INT8 per token"),
+        Pair(_p("fp8-e4m3-w8a8-tensor"), _p("fp8-e4m3-w8a8-token"), "FP8 E4M3 per token against per tensor"),
+        Pair(_p("fp8-e4m3-w8a8-tensor"), _p("fp8-e5m2-w8a8-tensor"), "FP8 E5M2 against E4M3, per tensor"),
+        Pair(_p("nf4"), _p("int4-weight-g128"), "INT4 g128 round-to-nearest against NF4"),
+        Pair(_p("int4-w4a4-token"), _p("int4-w4a4-token", keep=BOS), "keep BOS, W4A4 per token", recovery=True),
+        Pair(_p("int4-w4a4-tensor"), _p("int4-w4a4-tensor", keep=BOS), "keep BOS, W4A4 per tensor",
+             recovery=True))),
+    Table("smollm2-fixes", "smollm2-schemes.csv", "pairs", pairs=(
+        Pair(_p("int8-w8a8-tensor"), _p("int8-w8a8-tensor", transform="smoothquant:0.5"),
+             "SmoothQuant, per-tensor INT8", recovery=True),
+        Pair(_p("int8-w8a8-tensor"), _p("int8-w8a8-tensor", transform="rotate"), "rotation, per-tensor INT8",
+             recovery=True),
+        Pair(_p("int8-w8a8-tensor", keep=BOS), _p("int8-w8a8-tensor", transform="smoothquant:0.5"),
+             "SmoothQuant against keeping BOS, per-tensor INT8"),
+        Pair(_p("int8-w8a8-tensor", transform="smoothquant:0.5"), _p("int8-w8a8-tensor", transform="rotate"),
+             "rotation against SmoothQuant, per-tensor INT8"),
+        Pair(_p("int8-w8a8-tensor", transform="rotate"), _p("int8-w8a8-tensor", transform="rotate", keep=BOS),
+             "keep BOS after rotation, per-tensor INT8", recovery=True),
+        Pair(_p("int4-w4a4-token"), _p("int4-w4a4-token", transform="rotate"), "rotation, W4A4 per token",
+             recovery=True),
+        Pair(_p("nvfp4-w4a4"), _p("nvfp4-w4a4", transform="rotate"), "rotation, NVFP4 W4A4"),
+        Pair(_p("int4-w4a8-token"), _p("int4-w4a8-token", transform="smoothquant:0.5"), "SmoothQuant, W4A8 per token",
+             recovery=True),
+        Pair(_p("int4-w4a8-token"), _p("int4-w4a8-token", transform="rotate"), "rotation under W4A8 per token"),
+        Pair(_p("int4-w4a8-token", keep=QKV), _p("int4-w4a8-token", keep=QKV, transform="rotate"),
+             "rotation under W4A8, q/k/v kept in full precision"),
+        Pair(_p("int4-w4a8-token"), _p("int4-w4a8-token", keep=QKV), "keep q/k/v, W4A8 per token",
+             recovery=True),
+        Pair(_p("int4-w4a8-token", transform="rotate"), _p("int4-w4a8-token", keep=QKV, transform="rotate"),
+             "keep q/k/v, W4A8 per token after rotation", recovery=True))),
+    Table("smollm2-kv-keep0", "smollm2-schemes.csv", "pairs", pairs=tuple(
+        Pair(_p(quant, kv="int4-token"), _p(quant, kv="int4-token+keep0"), f"keep the first token's K/V, {what}",
+             recovery=True)
+        for quant, what in (("none", "fp weights"), ("int8-w8a8-tensor", "per-tensor INT8"),
+                            ("int4-w4a8-token", "W4A8 per token"))),
+        note="The KV setting `int4-token` quantizes keys and values per token to INT4; `+keep0` leaves the first "
+             "token's keys and values exact. Each row's change is against the fp model with an fp cache."),
+)
+# A training-curve table is one more entry once its leaderboard is shipped, e.g.
+# Table("tune400", "tune400.csv", "curves"): the runs of sweeps/tune400.yaml, each run's last step and its first.
+
+
+def table_of(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
+
+
+def _source(table: Table) -> str:
+    return (f"Generated by `python -m qharness.report.publish` from `results/published/{table.leaderboard}` (not "
+            "edited here: change the rows, or TABLES in qharness/report/publish.py).")
+
+
+def _wrapped(lines: list[str]) -> list[str]:
+    """Prose lines filled to the findings' width (118); tables and blank lines as they are."""
+    return [line if line.startswith("|") or not line else textwrap.fill(line, WIDTH, break_on_hyphens=False,
+                                                                         break_long_words=False)
+            for line in lines]
+
+
+def _tokens(n: str) -> str:
+    return f"{int(n):,} tokens" if n else "an unknown number of tokens"
+
+
+class Leaderboard:
+    """One shipped leaderboard: its rows, their degradations and the noise between them."""
+
+    def __init__(self, path: Path) -> None:
+        if not path.is_file():
+            raise DataError(f"{path}: no such published leaderboard; compute its rows with `qharness run --results "
+                            f"{path}` or remove its table from TABLES")
+        self.path = path
+        self.rows = read_rows(path)
+        self.by_key = {key(r): r for r in self.rows}
+        self.items = degradations(self.rows)
+        self.noise = Noise(path)
+
+    def find(self, pick: Pick, table: Table) -> Degradation | None:
+        found = [d for d in self.items if d.task == table.task and d.metric == table.metric and pick.matches(d)]
+        if len(found) > 1:
+            raise DataError(f"{self.path}: {len(found)} rows for {pick.label} on {table.task} (several backends or "
+                            "evaluation settings); a published table takes one, so keep one in the leaderboard")
+        return found[0] if found else None
+
+    def fp_row(self, d: Degradation) -> Row | None:
+        return self.by_key.get(fp_key(d.row_key))
+
+
+def _check_one_setting(found: list[Degradation], table: Table) -> None:
+    if len({d.setting for d in found}) > 1:
+        raise DataError(f"table {table.name}: its rows were measured at different evaluation settings (limit, "
+                        "context, task data) and cannot be set side by side; recompute them at one")
+
+
+def _evaluated(board: Leaderboard, found: list[Degradation], table: Table) -> str:
+    """'kjv-heldout, 7,435 tokens (4 windows, the whole text), fp perplexity 23.10 [20.05, 26.41]'."""
+    first = found[0]
+    fp = board.fp_row(first)
+    windows = fp.get("windows", "") if fp else ""
+    limit = first.setting[3] if len(first.setting) == 4 else ""
+    scope = f"the first {limit} windows" if limit else "the whole text"
+    size = f"{_tokens(first.n)} ({windows + ' windows, ' if windows else ''}{scope})"
+    fp_text = f"fp perplexity {number(first.fp_value)}"
+    if fp and fp.get("ci_of") == "value" and fp.get("ci_low"):
+        fp_text += f" [{number(float(fp['ci_low']))}, {number(float(fp['ci_high']))}]"
+    return f"{table.task}, token-level perplexity on {size}; {fp_text}"
+
+
+def _missing(picks: list[Pick]) -> str:
+    return ("Not computed yet (no row in the leaderboard): " + ", ".join(f"`{p.label}`" for p in picks) + "."
+            if picks else "")
+
+
+def _mib(d: Degradation, board: Leaderboard) -> str:
+    row = board.by_key.get(d.row_key)
+    return f"{float(row['weight_bytes']) / 2**20:.0f}" if row and row.get("weight_bytes") else ""
+
+
+def render_rows(table: Table, board: Leaderboard) -> list[str]:
+    found = [(pick, board.find(pick, table)) for pick in table.rows]
+    present = [d for _, d in found if d is not None]
+    if not present:
+        return [_source(table), "", _missing([p for p, _ in found])]
+    _check_one_setting(present, table)
+    lines = [_source(table) + f" {_evaluated(board, present, table)}. change: against fp, with its 95% interval in "
+             f"points of percent ({BLOCK_NOTE}, paired with the fp row on the same tokens); backend: `sim` is the "
+             "reference arithmetic, any other name a library kernel; weights: storage of the decoder-layer Linears.",
+             ""]
+    lines.append(table_of(["scheme", "backend", "ppl", "change [95% interval]", "weights MiB"],
+                          [[f"`{d.label}`", d.backend, number(d.value), percent_interval(d.rel, d.ci), _mib(d, board)]
+                           for d in present]))
+    extra = [text for text in (_missing([p for p, d in found if d is None]), table.note) if text]
+    return lines + ([""] + [" ".join(extra)] if extra else [])
+
+
+def _backends(found: list[Degradation]) -> str:
+    """Who computed a pairs table's rows (its columns have no room for it): 'Every row computed by sim ...'."""
+    names = sorted({d.backend for d in found if d.backend})
+    if names == ["sim"]:
+        return "Every row computed by `sim`, the reference arithmetic."
+    listed = ", ".join(f"`{n}`" for n in names)
+    return f"Rows computed by {listed} (`sim`: the reference arithmetic; any other: a library kernel)."
+
+
+def _recovered(board: Leaderboard, a: Degradation, b: Degradation) -> str:
+    if a.rel <= 0:
+        return "no loss to recover"
+    share = board.noise.recovered(a, b)
+    value = (a.rel - b.rel) / a.rel
+    return f"{value:.0%}" + (f" [{share.low:.0%}, {share.high:.0%}]" if share is not None else "")
+
+
+def render_pairs(table: Table, board: Leaderboard) -> list[str]:
+    found = [(pair, board.find(pair.a, table), board.find(pair.b, table)) for pair in table.pairs]
+    present = [(pair, a, b) for pair, a, b in found if a is not None and b is not None]
+    missing = sorted({p for pair, a, b in found for p, d in ((pair.a, a), (pair.b, b)) if d is None},
+                     key=lambda p: p.label)
+    if not present:
+        return [_source(table), "", _missing(missing)]
+    _check_one_setting([d for _, a, b in present for d in (a, b)], table)
+    has_recovery = any(pair.recovery for pair, _, _ in present)
+    lines = [_source(table) + f" {_evaluated(board, [present[0][1]], table)}. Each change is against the fp row "
+             "with its own interval; B - A is the difference of the two changes in points of percent (two decimals, so "
+             "that an end near 0 shows its side) with its 95% "
+             f"interval ({BLOCK_NOTE}, the same blocks for every model: the text's difficulty cancels); within "
+             "noise: that interval covers 0." + (" recovered: the share of A's loss that B takes back, with its "
+                                                  "interval from the same resamples." if has_recovery else "")
+             + f" {_backends([d for _, a, b in present for d in (a, b)])}", ""]
+    rows = []
+    for pair, a, b in present:
+        interval = board.noise.difference(b, a)
+        diff = f"{(b.rel - a.rel) * 100:+.2f}" + (f" [{interval.low * 100:+.2f}, {interval.high * 100:+.2f}]"
+                                                   if interval is not None else " (no units: no interval)")
+        rows.append([pair.finding, f"`{a.label}`", percent_interval(a.rel, a.ci), f"`{b.label}`",
+                     percent_interval(b.rel, b.ci), diff, verdict(interval, "B", "A") or "",
+                     *([_recovered(board, a, b) if pair.recovery else ""] if has_recovery else [])])
+    lines.append(table_of(["comparison", "A", "A change", "B", "B change", "B - A (pts)", "verdict",
+                           *(["recovered"] if has_recovery else [])], rows))
+    extra = [text for text in (_missing(missing), table.note) if text]
+    return lines + ([""] + [" ".join(extra)] if extra else [])
+
+
+def render_curves(table: Table, board: Leaderboard) -> list[str]:
+    curves, task = build_curves(board.rows, board.items)
+    if not curves:
+        return [_source(table), "", "No run in the leaderboard has rows at two steps yet."]
+    sizes = sorted({d.evaluated for d in board.items if d.task == task and d.metric == "ppl"})
+    return [_source(table) + (f" Evaluated on {', '.join(sizes)} of {task}." if sizes else ""), "",
+            *curves_table(curves, task, table_of)]
+
+
+RENDER: dict[str, Callable[[Table, Leaderboard], list[str]]] = {"rows": render_rows, "pairs": render_pairs,
+                                                                  "curves": render_curves}
+
+
+def render(table: Table, published: Path) -> str:
+    """The text that goes between the table's markers (ending in a newline)."""
+    return "\n".join(_wrapped(RENDER[table.kind](table, Leaderboard(published / table.leaderboard)))) + "\n"
+
+
+def regenerate(text: str, tables: tuple[Table, ...], published: Path) -> str:
+    """`text` with the body between each pair of markers replaced by its table; everything else untouched. A marker
+    without its end, an end naming another table, or a name TABLES does not hold is a DataError."""
+    by_name = {t.name: t for t in tables}
+    starts = START.findall(text)
+    matched = list(MARKERS.finditer(text))
+    for m in matched:
+        if m["end"] != m["name"]:
+            raise DataError(f"<!-- generated: {m['name']} --> is closed by <!-- end: {m['end']} -->; each table ends "
+                            "with its own name")
+        if m["name"] not in by_name:
+            raise DataError(f"no published table named {m['name']!r}; known: {', '.join(sorted(by_name))}")
+    if len(matched) != len(starts):
+        unclosed = sorted(set(starts) - {m["name"] for m in matched})
+        raise DataError(f"<!-- generated: {unclosed[0]} --> has no <!-- end: {unclosed[0]} --> after it")
+    return MARKERS.sub(lambda m: f"<!-- generated: {m['name']} -->\n{render(by_name[m['name']], published)}"
+                                 f"<!-- end: {m['name']} -->", text)
+
+
+def unplaced(text: str, tables: tuple[Table, ...]) -> list[str]:
+    """Tables of TABLES that the document has no markers for (each must be placed exactly once)."""
+    placed = START.findall(text)
+    return [t.name for t in tables if placed.count(t.name) != 1]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m qharness.report.publish", description=__doc__.split("\n\n")[0],
+                                     epilog="examples:\n  python -m qharness.report.publish          # rewrite the "
+                                            "tables\n  python -m qharness.report.publish --check  # the test: exit "
+                                            "1 and a diff when they are stale",
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--check", action="store_true", help="change nothing; exit 1 and print the diff if "
+                                                             "regenerating would change the document")
+    parser.add_argument("--doc", type=Path, default=DOC, help=f"the document (default: {DOC.relative_to(ROOT)})")
+    parser.add_argument("--published", type=Path, default=PUBLISHED,
+                        help=f"the shipped leaderboards (default: {PUBLISHED.relative_to(ROOT)})")
+    args = parser.parse_args(argv)
+    try:
+        text = args.doc.read_text(encoding="utf-8")
+        missing = unplaced(text, TABLES)
+        if missing:
+            raise DataError(f"{args.doc} has no (or more than one) markers for the tables {missing}: add "
+                            f"<!-- generated: {missing[0]} --> and <!-- end: {missing[0]} --> where it goes")
+        new = regenerate(text, TABLES, args.published)
+    except (QHarnessError, OSError) as exc:
+        print(f"qharness: error: {exc}", file=sys.stderr)
+        return 2
+    if new == text:
+        print(f"{args.doc}: its {len(TABLES)} generated tables match {args.published}")
+        return 0
+    if args.check:
+        sys.stdout.writelines(difflib.unified_diff(text.splitlines(keepends=True), new.splitlines(keepends=True),
+                                                   str(args.doc), f"{args.doc} regenerated"))
+        print(f"{args.doc}: generated tables differ from {args.published}; run python -m qharness.report.publish",
+              file=sys.stderr)
+        return 1
+    write_atomic(args.doc, new)
+    print(f"{args.doc}: regenerated {len(TABLES)} tables from {args.published}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,184 @@
+"""The findings' generated tables: docs/findings.md against the shipped leaderboards, and the marker replacement,
+the tables and their intervals on tiny synthetic leaderboards."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from qharness.core.errors import DataError
+from qharness.data.results import append_rows, key, make_row
+from qharness.data.units import Units, write_units
+from qharness.report import publish
+from qharness.report.publish import Pair, Pick, Table, regenerate, render
+
+TOKENS = 4094
+
+
+def test_the_findings_tables_are_what_the_shipped_leaderboards_give(capsys):
+    """The doc's generated tables, regenerated from results/published/ (no model: rows and units only), change
+    nothing; on failure the diff is printed: rerun `python -m qharness.report.publish` or fix the rows."""
+    assert publish.unplaced(publish.DOC.read_text(encoding="utf-8"), publish.TABLES) == []
+    assert publish.main(["--check"]) == 0, capsys.readouterr().out[-4000:]
+
+
+def test_the_published_folder_is_tracked_and_default_runs_write_elsewhere():
+    from qharness.experiment.settings import RunSettings
+
+    if not (publish.ROOT / ".git").exists():
+        pytest.skip("not a git checkout: nothing to say about what git tracks")
+
+    def ignored(path: str) -> bool:
+        return subprocess.run(["git", "check-ignore", "-q", path], cwd=publish.ROOT).returncode == 0
+
+    assert not ignored("results/published/smollm2-schemes.csv")
+    assert not ignored("results/published/smollm2-schemes.units/0123.npz")
+    assert ignored("results/published/smollm2-schemes.csv.lock") and ignored("results/leaderboard.csv")
+    assert RunSettings().results == Path("results/leaderboard.csv")  # the quick start never reads the shipped rows
+
+
+def ppl_row(results, nll, fp_nll, quant="none", limit="", **settings):
+    row = make_row(float(np.exp(nll.mean())), float(np.exp(fp_nll.mean())), model="m", quant=quant,
+                   backend="" if quant == "none" else "sim", task="kjv-heldout", task_hash="h", metric="ppl",
+                   bos=True, context_length=2048, limit=limit, dtype="fp32", device_type="cpu", higher_is_better=False,
+                   metric_kind="token-level", n=TOKENS, windows=2, weight_bytes=2**20 * 3, **settings)
+    write_units(results, key(row), Units(nll, "nll", "kjv"))
+    return row
+
+
+@pytest.fixture()
+def board(tmp_path):
+    """A shipped folder with one leaderboard: fp, a scheme that loses 35%, and BOS kept taking back most of it."""
+    published = tmp_path / "published"
+    published.mkdir()
+    results = published / "lb.csv"
+    rng = np.random.default_rng(0)
+    fp = rng.gamma(2.0, 1.5, size=TOKENS)
+    plain = fp + 0.3 + rng.normal(0, 0.3, TOKENS)
+    kept = fp + 0.05 + rng.normal(0, 0.3, TOKENS)
+    fp_row = ppl_row(results, fp, fp)
+    fp_row.update(ci_of="value", ci_low="20.5", ci_high="23.5")
+    append_rows(results, [fp_row, ppl_row(results, plain, fp, quant="int8-w8a8-tensor", ci_of="rel_delta",
+                                          ci_low="0.31", ci_high="0.39"),
+                          ppl_row(results, kept, fp, quant="int8-w8a8-tensor", keep="pos:0")])
+    return published
+
+
+TABLES = (
+    Table("schemes", "lb.csv", "rows", rows=(Pick("int8-w8a8-tensor"), Pick("int8-w8a8-tensor", keep="pos:0"),
+                                             Pick("nf4")), note="A note."),
+    Table("keep-bos", "lb.csv", "pairs", pairs=(Pair(Pick("int8-w8a8-tensor"), Pick("int8-w8a8-tensor", keep="pos:0"),
+                                                     "keep BOS", recovery=True),)),
+)
+
+DOC = """# Findings
+
+Text before, with a typed number 54.32 that stays; a quoted `<!-- generated: NAME -->` inside a line is text.
+
+<!-- generated: schemes -->
+stale table
+<!-- end: schemes -->
+
+Between the tables.
+<!-- generated: keep-bos -->
+<!-- end: keep-bos -->
+After.
+"""
+
+
+def test_markers_are_replaced_and_the_text_outside_them_is_untouched(board):
+    out = regenerate(DOC, TABLES, board)
+    outside = [part.split("<!-- end: ")[-1] for part in out.split("<!-- generated: ")]
+    assert outside == [part.split("<!-- end: ")[-1] for part in DOC.split("<!-- generated: ")]
+    assert "stale table" not in out and out.count("\n<!-- generated:") == 2
+    assert "`<!-- generated: NAME -->` inside" in out  # a quoted marker is text
+    assert regenerate(out, TABLES, board) == out  # regenerating twice changes nothing
+
+    schemes = out.split("<!-- generated: schemes -->\n")[1].split("<!-- end: schemes -->")[0]
+    assert max(len(line) for line in schemes.splitlines() if not line.startswith("|")) <= publish.WIDTH
+    prose = " ".join(line for line in schemes.splitlines() if not line.startswith("|"))
+    assert "`results/published/lb.csv`" in prose and "4,094 tokens (2 windows, the whole text)" in prose
+    assert "fp perplexity" in prose and "[20.50, 23.50]" in prose
+    assert "| `int8-w8a8-tensor` | sim |" in schemes and "[+31.0, +39.0] | 3 |" in schemes
+    assert "Not computed yet (no row in the leaderboard): `nf4`. A note." in prose
+
+    pairs = out.split("<!-- generated: keep-bos -->\n")[1].split("<!-- end: keep-bos -->")[0]
+    assert "Every row computed by `sim`" in " ".join(pairs.splitlines())
+    (line,) = [row for row in pairs.splitlines() if row.startswith("| keep BOS")]
+    cells = [c.strip() for c in line.strip("|").split("|")]
+    assert cells[1] == "`int8-w8a8-tensor`" and cells[3] == "`int8-w8a8-tensor (keep pos:0)`"
+    low, high = (float(x) for x in cells[5].split("[")[1].rstrip("]").split(","))
+    assert low < float(cells[5].split()[0]) < high < 0 and cells[6] == "B lower"
+    share, interval = cells[7].split(" ", 1)
+    low, high = (float(x.rstrip("%")) for x in interval.strip("[]").split(","))
+    assert 0 < low < float(share.rstrip("%")) < high < 100
+
+
+def test_the_check_mode_fails_with_a_diff_and_writes_nothing(board, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(publish, "TABLES", TABLES)
+    doc = tmp_path / "findings.md"
+    doc.write_text(DOC)
+    assert publish.main(["--check", "--doc", str(doc), "--published", str(board)]) == 1
+    assert "-stale table" in capsys.readouterr().out and doc.read_text() == DOC
+    assert publish.main(["--doc", str(doc), "--published", str(board)]) == 0
+    assert publish.main(["--check", "--doc", str(doc), "--published", str(board)]) == 0
+    doc.write_text(DOC.replace("<!-- generated: keep-bos -->\n<!-- end: keep-bos -->\n", ""))
+    assert publish.main(["--check", "--doc", str(doc), "--published", str(board)]) == 2
+    assert "no (or more than one) markers for the tables ['keep-bos']" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("doc", "message"), [
+    ("<!-- generated: schemes -->\nx\n", "<!-- generated: schemes --> has no <!-- end: schemes --> after it"),
+    ("<!-- generated: schemes -->\nx\n<!-- end: keep-bos -->\n", "is closed by <!-- end: keep-bos -->"),
+    ("<!-- generated: nope -->\n<!-- end: nope -->\n", "no published table named 'nope'; known: keep-bos, schemes"),
+])
+def test_broken_markers_are_one_line_errors(board, doc, message):
+    with pytest.raises(DataError, match=message.replace("[", r"\[")):
+        regenerate(doc, TABLES, board)
+
+
+def test_a_row_measured_twice_or_rows_of_two_settings_are_refused(board):
+    results = board / "lb.csv"
+    rng = np.random.default_rng(1)
+    fp = rng.gamma(2.0, 1.5, size=TOKENS)
+    append_rows(results, [ppl_row(results, fp, fp, limit="2"), ppl_row(results, fp + 0.1, fp, quant="nf4", limit="2"),
+                          ppl_row(results, fp + 0.2, fp, quant="int8-w8a8-tensor", limit="2")])
+    with pytest.raises(DataError, match=r"2 rows for int8-w8a8-tensor on kjv-heldout \(several backends or evaluation"):
+        render(TABLES[0], board)
+    mixed = Table("mixed", "lb.csv", "rows", rows=(Pick("int8-w8a8-tensor", keep="pos:0"), Pick("nf4")))
+    with pytest.raises(DataError, match="table mixed: its rows were measured at different evaluation settings"):
+        render(mixed, board)
+
+
+def test_a_table_whose_leaderboard_is_not_shipped_says_how_to_make_it(tmp_path):
+    with pytest.raises(DataError, match=r"no such published leaderboard; compute its rows with `qharness run"):
+        render(Table("x", "missing.csv", "rows", rows=(Pick("nf4"),)), tmp_path)
+
+
+def curve_row(model, quant, value, fp_value, mitigation):
+    return make_row(value, fp_value, model=model, quant=quant, backend="" if quant == "none" else "sim",
+                    task="kjv-heldout", task_hash="h", metric="ppl", bos=True, context_length=2048, limit="",
+                    dtype="fp32", device_type="cpu", higher_is_better=False, metric_kind="token-level", n=7435,
+                    mitigation=mitigation)
+
+
+def test_a_training_curve_table_renders_from_a_curve_leaderboard(tmp_path):
+    """The tune400 table, once results/published/tune400.csv is shipped, is one more Table of kind curves."""
+    rows = []
+    for mitigation, fps in (("none", (23.73, 21.03)), ("kv_bias", (24.0, 21.5))):
+        for step, fp in zip((40, 400), fps, strict=True):
+            model = f"tune400:smollm2-135m-{mitigation}@step{step}"
+            rows += [curve_row(model, "none", fp, fp, mitigation),
+                     curve_row(model, "int8-w8a8-tensor", fp * 1.8, fp, mitigation)]
+    append_rows(tmp_path / "tune400.csv", rows)
+    text = render(Table("tune400", "tune400.csv", "curves"), tmp_path)
+    prose = " ".join(line for line in text.splitlines() if not line.startswith("|"))
+    assert "`results/published/tune400.csv`" in prose and "Evaluated on 7435 tok, all of kjv-heldout." in prose
+    table = [line for line in text.splitlines() if line.startswith("|")]
+    assert table[0] == "| run | steps | fp ppl | fp vs control | int8-w8a8-tensor |"
+    assert table[2] == ("| tune400:smollm2-135m-none | 40, 400 | 21.03 (23.73 at 40) | +0.0% (+0.0% at 40) "
+                        "| +80.0% (+80.0% at 40) |")
+    assert table[3].startswith("| tune400:smollm2-135m-kv_bias | 40, 400 | 21.50 (24.00 at 40) | +2.2% (+1.1% at 40) |")
