@@ -28,11 +28,13 @@ RUN_EXAMPLES = """examples:
   qharness run --model HuggingFaceTB/SmolLM2-135M --device cuda --dtype bf16   # online users
   qharness run --quant int4-w4a4-token --transform rotate --limit 2      # QuaRot's Hadamard rotation first
   qharness run --quant int8-w8a8-tensor --transform smoothquant:0.8      # SmoothQuant, alpha 0.8
+  qharness run --device-map auto --max-memory 0=20GiB,cpu=64GiB      # spread over GPUs, CPU memory, disk
 """
 SCAN_EXAMPLES = """examples:
   qharness scan                                  # smollm2-135m: profile, intervention, plots -> results/scan/
   qharness scan --no-bos --sequences 4
   qharness scan --model path/to/model --layers model.layers --no-intervention
+  qharness scan --device-map auto --max-memory cpu=200MB           # layers past 200 MB read from disk
 """
 SWEEP_EXAMPLES = """examples:
   qharness sweep sweeps/default.yaml       # the default grid: smollm2-135m x every scheme x the offline tasks
@@ -147,18 +149,24 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--transform", default=default.transform, metavar="NAME[:ARG]",
                         help="rewrite the fp model before quantizing, keeping its logits: smoothquant[:alpha] "
                              "(alpha in [0, 1], default 0.5) or rotate (`qharness list transforms`)")
-    parser.add_argument("--device-map", default=None, metavar="MAP",
-                        help="spread a model larger than one device over several (auto); not supported yet")
-    parser.add_argument("--max-memory", default=None, type=_memory, metavar="DEV=AMOUNT,...",
-                        help="memory per device with --device-map, e.g. 0=20GiB,cpu=64GiB; not supported yet")
+    add_placement_arguments(parser)
     parser.add_argument("--no-intervals", dest="intervals", action="store_false",
                         help="no paired interval on each quantized row")
+
+
+def add_placement_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device-map", default=None, metavar="MAP",
+                        help="spread a model larger than one device over GPUs, CPU memory and disk with accelerate "
+                             "(auto | balanced | balanced_low_0 | sequential); schemes run under sim")
+    parser.add_argument("--max-memory", default=None, type=_memory, metavar="DEV=AMOUNT,...",
+                        help="memory per device with --device-map, e.g. 0=20GiB,cpu=64GiB (the rest goes to disk)")
 
 
 def add_scan_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="smollm2-135m", help="as for `qharness run`")
     parser.add_argument("--dtype", default="auto", help="auto | fp32 | bf16 | fp16 (fp16 shows overflow)")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    add_placement_arguments(parser)
     parser.add_argument("--no-bos", dest="bos", action="store_false", help="do not prepend BOS to each sequence")
     parser.add_argument("--sequences", type=int, default=8, help="calibration sequences (default 8)")
     parser.add_argument("--length", type=int, default=256, help="tokens per sequence (default 256)")
@@ -209,7 +217,8 @@ def cmd_scan(args: argparse.Namespace) -> int:
     from qharness.scanning import ScanSpec, profile_dir, run_scan
 
     spec = ScanSpec(
-        model=ModelSpec(args.model, dtype=args.dtype, device=args.device),
+        model=ModelSpec(args.model, dtype=args.dtype, device=args.device, device_map=args.device_map,
+                        max_memory=args.max_memory),
         config=ScanConfig(sequences=args.sequences, length=args.length, bos=args.bos, top_k=args.top_k,
                           attention=args.attention),
         layers=args.layers, intervention_task=args.intervention_task if args.intervention else None,
@@ -258,7 +267,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from qharness.models.sources import ModelSpec
 
     settings = BenchSettings(
-        model=ModelSpec(args.model, dtype=args.dtype, device=args.device), quants=args.quant, backend=args.backend,
+        model=ModelSpec(args.model, dtype=args.dtype, device=args.device, device_map=args.device_map,
+                        max_memory=args.max_memory), quants=args.quant, backend=args.backend,
         compile=args.compile, layers=args.layers, prefill_batch=args.prefill[0], prefill_tokens=args.prefill[1],
         decode_batches=args.decode_batches, prompt_tokens=args.prompt, decode_steps=args.decode_steps,
         repeats=args.repeats, results=args.results, force=args.force)

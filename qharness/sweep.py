@@ -18,7 +18,7 @@ finds), safe because leaderboard writes are atomic and locked.
     transforms: ['', rotate]      # optional: also each scheme after a transform (`qharness list transforms`)
     limit: 2                      # optional: windows / items per task
     # optional, the same in every cell, as the `qharness run` flags of the same name: backend, bos, batch_size,
-    # seed, dtype, device, layer_errors, force, intervals (device_map, max_memory: not supported yet)
+    # seed, dtype, device, device_map, max_memory, layer_errors, force, intervals
     results: results/leaderboard.csv
     engine: local                 # or ray
     scan: true                    # optional: also `qharness scan` each model (profile next to the results),

@@ -220,19 +220,31 @@ class Execution:
                          self.plan.settings.model)
 
 
-def load_checked(plan: Plan, say: Callable[[str], None], progress: bool) -> tuple[LoadedModel, dict[str, Any]]:
-    """The plan's model, trained first if it is a zoo or tune model not trained yet, loaded once, its Conv1D turned
-    into Linears, and checked (`check_loaded`); with its target Linears."""
-    ensure(plan.settings.model, progress=progress)
-    say(f"loading {plan.settings.model} ...")
-    loaded = load_model(plan.settings.model_spec, progress=progress)
+def load_checked(plan: Plan, say: Callable[[str], None], progress: bool,
+                 loaded: LoadedModel | None = None) -> tuple[LoadedModel, dict[str, Any]]:
+    """The plan's model, trained first if it is a zoo or tune model not trained yet, loaded once (or `loaded`, the
+    same model loaded for an earlier plan and given back in its fp state), its Conv1D turned into Linears, and
+    checked (`check_loaded`); with its target Linears."""
+    if loaded is None:
+        ensure(plan.settings.model, progress=progress)
+        say(f"loading {plan.settings.model} ...")
+        loaded = load_model(plan.settings.model_spec, progress=progress)
     convert_conv1d_(loaded.model)  # GPT-2: Linears from here on, as every backend sees them
     targets = target_linears(loaded.model)
     check_loaded(plan, loaded, targets)
     return loaded, targets
 
 
-def execute(plan: Plan, say: Callable[[str], None] = print, progress: bool = True) -> RunReport:
+def needs_model(plan: Plan) -> bool:
+    """Whether executing `plan` computes anything now (a sweep loads a model only for plans that do)."""
+    done = {} if plan.settings.force else existing_keys(plan.settings.results)
+    return bool(plan.todo(done)) or any(plan.needs_layer_errors(quant) for quant in plan.schemes)
+
+
+def execute(plan: Plan, say: Callable[[str], None] = print, progress: bool = True,
+            loaded: LoadedModel | None = None) -> RunReport:
+    """Run `plan`. `loaded`: its model already loaded (by `load_model(plan.settings.model_spec)`, for another plan
+    of a sweep); it is used and given back in its fp state, as every scheme is undone after its cells."""
     settings = plan.settings
     # read again, not taken from the plan: a sweep's earlier cells (or another writer) may have added rows since
     done = {} if settings.force else existing_keys(settings.results)
@@ -240,7 +252,7 @@ def execute(plan: Plan, say: Callable[[str], None] = print, progress: bool = Tru
     if not todo and not any(plan.needs_layer_errors(quant) for quant in plan.schemes):
         say(f"all {len(plan.keys)} rows are already in {settings.results}; pass --force to recompute")
         return RunReport([done[k] for k in plan.keys], 0, settings.model)
-    loaded, targets = load_checked(plan, say, progress)
+    loaded, targets = load_checked(plan, say, progress, loaded)
     run = Execution(plan, loaded, targets, done, say, progress)
     # transformed before anything is computed, so a model the transform refuses leaves the leaderboard untouched
     quantized_todo = any(c.quant in plan.schemes for c in todo)

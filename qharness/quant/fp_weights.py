@@ -28,13 +28,16 @@ class FpWeights:
         from safetensors.torch import save_file
 
         self.model, self.originals = model, dict(targets)
+        # weights accelerate offloaded (on `meta`; --device-map) stay in its weights map, which no backend writes:
+        # their Linears are only swapped back
+        held = {name: linear for name, linear in targets.items() if linear.weight.device.type != "meta"}
         self.placement = {name: (linear.weight.device, linear.weight.dtype, linear.weight.requires_grad)
-                          for name, linear in targets.items()}
+                          for name, linear in held.items()}
         self._dir = tempfile.TemporaryDirectory(prefix="qharness-fp-", dir=folder)
-        self.files = {name: Path(self._dir.name) / f"{i}.safetensors" for i, name in enumerate(targets)}
+        self.files = {name: Path(self._dir.name) / f"{i}.safetensors" for i, name in enumerate(held)}
         # a file per tensor: save_file turns every tensor it is given into bytes before writing, so one file for all
         # would hold a second copy of the weights in host memory for a moment
-        for name, linear in targets.items():
+        for name, linear in held.items():
             save_file({"weight": linear.weight.detach().cpu().contiguous()}, self.files[name])
 
     def release_(self) -> None:
@@ -44,7 +47,7 @@ class FpWeights:
         from torch import nn
 
         for name, linear in self.originals.items():
-            if self.model.get_submodule(name) is not linear:
+            if name in self.files and self.model.get_submodule(name) is not linear:
                 linear.weight = nn.Parameter(torch.empty(0, dtype=linear.weight.dtype, device=linear.weight.device),
                                              requires_grad=False)
 
@@ -54,8 +57,10 @@ class FpWeights:
         from torch import nn
 
         for name, linear in self.originals.items():
-            device, dtype, grad = self.placement[name]
             swap_module(self.model, name, linear)
+            if name not in self.files:
+                continue
+            device, dtype, grad = self.placement[name]
             weight = load_file(self.files[name])["weight"]
             linear.weight = nn.Parameter(weight.to(device=device, dtype=dtype), requires_grad=grad)
 
