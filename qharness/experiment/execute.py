@@ -220,15 +220,19 @@ class Execution:
                          self.plan.settings.model)
 
 
+def load_fp(plan: Plan, say: Callable[[str], None], progress: bool) -> LoadedModel:
+    """The plan's fp model, trained first if it is a zoo or tune model not trained yet."""
+    ensure(plan.settings.model, progress=progress)
+    say(f"loading {plan.settings.model} ...")
+    return load_model(plan.settings.model_spec, progress=progress)
+
+
 def load_checked(plan: Plan, say: Callable[[str], None], progress: bool,
                  loaded: LoadedModel | None = None) -> tuple[LoadedModel, dict[str, Any]]:
     """The plan's model, trained first if it is a zoo or tune model not trained yet, loaded once (or `loaded`, the
     same model loaded for an earlier plan and given back in its fp state), its Conv1D turned into Linears, and
     checked (`check_loaded`); with its target Linears."""
-    if loaded is None:
-        ensure(plan.settings.model, progress=progress)
-        say(f"loading {plan.settings.model} ...")
-        loaded = load_model(plan.settings.model_spec, progress=progress)
+    loaded = loaded if loaded is not None else load_fp(plan, say, progress)
     convert_conv1d_(loaded.model)  # GPT-2: Linears from here on, as every backend sees them
     targets = target_linears(loaded.model)
     check_loaded(plan, loaded, targets)
