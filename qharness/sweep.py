@@ -3,9 +3,10 @@
 Each combination of the axes is one `RunSettings`, and every one is planned (`experiment.plan_all`) before the first
 runs, so a bad cell anywhere refuses the whole grid with nothing written. Then each is executed, each model loaded
 once for all its cells and its scan (every scheme is undone after its cells): a model's fp baseline is computed
-once, cells already in the leaderboard are skipped, and every finished cell is written at once, so a crash or Ctrl-C loses at most the cell in flight. `engine: local` (default) runs them one after another in this
-process; `engine: ray` fans each model's runs out as a Ray task (a local Ray instance, or the cluster `ray.init`
-finds), safe because leaderboard writes are atomic and locked.
+once, cells already in the leaderboard are skipped, and every finished cell is written at once, so a crash or Ctrl-C
+loses at most the cell in flight. `engine: local` (default) runs them one after another in this process; `engine:
+ray` fans each model's runs out as a Ray task (a local Ray instance, or the cluster `ray.init` finds), safe because
+leaderboard writes are atomic and locked.
 
     models: [smollm2-135m, path/to/other]
     quants: [int8, int8-w8a8-tensor, fp8, int4]
