@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -66,7 +67,18 @@ def main() -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--transform", default="", help="as run's --transform (a transformed copy of the model)")
     parser.add_argument("--layer-errors", action="store_true", help="as run's (a quantized copy beside the fp one)")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="measure each this many times and print each ratio and the median (glibc's arenas make "
+                             "peak RSS vary by up to 300 MiB from one process to the next)")
     args = parser.parse_args()
+    ratios = [one(args) for _ in range(args.repeat)]
+    if args.repeat > 1:
+        print(f"median (P - F) / W over {args.repeat}: {statistics.median(ratios):.2f} "
+              f"(range {min(ratios):.2f}-{max(ratios):.2f})")
+    return 0
+
+
+def one(args: argparse.Namespace) -> float:
     with tempfile.TemporaryDirectory() as tmp:
         bare = measure("bare", args, Path(tmp) / "unused.csv")
         ran = measure("run", args, Path(tmp) / "leaderboard.csv")
@@ -77,7 +89,7 @@ def main() -> int:
     print(f"model {args.model} on {args.device}, schemes {args.quant}{extra}, 1 window of {args.task}")
     print(f"fp weights W {weights / mib:.0f} MiB; bare forward beyond them F {forward / mib:.0f} MiB; "
           f"run peak P {ran['peak'] / mib:.0f} MiB; (P - F) / W = {(ran['peak'] - forward) / weights:.2f}")
-    return 0
+    return (ran["peak"] - forward) / weights
 
 
 if __name__ == "__main__":

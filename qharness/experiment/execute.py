@@ -10,6 +10,7 @@ before loading) that kept channels and Linears exist and the chosen backends tak
 from __future__ import annotations
 
 import copy
+import functools
 import gc
 import json
 import math
@@ -97,6 +98,29 @@ def write_layer_errors(plan: Plan, loaded: LoadedModel, qmodel: Any, quant: str,
     return path
 
 
+@functools.cache
+def _libc() -> Any:
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return libc if hasattr(libc, "malloc_trim") else None
+    except OSError:
+        return None
+
+
+def trim_host_memory() -> None:
+    """Hand the C heap's free pages back to the system (glibc's malloc_trim), between the phases of a run. A forward
+    frees its activations into malloc's arenas, which keep them; the next phase (a calibration's short sequences,
+    another scheme's forward) then often allocates beside them instead of in them, and the peak RSS grew by up to
+    470 MB on SmolLM2 from one run to the next (measured). A no-op where the C library is not glibc."""
+    gc.collect()
+    libc = _libc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
 def transformed(transform: TransformSpec | None, model: Any, calibration: Callable[[], list[torch.Tensor]],
                 say: Callable[[str], None]) -> Any:
     """A transformed copy of the fp model (the model itself when there is no transform), checked to compute the
@@ -165,6 +189,7 @@ class Execution:
             new_rows.append(row)
             self.rows[cell.row_keys[metric.name]] = row
         append_rows(self.plan.settings.results, new_rows)
+        trim_host_memory()
 
     def baselines(self, todo: list[Cell]) -> None:
         """The missing fp rows, first: every other row of their task is measured against them."""
@@ -202,6 +227,7 @@ class Execution:
                            announce=False)
             if in_place:
                 fp.release_()
+            trim_host_memory()  # what calibrating and quantizing freed, before the evaluation's peak
             quantized = self.loaded.with_model(qmodel)
             if self.plan.needs_layer_errors(quant):
                 write_layer_errors(self.plan, self.loaded, qmodel, quant, context)
@@ -212,7 +238,7 @@ class Execution:
             if in_place:
                 fp.restore_()
         del qmodel
-        gc.collect()
+        trim_host_memory()
 
     def report(self) -> RunReport:
         keys = self.plan.keys
