@@ -16,6 +16,7 @@ EXAMPLES = """examples:
   qharness run --model HuggingFaceTB/SmolLM2-135M --device cuda --dtype bf16   # online users
   qharness run --quant int4-w4a4-token --transform rotate --limit 2      # QuaRot's Hadamard rotation first
   qharness run --quant int8-w8a8-tensor --transform smoothquant:0.8      # SmoothQuant, alpha 0.8
+  qharness run --device-map auto --max-memory 0=20GiB,cpu=64GiB      # spread over GPUs, CPU memory, disk
 """
 
 
@@ -64,10 +65,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--transform", default=default.transform, metavar="NAME[:ARG]",
                         help="rewrite the fp model before quantizing, keeping its logits: smoothquant[:alpha] "
                              "(alpha in [0, 1], default 0.5) or rotate (`qharness list transforms`)")
-    parser.add_argument("--device-map", default=None, metavar="MAP",
-                        help="spread a model larger than one device over several (auto); not supported yet")
-    parser.add_argument("--max-memory", default=None, type=values.memory, metavar="DEV=AMOUNT,...",
-                        help="memory per device with --device-map, e.g. 0=20GiB,cpu=64GiB; not supported yet")
+    values.add_placement_arguments(parser)
     parser.add_argument("--no-intervals", dest="intervals", action="store_false",
                         help="no paired interval on each quantized row")
 

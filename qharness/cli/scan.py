@@ -16,6 +16,7 @@ EXAMPLES = """examples:
   qharness scan                                  # smollm2-135m: profile, intervention, plots -> results/scan/
   qharness scan --no-bos --sequences 4
   qharness scan --model path/to/model --layers model.layers --no-intervention
+  qharness scan --device-map auto --max-memory cpu=200MB           # layers past 200 MB read from disk
 """
 
 
@@ -26,6 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="smollm2-135m", help="as for `qharness run`")
     parser.add_argument("--dtype", default="auto", help="auto | fp32 | bf16 | fp16 (fp16 shows overflow)")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    values.add_placement_arguments(parser)
     parser.add_argument("--no-bos", dest="bos", action="store_false", help="do not prepend BOS to each sequence")
     parser.add_argument("--sequences", type=int, default=8, help="calibration sequences (default 8)")
     parser.add_argument("--length", type=int, default=256, help="tokens per sequence (default 256)")
@@ -76,7 +78,8 @@ def main(args: argparse.Namespace) -> int:
     from qharness.models.sources import ModelSpec
 
     spec = ScanSpec(
-        model=ModelSpec(args.model, dtype=args.dtype, device=args.device),
+        model=ModelSpec(args.model, dtype=args.dtype, device=args.device, device_map=args.device_map,
+                        max_memory=args.max_memory),
         config=ScanConfig(sequences=args.sequences, length=args.length, bos=args.bos, top_k=args.top_k,
                           attention=args.attention),
         layers=args.layers, intervention_task=args.intervention_task if args.intervention else None,

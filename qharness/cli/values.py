@@ -60,3 +60,12 @@ def shape(text: str) -> tuple[int, int]:
 def messages(quiet: bool) -> Callable[[str], None]:
     """Where a command's progress lines go: stderr (stdout holds its result), or nowhere with --quiet."""
     return (lambda message: None) if quiet else (lambda message: print(message, file=sys.stderr))
+
+
+def add_placement_arguments(parser: argparse.ArgumentParser) -> None:
+    """--device-map and --max-memory, for the commands that load a model to evaluate it (run, scan)."""
+    parser.add_argument("--device-map", default=None, metavar="MAP",
+                        help="spread a model larger than one device over GPUs, CPU memory and disk with accelerate "
+                             "(auto | balanced | balanced_low_0 | sequential); schemes run under sim")
+    parser.add_argument("--max-memory", default=None, type=memory, metavar="DEV=AMOUNT,...",
+                        help="memory per device with --device-map, e.g. 0=20GiB,cpu=64GiB (the rest goes to disk)")

@@ -28,6 +28,7 @@ from qharness.data.results import (
 )
 from qharness.experiment.settings import Origin, RunSettings, spelled
 from qharness.experiment.shapes import ModelShapes, model_shapes
+from qharness.models.placement import check_devices
 from qharness.models.sources import classify, context_limit, dtype_name, resolve_device, resolve_dtype
 from qharness.quant import (
     CALIBRATION_LENGTH,
@@ -209,19 +210,21 @@ def check_hub_reachable(name: str, kind: str) -> None:
                              "); connect to the internet, or pass a local folder or .gguf file") from None
 
 
-def _not_yet(settings: RunSettings, origin: Origin) -> None:
-    """Settings declared for work that has not landed: refused rather than ignored in silence."""
-    for name in ("device_map", "max_memory"):
-        if getattr(settings, name) is not None:
-            raise ConfigError(f"{spelled(name, origin)} is not supported yet (big-model inference across devices); "
-                              f"leave it out and use {spelled('device', origin)}")
+def placed_backend(settings: RunSettings, origin: Origin) -> str:
+    """The backend asked for, or sim with --device-map: a library kernel packs weights in GPU memory when it
+    quantizes, and weights accelerate offloaded to CPU memory or disk have none to pack; sim quantizes them as they
+    load for each forward (quant/sim.py)."""
+    if settings.device_map is None or settings.backend in ("auto", "sim"):
+        return "sim" if settings.device_map is not None else settings.backend
+    raise ConfigError(f"{spelled('backend', origin)} {settings.backend} packs weights in GPU memory, which a model "
+                      f"spread by {spelled('device_map', origin)} does not hold whole; use --backend sim (or auto) "
+                      f"with {spelled('device_map', origin)}")
 
 
 def plan(settings: RunSettings, origin: Origin = "cli",
          shapes_of_model: Callable[[str], ModelShapes | None] | None = None) -> Plan:
     """Resolve and check `settings` (see the module). `origin` is how messages spell a setting (a flag or a sweep
     key); `shapes_of_model` (default `model_shapes`) lets a sweep read each model's shapes once."""
-    _not_yet(settings, origin)
     kind = classify(settings.model)
     check_writable(settings.results)
     keep = settings.keep
@@ -238,9 +241,11 @@ def plan(settings: RunSettings, origin: Origin = "cli",
         check_shapes(keep, shapes, origin)
     device = resolve_device(settings.device)  # type: ignore[arg-type]
     dtype = resolve_dtype(settings.dtype, device)  # type: ignore[arg-type]
+    check_devices(settings.max_memory, device, spelled("max_memory", origin))
+    chosen = placed_backend(settings, origin)
     targets = shapes.meta_linears() if shapes is not None else None  # None: widths checked once loaded
     registry = load_backends()
-    backends = {name: registry.get(select_backend(scheme, device, settings.backend, dtype=dtype, targets=targets))
+    backends = {name: registry.get(select_backend(scheme, device, chosen, dtype=dtype, targets=targets))
                 for name, scheme in schemes.items()}
     transform = parse_transform(settings.transform)
     if transform is not None and not schemes:  # the KV-only cell runs on the untransformed model
@@ -258,7 +263,7 @@ def plan(settings: RunSettings, origin: Origin = "cli",
                    if settings.layer_errors else {})
     present = {} if settings.force else existing_keys(settings.results)
     notes = {name: note for name, scheme in schemes.items()
-             if (note := backend_note(backends[name].name, scheme, device, settings.backend))}
+             if (note := backend_note(backends[name].name, scheme, device, chosen))}
     result = Plan(settings, device, dtype, keep, schemes, backends, notes, kv, transform, cells,
                   calibration_length=min(CALIBRATION_LENGTH, limit or CALIBRATION_LENGTH), shapes=shapes,
                   layer_error_files=layer_files,

@@ -99,7 +99,8 @@ def profile_dir(spec: ScanSpec) -> Path:
     return spec.out_dir / (slug(spec.model.name) + ("" if spec.config.bos else "-nobos"))
 
 
-def run_scan(spec: ScanSpec, say: Callable[[str], None] = print) -> Profile:
+def run_scan(spec: ScanSpec, say: Callable[[str], None] = print, loaded: LoadedModel | None = None) -> Profile:
+    """Scan `spec.model` (or `loaded`, that model already loaded in its fp state by a sweep's runs)."""
     classify(spec.model.name)
     check_writable(spec.results)
     check_writable_dir(spec.out_dir, "--out")
@@ -109,9 +110,10 @@ def run_scan(spec: ScanSpec, say: Callable[[str], None] = print) -> Profile:
         spec = replace(spec, config=replace(spec.config, length=limit))
     if spec.intervention_task:
         get_task(spec.intervention_task)
-    ensure(spec.model.name, progress=spec.progress)
-    say(f"loading {spec.model.name} ...")
-    loaded = load_model(spec.model, progress=spec.progress)
+    if loaded is None:
+        ensure(spec.model.name, progress=spec.progress)
+        say(f"loading {spec.model.name} ...")
+        loaded = load_model(spec.model, progress=spec.progress)
     layers = layers_at(loaded.model, spec.layers) if spec.layers else decoder_layers(loaded.model)
     batches = calibration_batches(loaded.tokenizer, calibration_text(), spec.config.sequences, spec.config.length,
                                   spec.config.bos, loaded.device)

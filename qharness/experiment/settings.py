@@ -49,8 +49,9 @@ class RunSettings:
     seed: int = 0  # the evaluation seed (zero-shot sampling, calibration order)
     dtype: str = "auto"  # auto (fp32 on CPU, bf16 on CUDA) | fp32 | bf16 | fp16
     device: str = "auto"  # auto | cpu | cuda
-    device_map: str | None = None  # accelerate's device map ("auto") for a model larger than one device: not yet
-    max_memory: dict[str, str] | None = None  # per device ("0": "20GiB", "cpu": "64GiB") with device_map: not yet
+    device_map: str | None = None  # accelerate's device map ("auto"): a model larger than one device spread over
+    # GPUs, CPU memory and disk (models/placement.py); the numbers are the same as on one device
+    max_memory: dict[str, str] | None = None  # per device ("0": "20GiB", "cpu": "64GiB", "disk") with device_map
     intervals: bool = True  # the ci_* columns (units.py): each fp row's interval, each quantized row's paired one
     results: Path = DEFAULT_RESULTS  # the leaderboard CSV the rows are appended to
     force: bool = False  # recompute cells that are already in the leaderboard
@@ -75,6 +76,10 @@ class RunSettings:
             raise ConfigError("--layer-errors compares each layer with the untransformed fp model, whose layers a "
                               "transform changes by design (only the logits are kept); drop one of --layer-errors "
                               "and --transform")
+        if self.device_map is not None and (self.layer_errors or self.transform.strip() not in ("", "none")):
+            what = "--layer-errors compares with" if self.layer_errors else "--transform rewrites"
+            raise ConfigError(f"{what} a second copy of the model, which a model spread by --device-map has no room "
+                              "for; drop --device-map or that setting")
 
     @property
     def keep(self) -> Keep:
@@ -86,7 +91,8 @@ class RunSettings:
     def model_spec(self) -> ModelSpec:
         from qharness.models.sources import ModelSpec
 
-        return ModelSpec(self.model, dtype=self.dtype, device=self.device)  # type: ignore[arg-type]
+        return ModelSpec(self.model, dtype=self.dtype, device=self.device,  # type: ignore[arg-type]
+                         device_map=self.device_map, max_memory=self.max_memory)
 
 
 # How each origin spells a setting, for messages that name what the user wrote.

@@ -1,11 +1,12 @@
 """`qharness sweep CONFIG.yaml`: a grid of models x schemes x tasks (x kept positions), resumable.
 
 Each combination of the axes is one `RunSettings`, and every one is planned (`experiment.plan_all`) before the first
-runs, so a bad cell anywhere refuses the whole grid with nothing written. Then each is executed: a model's fp
-baseline is computed once, cells already in the leaderboard are skipped, and every finished cell is written at once,
-so a crash or Ctrl-C loses at most the cell in flight. `engine: local` (default) runs them one after another in this
-process; `engine: ray` fans each model's runs out as a Ray task (a local Ray instance, or the cluster `ray.init`
-finds), safe because leaderboard writes are atomic and locked.
+runs, so a bad cell anywhere refuses the whole grid with nothing written. Then each is executed, each model loaded
+once for all its cells and its scan (every scheme is undone after its cells): a model's fp baseline is computed
+once, cells already in the leaderboard are skipped, and every finished cell is written at once, so a crash or Ctrl-C
+loses at most the cell in flight. `engine: local` (default) runs them one after another in this process; `engine:
+ray` fans each model's runs out as a Ray task (a local Ray instance, or the cluster `ray.init` finds), safe because
+leaderboard writes are atomic and locked.
 
     models: [smollm2-135m, path/to/other]
     quants: [int8, int8-w8a8-tensor, fp8, int4]
@@ -18,7 +19,7 @@ finds), safe because leaderboard writes are atomic and locked.
     transforms: ['', rotate]      # optional: also each scheme after a transform (`qharness list transforms`)
     limit: 2                      # optional: windows / items per task
     # optional, the same in every cell, as the `qharness run` flags of the same name: backend, bos, batch_size,
-    # seed, dtype, device, layer_errors, force, intervals (device_map, max_memory: not supported yet)
+    # seed, dtype, device, device_map, max_memory, layer_errors, force, intervals
     results: results/leaderboard.csv
     engine: local                 # or ray
     scan: true                    # optional: also `qharness scan` each model (profile next to the results),
@@ -35,9 +36,10 @@ from typing import Any
 from qharness.core.errors import BackendUnavailable, ConfigError
 from qharness.core.typecheck import from_mapping, read_yaml_mapping
 from qharness.data.results import scan_dir
-from qharness.experiment.execute import RunReport, execute
+from qharness.experiment.execute import RunReport, execute, load_fp, needs_model
 from qharness.experiment.plan import Plan, plan_all
 from qharness.experiment.settings import DEFAULT_TASKS, RunSettings
+from qharness.models.sources import LoadedModel
 
 ENGINES = ("local", "ray")
 _DEFAULT = RunSettings()
@@ -122,8 +124,9 @@ class SweepReport:
         return sum(r.computed for r in self.reports)
 
 
-def _scan_once(settings: RunSettings, say: Callable[[str], Any]) -> None:
-    """The model's activation profile for the report, unless one is already there."""
+def _scan_once(settings: RunSettings, say: Callable[[str], Any], loaded: LoadedModel | None = None) -> None:
+    """The model's activation profile for the report, unless one is already there; on `loaded` when the model's
+    runs loaded it."""
     from qharness.experiment.scanning import ScanSpec, profile_dir, run_scan
 
     scan_spec = ScanSpec(model=settings.model_spec, out_dir=scan_dir(settings.results), results=settings.results,
@@ -131,15 +134,32 @@ def _scan_once(settings: RunSettings, say: Callable[[str], Any]) -> None:
     if (profile_dir(scan_spec) / "profile.json").exists():
         return
     say(f"scan {settings.model}")
-    run_scan(scan_spec, say=lambda m: None)
+    run_scan(scan_spec, say=lambda m: None, loaded=loaded)
 
 
-def _run_group(plans: list[Plan], scan: bool = False) -> list[RunReport]:
-    """One model's runs, in order: its fp baseline is computed by the first and read back by the others."""
-    reports = [execute(p, say=lambda message: None, progress=False) for p in plans]
+def run_model(plans: list[Plan], scan: bool, say: Callable[[str], Any] = lambda m: None,
+              first: int = 1, total: int | None = None) -> list[RunReport]:
+    """One model's runs, in order, on the model loaded once for all of them (each scheme is undone after its cells,
+    so every run finds it in its fp state): its fp baseline is computed by the first and read back by the others.
+    Loaded only when some run has cells to compute (or the scan has no profile yet)."""
+    loaded: LoadedModel | None = None
+    reports = []
+    for i, p in enumerate(plans, first):
+        say(f"[{i}/{total or len(plans)}] {_cell_label(p.settings)}")
+        if loaded is None and needs_model(p):
+            loaded = load_fp(p, say, progress=False)
+        reports.append(execute(p, say=say, progress=False, loaded=loaded))
     if scan:
-        _scan_once(plans[0].settings, say=lambda message: None)
+        _scan_once(plans[0].settings, say, loaded)
     return reports
+
+
+def _by_model(plans: list[Plan]) -> list[list[Plan]]:
+    """The plans of each model together, in the order the grid lists them (cells() keeps a model's runs together)."""
+    groups: dict[str, list[Plan]] = {}
+    for p in plans:
+        groups.setdefault(p.settings.model, []).append(p)
+    return list(groups.values())
 
 
 def gpus_per_task(device: str, cluster_gpus: float) -> int:
@@ -164,13 +184,10 @@ def _run_ray(plans: list[Plan], scan: bool) -> list[RunReport]:
         raise BackendUnavailable("sweep engine 'ray' needs ray: pip install -c constraints.txt 'ray[default]'") from exc
     if not ray.is_initialized():
         ray.init(ignore_reinit_error=True)
-    groups: dict[str, list[Plan]] = {}
-    for p in plans:
-        groups.setdefault(p.settings.model, []).append(p)
     cluster_gpus = ray.cluster_resources().get("GPU", 0)
-    remote_group = ray.remote(_run_group)
+    remote_group = ray.remote(run_model)
     futures = [remote_group.options(num_gpus=gpus_per_task(group[0].settings.device, cluster_gpus)).remote(group, scan)
-               for group in groups.values()]
+               for group in _by_model(plans)]
     return [report for reports in ray.get(futures) for report in reports]
 
 
@@ -186,10 +203,8 @@ def sweep(config: SweepConfig, say: Callable[[str], Any] = print) -> SweepReport
     if config.engine == "ray":
         return SweepReport(_run_ray(plans, config.scan))
     report = SweepReport()
-    for i, p in enumerate(plans, 1):
-        say(f"[{i}/{len(plans)}] {_cell_label(p.settings)}")
-        report.reports.append(execute(p, say=say, progress=False))
-        last_of_model = i == len(plans) or plans[i].settings.model != p.settings.model
-        if config.scan and last_of_model:
-            _scan_once(p.settings, say)
+    done = 0
+    for group in _by_model(plans):
+        report.reports.extend(run_model(group, config.scan, say, first=done + 1, total=len(plans)))
+        done += len(group)
     return report

@@ -239,7 +239,9 @@ def check_kv_model(model: nn.Module, setting: KVSetting | None) -> None:
         return
     import torch
 
-    device = next(model.parameters()).device
+    from qharness.models.placement import input_device
+
+    device = input_device(model)
     with kv_quantized(model, setting) as quantizers, torch.inference_mode():
         model(input_ids=torch.zeros(1, 2, dtype=torch.long, device=device))
     silent = [i for i, q in enumerate(quantizers) if q.calls == 0]

@@ -21,8 +21,19 @@ def conv1d_to_linear(conv: nn.Module) -> nn.Linear:
 
 
 def swap_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Put `new` where `name` is. A module accelerate placed (`--device-map`) carries a hook that moves its inputs to
+    its execution device and, for offloaded weights, loads them by name for each forward: `new` gets a copy of it,
+    so it runs where the old one ran and reads the same weights (sim's modules name theirs as a Linear does)."""
+    import copy
+
     parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name), child, new)
+    parent = model.get_submodule(parent_name)
+    hook = getattr(getattr(parent, child), "_hf_hook", None)
+    if hook is not None and getattr(new, "_hf_hook", None) is None:
+        from accelerate.hooks import add_hook_to_module
+
+        add_hook_to_module(new, copy.copy(hook))  # a copy: init_hook records the module's own tensors in it
+    setattr(parent, child, new)
 
 
 class DtypeBridge(nn.Module):

@@ -223,7 +223,9 @@ def fake_quantize(x: Tensor, tq: TensorQuant, amax: Tensor | None = None) -> Ten
 
 
 class SimQuantLinear(nn.Module):
-    """A Linear whose weight is stored fake-quantized and whose input is fake-quantized at every call.
+    """A Linear whose weight is stored fake-quantized and whose input is fake-quantized at every call. A weight that
+    accelerate offloaded (`--device-map`: on `meta` here, loaded by the module's hook for each forward) is stored
+    as it is and fake-quantized at each call instead, so the forward computes the same numbers.
 
     Static activation scales come from `observe` mode: while `observing` is set, inputs pass through unquantized
     and their range is recorded (max of the per-call max, or mean of the per-call percentile); `finish_observing`
@@ -241,10 +243,13 @@ class SimQuantLinear(nn.Module):
         self.keep_positions = keep.positions if keep else ()
         self.keep_channels = keep.channels if keep else ()
         weight = linear.weight.detach()
-        if scheme.weights is not None and in_place:  # into the Linear's own storage: no second copy of the model
-            weight.copy_(fake_quantize(weight, scheme.weights))
-        elif scheme.weights is not None:
-            weight = fake_quantize(weight, scheme.weights)
+        # a weight accelerate offloaded (on `meta`, loaded by its hook for each forward) is quantized as it loads
+        on_load = weight.device.type == "meta"
+        self.weights_on_load = scheme.weights if on_load else None
+        if scheme.weights is not None and not on_load:
+            quantized = fake_quantize(weight, scheme.weights)
+            # in place: into the Linear's own storage, so a run holds one model, not two
+            weight = weight.copy_(quantized) if in_place else quantized
         self.weight = nn.Parameter(weight, requires_grad=False)
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(), requires_grad=False)
         self.register_buffer("act_amax", None)
@@ -254,7 +259,8 @@ class SimQuantLinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if self.activations is not None:
             x = self._quantize_input(x)
-        return F.linear(x, self.weight, self.bias)
+        weight = self.weight if self.weights_on_load is None else fake_quantize(self.weight, self.weights_on_load)
+        return F.linear(x, weight, self.bias)
 
     def _kept(self, x: Tensor) -> Tensor | None:
         """Bool mask broadcastable to x: True where the input stays in full precision; None when nothing does."""

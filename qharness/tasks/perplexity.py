@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from qharness.core.errors import ConfigError
+from qharness.models.placement import input_device
 from qharness.tasks.metrics import Metric
 
 
@@ -74,8 +75,7 @@ def perplexity(model: Any, tokenizer: Any, text: str, context_length: int, *, bo
         windows = windows[:limit]
     if not windows:
         raise ConfigError("the text is too short for one perplexity window")
-    device = next(model.parameters()).device
-    nll = window_nll(model, windows, batch_size, device, progress)
+    nll = window_nll(model, windows, batch_size, input_device(model), progress)
     return Metric("ppl", math.exp(float(nll.sum()) / len(nll)), higher_is_better=False, kind="token-level",
                   n=len(nll), units=nll, units_hash=targets_hash(windows), windows=len(windows))
 

@@ -100,11 +100,15 @@ def test_the_backend_is_chosen_once_for_the_model_widths(tiny_model_dir, tiny_ta
     assert [c.backend for c in made.cells] == ["", "sim", "sim"]
 
 
-def test_settings_whose_work_has_not_landed_are_refused_not_ignored(tiny_model_dir, tiny_task_dir, tmp_path):
-    with pytest.raises(ConfigError, match="^--device-map is not supported yet"):
-        plan(settings_for(tiny_model_dir, tiny_task_dir, tmp_path / "lb.csv", device_map="auto"))
-    with pytest.raises(ConfigError, match="^max_memory is not supported yet"):
-        plan(settings_for(tiny_model_dir, tiny_task_dir, tmp_path / "lb.csv", max_memory={"cpu": "1GiB"}), "sweep")
+def test_a_device_map_runs_every_scheme_under_sim_and_names_the_setting_as_written(tiny_model_dir, tiny_task_dir,
+                                                                                  tmp_path):
+    """With --device-map, auto means sim (a kernel would pack weights the map keeps off the GPU), and a named kernel
+    backend is refused, spelled as the sweep file spells it."""
+    made = plan(settings_for(tiny_model_dir, tiny_task_dir, tmp_path / "lb.csv", device_map="auto", quants=("int8",)))
+    assert [b.name for b in made.backends.values()] == ["sim"]
+    with pytest.raises(ConfigError, match="^backend bnb packs weights in GPU memory, .* by device_map"):
+        plan(settings_for(tiny_model_dir, tiny_task_dir, tmp_path / "lb.csv", device_map="auto", backend="bnb"),
+             "sweep")
 
 
 def test_a_model_whose_shapes_are_unknown_before_loading_is_checked_once_loaded(tiny_model_dir, tiny_task_dir,

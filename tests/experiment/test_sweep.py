@@ -1,3 +1,4 @@
+import dataclasses
 import signal
 import subprocess
 import sys
@@ -201,3 +202,40 @@ def test_the_shipped_outliers_sweep_plans_every_kv_setting_and_transform():
         planned |= {(c.quant, c.kv, c.transform) for c in plan.cells}
     assert ("int4-w4a4-token", "int4-kivi", "smoothquant:0.5") in planned
     assert ("int8-w8a8-tensor", "int4-token+keep0", "") in planned
+
+
+def test_a_sweep_loads_each_model_once_for_all_its_schemes_tasks_and_scan(tiny_model_dir, tiny_task_dir, tmp_path,
+                                                                          monkeypatch):
+    """Kept positions, KV settings and transforms are runs of their own, all on the one loaded model (each scheme
+    undone after its cells): one load, and every row what a run of that cell alone, on a fresh model, computes."""
+    import qharness.experiment.execute as execute_module
+    import qharness.experiment.scanning as scanning
+    from qharness.experiment.runner import run
+
+    (tiny_task_dir / "second.yaml").write_text("name: second\nkind: perplexity\ndata: data/short.txt\n"
+                                               "context_length: 32\n", encoding="utf-8")
+    loads = []
+    real = execute_module.load_model
+
+    def counted(spec, progress=True):
+        loads.append(spec.name)
+        return real(spec, progress=progress)
+
+    monkeypatch.setattr(execute_module, "load_model", counted)
+    monkeypatch.setattr(scanning, "load_model", counted)
+    config = write_config(tmp_path, tiny_model_dir, tiny_task_dir, ["int8", "int8-w8a8-tensor-static"],
+                          tasks=f"[{tiny_task_dir / 'short.yaml'}, {tiny_task_dir / 'second.yaml'}]",
+                          keep_positions="[[], [0]]", kv="[none, int8-token]", transforms="['', smoothquant]",
+                          limit=2, scan="true")
+    report = sweep(config, say=lambda m: None)
+    assert loads == [str(tiny_model_dir)]
+    assert report.computed == 2 * (1 + 2 * 2 * 2 * 2)  # per task: the baseline, 2 schemes x 2 keeps x 2 kv x 2 tf
+    swept = {key(r): float(r["value"]) for r in read_rows(tmp_path / "lb.csv") if r["task"] != "scan"}
+    alone = {}
+    for cell in config.cells():
+        fresh = run(dataclasses.replace(cell, results=tmp_path / "alone.csv"), say=lambda m: None, progress=False)
+        alone.update({key(r): float(r["value"]) for r in fresh.rows})
+    assert len(loads) == 1 + len(config.cells())
+    assert swept == alone and len(set(swept.values())) > len(swept) / 2
+    loads.clear()
+    assert sweep(config, say=lambda m: None).computed == 0 and loads == []  # all there: nothing loaded at all

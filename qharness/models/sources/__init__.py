@@ -41,12 +41,17 @@ class ModelSpec:
     name: str = "smollm2-135m"  # built-in | zoo:<arch>-<mitigation> | pair:<alias> | folder | file.gguf | "org/name"
     dtype: Dtype = "auto"  # auto: fp32 on CPU, bf16 on CUDA
     device: Device = "auto"  # auto: cuda when available, else cpu
+    device_map: str | None = None  # accelerate's map ("auto"): the model spread over GPUs, CPU and disk (placement.py)
+    max_memory: dict[str, str] | None = None  # with device_map, per device: {"0": "20GiB", "cpu": "64GiB"}
 
     def __post_init__(self) -> None:
+        from qharness.models.placement import check_placement
+
         if self.dtype not in ("auto", *DTYPE_NAMES):
             raise ConfigError(f"unknown dtype '{self.dtype}'; valid: auto, {', '.join(DTYPE_NAMES)}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"unknown device '{self.device}'; valid: auto, cpu, cuda")
+        check_placement(self.device_map, self.max_memory, ("device map", "max memory"))
 
 
 @dataclass
@@ -62,6 +67,7 @@ class LoadedModel:
     family: str = ""  # see Source.family
     train_seed: int | None = None  # the training seed of a model trained here (its training.json); None otherwise
     train_recipe: str = ""  # digest of its training recipe without the seed: the seeds of one recipe share it
+    placement: Any = None  # a models.placement.Placement when accelerate spread it over devices; None: all on `device`
 
     def with_model(self, model: Any) -> LoadedModel:
         """The same description for another state of the model (a quantized copy)."""
@@ -161,13 +167,21 @@ def load_model(spec: ModelSpec, progress: bool = True) -> LoadedModel:
     dtype = resolve_dtype(spec.dtype, device)
     with quiet_transformers(progress):
         model, tokenizer, provenance = source.read(spec.name, dtype)
-    model.to(device).eval()
+    placement = None
+    if spec.device_map is None:
+        model.to(device).eval()
+    else:  # read on the CPU first, then spread: one step for every source
+        from qharness.models.placement import check_devices, dispatch_
+
+        check_devices(spec.max_memory, device, "max memory")
+        placement, device = dispatch_(model.eval(), spec.device_map, spec.max_memory, device, dtype)
     mitigation = mitigations.recorded(model.config)
     if mitigation == mitigations.NONE and source.describe_name:  # a published model's name says what it was trained
         mitigation = source.describe_name(spec.name).get("mitigation", mitigation)  # with; its config cannot
     seed, recipe = training_seed(spec.name)
     return LoadedModel(model, tokenizer, spec, provenance, device, dtype, arch=model.config.model_type,
-                       mitigation=mitigation, family=source.family(spec.name), train_seed=seed, train_recipe=recipe)
+                       mitigation=mitigation, family=source.family(spec.name), train_seed=seed, train_recipe=recipe,
+                       placement=placement)
 
 
 def is_trained_run(run_folder: Path) -> bool:

@@ -1,0 +1,132 @@
+"""Big-model inference: a model spread over GPUs, CPU memory and disk by accelerate (`--device-map auto`).
+
+    spec = ModelSpec("path/to/model", device_map="auto", max_memory={"0": "20GiB", "cpu": "64GiB"})
+
+`check_placement` checks the two settings' values alone (no torch import: a bad value stops before anything loads);
+`dispatch_` places a model already read on the CPU, as transformers' `from_pretrained(device_map=...)` and
+lm-eval's `parallelize=True` do, with accelerate's `infer_auto_device_map` (whole decoder layers: the model's
+`_no_split_modules`) and `dispatch_model`. Every source (a folder, a GGUF file, a mitigated zoo model) loads the same
+way first, so the placement is one step for all of them.
+
+What a placed model looks like to the rest of the harness: each module carries an accelerate `AlignDevicesHook`
+that moves its inputs to its execution device; a module placed on disk (or, with a GPU as the main device, in CPU
+memory) has its weights on the `meta` device, and its hook loads them from its weights map for each forward and
+drops them after. `quant/modules.swap_module` gives a module put in another's place the same hook, and sim
+quantizes such weights as they load (`SimQuantLinear`), so the forward computes exactly what it computes on one
+device.
+"""
+
+from __future__ import annotations
+
+import re
+import tempfile
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from qharness.core.errors import ConfigError, ModelLoadError
+
+if TYPE_CHECKING:
+    import torch
+
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")  # transformers' and accelerate's names
+# accelerate's convert_file_size_to_int: bytes, or a number with a unit (GiB = 2^30, GB = 10^9; lower-case b: bits)
+_AMOUNT = re.compile(r"^\d+(\.\d+)?\s*([KMGT]i?B|[KMGT]b)?$", re.IGNORECASE)
+
+
+def check_placement(device_map: str | None, max_memory: dict[str, str] | None, flags: tuple[str, str]) -> None:
+    """Values alone: a map accelerate knows, and amounts on devices it knows. `flags`: how the user spelled the two
+    settings (`--device-map`, `--max-memory` or a sweep file's keys)."""
+    map_flag, memory_flag = flags
+    if device_map is not None and device_map not in DEVICE_MAPS:
+        raise ConfigError(f"{map_flag} '{device_map}' is not a device map; valid: {', '.join(DEVICE_MAPS)}")
+    if max_memory is None:
+        return
+    if device_map is None:
+        raise ConfigError(f"{memory_flag} limits each device of a model spread over several; it needs "
+                          f"{map_flag} auto")
+    for device, amount in max_memory.items():
+        if not (str(device).isdigit() or device in ("cpu", "disk")):
+            raise ConfigError(f"{memory_flag} device '{device}' is not one accelerate places on; valid: a GPU "
+                              "index (0, 1, ...), cpu, disk")
+        if not _AMOUNT.match(str(amount).strip()):
+            raise ConfigError(f"{memory_flag} {device}={amount} is not an amount; give bytes or a number with a "
+                              "unit, e.g. 20GiB, 500MB")
+
+
+def check_devices(max_memory: dict[str, str] | None, device: torch.device, flag: str) -> None:
+    """The GPUs named in max_memory exist and are used: accelerate would only log a warning and place nothing."""
+    import torch
+
+    gpus = sorted(int(key) for key in (max_memory or {}) if str(key).isdigit())
+    if not gpus:
+        return
+    count = torch.cuda.device_count() if device.type == "cuda" else 0
+    missing = [g for g in gpus if g >= count]
+    if missing:
+        where = f"{count} visible GPU(s), 0..{count - 1}" if count else "no GPU in use (--device cpu, or none here)"
+        raise ConfigError(f"{flag} names GPU {','.join(map(str, missing))}, but there is {where}; name only "
+                          "cpu and disk, or run with --device cuda")
+
+
+@dataclass
+class Placement:
+    """Where a placed model's modules live (module name -> device, accelerate's device map), and the folder of the
+    weights offloaded to disk, removed when the model is dropped."""
+
+    device_map: dict[str, Any]
+    folder: Any = field(default=None, repr=False)  # a TemporaryDirectory, held for the model's life
+
+    @property
+    def offloaded(self) -> list[str]:
+        return [name for name, device in self.device_map.items() if device in ("cpu", "disk")]
+
+
+def _memory(max_memory: dict[str, str] | None, device: torch.device) -> dict[int | str, str] | None:
+    """accelerate's form (GPU indices as ints); on a CPU run only cpu and disk, even where GPUs are visible."""
+    if max_memory is None:
+        if device.type == "cuda":
+            return None  # accelerate's own: what every GPU and the CPU have free
+        from accelerate.utils import get_max_memory
+
+        return {"cpu": get_max_memory()["cpu"]}
+    return {int(key) if str(key).isdigit() else key: value for key, value in max_memory.items()}
+
+
+def dispatch_(model: Any, device_map: str, max_memory: dict[str, str] | None, device: torch.device,
+              dtype: torch.dtype) -> tuple[Placement, torch.device]:
+    """Place `model` (read on the CPU) over the devices, whole decoder layers at a time; returns the placement and
+    the device its inputs go to (the embeddings')."""
+    import torch
+    from accelerate import dispatch_model, infer_auto_device_map
+    from accelerate.utils import get_balanced_memory
+
+    no_split = list(getattr(model, "_no_split_modules", None) or [])
+    memory = _memory(max_memory, device)
+    if device_map != "sequential" and device.type == "cuda" and torch.cuda.device_count() > 1:
+        memory = get_balanced_memory(model, memory, no_split_module_classes=no_split, dtype=dtype,
+                                     low_zero=device_map == "balanced_low_0")
+    mapping = infer_auto_device_map(model, max_memory=memory, no_split_module_classes=no_split, dtype=dtype)
+    if not mapping:
+        raise ModelLoadError("the device map places no module; give --max-memory more room")
+    folder = tempfile.TemporaryDirectory(prefix="qharness-offload-")
+    main = next((d for d in mapping.values() if d not in ("cpu", "disk")), "cpu")
+    dispatch_model(model, mapping, main_device=main, offload_dir=folder.name, force_hooks=True)
+    model.eval()
+    return Placement(dict(mapping), folder), torch.device(main)
+
+
+def input_device(model: Any) -> torch.device:
+    """Where a model's input ids go: its embeddings' execution device when accelerate placed it (their weights may
+    be offloaded, on `meta`), else its first parameter's device."""
+    import torch
+
+    hook = getattr(model.get_input_embeddings(), "_hf_hook", None)
+    device = getattr(hook, "execution_device", None)
+    if device is not None:
+        return torch.device(device) if not isinstance(device, int) else torch.device("cuda", device)
+    return next(model.parameters()).device
+
+
+def is_offloaded(tensor: Any) -> bool:
+    """A weight accelerate keeps off the module (on disk or in CPU memory) and loads for each forward."""
+    return tensor.device.type == "meta"
