@@ -295,6 +295,16 @@ CASES: dict[str, tuple[Setup, str]] = {
     "train --mitigation ''": (_tune("", *FAST), "--mitigation '' names no mitigation; give none for the control"),
     "--keep-linears matching every Linear": (_run("--keep-linears", "proj"),
                                              "--keep-linears proj keeps all 14 Linears a scheme quantizes"),
+    "--max-memory without --device-map": (_run("--max-memory", "cpu=1GiB"),
+                                           "max memory limits each device of a model spread over several"),
+    "--max-memory with an amount that is none": (_run("--device-map", "auto", "--max-memory", "cpu=lots"),
+                                                 "max memory cpu=lots is not an amount"),
+    "--max-memory naming a GPU on the CPU": (_run("--device", "cpu", "--device-map", "auto", "--max-memory", "0=1GiB"),
+                                             "--max-memory names GPU 0, but there is no GPU in use"),
+    "--device-map with --transform": (_run("--device-map", "auto", "--transform", "rotate"),
+                                      "--transform rewrites a second copy of the model"),
+    "--device-map with a kernel backend": (_run("--device-map", "auto", "--backend", "bnb"),
+                                           "--backend bnb packs weights in GPU memory"),
     "sweep keep_linears typo in its second list": (
         _sweep("models: [{model}]\nquants: [int8]\ntasks: [{task}]\nkeep_linears: [[], [q_projj]]\n"
                "results: {tmp}/lb.csv\n"), "keep_linears q_projj names no Linear that a scheme quantizes"),

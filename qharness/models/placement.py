@@ -76,10 +76,6 @@ class Placement:
     device_map: dict[str, Any]
     folder: Any = field(default=None, repr=False)  # a TemporaryDirectory, held for the model's life
 
-    @property
-    def offloaded(self) -> list[str]:
-        return [name for name, device in self.device_map.items() if device in ("cpu", "disk")]
-
 
 def _memory(max_memory: dict[str, str] | None, device: torch.device) -> dict[int | str, str] | None:
     """accelerate's form (GPU indices as ints); on a CPU run only cpu and disk, even where GPUs are visible."""
