@@ -33,9 +33,10 @@ from qharness.report.curves import build_curves, curves_table
 from qharness.report.degradation import Degradation, degradations, number, percent_interval
 from qharness.report.noise import Noise, verdict
 
-ROOT = Path(__file__).resolve().parents[2]
-DOC = ROOT / "docs" / "findings.md"
-PUBLISHED = ROOT / "results" / "published"
+# relative to where it runs, the checkout's root (as `results/leaderboard.csv` is for `run`): an installed package
+# has no docs or shipped results beside it
+DOC = Path("docs/findings.md")
+PUBLISHED = Path("results/published")
 # a marker is a line of its own (a marker quoted inside a sentence, as the findings' header quotes one, is text)
 START = re.compile(r"^<!-- generated: ([\w.-]+) -->$", re.M)
 MARKERS = re.compile(r"^<!-- generated: (?P<name>[\w.-]+) -->\n(?P<body>.*?)^<!-- end: (?P<end>[\w.-]+) -->$",
@@ -345,9 +346,9 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--check", action="store_true", help="change nothing; exit 1 and print the diff if "
                                                              "regenerating would change the document")
-    parser.add_argument("--doc", type=Path, default=DOC, help=f"the document (default: {DOC.relative_to(ROOT)})")
+    parser.add_argument("--doc", type=Path, default=DOC, help=f"the document (default: {DOC})")
     parser.add_argument("--published", type=Path, default=PUBLISHED,
-                        help=f"the shipped leaderboards (default: {PUBLISHED.relative_to(ROOT)})")
+                        help=f"the shipped leaderboards (default: {PUBLISHED})")
     args = parser.parse_args(argv)
     try:
         text = args.doc.read_text(encoding="utf-8")
