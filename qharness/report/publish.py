@@ -151,9 +151,9 @@ TABLES: tuple[Table, ...] = (
                             ("int4-w4a8-token", "W4A8 per token"))),
         note="The KV setting `int4-token` quantizes keys and values per token to INT4; `+keep0` leaves the first "
              "token's keys and values exact. Each row's change is against the fp model with an fp cache."),
+    # the runs of sweeps/tune400.yaml as `python -m qharness.experiment.curve_sweep` evaluated them
+    Table("tune400", "tune400.csv", "curves"),
 )
-# A training-curve table is one more entry once its leaderboard is shipped, e.g.
-# Table("tune400", "tune400.csv", "curves"): the runs of sweeps/tune400.yaml, each run's last step and its first.
 
 
 def table_of(header: list[str], rows: list[list[str]]) -> str:
