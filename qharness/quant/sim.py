@@ -262,15 +262,11 @@ class SimQuantLinear(nn.Module):
         weight = self.weight if self.weights_on_load is None else fake_quantize(self.weight, self.weights_on_load)
         return F.linear(x, weight, self.bias)
 
-    def _kept(self, x: Tensor) -> Tensor | None:
-        """Bool mask broadcastable to x: True where the input stays in full precision; None when nothing does."""
-        mask = self._kept_positions_and_channels(x)
-        if self.outlier_threshold is not None:
-            columns = self._outliers(x).reshape(-1, x.shape[-1]).any(dim=0)  # (C,)
-            mask = columns if mask is None else mask | columns
-        return mask
-
-    def _kept_positions_and_channels(self, x: Tensor) -> Tensor | None:
+    def _masks(self, x: Tensor) -> tuple[Tensor | None, Tensor | None]:
+        """Bool masks broadcastable to x, None where empty: (kept, out of scale). Kept entries stay in full
+        precision; entries out of scale are zeroed before the scale is computed. They are the same mask except under
+        bitsandbytes' outlier rule, where an outlier column is kept whole but only its outlier entries leave the
+        rows' scales."""
         mask = None
         if self.keep_positions and x.dim() >= 2:
             positions = [p for p in self.keep_positions if p < x.shape[-2]]
@@ -280,21 +276,21 @@ class SimQuantLinear(nn.Module):
             columns = torch.zeros(x.shape[-1], dtype=torch.bool, device=x.device)
             columns[[c for c in self.keep_channels if c < x.shape[-1]]] = True
             mask = columns if mask is None else mask | columns
-        return mask
-
-    def _outliers(self, x: Tensor) -> Tensor:
-        """The entries past the outlier threshold (bitsandbytes' rule counts the threshold itself)."""
-        return x.abs() >= self.outlier_threshold if self.outlier_rule == "entries" else x.abs() > self.outlier_threshold
+        if self.outlier_threshold is None:
+            return mask, mask
+        # bitsandbytes counts the threshold itself as an outlier; the paper's rule (and sim's llm-int8) does not
+        magnitude = x.abs()
+        outliers = magnitude >= self.outlier_threshold if self.outlier_rule == "entries" else \
+            magnitude > self.outlier_threshold
+        columns = outliers.reshape(-1, x.shape[-1]).any(dim=0)  # (C,)
+        kept = columns if mask is None else mask | columns
+        if self.outlier_rule == "column":
+            return kept, kept
+        return kept, outliers if mask is None else outliers | mask
 
     def _quantize_input(self, x: Tensor) -> Tensor:
-        kept = self._kept(x)
-        inner = x if kept is None else x.masked_fill(kept, 0)
-        if kept is not None and self.outlier_threshold is not None and self.outlier_rule == "entries":
-            # the rows' scales see the kept columns' other entries: zero only the outliers (and the kept positions
-            # and channels); the kept columns are taken from x below all the same
-            others = self._kept_positions_and_channels(x)
-            outliers = self._outliers(x)
-            inner = x.masked_fill(outliers if others is None else outliers | others, 0)
+        kept, out_of_scale = self._masks(x)
+        inner = x if out_of_scale is None else x.masked_fill(out_of_scale, 0)
         if self.observing:
             self._observed.append(self._range(inner))
             return x
