@@ -106,23 +106,35 @@ def linear_inputs(model: nn.Module, names: list[str], ids: torch.Tensor) -> dict
 
 def _layer_distances(reference: nn.Module, plain: nn.Module, simulated: nn.Module, kernel: nn.Module,
                      names: list[str], ids: torch.Tensor,
-                     twin: nn.Module | None = None) -> tuple[float, float, float]:
-    """(largest gap, smallest effect, largest distance) over the named Linears, each fed sim's input to it. `twin`:
-    the sim model the kernel is held to, where it is not `simulated` (sim in the dtype the kernel computes in)."""
+                     held_to: nn.Module | None = None) -> tuple[float, float, float]:
+    """(largest gap, smallest effect, largest distance) over the named Linears, each fed sim's input to it.
+    `held_to`: the sim model the kernel is measured against where it is not `simulated` (sim in the dtype the kernel
+    computes in), fed the same input in its own dtype."""
     import torch
 
     inputs = linear_inputs(simulated, names, ids)
-    modules = [dict(m.named_modules()) for m in (reference, plain, simulated, kernel, twin or simulated)]
+    modules = [dict(m.named_modules()) for m in (reference, plain, simulated, kernel, held_to or simulated)]
     gaps, effects, distances = [], [], []
     with torch.inference_mode():
         for name, x in inputs.items():
-            ref, fp, sim, ker, held_to = (m[name] for m in modules)
+            ref, fp, sim, ker, twin = (m[name] for m in modules)
             sim_out = sim(x)
             gaps.append(relative_error(fp(x), ref(x.float())))
             effects.append(relative_error(sim_out, fp(x)))
-            twin_dtype = held_to.weight.dtype
-            distances.append(relative_error(ker(x), held_to(x.to(twin_dtype)) if twin is not None else sim_out))
+            target = sim_out if held_to is None else twin(x.to(twin.weight.dtype))
+            distances.append(relative_error(ker(x), target))
     return max(gaps), min(effects), max(distances)
+
+
+def _layer_gap(reference: nn.Module, model: nn.Module, names: list[str], ids: torch.Tensor) -> float:
+    """The largest distance over the named Linears between `model` (in its dtype) and the fp32 reference, each fed
+    the input it sees in `model`'s own forward pass: that dtype's rounding alone."""
+    import torch
+
+    inputs = linear_inputs(model, names, ids)
+    ref_modules, modules = dict(reference.named_modules()), dict(model.named_modules())
+    with torch.inference_mode():
+        return max(relative_error(modules[name](x), ref_modules[name](x.float())) for name, x in inputs.items())
 
 
 def measure_agreement(build: Callable[[], nn.Module], scheme_name: str, backend: str, dtype: torch.dtype,
@@ -160,12 +172,12 @@ def measure_agreement(build: Callable[[], nn.Module], scheme_name: str, backend:
         # values in it before it takes codes, so codes near a half step differ from fp32 sim's: it is held to sim
         # run in that dtype, and to that dtype's gap
         twin = None
-        if coarser is not None and scheme.activations is not None:
+        if coarser is not None:
             twin = copy.deepcopy(coarser)
             quantize_(twin, scheme, backend="sim", context=context)
         gap, effect, distance = _layer_distances(reference, plain, simulated, kernel, names, ids, twin)
         if coarser is not None:
-            gap = max(gap, _layer_distances(reference, coarser, coarser, coarser, names, ids)[0])
+            gap = max(gap, _layer_gap(reference, coarser, names, ids))
     else:
         level = "logits"
         ref_logits, plain_logits, sim_logits = logits(reference), logits(plain), logits(simulated)
