@@ -271,11 +271,11 @@ CASES: dict[str, tuple[Setup, str]] = {
                                            "outlier_penalty threshold must be a number > 0"),
     "train --from --penalty-strength without the penalty": (
         _tune("kv_bias", "--penalty-strength", "10"),
-        "--penalty-strength set a loss penalty but mitigation 'kv_bias' has none; add one of lp_penalty, "
-        "outlier_penalty (e.g. --mitigation lp_penalty+kv_bias)"),
+        "--penalty-strength set a loss penalty but mitigation 'kv_bias' has none; add one of lp_input_penalty, "
+        "lp_penalty, outlier_penalty (e.g. --mitigation lp_input_penalty+kv_bias)"),
     "train --from --penalty-threshold with none": (_tune("none", "--penalty-threshold", "8"),
-                                                   "mitigation 'none' has none; add one of lp_penalty, "
-                                                   "outlier_penalty"),
+                                                   "mitigation 'none' has none; add one of "
+                                                   "lp_input_penalty, lp_penalty, outlier_penalty"),
     "train --from --penalty-power for outlier_penalty": (
         _tune("outlier_penalty", "--penalty-power", "4"),
         "outlier_penalty takes --penalty-threshold, --penalty-strength, not --penalty-power"),
@@ -283,6 +283,8 @@ CASES: dict[str, tuple[Setup, str]] = {
                                         "joins 2 loss penalties (outlier_penalty, lp_penalty); use one per recipe"),
     "train --from --penalty-power 0": (_tune("lp_penalty", "--penalty-power", "0"),
                                        "lp_penalty power must be a number > 0"),
+    "train --from lp_input_penalty --penalty-threshold -8": (_tune("lp_input_penalty", "--penalty-threshold", "-8"),
+                                                             "lp_input_penalty threshold must be a number > 0"),
     # found trying it as a new user would (issue 21): silently wrong before, refused now
     "train --from the built-in model past its 8,192 positions": (
         lambda tmp, m, t: ["train", "--from", "smollm2-135m", "--context", "100000", "--out", str(tmp / "run"),

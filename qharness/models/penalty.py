@@ -1,7 +1,8 @@
-"""What the loss-side mitigations share: a term computed from every decoder layer's output while training, added to
-the next-token loss (outlier_penalty, lp_penalty). A subclass says what one layer's output costs (`term`); this
-class hooks the layers, keeps one term per layer of the forward pass in flight, and hands back
-strength x their mean. torch is imported inside the methods, so registering a penalty loads nothing."""
+"""What the loss-side mitigations share: a term computed from activations while training, added to the next-token
+loss (outlier_penalty, lp_penalty, lp_input_penalty). A subclass says what one observed tensor costs (`term`) and
+may say which tensors are observed (`_hooks`: every decoder layer's output by default); this class keeps one term
+per observed tensor of the forward pass in flight and hands back strength x their mean. torch is imported inside
+the methods, so registering a penalty loads nothing."""
 
 from __future__ import annotations
 
@@ -29,22 +30,28 @@ class LayerPenalty:
     _terms: list[Tensor] = field(default_factory=list, repr=False)
 
     def term(self, hidden: Tensor) -> Tensor:
-        """What one decoder layer's output costs (a scalar tensor)."""
+        """What one observed tensor costs (a scalar tensor)."""
         raise NotImplementedError
 
-    def _record(self, module: nn.Module, args: object, output: object) -> None:
+    def _observe(self, hidden: Tensor) -> None:
         import torch
 
-        hidden = output[0] if isinstance(output, tuple) else output
         if torch.is_grad_enabled():  # the training forward, not the activation probe under no_grad
             self._terms.append(self.term(hidden))
 
-    @contextmanager
-    def attached(self, model: nn.Module) -> Iterator[Any]:
-        """Observe every decoder layer's output while training; all hooks removed on exit."""
+    def _record(self, module: nn.Module, args: object, output: object) -> None:
+        self._observe(output[0] if isinstance(output, tuple) else output)
+
+    def _hooks(self, model: nn.Module) -> list[Any]:
+        """Hook what the penalty observes: every decoder layer's output."""
         from qharness.models.layers import decoder_layers
 
-        handles = [layer.register_forward_hook(self._record) for layer in decoder_layers(model)]
+        return [layer.register_forward_hook(self._record) for layer in decoder_layers(model)]
+
+    @contextmanager
+    def attached(self, model: nn.Module) -> Iterator[Any]:
+        """Observe the penalized tensors while training; all hooks removed on exit."""
+        handles = self._hooks(model)
         try:
             yield self
         finally:

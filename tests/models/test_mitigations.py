@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from qharness.core.errors import ConfigError
 from qharness.models import mitigations
 from qharness.models.layers import decoder_layers, is_norm, norm_modules
 from qharness.models.mitigations import load_mitigations
@@ -129,6 +130,36 @@ def test_the_lp_penalty_is_its_formula_by_hand():
     with torch.no_grad():  # the activation probe's forward passes are not penalized
         penalty._record(layer, (), torch.ones(2))
     assert penalty.take() is None
+
+
+def test_the_lp_input_penalty_costs_every_decoder_linears_input(tiny_model):
+    """strength * mean over the decoder's Linears of mean (|x| / threshold)^power of each one's input, by hand from
+    inputs captured separately; the head (outside the decoder layers) and the no_grad probe cost nothing."""
+    from qharness.models.mitigations.lp_input_penalty import LpInputPenalty
+
+    inputs: list[torch.Tensor] = []
+    linears = [m for layer in decoder_layers(tiny_model) for m in layer.modules() if isinstance(m, torch.nn.Linear)]
+    handles = [m.register_forward_pre_hook(lambda m, args: inputs.append(args[0].detach())) for m in linears]
+    ids = torch.randint(2, 64, (2, 16), generator=torch.Generator().manual_seed(0))
+    penalty = LpInputPenalty(threshold=0.5, power=4.0, strength=2.0)
+    with penalty.attached(tiny_model):
+        tiny_model(ids)
+        value = penalty.take()
+        with torch.no_grad():
+            tiny_model(ids)
+        assert penalty.take() is None
+    for handle in handles:
+        handle.remove()
+    assert len(inputs) == 2 * len(linears) == 2 * 7 * len(decoder_layers(tiny_model))  # q k v o gate up down
+    by_hand = 2.0 * sum(float(((x.double().abs() / 0.5) ** 4).mean()) for x in inputs[:len(linears)]) / len(linears)
+    assert value.item() == pytest.approx(by_hand, rel=1e-5)
+    assert value.requires_grad  # it trains the weights that made those inputs
+    with penalty.attached(tiny_model):  # hooks gone on exit: a forward after it records nothing
+        pass
+    tiny_model(ids)
+    assert penalty.take() is None
+    with pytest.raises(ConfigError, match="lp_input_penalty threshold must be a number > 0"):
+        LpInputPenalty(threshold=0)
 
 
 def test_list_mitigations_shows_every_one_with_its_reference(capsys):

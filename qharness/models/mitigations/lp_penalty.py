@@ -19,7 +19,7 @@ per-parameter scaling keep such a start from being a step of that size.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
 from qharness.models.mitigations import MITIGATIONS, Mitigation
 from qharness.models.penalty import LayerPenalty, check_positive
@@ -33,11 +33,12 @@ class LpPenalty(LayerPenalty):
     threshold: float = 64.0  # tau: the |h| that costs 1
     power: float = 4.0  # p: how sharply the cost grows past the threshold (try 4 and 8)
     strength: float = 1.0  # weight of the penalty against the next-token loss
+    name: ClassVar[str] = "lp_penalty"  # the mitigation, for its refusals
 
     def __post_init__(self) -> None:
-        check_positive("lp_penalty", "threshold", self.threshold, "the |h| that costs 1")
-        check_positive("lp_penalty", "power", self.power, "e.g. 4 or 8")
-        check_positive("lp_penalty", "strength", self.strength, "use --mitigation none for no penalty")
+        check_positive(self.name, "threshold", self.threshold, "the |h| that costs 1")
+        check_positive(self.name, "power", self.power, "e.g. 4 or 8")
+        check_positive(self.name, "strength", self.strength, "use --mitigation none for no penalty")
 
     def term(self, hidden: Tensor) -> Tensor:
         # in fp32: under bf16 autocast (|h| / 64)^8 keeps its range but loses the digits the mean needs
