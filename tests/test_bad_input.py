@@ -303,6 +303,8 @@ CASES: dict[str, tuple[Setup, str]] = {
                                                  "max memory cpu=lots is not an amount"),
     "--max-memory naming a GPU on the CPU": (_run("--device", "cpu", "--device-map", "auto", "--max-memory", "0=1GiB"),
                                              "--max-memory names GPU 0, but there is no GPU in use"),
+    "--max-memory holding no module": (_run("--device", "cpu", "--device-map", "auto", "--max-memory", "cpu=1KB"),
+                                       "the device map puts the whole model on disk: cpu=1KB holds none of its"),
     "--device-map with --transform": (_run("--device-map", "auto", "--transform", "rotate"),
                                       "--transform rewrites a second copy of the model"),
     "--device-map with a kernel backend": (_run("--device-map", "auto", "--backend", "bnb"),

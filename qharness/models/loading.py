@@ -11,11 +11,14 @@ import logging
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from qharness.core.errors import ModelLoadError, first_line
+from qharness.core.errors import ConfigError, ModelLoadError, first_line
+
+if TYPE_CHECKING:
+    from qharness.models.placement import Placed, Spread
 
 
 @contextmanager
@@ -109,10 +112,26 @@ def load_mitigated(folder: Path, config: Any, dtype: torch.dtype) -> Any:
 def load_pretrained(name_or_path: str, dtype: torch.dtype) -> tuple[Any, Any]:
     """A local Hugging Face folder or a hub id, safetensors only, no remote code. A config that records a
     qharness mitigation gets its modules rebuilt before the weights load."""
+    model, tokenizer, _ = _load(name_or_path, dtype, None)
+    return model, tokenizer
+
+
+def load_pretrained_placed(name_or_path: str, dtype: torch.dtype, spread: Spread) -> tuple[Any, Any, Placed]:
+    """The same, spread over devices by `spread` (a device map): read straight onto its devices
+    (placement.load_placed), so a model larger than CPU memory loads; a mitigated model (trained here, small) is read
+    whole and then spread."""
+    model, tokenizer, placed = _load(name_or_path, dtype, spread)
+    assert placed is not None
+    return model, tokenizer, placed
+
+
+def _load(name_or_path: str, dtype: torch.dtype, spread: Spread | None) -> tuple[Any, Any, Placed | None]:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from qharness.models import mitigations
+    from qharness.models.placement import dispatch_, load_placed
 
+    placed = None
     try:
         with quiet_transformers():
             tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=False)
@@ -124,13 +143,18 @@ def load_pretrained(name_or_path: str, dtype: torch.dtype) -> tuple[Any, Any]:
 
                     folder = Path(snapshot_download(name_or_path, allow_patterns=["*.json", "*.safetensors"]))
                 model = load_mitigated(folder, config, dtype)
+                if spread is not None:
+                    placed = dispatch_(model.eval(), *spread.settings, dtype)
+            elif spread is not None:
+                model, *where = load_placed(name_or_path, config, dtype, *spread.settings)
+                placed = (where[0], where[1])
             else:
                 model = AutoModelForCausalLM.from_pretrained(
                     name_or_path, config=config, dtype=dtype, use_safetensors=True, trust_remote_code=False
                 )
-    except ModelLoadError:
+    except (ModelLoadError, ConfigError):
         raise
     except Exception as exc:
-        where = "local folder" if Path(name_or_path).is_dir() else "Hugging Face hub id (needs the internet)"
-        raise ModelLoadError(f"cannot load model '{name_or_path}' as a {where}: {first_line(exc)}") from exc
-    return model, tokenizer
+        where_text = "local folder" if Path(name_or_path).is_dir() else "Hugging Face hub id (needs the internet)"
+        raise ModelLoadError(f"cannot load model '{name_or_path}' as a {where_text}: {first_line(exc)}") from exc
+    return model, tokenizer, placed

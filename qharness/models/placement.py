@@ -53,6 +53,19 @@ def check_placement(device_map: str | None, max_memory: dict[str, str] | None, f
                               "unit, e.g. 20GiB, 500MB")
 
 
+@dataclass(frozen=True)
+class Spread:
+    """What a model spread over devices was asked for: accelerate's map name, per-device limits, the main device."""
+
+    device_map: str
+    max_memory: dict[str, str] | None
+    device: torch.device
+
+    @property
+    def settings(self) -> tuple[str, dict[str, str] | None, torch.device]:
+        return self.device_map, self.max_memory, self.device
+
+
 def check_devices(max_memory: dict[str, str] | None, device: torch.device, flag: str) -> None:
     """The GPUs named in max_memory exist and are used: accelerate would only log a warning and place nothing."""
     import torch
@@ -77,6 +90,9 @@ class Placement:
     folder: Any = field(default=None, repr=False)  # a TemporaryDirectory, held for the model's life
 
 
+Placed = tuple[Placement, "torch.device"]  # a placement and the device a placed model's inputs go to
+
+
 def _memory(max_memory: dict[str, str] | None, device: torch.device) -> dict[int | str, str] | None:
     """accelerate's form (GPU indices as ints); on a CPU run only cpu and disk, even where GPUs are visible."""
     if max_memory is None:
@@ -88,12 +104,12 @@ def _memory(max_memory: dict[str, str] | None, device: torch.device) -> dict[int
     return {int(key) if str(key).isdigit() else key: value for key, value in max_memory.items()}
 
 
-def dispatch_(model: Any, device_map: str, max_memory: dict[str, str] | None, device: torch.device,
-              dtype: torch.dtype) -> tuple[Placement, torch.device]:
-    """Place `model` (read on the CPU) over the devices, whole decoder layers at a time; returns the placement and
-    the device its inputs go to (the embeddings')."""
+def device_map_for(model: Any, device_map: str, max_memory: dict[str, str] | None, device: torch.device,
+                   dtype: torch.dtype) -> dict[str, Any]:
+    """accelerate's map of `model` (its weights real or on `meta`: only their sizes count), whole decoder layers at a
+    time (the model's `_no_split_modules`)."""
     import torch
-    from accelerate import dispatch_model, infer_auto_device_map
+    from accelerate import infer_auto_device_map
     from accelerate.utils import get_balanced_memory
 
     no_split = list(getattr(model, "_no_split_modules", None) or [])
@@ -104,11 +120,56 @@ def dispatch_(model: Any, device_map: str, max_memory: dict[str, str] | None, de
     mapping = infer_auto_device_map(model, max_memory=memory, no_split_module_classes=no_split, dtype=dtype)
     if not mapping:
         raise ModelLoadError("the device map places no module; give --max-memory more room")
+    if set(mapping.values()) == {"disk"}:  # every weight read from disk for every forward; dispatch_model fails on it
+        limits = ", ".join(f"{key}={value}" for key, value in (max_memory or {}).items()) or "what is free"
+        raise ConfigError(f"the device map puts the whole model on disk: {limits} holds none of its modules; give "
+                          "the CPU or a GPU at least its largest decoder layer or its embeddings")
+    return dict(mapping)
+
+
+def _main_device(mapping: dict[str, Any]) -> str | int:
+    return next((d for d in mapping.values() if d not in ("cpu", "disk")), "cpu")
+
+
+def _as_device(device: str | int) -> torch.device:
+    import torch
+
+    return torch.device("cuda", device) if isinstance(device, int) else torch.device(device)
+
+
+def dispatch_(model: Any, device_map: str, max_memory: dict[str, str] | None, device: torch.device,
+              dtype: torch.dtype) -> Placed:
+    """Place `model` (read on the CPU) over the devices; returns the placement and the device its inputs go to (the
+    embeddings')."""
+    from accelerate import dispatch_model
+
+    mapping = device_map_for(model, device_map, max_memory, device, dtype)
     folder = tempfile.TemporaryDirectory(prefix="qharness-offload-")
-    main = next((d for d in mapping.values() if d not in ("cpu", "disk")), "cpu")
+    main = _main_device(mapping)
     dispatch_model(model, mapping, main_device=main, offload_dir=folder.name, force_hooks=True)
     model.eval()
-    return Placement(dict(mapping), folder), torch.device(main)
+    return Placement(mapping, folder), _as_device(main)
+
+
+def load_placed(name_or_path: str, config: Any, dtype: torch.dtype, device_map: str,
+                max_memory: dict[str, str] | None, device: torch.device) -> tuple[Any, Placement, torch.device]:
+    """A Hugging Face checkpoint read straight onto its devices, for models larger than CPU memory: the map is planned
+    on an empty (`meta`) model of the config, then transformers reads each weight from its safetensors shard onto
+    the device the map gives it, writing those placed on disk to the offload folder; no whole copy is ever in CPU
+    memory, as it is in `dispatch_`."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    with init_empty_weights():
+        empty = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    empty.tie_weights()  # a tied head shares the embeddings' bytes, as in the loaded model: counted once
+    mapping = device_map_for(empty, device_map, max_memory, device, dtype)
+    del empty
+    folder = tempfile.TemporaryDirectory(prefix="qharness-offload-")
+    model = AutoModelForCausalLM.from_pretrained(name_or_path, config=config, dtype=dtype, device_map=mapping,
+                                                 offload_folder=folder.name, use_safetensors=True,
+                                                 trust_remote_code=False)
+    return model.eval(), Placement(mapping, folder), _as_device(_main_device(mapping))
 
 
 def input_device(model: Any) -> torch.device:

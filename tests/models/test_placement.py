@@ -26,6 +26,29 @@ def test_max_memory_sends_a_decoder_layer_to_disk(tiny_model_dir):
     assert loaded.device.type == "cpu"
 
 
+def test_a_checkpoint_is_read_straight_onto_its_devices(tiny_model_dir, monkeypatch):
+    """A folder's weights go from their safetensors file to the device the map gives them: the whole model is never
+    read into CPU memory first (dispatch_, the read-then-spread path, is not called), so a model larger than CPU
+    memory loads; the map is the one planned for the model read whole."""
+    import torch
+
+    from qharness.models import placement
+    from qharness.models.loading import load_pretrained
+
+    whole, _ = load_pretrained(str(tiny_model_dir), torch.float32)
+    planned = placement.device_map_for(whole, "auto", OFF_DISK, torch.device("cpu"), torch.float32)
+
+    def whole_first(*args, **kwargs):
+        raise AssertionError("the checkpoint was read whole, then spread")
+
+    monkeypatch.setattr(placement, "dispatch_", whole_first)
+    loaded = load_model(ModelSpec(str(tiny_model_dir), device="cpu", device_map="auto", max_memory=OFF_DISK),
+                        progress=False)
+    assert loaded.placement.device_map == planned and planned["model.layers.1"] == "disk"
+    assert loaded.model.model.layers[1].self_attn.q_proj.weight.device.type == "meta"
+    assert loaded.source == f"local:{tiny_model_dir.resolve()}"
+
+
 def _values(settings: RunSettings) -> dict[tuple[str, str, str], float]:
     report = run(settings, say=lambda m: None, progress=False)
     assert report.computed == len(report.rows)

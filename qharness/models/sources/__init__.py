@@ -89,6 +89,9 @@ class Source:
     describe_name: Callable[[str], dict[str, str]] | None = None  # arch/mitigation/family from the name alone
     requires: Callable[[str], tuple[str, ...]] = lambda name: ()  # models this one is made from (ensured first)
     history: Callable[[str], Path | None] = lambda name: None  # its training log (train_log.jsonl), if trained here
+    # (name, torch dtype, placement.Spread) -> (model, tokenizer, provenance, (Placement, input device)): read straight
+    # onto the devices of a device map, never whole in CPU memory; None: read on the CPU, then spread
+    read_placed: Callable[[str, Any, Any], tuple[Any, Any, str, Any]] | None = None
 
 
 SOURCES: Registry[Source] = Registry("model source")
@@ -165,16 +168,22 @@ def load_model(spec: ModelSpec, progress: bool = True) -> LoadedModel:
     source = source_for(spec.name)
     device = resolve_device(spec.device)
     dtype = resolve_dtype(spec.dtype, device)
-    with quiet_transformers(progress):
-        model, tokenizer, provenance = source.read(spec.name, dtype)
     placement = None
     if spec.device_map is None:
+        with quiet_transformers(progress):
+            model, tokenizer, provenance = source.read(spec.name, dtype)
         model.to(device).eval()
-    else:  # read on the CPU first, then spread: one step for every source
-        from qharness.models.placement import check_devices, dispatch_
+    else:
+        from qharness.models.placement import Spread, check_devices, dispatch_
 
         check_devices(spec.max_memory, device, "max memory")
-        placement, device = dispatch_(model.eval(), spec.device_map, spec.max_memory, device, dtype)
+        spread = Spread(spec.device_map, spec.max_memory, device)
+        with quiet_transformers(progress):
+            if source.read_placed is not None:  # a checkpoint read straight onto its devices
+                model, tokenizer, provenance, (placement, device) = source.read_placed(spec.name, dtype, spread)
+            else:  # read on the CPU first, then spread (GGUF, a built-in's own reader)
+                model, tokenizer, provenance = source.read(spec.name, dtype)
+                placement, device = dispatch_(model.eval(), *spread.settings, dtype)
     mitigation = mitigations.recorded(model.config)
     if mitigation == mitigations.NONE and source.describe_name:  # a published model's name says what it was trained
         mitigation = source.describe_name(spec.name).get("mitigation", mitigation)  # with; its config cannot

@@ -40,6 +40,14 @@ def read(name: str, dtype: Any) -> tuple[Any, Any, str]:
     return (*load_pretrained(str(path), dtype), f"local:{path}")
 
 
+def read_placed(name: str, dtype: Any, spread: Any) -> tuple[Any, Any, str, Any]:
+    from qharness.models.loading import load_pretrained_placed
+
+    path = Path(name).expanduser().resolve()
+    model, tokenizer, placed = load_pretrained_placed(str(path), dtype, spread)
+    return model, tokenizer, f"local:{path}", placed
+
+
 def context_limit(name: str) -> int | None:
     """Learned positions (GPT-2's n_positions) or the config's max_position_embeddings, when the config says."""
     config_path = Path(name).expanduser() / "config.json"
@@ -50,4 +58,4 @@ def context_limit(name: str) -> int | None:
 
 
 SOURCES.add("folder", Source(name="folder", form="an existing local folder", order=40, matches=matches, read=read,
-                             context_limit=context_limit))
+                             context_limit=context_limit, read_placed=read_placed))

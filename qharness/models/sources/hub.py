@@ -20,5 +20,12 @@ def read(name: str, dtype: Any) -> tuple[Any, Any, str]:
     return (*load_pretrained(name, dtype), f"hub:{name}")
 
 
+def read_placed(name: str, dtype: Any, spread: Any) -> tuple[Any, Any, str, Any]:
+    from qharness.models.loading import load_pretrained_placed
+
+    model, tokenizer, placed = load_pretrained_placed(name, dtype, spread)
+    return model, tokenizer, f"hub:{name}", placed
+
+
 SOURCES.add("hub", Source(name="hub", form="or a hub id like 'HuggingFaceTB/SmolLM2-135M'", order=50,
-                          matches=matches, read=read))
+                          matches=matches, read=read, read_placed=read_placed))
