@@ -358,6 +358,28 @@ def test_the_long_recipe_resumes_its_schedule_and_snapshots_exactly(tmp_path, ti
     assert logs[0][-1]["lr"] < logs[0][1]["lr"] and all(e["tokens_per_s"] > 0 for e in logs[0])
 
 
+def test_seeds_of_a_tune_recipe_train_apart_and_group_together(tmp_path, tiny_model_dir, monkeypatch):
+    """`:seed=N` trains the same recipe with another seed: its own folder, family and weights, the seed recorded, and
+    the recipe digest without the seed shared (what report/seeds.py groups rows by)."""
+    monkeypatch.setenv("QHARNESS_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(tune_names, "RECIPE", replace(
+        tune_names.RECIPE, data=(CALIBRATION,), train=replace(TUNE_TRAIN, steps=2, context=32, log_every=1)))
+    names = [f"tune:{tiny_model_dir}-none", f"tune:{tiny_model_dir}-none:seed=1"]
+    assert tune_names.parse_name(f"tune:{tiny_model_dir}-none:seed=0").run == names[0]  # 0 is the default
+    assert tune_names.folder_for(names[0]) != tune_names.folder_for(names[1])
+    assert tune_names.recipe_for(names[1]).train.seed == 1
+    for name in names:
+        ensure(name, progress=False)
+    loaded = [load_model(ModelSpec(name, device="cpu")) for name in names]
+    assert [m.train_seed for m in loaded] == [0, 1]
+    assert loaded[0].train_recipe and loaded[0].train_recipe == loaded[1].train_recipe
+    assert [m.family for m in loaded] == [f"tune:{tiny_model_dir}", f"tune:{tiny_model_dir}:seed=1"]
+    weights = [m.model.model.layers[0].mlp.up_proj.weight for m in loaded]
+    assert not torch.equal(*weights)  # another seed, other batches: other weights
+    with pytest.raises(Exception, match=":seed= takes an integer in 0..4294967295, got 1.5"):
+        classify("tune400:smollm2-135m-none:seed=1.5")
+
+
 def test_long_names_carry_settings_and_steps():
     name = "tune400:smollm2-135m-lp_penalty:strength=1:power=8@step100"
     parsed = tune_names.parse_name(name)

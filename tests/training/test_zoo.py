@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from qharness.activations.scan import ScanConfig
 from qharness.cli import main
@@ -42,6 +43,7 @@ def test_grid_names_parse_into_recipes():
     ("zoo:llama-tvr+tvr", ConfigError, "twice"),
     ("zoo:lama-base", UnknownName, "did you mean 'zoo:llama-base'"),
     ("zoo:llama-kvbias", UnknownName, "did you mean 'kv_bias'"),
+    ("zoo:llama-base:seed=one", UnknownName, ":seed= takes an integer in 0..4294967295, got 'one'"),
 ])
 def test_bad_zoo_names_say_what_is_valid(name, error, message):
     with pytest.raises(error, match=message):
@@ -63,6 +65,20 @@ def test_loading_never_trains_ensure_does_then_reuses(tiny_zoo):
     assert loaded.model.config.qharness_mitigation == "kv_bias"
     assert "trained here" in loaded.source
     assert (loaded.arch, loaded.mitigation, loaded.family) == ("llama", "kv_bias", "zoo:llama")
+
+
+def test_a_second_seed_trains_apart_and_groups_with_the_first(tiny_zoo):
+    """`zoo:llama-base:seed=1`: the recipe with seed 1, its own folder, weights and family; rows of the two share
+    train_recipe (the recipe without its seed), which is how report/seeds.py finds seeds of one recipe."""
+    names = ["zoo:llama-base", "zoo:llama-base:seed=1"]
+    assert zoo.recipe_for(names[1]).train.seed == 1 and zoo.folder_for(names[0]) != zoo.folder_for(names[1])
+    assert "seed1" in zoo.folder_for(names[1]).name
+    for name in names:
+        ensure(name, progress=False)
+    loaded = [load_model(ModelSpec(name, device="cpu"), progress=False) for name in names]
+    assert [m.train_seed for m in loaded] == [0, 1] and loaded[0].train_recipe == loaded[1].train_recipe != ""
+    assert [(m.mitigation, m.family) for m in loaded] == [("none", "zoo:llama"), ("none", "zoo:llama:seed=1")]
+    assert not torch.equal(*(m.model.get_input_embeddings().weight for m in loaded))
 
 
 def test_a_finished_run_keeps_no_checkpoint_and_a_rerun_trains_nothing(tiny_zoo, monkeypatch):

@@ -8,7 +8,9 @@ of the weights at each of its snapshot steps; `@step<N>` reads that copy, so eve
 model name of its own (`tune400:smollm2-135m-none@step100`) and its leaderboard rows stay keyed apart. Settings of a
 loss-side mitigation follow the mitigation, each after a ':' (`tune400:smollm2-135m-lp_penalty:power=8:strength=1`;
 not ',', which a YAML list would split), the values `train --from ... --penalty-NAME` takes, so the name is the whole
-recipe.
+recipe. `:seed=N` (an integer, 0 by default) trains the same recipe with another seed
+(`tune400:smollm2-135m-none:seed=1`): its own run folder and family (each seed's mitigations are set against that
+seed's control), and the rows of a recipe's seeds share `train_recipe`, which report/seeds.py groups.
 """
 
 from __future__ import annotations
@@ -45,11 +47,16 @@ class TuneName:
     mitigation: str
     penalty: tuple[tuple[str, float], ...] = ()  # sorted (setting, value)
     step: int | None = None  # a snapshot's step, None for the finished model
+    seed: int = 0  # the training seed (`:seed=N`)
 
     @property
     def run(self) -> str:
         """The name of the whole training run: without the step."""
-        return self.prefix + f"{self.base}-{self.mitigation}" + _settings_text(self.penalty)
+        return self.prefix + f"{self.base}-{self.mitigation}" + _settings_text(self.penalty) + _seed_text(self.seed)
+
+
+def _seed_text(seed: int) -> str:
+    return f":seed={seed}" if seed else ""
 
 
 def _settings_text(penalty: tuple[tuple[str, float], ...]) -> str:
@@ -87,11 +94,21 @@ def parse_name(name: str) -> TuneName:
     assert parts is not None, "the pattern matches any string"
     rest, settings = parts["rest"], parts["settings"]
     penalty = _settings(settings, name) if settings else ()
+    seed = _seed(dict(penalty).get("seed", 0), name)
+    penalty = tuple(pair for pair in penalty if pair[0] != "seed")
     base, _, mitigation = rest.rpartition("-")  # after the settings are off: a value may hold '-' (1e-3)
     if not base or not mitigation:
         raise UnknownName(f"unknown tuned model '{name}': write {prefix}<model>-<mitigation>, e.g. "
                           f"{prefix}smollm2-135m-none or {prefix}smollm2-135m-outlier_penalty")
-    return TuneName(prefix, base, mitigation, penalty, step)
+    return TuneName(prefix, base, mitigation, penalty, step, seed)
+
+
+def _seed(value: float, name: str) -> int:
+    from qharness.data.recipe import MAX_SEED
+
+    if value != int(value) or not 0 <= value <= MAX_SEED:
+        raise UnknownName(f"'{name}': :seed= takes an integer in 0..{MAX_SEED}, got {value:g}")
+    return int(value)
 
 
 def parse(name: str) -> tuple[str, str]:
@@ -127,8 +144,9 @@ def recipe_for(name: str) -> TuneRecipe:
                           f"what it computes; continued training takes none or {', '.join(fit)}")
     mitigations.check_penalty(parsed.mitigation, parsed.penalty)
     versions = "+".join(f"{m.name}={m.version}" for m in mitigations.resolve(parsed.mitigation) if m.version)
-    recipe = replace(RECIPE if parsed.prefix == PREFIX else LONG_RECIPE, base=parsed.base,
-                     mitigation=parsed.mitigation, penalty=parsed.penalty, retrofit=versions)
+    kind = RECIPE if parsed.prefix == PREFIX else LONG_RECIPE
+    recipe = replace(kind, base=parsed.base, mitigation=parsed.mitigation, penalty=parsed.penalty, retrofit=versions,
+                     train=replace(kind.train, seed=parsed.seed))
     if parsed.step is not None and parsed.step not in recipe.snapshots:
         kept = ", ".join(f"@step{s}" for s in recipe.snapshots) or "none (only tune400: names keep snapshots)"
         raise UnknownName(f"'{name}': this recipe keeps no weights at step {parsed.step}; its snapshots: {kept}")
@@ -164,13 +182,15 @@ def family(name: str) -> str:
     """Models continued from one base by one recipe; a snapshot's family is its step's, so each step's mitigations
     are set against the control at that same step."""
     parsed = parse_name(name)
-    return parsed.prefix + parsed.base + (f"@step{parsed.step}" if parsed.step is not None else "")
+    return (parsed.prefix + parsed.base + _seed_text(parsed.seed)
+            + (f"@step{parsed.step}" if parsed.step is not None else ""))
 
 
 def folder_for(name: str) -> Path:
     """The run folder (checkpoint, log, model, snapshots) of a tuned model, whichever step the name reads."""
     parsed = parse_name(name)
-    label = "".join(c if c.isalnum() or c in "._+-" else "_" for c in f"{parsed.base}-{parsed.mitigation}")[-80:]
+    text = f"{parsed.base}-{parsed.mitigation}" + (f"-seed{parsed.seed}" if parsed.seed else "")
+    label = "".join(c if c.isalnum() or c in "._+-" else "_" for c in text)[-80:]
     kind = parsed.prefix.removesuffix(":")
     return cache_path(kind, "models", f"{label}-{recipe_for(name).digest()}")
 

@@ -4,13 +4,16 @@ recipe's hash. This source only reads a trained one; `qharness.training.ensure` 
 
 The recipe is the one that grows the most pronounced BOS outlier in a Llama of this size in a CPU budget (see the
 README, "The zoo"): lr 3e-3 without weight decay, batch 8 x 128 tokens, 4,000 steps (one pass over the 4.3 M-token
-training text), about 7 minutes per model on 2 cores.
+training text), about 7 minutes per model on 2 cores. `:seed=N` trains the same recipe with another seed
+(`zoo:llama-base:seed=1`): a model of its own, in its own family, whose rows share `train_recipe` with the other
+seeds' (report/seeds.py groups them).
 """
 
 from __future__ import annotations
 
 import difflib
 import json
+import re
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -29,15 +32,29 @@ GRID: tuple[str, ...] = (
     *(f"zoo:gpt2-{m}" for m in (BASELINE, "kv_bias", "dyt")),
 )
 RECIPE = Recipe()  # every zoo model: this, with its arch and mitigation filled in
+SEED = re.compile(r"^(?P<name>.*?):seed=(?P<seed>[^:]*)$")
 
 
 def is_zoo_name(name: str) -> bool:
     return name.startswith(PREFIX)
 
 
+def split_seed(name: str) -> tuple[str, int]:
+    """`zoo:llama-base:seed=2` -> ("zoo:llama-base", 2); a name without `:seed=` has seed 0."""
+    from qharness.data.recipe import MAX_SEED
+
+    matched = SEED.match(name)
+    if not matched:
+        return name, 0
+    text = matched["seed"]
+    if not (text.isdigit() and int(text) <= MAX_SEED):
+        raise UnknownName(f"'{name}': :seed= takes an integer in 0..{MAX_SEED}, got '{text}'")
+    return matched["name"], int(text)
+
+
 def parse(name: str) -> tuple[str, str]:
     """`zoo:llama-tvr+dyt` -> ("llama", "tvr+dyt"); the baseline's mitigation is "none". Checks the form only."""
-    arch, _, mitigation = name.removeprefix(PREFIX).partition("-")
+    arch, _, mitigation = split_seed(name)[0].removeprefix(PREFIX).partition("-")
     if arch not in ARCHES or not mitigation:
         raise UnknownName(f"unknown zoo model '{name}': write zoo:<arch>-<mitigation> with arch one of "
                           f"{', '.join(ARCHES)}, e.g. zoo:llama-base or zoo:gpt2-kv_bias")
@@ -49,7 +66,8 @@ def parse(name: str) -> tuple[str, str]:
 
 def _recipe(name: str) -> Recipe:
     arch, mitigation = parse(name)
-    return replace(RECIPE, arch=replace(RECIPE.arch, arch=arch), mitigation=mitigation)
+    return replace(RECIPE, arch=replace(RECIPE.arch, arch=arch), mitigation=mitigation,
+                   train=replace(RECIPE.train, seed=split_seed(name)[1]))
 
 
 def recipe_for(name: str) -> Recipe:
@@ -63,7 +81,9 @@ def recipe_for(name: str) -> Recipe:
 
 def folder_for(name: str) -> Path:
     """The run folder (checkpoint, log, model/) of a zoo model, by the hash of its recipe."""
-    return cache_path("zoo", "models", f"{name.removeprefix(PREFIX)}-{_recipe(name).digest()}")
+    unseeded, seed = split_seed(name)
+    label = unseeded.removeprefix(PREFIX) + (f"-seed{seed}" if seed else "")
+    return cache_path("zoo", "models", f"{label}-{_recipe(name).digest()}")
 
 
 def is_trained(name: str) -> bool:
@@ -95,7 +115,8 @@ def read(name: str, dtype: Any) -> tuple[Any, Any, str]:
 
 
 def family(name: str) -> str:
-    return PREFIX + parse(name)[0]
+    seed = split_seed(name)[1]
+    return PREFIX + parse(name)[0] + (f":seed={seed}" if seed else "")
 
 
 def describe_name(name: str) -> dict[str, str]:
