@@ -152,7 +152,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"llama (GLU) or gpt2 (non-GLU), from scratch (default {arch.arch})")
     parser.add_argument("--mitigation", default=None,
                         help="none, or mitigations joined by '+': kv_bias, tvr, dyt, gated_attention, "
-                             "clipped_softmax, outlier_penalty, lp_penalty (e.g. tvr+kv_bias; `qharness list "
+                             "clipped_softmax, outlier_penalty, lp_penalty, lp_input_penalty (e.g. tvr+kv_bias; "
+                             "`qharness list "
                              "mitigations`); with --from each is added to "
                              "the trained model as README 'Continued training' says")
     parser.add_argument("--data", nargs="+", default=None, metavar="PATH",
@@ -162,11 +163,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "from scratch: builtin, to train a recipe of a hub dataset on the built-in text")
     parser.add_argument("--penalty-threshold", type=float, default=None,
                         help="outlier_penalty: |h| above this is penalized; lp_penalty: the |h| that costs 1 "
-                             "(default 64 for both)")
+                             "(default 64 for both); lp_input_penalty: the |x| of a Linear's input that costs 1 "
+                             "(default 8)")
     parser.add_argument("--penalty-strength", type=float, default=None,
                         help="the loss penalty's weight against the next-token loss (default 1.0)")
     parser.add_argument("--penalty-power", type=float, default=None,
-                        help="lp_penalty: the power p of (|h| / threshold)^p (default 4; try 8)")
+                        help="lp_penalty, lp_input_penalty: the power p of (|h| / threshold)^p (default 4; "
+                             "try 8)")
     parser.add_argument("--budget", type=values.minutes, default=None, metavar="MINUTES",
                         help="stop after this many minutes with a checkpoint; rerun to continue")
     parser.add_argument("--out", type=Path, default=None, help="folder for the checkpoint, log and model")
