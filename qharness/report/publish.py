@@ -31,6 +31,7 @@ from qharness.data.results import Row, key, read_rows, write_atomic
 from qharness.data.units import fp_key
 from qharness.report.curves import build_curves, curves_table
 from qharness.report.degradation import Degradation, degradations, number, percent_interval
+from qharness.report.goal import Goal, goal_text, header, verdicts
 from qharness.report.noise import Noise, verdict
 
 # relative to where it runs, the checkout's root (as `results/leaderboard.csv` is for `run`): an installed package
@@ -77,9 +78,10 @@ class Pair:
 class Table:
     name: str  # the marker's NAME
     leaderboard: str  # a CSV under results/published/
-    kind: Literal["rows", "pairs", "curves"]
+    kind: Literal["rows", "pairs", "curves", "goal"]
     rows: tuple[Pick, ...] = ()  # kind rows: in this order
     pairs: tuple[Pair, ...] = ()  # kind pairs
+    goal: Goal | None = None  # kind goal
     task: str = "kjv-heldout"
     metric: str = "ppl"
     note: str = ""  # printed under the table (what is left out of it and why)
@@ -153,6 +155,8 @@ TABLES: tuple[Table, ...] = (
              "token's keys and values exact. Each row's change is against the fp model with an fp cache."),
     # the runs of sweeps/tune400.yaml as `python -m qharness.experiment.curve_sweep` evaluated them
     Table("tune400", "tune400.csv", "curves"),
+    # issue #20's goal on the finished 400-step models, evaluated again with per-token NLLs kept
+    Table("tune400-goal", "tune400-step400.csv", "goal", goal=Goal(control="tune400:smollm2-135m-none")),
 )
 
 
@@ -304,8 +308,19 @@ def render_curves(table: Table, board: Leaderboard) -> list[str]:
             *curves_table(curves, task, table_of)]
 
 
+def render_goal(table: Table, board: Leaderboard) -> list[str]:
+    assert table.goal is not None, f"table {table.name} of kind goal names no Goal"
+    found = verdicts(board.path, table.goal)
+    if not found:
+        return [_source(table), "", "No model has both its fp row and the scheme's row yet."]
+    sizes = sorted({d.evaluated for d in board.items if d.task == table.goal.task and d.metric == "ppl"})
+    return [_source(table) + (f" Evaluated on {', '.join(sizes)} of {table.goal.task}." if sizes else "")
+            + f" {goal_text(table.goal)} The fp cost is a {BLOCK_NOTE} of the model's per-token NLLs against the "
+            "control's on the same tokens.", "", table_of(header(table.goal), [v.cells() for v in found])]
+
+
 RENDER: dict[str, Callable[[Table, Leaderboard], list[str]]] = {"rows": render_rows, "pairs": render_pairs,
-                                                                  "curves": render_curves}
+                                                                  "curves": render_curves, "goal": render_goal}
 
 
 def render(table: Table, published: Path) -> str:

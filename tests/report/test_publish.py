@@ -185,3 +185,35 @@ def test_a_training_curve_table_renders_from_a_curve_leaderboard(tmp_path):
     assert table[2] == ("| tune400:smollm2-135m-none | 40, 400 | 21.03 (23.73 at 40) | +0.0% (+0.0% at 40) "
                         "| +80.0% (+80.0% at 40) |")
     assert table[3].startswith("| tune400:smollm2-135m-kv_bias | 40, 400 | 21.50 (24.00 at 40) | +2.2% (+1.1% at 40) |")
+
+
+def test_the_goal_table_judges_each_bar_on_its_interval(tmp_path):
+    """Issue #20's goal: met only when the upper end of both intervals is within its bar (static INT8 <= +5% over the
+    model's own fp, fp <= +3% against the control). The fp cost's interval comes from the units, paired by token."""
+    from qharness.report.goal import Goal, verdicts
+
+    rng = np.random.default_rng(1)
+    control = rng.gamma(2.0, 1.5, size=TOKENS)
+    results = tmp_path / "step400.csv"
+    rows = []
+    for model, fp_shift, static_high in (("control", 0.0, 0.90), ("meets", 0.005, 0.045), ("static-over", 0.005, 0.051),
+                                         ("fp-over", 0.05, 0.02)):
+        fp = control + fp_shift + rng.normal(0, 0.02, TOKENS) * (model != "control")
+        fp_row = ppl_row(results, fp, fp)
+        static = ppl_row(results, fp + 0.01, fp, quant="int8-w8a8-tensor-static")
+        for row in (fp_row, static):
+            row["model"] = model
+        static.update(ci_of="rel_delta", ci_low=str(static_high - 0.02), ci_high=str(static_high))
+        for row, nll in ((fp_row, fp), (static, fp + 0.01)):
+            write_units(results, key(row), Units(nll, "nll", "kjv"))
+        rows += [fp_row, static]
+    append_rows(results, rows)
+    found = {v.model: v for v in verdicts(results, Goal(control="control"))}
+    assert list(found) == ["control", "fp-over", "meets", "static-over"]  # the control first
+    assert found["control"].met is None and found["control"].fp_cost is None
+    assert [found[m].met for m in ("meets", "static-over", "fp-over")] == [True, False, False]
+    cost = found["meets"].fp_interval
+    assert cost.low < found["meets"].fp_cost < cost.high < 0.03  # ~+0.5%, paired on the same tokens: tight
+    assert found["fp-over"].fp_interval.low > 0.03  # ~+5%
+    text = render(Table("goal", "step400.csv", "goal", goal=Goal(control="control")), tmp_path)
+    assert "| `meets` | " in text and text.count("| yes |") == 1 and text.count("| no |") == 2
