@@ -74,6 +74,26 @@ def test_run_with_a_device_map_gives_the_same_numbers(tiny_model_dir, tiny_task_
     assert len(set(whole.values())) == len(whole)  # each scheme moved the number: the comparison has teeth
 
 
+@pytest.mark.gpu
+def test_a_model_over_the_gpu_cpu_and_disk_gives_the_numbers_of_one_gpu(tiny_model_dir, tiny_task_dir, tmp_path):
+    """On CUDA: the model spread over the GPU and CPU memory or disk (every forward computes on the GPU, offloaded
+    weights moved in by their hooks), read straight onto those devices: each row equal to the whole model on the
+    GPU, dynamic, static and weight-only sim schemes. (The map accelerate makes on a GPU could not be planned on a
+    machine without one; the test asserts it spans more than the GPU.)"""
+    common = {"model": str(tiny_model_dir), "tasks": (str(tiny_task_dir / "short.yaml"),), "device": "cuda",
+              "limit": 3, "quants": ("int8-w8a8-token", "int8-w8a8-tensor-static", "int4-weight-g128")}
+    whole = _values(RunSettings(results=tmp_path / "whole.csv", **common))
+    spread = {"0": "300KB", "cpu": "400KB"}
+    loaded = load_model(ModelSpec(str(tiny_model_dir), device="cuda", device_map="auto", max_memory=spread),
+                        progress=False)
+    assert len(set(loaded.placement.device_map.values())) > 1, loaded.placement.device_map
+    assert loaded.device.type == "cuda"
+    placed = _values(RunSettings(results=tmp_path / "placed.csv", device_map="auto", max_memory=spread, **common))
+    assert whole.keys() == placed.keys()
+    for cell, value in whole.items():
+        assert placed[cell] == pytest.approx(value, rel=1e-5, abs=0), cell
+
+
 def test_scan_with_a_device_map_gives_the_same_profile(tiny_model_dir, tmp_path):
     from qharness.activations.scan import ScanConfig
     from qharness.experiment.scanning import ScanSpec, run_scan
