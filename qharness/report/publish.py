@@ -153,6 +153,19 @@ TABLES: tuple[Table, ...] = (
                             ("int4-w4a8-token", "W4A8 per token"))),
         note="The KV setting `int4-token` quantizes keys and values per token to INT4; `+keep0` leaves the first "
              "token's keys and values exact. Each row's change is against the fp model with an fp cache."),
+    Table("smollm2-microscaling", "smollm2-schemes.csv", "pairs", pairs=(
+        Pair(_p("fp8-e4m3-w8a8-tensor"), _p("mxfp8-w8a8"), "MXFP8 (a power-of-two scale per 32) against FP8 E4M3 "
+             "per tensor"),
+        Pair(_p("mxfp4-w4a4"), _p("nvfp4-w4a4"), "NVFP4 (an E4M3 scale per 16) against MXFP4 (E8M0 per 32)"),
+        Pair(_p("mxfp4-w4a4"), _p("mxfp4-w4a4", keep=BOS), "keep BOS, MXFP4 W4A4", recovery=True),
+        Pair(_p("nvfp4-w4a4"), _p("nvfp4-w4a4", keep=BOS), "keep BOS, NVFP4 W4A4", recovery=True))),
+    Table("smollm2-kivi", "smollm2-schemes.csv", "pairs", pairs=tuple(
+        Pair(_p(quant, kv="int4-token"), _p(quant, kv="int4-kivi"), f"KIVI against INT4 per token, {what}",
+             recovery=True)
+        for quant, what in (("none", "fp weights"), ("int8-w8a8-tensor", "per-tensor INT8"))),
+        note="`int4-kivi` quantizes keys per channel and values per token to INT4, keeping the open block of up to 31 "
+             "keys in fp (KIVI, arXiv 2402.02750); `int4-token` both per token. Each row's change is against the fp "
+             "model with an fp cache."),
     # the runs of sweeps/tune400.yaml as `python -m qharness.experiment.curve_sweep` evaluated them
     Table("tune400", "tune400.csv", "curves"),
     # issue #20's goal on the finished 400-step models, evaluated again with per-token NLLs kept

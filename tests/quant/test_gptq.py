@@ -149,3 +149,40 @@ def test_gptq_on_cuda_beats_round_to_nearest(tiny_tokenizer, heldout_text, hidde
     assert 0 < gptq_error < rtn_error * 1.05, (gptq_error, rtn_error)
     with pytest.raises(BackendUnavailable, match="in bf16 or fp16 only, not fp32"):
         quantize_(LlamaForCausalLM(config).to(cuda), get_scheme("gptq"), context=context)
+
+
+ONE_THREAD = """
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+from qharness.quant.apply import quantize_
+from qharness.quant.backends import QuantContext
+from qharness.quant.schemes import get_scheme
+from qharness.training.text import train_tokenizer
+tokenizer = train_tokenizer(["in the beginning god created the heaven and the earth " * 50], vocab_size=300)
+torch.manual_seed(0)
+model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256,
+                                     num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+                                     bos_token_id=0, eos_token_id=1)).eval()
+batches = [torch.randint(2, len(tokenizer), (1, 64), generator=torch.Generator().manual_seed(i)) for i in range(4)]
+context = QuantContext(torch.device("cpu"), calibration=lambda: batches, tokenizer=tokenizer)
+print(quantize_(model, get_scheme("gptq"), context=context))
+"""
+
+
+def test_gptq_runs_on_one_thread(tmp_path):
+    """OMP_NUM_THREADS=1 (a one-core job): gptqmodel 7.6's model loader asks for 2 CPU workers and failed inside it
+    when we gave it the thread count; a fresh process, since gptqmodel builds its worker pool once."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import qharness
+
+    here = str(Path(qharness.__file__).resolve().parents[1])  # the checkout or site-packages these tests import
+    paths = [str(Path(p).resolve()) for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([here, *paths])}
+    done = subprocess.run([sys.executable, "-c", ONE_THREAD], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().splitlines()[-1] == "gptq"

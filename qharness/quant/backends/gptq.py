@@ -48,8 +48,11 @@ def apply_gptq(model: nn.Module, scheme: QuantScheme, targets: dict[str, nn.Line
 
     if context.tokenizer is None:
         raise QHarnessError("backend 'gptq' needs the tokenizer in its QuantContext to save the model")
-    # gptqmodel assumes many cores, reads its worker count from the environment when imported, and logs at INFO
-    with environment(GPTQMODEL_CPU_WORKERS=str(torch.get_num_threads())), logger_level("gptqmodel", logging.WARNING):
+    # gptqmodel assumes many cores, reads its worker count from the environment when imported, and logs at INFO; its
+    # model loader takes 2 CPU workers from that count, so fewer than 2 fails inside it ("Virtual pool
+    # 'model_loader:cpu' requests 2 workers but parent 'cpu' only has 1": OMP_NUM_THREADS=1, gptqmodel 7.6)
+    workers = max(2, torch.get_num_threads())
+    with environment(GPTQMODEL_CPU_WORKERS=str(workers)), logger_level("gptqmodel", logging.WARNING):
         _quantize_with_gptqmodel(model, scheme, targets, context)
 
 
