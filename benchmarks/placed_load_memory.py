@@ -4,10 +4,10 @@ spread? (issue #18: a model larger than CPU memory must load)
     python benchmarks/placed_load_memory.py [--model smollm2-135m] [--cpu 64MiB]
 
 The model is saved once as a safetensors folder (what a hub checkpoint is), then each way of loading it runs in a
-fresh process, printing its peak RSS beyond the imports (ru_maxrss cannot be reset, hence a process each) against
-the fp32 weight bytes W. Peak memory is the process's anonymous resident memory (RssAnon, sampled every 5 ms, minus
-its value after the imports): the pages of a memory-mapped safetensors file are the page cache's, which the kernel
-reclaims under pressure, so they are not what must fit; a copy of a weight in the process is.
+fresh process (so that one load's freed memory or warm caches do not count for the next), printing its peak memory
+against the fp32 weight bytes W. Peak memory is the process's anonymous resident memory (RssAnon, sampled every 5
+ms, minus its value after the imports): the pages of a memory-mapped safetensors file are the page cache's, which
+the kernel reclaims under pressure, so they are not what must fit; a copy of a weight in the process is.
 - `whole`: no device map, every weight in CPU memory;
 - `read, then spread`: the path a GGUF or built-in model takes (`placement.dispatch_`), the whole model in CPU memory
   before accelerate moves all but `--cpu` of it to disk;

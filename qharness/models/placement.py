@@ -2,13 +2,15 @@
 
     spec = ModelSpec("path/to/model", device_map="auto", max_memory={"0": "20GiB", "cpu": "64GiB"})
 
-`check_placement` checks the two settings' values alone (no torch import: a bad value stops before anything loads);
-`dispatch_` places a model already read on the CPU, as transformers' `from_pretrained(device_map=...)` and
-lm-eval's `parallelize=True` do, with accelerate's `infer_auto_device_map` (whole decoder layers: the model's
-`_no_split_modules`) and `dispatch_model`. Every source (a folder, a GGUF file, a mitigated zoo model) loads the same
-way first, so the placement is one step for all of them.
+`check_placement` checks the two settings' values alone (no torch import: a bad value stops before anything loads).
+The map is accelerate's `infer_auto_device_map` (whole decoder layers: the model's `_no_split_modules`), as
+transformers' `from_pretrained(device_map=...)` and lm-eval's `parallelize=True` make it. Two ways to apply it:
+`load_placed` reads a Hugging Face checkpoint (a folder, a hub id) straight onto its devices, planned on an empty
+model, so no whole copy is ever in CPU memory; `dispatch_` places a model already read on the CPU (a GGUF file, a
+built-in, a mitigated model trained here) with `dispatch_model`.
 
-What a placed model looks like to the rest of the harness: each module carries an accelerate `AlignDevicesHook`
+What a placed model looks like to the rest of the harness (a map of more than one device; `dispatch_` hooks a
+one-device map too, `load_placed` leaves it a plain model): each module carries an accelerate `AlignDevicesHook`
 that moves its inputs to its execution device; a module placed on disk (or, with a GPU as the main device, in CPU
 memory) has its weights on the `meta` device, and its hook loads them from its weights map for each forward and
 drops them after. `quant/modules.swap_module` gives a module put in another's place the same hook, and sim

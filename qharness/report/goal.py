@@ -32,16 +32,17 @@ class Verdict:
     model: str
     fp_ppl: float
     fp_cost: float | None  # None for the control
-    fp_interval: Interval | None
+    fp_interval: Interval | None  # None for the control, or where the two models' units do not pair
     scheme_change: float
     scheme_interval: tuple[float, float]
-    met: bool | None  # None for the control
+    met: bool | None  # None for the control, and where the fp cost has no interval (unknown, not "no")
+    is_control: bool = False
 
     def cells(self) -> list[str]:
         lo, hi = self.scheme_interval
-        cost = "-" if self.fp_cost is None else _pct(self.fp_cost, self.fp_interval)
-        met = "-" if self.met is None else ("yes" if self.met else "no")
-        return [f"`{self.model}`" + (" (control)" if self.met is None else ""), f"{self.fp_ppl:.2f}", cost,
+        cost = "-" if self.is_control else _pct(self.fp_cost or 0.0, self.fp_interval)
+        met = "-" if self.is_control else {True: "yes", False: "no", None: "? (no paired units)"}[self.met]
+        return [f"`{self.model}`" + (" (control)" if self.is_control else ""), f"{self.fp_ppl:.2f}", cost,
                 f"{100 * self.scheme_change:+.1f}% [{100 * lo:+.1f}, {100 * hi:+.1f}]", met]
 
 
@@ -50,35 +51,38 @@ def _pct(value: float, interval: Interval | None) -> str:
     return text + (f" [{100 * interval.low:+.1f}, {100 * interval.high:+.1f}]" if interval is not None else "")
 
 
-def _row(rows: list[Row], model: str, quant: str, task: str) -> Row | None:
+def _row(rows: list[Row], model: str, quant: str, task: str, path: Path) -> Row | None:
     found = [r for r in rows if (r["model"], r["quant"], r["task"], r["metric"]) == (model, quant, task, "ppl")
              and not r.get("keep") and not r.get("kv") and not r.get("transform")]
-    return found[0] if len(found) == 1 else None
+    if len(found) > 1:
+        raise DataError(f"{path}: {len(found)} rows of {model} {quant} on {task} (evaluated with different settings: "
+                        "limit, context, dtype, bos); the goal table takes one, so keep one in the leaderboard")
+    return found[0] if found else None
 
 
 def verdicts(path: Path, goal: Goal) -> list[Verdict]:
     """One verdict per model of the leaderboard that has both its fp row and the scheme's row (with intervals), the
     control first."""
     rows = read_rows(path)
-    control_fp = _row(rows, goal.control, "none", goal.task)
+    control_fp = _row(rows, goal.control, "none", goal.task, path)
     if control_fp is None:
         raise DataError(f"{path}: no fp row of the control {goal.control} on {goal.task}")
     control_nll = read_units(path, key(control_fp))
     models = sorted({r["model"] for r in rows if is_baseline(r)}, key=lambda m: (m != goal.control, m))
     out = []
     for model in models:
-        fp, scheme = _row(rows, model, "none", goal.task), _row(rows, model, goal.scheme, goal.task)
+        fp, scheme = _row(rows, model, "none", goal.task, path), _row(rows, model, goal.scheme, goal.task, path)
         if fp is None or scheme is None or not scheme.get("ci_high"):
             continue
         change, lo, hi = (float(scheme[c]) for c in ("rel_delta", "ci_low", "ci_high"))
         if model == goal.control:
-            out.append(Verdict(model, float(fp["value"]), None, None, change, (lo, hi), None))
+            out.append(Verdict(model, float(fp["value"]), None, None, change, (lo, hi), None, is_control=True))
             continue
         nll = read_units(path, key(fp))
-        interval = (rel_change_interval(control_nll.values, nll.values)
-                    if nll is not None and control_nll is not None else None)
+        paired = control_nll is not None and control_nll.kind == "nll" and control_nll.pairs_with(nll)
+        interval = rel_change_interval(control_nll.values, nll.values) if paired else None
         cost = float(fp["value"]) / float(control_fp["value"]) - 1
-        met = interval is not None and hi <= goal.scheme_bar and interval.high <= goal.fp_bar
+        met = None if interval is None else hi <= goal.scheme_bar and interval.high <= goal.fp_bar
         out.append(Verdict(model, float(fp["value"]), cost, interval, change, (lo, hi), met))
     return out
 

@@ -162,6 +162,21 @@ def test_the_lp_input_penalty_costs_every_decoder_linears_input(tiny_model):
         LpInputPenalty(threshold=0)
 
 
+def test_the_lp_input_penalty_sees_gpt2s_conv1d_projections():
+    """GPT-2's projections are transformers' Conv1D, not nn.Linear: each of the 4 per layer is observed (the penalty
+    returned None on GPT-2 when only nn.Linear was hooked, training the control under this mitigation's name)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from qharness.models.mitigations.lp_input_penalty import LpInputPenalty
+
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=2, n_positions=32))
+    penalty = LpInputPenalty(threshold=0.5)
+    with penalty.attached(model):
+        model(torch.randint(0, 64, (1, 8)))
+        assert len(penalty._terms) == 4 * 2  # c_attn, attn.c_proj, c_fc, mlp.c_proj in each layer
+        assert penalty.take() > 0
+
+
 def test_list_mitigations_shows_every_one_with_its_reference(capsys):
     from qharness.cli import main
 

@@ -189,31 +189,37 @@ def test_a_training_curve_table_renders_from_a_curve_leaderboard(tmp_path):
 
 def test_the_goal_table_judges_each_bar_on_its_interval(tmp_path):
     """Issue #20's goal: met only when the upper end of both intervals is within its bar (static INT8 <= +5% over the
-    model's own fp, fp <= +3% against the control). The fp cost's interval comes from the units, paired by token."""
+    model's own fp, fp <= +3% against the control), never on a point estimate. The fp cost's interval comes from the
+    units, paired by token; without paired units the verdict is unknown, not "no"."""
     from qharness.report.goal import Goal, verdicts
 
     rng = np.random.default_rng(1)
     control = rng.gamma(2.0, 1.5, size=TOKENS)
+    noise = rng.normal(0, 0.3, TOKENS)  # the same per-token noise for each model: only the shift moves the cost
     results = tmp_path / "step400.csv"
     rows = []
-    for model, fp_shift, static_high in (("control", 0.0, 0.90), ("meets", 0.005, 0.045), ("static-over", 0.005, 0.051),
-                                         ("fp-over", 0.05, 0.02)):
-        fp = control + fp_shift + rng.normal(0, 0.02, TOKENS) * (model != "control")
-        fp_row = ppl_row(results, fp, fp)
-        static = ppl_row(results, fp + 0.01, fp, quant="int8-w8a8-tensor-static")
+    cases = (("control", None, 0.90), ("meets", 0.015, 0.045), ("static-over", 0.005, 0.051),
+             ("fp-upper-over", 0.026, 0.02), ("fp-far-over", 0.06, 0.02), ("no-units", 0.005, 0.02))
+    for model, shift, static_high in cases:
+        fp = control if shift is None else control + shift + noise - noise.mean()
+        fp_row, static = ppl_row(results, fp, fp), ppl_row(results, fp + 0.01, fp, quant="int8-w8a8-tensor-static")
         for row in (fp_row, static):
             row["model"] = model
         static.update(ci_of="rel_delta", ci_low=str(static_high - 0.02), ci_high=str(static_high))
-        for row, nll in ((fp_row, fp), (static, fp + 0.01)):
-            write_units(results, key(row), Units(nll, "nll", "kjv"))
+        if model != "no-units":
+            write_units(results, key(fp_row), Units(fp, "nll", "kjv"))
         rows += [fp_row, static]
     append_rows(results, rows)
     found = {v.model: v for v in verdicts(results, Goal(control="control"))}
-    assert list(found) == ["control", "fp-over", "meets", "static-over"]  # the control first
-    assert found["control"].met is None and found["control"].fp_cost is None
-    assert [found[m].met for m in ("meets", "static-over", "fp-over")] == [True, False, False]
-    cost = found["meets"].fp_interval
-    assert cost.low < found["meets"].fp_cost < cost.high < 0.03  # ~+0.5%, paired on the same tokens: tight
-    assert found["fp-over"].fp_interval.low > 0.03  # ~+5%
+    assert list(found)[0] == "control" and found["control"].is_control and found["control"].met is None
+    upper = {m: found[m].fp_interval.high for m in ("meets", "fp-upper-over")}
+    assert found["fp-upper-over"].fp_cost < 0.03 < upper["fp-upper-over"]  # the point is under the bar, the end not
+    assert upper["meets"] < 0.03
+    assert {m: v.met for m, v in found.items() if not v.is_control} == {
+        "meets": True, "static-over": False, "fp-upper-over": False, "fp-far-over": False, "no-units": None}
     text = render(Table("goal", "step400.csv", "goal", goal=Goal(control="control")), tmp_path)
-    assert "| `meets` | " in text and text.count("| yes |") == 1 and text.count("| no |") == 2
+    assert "| `meets` | " in text and text.count("| yes |") == 1 and text.count("| no |") == 3
+    assert "| ? (no paired units) |" in text
+    append_rows(results, [{**rows[2], "limit": "2"}])  # the same model and scheme measured twice
+    with pytest.raises(DataError, match="2 rows of meets none on kjv-heldout"):
+        verdicts(results, Goal(control="control"))

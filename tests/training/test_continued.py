@@ -376,8 +376,11 @@ def test_seeds_of_a_tune_recipe_train_apart_and_group_together(tmp_path, tiny_mo
     assert [m.family for m in loaded] == [f"tune:{tiny_model_dir}", f"tune:{tiny_model_dir}:seed=1"]
     weights = [m.model.model.layers[0].mlp.up_proj.weight for m in loaded]
     assert not torch.equal(*weights)  # another seed, other batches: other weights
-    with pytest.raises(Exception, match=":seed= takes an integer in 0..4294967295, got 1.5"):
-        classify("tune400:smollm2-135m-none:seed=1.5")
+    for bad, shown in (("1.5", "1.5"), ("inf", "inf"), ("nan", "nan"), ("-1", "-1")):
+        with pytest.raises(UnknownName, match=f":seed= takes an integer in 0..4294967295, got {shown}$"):
+            classify(f"tune400:smollm2-135m-none:seed={bad}")
+    with pytest.raises(UnknownName, match="the base of a tuned model cannot carry a seed; a seed goes after the"):
+        classify("tune:zoo:llama-base:seed=1-none")
 
 
 def test_long_names_carry_settings_and_steps():

@@ -44,6 +44,8 @@ def test_grid_names_parse_into_recipes():
     ("zoo:lama-base", UnknownName, "did you mean 'zoo:llama-base'"),
     ("zoo:llama-kvbias", UnknownName, "did you mean 'kv_bias'"),
     ("zoo:llama-base:seed=one", UnknownName, ":seed= takes an integer in 0..4294967295, got 'one'"),
+    ("zoo:llama-base:seed=0", UnknownName, "is the model 'zoo:llama-base'; write it so"),
+    ("zoo:llama-base:seed=01", UnknownName, "is the model 'zoo:llama-base:seed=1'; write it so"),
 ])
 def test_bad_zoo_names_say_what_is_valid(name, error, message):
     with pytest.raises(error, match=message):

@@ -1,4 +1,5 @@
-"""L_p magnitude loss on what W8A8 quantizes: the input of every Linear inside the decoder layers. While training,
+"""L_p magnitude loss on what W8A8 quantizes: the input of every Linear inside the decoder layers (GPT-2's Conv1D
+included). While training,
 
     strength * mean over Linears of  mean over entries of  (|x| / threshold)^power
 
@@ -34,17 +35,25 @@ class LpInputPenalty(LpPenalty):
     power: float = 4.0
     strength: float = 1.0
     name: ClassVar[str] = "lp_input_penalty"
+    observed: ClassVar[str] = "|x| of a Linear's input"
 
     def _record_input(self, module: nn.Module, args: tuple[Any, ...]) -> None:
         self._observe(args[0])
 
     def _hooks(self, model: nn.Module) -> list[Any]:
         from torch import nn
+        from transformers.pytorch_utils import Conv1D
 
+        from qharness.core.errors import ConfigError
         from qharness.models.layers import decoder_layers
 
-        return [linear.register_forward_pre_hook(self._record_input)
-                for layer in decoder_layers(model) for linear in layer.modules() if isinstance(linear, nn.Linear)]
+        # GPT-2's projections are transformers' Conv1D (a Linear with its weight transposed)
+        handles = [linear.register_forward_pre_hook(self._record_input) for layer in decoder_layers(model)
+                   for linear in layer.modules() if isinstance(linear, nn.Linear | Conv1D)]
+        if not handles:  # nothing to penalize: training would be the control under this mitigation's name
+            raise ConfigError(f"{self.name}: the decoder layers of this {type(model).__name__} hold no Linear "
+                              "(nn.Linear or Conv1D) whose input it could penalize")
+        return handles
 
 
 MITIGATIONS.add("lp_input_penalty", Mitigation(

@@ -34,9 +34,10 @@ class LpPenalty(LayerPenalty):
     power: float = 4.0  # p: how sharply the cost grows past the threshold (try 4 and 8)
     strength: float = 1.0  # weight of the penalty against the next-token loss
     name: ClassVar[str] = "lp_penalty"  # the mitigation, for its refusals
+    observed: ClassVar[str] = "|h|"  # what it penalizes, for its refusals
 
     def __post_init__(self) -> None:
-        check_positive(self.name, "threshold", self.threshold, "the |h| that costs 1")
+        check_positive(self.name, "threshold", self.threshold, f"the {self.observed} that costs 1")
         check_positive(self.name, "power", self.power, "e.g. 4 or 8")
         check_positive(self.name, "strength", self.strength, "use --mitigation none for no penalty")
 

@@ -15,6 +15,7 @@ seed's control), and the rows of a recipe's seeds share `train_recipe`, which re
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -31,6 +32,7 @@ RECIPE = TuneRecipe(base="")  # every tune: model: this, with its base and mitig
 LONG_RECIPE = TuneRecipe(base="", train=TUNE400_TRAIN, snapshots=TUNE400_SNAPSHOTS)  # every tune400: model
 SNAPSHOTS = "snapshots"  # the run folder's subfolder of step<N> model folders
 STEP = re.compile(r"^(.*)@step(\d+)$")
+SEEDED_BASE = re.compile(r":seed=\d+-")  # tune:zoo:llama-base:seed=1-none: a seed inside the base
 SETTINGS = re.compile(r"^(?P<rest>.*?)(?P<settings>(?::[A-Za-z_]+=[^:]*)+)?$")  # a base holds no ':NAME=' part
 
 
@@ -86,6 +88,9 @@ def parse_name(name: str) -> TuneName:
     Mitigation names have no '-', so the base is everything before the last '-' of the part without settings (a base
     may hold ':' too, as zoo:llama-base does, but never ':NAME=')."""
     prefix = _prefix_of(name)
+    if SEEDED_BASE.search(name):
+        raise UnknownName(f"'{name}': the base of a tuned model cannot carry a seed; a seed goes after the "
+                          f"mitigation ({prefix}<model>-<mitigation>:seed=N) and seeds the continued training")
     rest, step = name.removeprefix(prefix), None
     matched = STEP.match(rest)
     if matched:
@@ -106,7 +111,7 @@ def parse_name(name: str) -> TuneName:
 def _seed(value: float, name: str) -> int:
     from qharness.data.recipe import MAX_SEED
 
-    if value != int(value) or not 0 <= value <= MAX_SEED:
+    if not (math.isfinite(value) and 0 <= value <= MAX_SEED and value == int(value)):
         raise UnknownName(f"'{name}': :seed= takes an integer in 0..{MAX_SEED}, got {value:g}")
     return int(value)
 

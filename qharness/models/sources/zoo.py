@@ -49,6 +49,9 @@ def split_seed(name: str) -> tuple[str, int]:
     text = matched["seed"]
     if not (text.isdigit() and int(text) <= MAX_SEED):
         raise UnknownName(f"'{name}': :seed= takes an integer in 0..{MAX_SEED}, got '{text}'")
+    if text != str(int(text)) or int(text) == 0:  # one name per model: its rows are keyed by the name
+        plain = matched["name"] + (f":seed={int(text)}" if int(text) else "")
+        raise UnknownName(f"'{name}' is the model '{plain}'; write it so (seed 0 is the default)")
     return matched["name"], int(text)
 
 
