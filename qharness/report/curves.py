@@ -16,7 +16,7 @@ from typing import Any
 
 from qharness.data.results import SCAN_TASK, Row, is_baseline
 from qharness.models.sources.tune import step_of
-from qharness.report.degradation import Degradation, number, percent
+from qharness.report.degradation import Degradation, number, percent, percent_interval
 
 SCAN_CURVES = {"massive_max": "max abs", "massive_ratio": "max/median"}  # no "|": a markdown cell
 FP = "fp ppl"
@@ -29,6 +29,7 @@ class Curve:
     mitigation: str
     base: str = ""  # the model it was trained from, its step 0 when that has rows
     points: dict[str, dict[int, float]] = field(default_factory=dict)  # measure -> step -> value
+    intervals: dict[str, dict[int, tuple[float, float]]] = field(default_factory=dict)  # scheme -> step -> its 95% CI
 
 
 def _base_of(run: str) -> str:
@@ -69,20 +70,33 @@ def build_curves(rows: list[Row], items: list[Degradation]) -> tuple[list[Curve]
         if d.task == task and d.metric == "ppl" and d.plain:
             for curve, step in at.get(d.model, ()):
                 curve.points.setdefault(d.quant, {})[step] = d.rel
+                if d.ci is not None:
+                    curve.intervals.setdefault(d.quant, {})[step] = d.ci
     _against_control(list(curves.values()))
     kept = [c for c in curves.values() if len({s for values in c.points.values() for s in values}) >= 2]
     return sorted(kept, key=lambda c: (c.mitigation != "none", c.run)), task
 
 
 def _against_control(curves: list[Curve]) -> None:
-    """fp perplexity against the control's at the same step (the control: mitigation none, same base and recipe)."""
-    controls = {(c.base, c.run.partition(":")[0]): c for c in curves if c.mitigation == "none"}
+    """fp perplexity against the control's at the same step (the control: mitigation none, same base, recipe and
+    training seed: the run's family)."""
+    controls = {_family(c.run): c for c in curves if c.mitigation == "none"}
     for curve in curves:
-        control = controls.get((curve.base, curve.run.partition(":")[0]))
+        control = controls.get(_family(curve.run))
         if control is None or FP not in curve.points or FP not in control.points:
             continue
         mine, theirs = curve.points[FP], control.points[FP]
         curve.points[FP_VS_CONTROL] = {s: mine[s] / theirs[s] - 1 for s in mine if s in theirs and s > 0}
+
+
+def _family(run: str) -> str:
+    from qharness.core.errors import QHarnessError
+    from qharness.models.sources.tune import family
+
+    try:
+        return family(run)
+    except QHarnessError:  # a run whose name no longer parses here: its controls are those of its prefix and base
+        return run.partition(":")[0] + ":" + _base_of(run)
 
 
 def measures_of(curves: list[Curve]) -> list[str]:
@@ -115,12 +129,15 @@ def curves_table(curves: list[Curve], task: str | None, table: Any, more: str = 
         for measure in measures:
             values = {s: v for s, v in curve.points.get(measure, {}).items() if s > 0}
             first, last = (min(values), max(values)) if values else (None, None)
-            cells.append(f"{_cell(measure, values[last])} ({_cell(measure, values[first])} at {first})"
-                         if values and first != last else _cell(measure, values.get(last)) if values else "")
+            ci = curve.intervals.get(measure, {}).get(last) if last is not None else None
+            at_last = percent_interval(values[last], ci) if ci is not None else _cell(measure, values.get(last))
+            cells.append(f"{at_last} ({_cell(measure, values[first])} at {first})"
+                         if values and first != last else at_last if values else "")
         steps = sorted({s for v in curve.points.values() for s in v if s > 0})
         rows.append([curve.run, ", ".join(map(str, steps)), *cells])
     return [f"Each run's last evaluated step, with its first in brackets; schemes: perplexity change against the "
-            f"model's own fp perplexity on {task}; fp vs control: against the run without a mitigation at the same "
-            "step." + more, "", table(["run", "steps", *measures], rows)]
+            f"model's own fp perplexity on {task}, with its 95% interval where the row kept its per-token NLLs; fp vs "
+            "control: against the run without a mitigation (same base, recipe and training seed) at the same step."
+            + more, "", table(["run", "steps", *measures], rows)]
 
 

@@ -79,3 +79,32 @@ def test_a_bad_name_in_the_file_stops_before_anything_trains(short_recipe, tmp_p
     assert main([str(tmp_path / "curves.yaml")]) == 2
     assert "keeps no weights at step 3; its snapshots: @step2, @step4" in capsys.readouterr().err
     assert not (tmp_path / "cache").exists() and not (tmp_path / "lb.csv").exists()
+
+
+def test_each_seed_is_set_against_its_own_control_and_the_last_step_shows_its_interval():
+    """Two controls (seeds 0 and 1) and a mitigation with seed 1: its fp cost is against the seed-1 control, not
+    whichever control came last; a scheme's last step shows the row's interval (no model is loaded: rows only)."""
+    from qharness.data.results import make_row
+    from qharness.report.curves import build_curves, curves_table
+    from qharness.report.degradation import degradations
+    from qharness.report.publish import table_of
+
+    def row(model, quant, value, fp, **ci):
+        return {**make_row(value, fp, model=model, quant=quant, backend="" if quant == "none" else "sim",
+                           task="kjv-heldout", task_hash="h", metric="ppl", bos=True, context_length=2048, limit="",
+                           dtype="fp32", device_type="cpu", higher_is_better=False, metric_kind="token-level",
+                           n=7435, mitigation=model.split("-")[-1].split(":")[0].split("@")[0]), **ci}
+
+    rows = []
+    for run, fps in (("tune400:smollm2-135m-none", (24.0, 21.0)), ("tune400:smollm2-135m-none:seed=1", (25.0, 22.0)),
+                     ("tune400:smollm2-135m-kv_bias:seed=1", (26.0, 24.2))):
+        for step, fp in zip((40, 400), fps, strict=True):
+            model = f"{run}@step{step}"
+            rows += [row(model, "none", fp, fp),
+                     row(model, "int8-w8a8-tensor", fp * 1.8, fp, ci_of="rel_delta", ci_low="0.75", ci_high="0.86")]
+    curves, task = build_curves(rows, degradations(rows))
+    by_run = {c.run: c for c in curves}
+    assert by_run["tune400:smollm2-135m-kv_bias:seed=1"].points["fp vs control"][400] == pytest.approx(24.2 / 22 - 1)
+    assert by_run["tune400:smollm2-135m-none"].points["fp vs control"][400] == 0
+    text = "\n".join(curves_table(curves, task, table_of))
+    assert "+80.0% [+75.0, +86.0] (+80.0% at 40)" in text
