@@ -27,12 +27,13 @@ from pathlib import Path
 from typing import Literal
 
 from qharness.core.errors import DataError, QHarnessError
-from qharness.data.results import Row, key, read_rows, write_atomic
+from qharness.data.results import SCAN_TASK, Row, key, read_rows, write_atomic
 from qharness.data.units import fp_key
 from qharness.report.curves import build_curves, curves_table
 from qharness.report.degradation import Degradation, degradations, number, percent_interval
 from qharness.report.goal import Goal, goal_text, header, verdicts
 from qharness.report.noise import Noise, verdict
+from qharness.report.seeds import seed_contrasts, seed_groups, seeds_markdown
 
 # relative to where it runs, the checkout's root (as `results/leaderboard.csv` is for `run`): an installed package
 # has no docs or shipped results beside it
@@ -78,8 +79,8 @@ class Pair:
 class Table:
     name: str  # the marker's NAME
     leaderboard: str  # a CSV under results/published/
-    kind: Literal["rows", "pairs", "curves", "goal"]
-    rows: tuple[Pick, ...] = ()  # kind rows: in this order
+    kind: Literal["rows", "pairs", "curves", "goal", "seeds"]
+    rows: tuple[Pick, ...] = ()  # kind rows: in this order; kind seeds: the schemes shown (fp and the scan always)
     pairs: tuple[Pair, ...] = ()  # kind pairs
     goal: Goal | None = None  # kind goal
     task: str = "kjv-heldout"
@@ -332,8 +333,28 @@ def render_goal(table: Table, board: Leaderboard) -> list[str]:
             "control's on the same tokens.", "", table_of(header(table.goal), [v.cells() for v in found])]
 
 
+def render_seeds(table: Table, board: Leaderboard) -> list[str]:
+    """The spread over training seeds of each recipe (report/seeds.py), for fp, the scan's max |h| and the schemes
+    named in `table.rows`; then, per task, each recipe's mean fp perplexity against the first recipe's."""
+    shown = {(p.quant, p.keep, p.kv, p.transform) for p in table.rows} | {("none", "", "", "")}
+    groups = [g for g in seed_groups(board.rows)
+              if (g["task"] == SCAN_TASK and g["metric"] == "massive_max")
+              or (g["metric"] == table.metric and (g["quant"], g["keep"], g["kv"], g["transform"]) in shown)]
+    if not groups:
+        return [_source(table), "", "No recipe has rows for two or more training seeds yet."]
+    lines = [_source(table) + " Mean, sample standard deviation and range over the seeds of each recipe (the seeds "
+             "of a recipe: rows with the same train_recipe, the recipe's digest without its seed); rel: the change "
+             "against each seed's own fp row.", "", *seeds_markdown(groups, table_of)[4:]]
+    contrasts = seed_contrasts(groups)
+    if contrasts:
+        lines += ["", table_of(["task", "recipe", "against", "fp ppl difference of means", "Welch 95% interval",
+                                "verdict"], contrasts)]
+    return lines
+
+
 RENDER: dict[str, Callable[[Table, Leaderboard], list[str]]] = {"rows": render_rows, "pairs": render_pairs,
-                                                                  "curves": render_curves, "goal": render_goal}
+                                                                  "curves": render_curves, "goal": render_goal,
+                                                                  "seeds": render_seeds}
 
 
 def render(table: Table, published: Path) -> str:

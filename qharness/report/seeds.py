@@ -37,6 +37,7 @@ def seed_groups(rows: list[Row]) -> list[dict[str, Any]]:
         out.append({**{k: fields[k] for k in ("train_recipe", "mitigation", "quant", "keep", "kv", "transform",
                                                "task", "metric", "limit")},
                     "seeds": [int(s) for s in sorted(by_seed, key=int)], "models": [r["model"] for r in members],
+                    "values": values,
                     "value_mean": statistics.fmean(values), "value_sd": statistics.stdev(values),
                     "value_min": min(values), "value_max": max(values),
                     "rel_mean": statistics.fmean(rels) if rels else None,
@@ -66,3 +67,37 @@ def seeds_markdown(groups: list[dict[str, Any]], table_of: Any) -> list[str]:
 def _scheme(group: dict[str, Any]) -> str:
     extras = [f"{name} {group[name]}" for name in ("keep", "kv", "transform") if group[name]]
     return group["quant"] + (f" ({', '.join(extras)})" if extras else "")
+
+
+# Student's t 0.975 quantiles by degrees of freedom (the stdlib has none, and scipy is not a dependency for one
+# function); a fractional Welch dof is rounded down, which widens the interval: conservative.
+_T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
+         12: 2.179, 15: 2.131, 20: 2.086, 30: 2.042, 60: 2.000, 120: 1.980}
+
+
+def t975(dof: float) -> float:
+    if dof < 1:
+        return float("inf")
+    return _T975[max(d for d in _T975 if d <= dof)] if dof < 1e9 else 1.960
+
+
+def seed_contrasts(groups: list[dict[str, Any]]) -> list[list[str]]:
+    """Per task, each recipe's mean fp perplexity over seeds against the first recipe's (in the groups' order), with
+    Welch's 95% interval on the difference of the means: two recipes trained with a few seeds each, whose difference
+    is an effect only where that interval leaves out 0."""
+    rows = []
+    fp = [g for g in groups if g["quant"] == "none" and g["metric"] == "ppl" and len(g["seeds"]) >= 2]
+    for task in sorted({g["task"] for g in fp}):
+        members = [g for g in fp if g["task"] == task]
+        for other in members[1:]:
+            first = members[0]
+            a, b = first["values"], other["values"]
+            diff = statistics.fmean(b) - statistics.fmean(a)
+            va, vb = statistics.variance(a) / len(a), statistics.variance(b) / len(b)
+            dof = (va + vb) ** 2 / (va**2 / (len(a) - 1) + vb**2 / (len(b) - 1)) if va + vb > 0 else float("inf")
+            half = t975(dof) * (va + vb) ** 0.5
+            rows.append([task, f"{other['mitigation']} ({other['train_recipe']})",
+                         f"{first['mitigation']} ({first['train_recipe']})", f"{diff:+.2f}",
+                         f"[{diff - half:+.2f}, {diff + half:+.2f}]",
+                         "within noise" if diff - half <= 0 <= diff + half else ("higher" if diff > 0 else "lower")])
+    return rows

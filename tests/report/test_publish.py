@@ -223,3 +223,25 @@ def test_the_goal_table_judges_each_bar_on_its_interval(tmp_path):
     append_rows(results, [{**rows[2], "limit": "2"}])  # the same model and scheme measured twice
     with pytest.raises(DataError, match="2 rows of meets none on kjv-heldout"):
         verdicts(results, Goal(control="control"))
+
+
+def test_the_seeds_table_gives_each_recipes_spread_and_welchs_interval_between_them(tmp_path):
+    """Two recipes with 3 training seeds each: mean and sd over seeds per row kind, and the difference of the recipes'
+    mean fp perplexity with Welch's interval, by hand: a = (70, 71, 72), b = (69, 70.5, 71.5): diff -0.667,
+    se = sqrt(1/3 + 1.5833/3) = 0.928, Welch dof = 3.72 -> t(3) = 3.182, half-width 2.953: within noise."""
+    rows = []
+    for recipe, mitigation, fps in (("r-base", "none", (70.0, 71.0, 72.0)), ("r-gate", "gated_attention",
+                                                                            (69.0, 70.5, 71.5))):
+        for seed, fp in enumerate(fps):
+            common = {"model": f"zoo:{mitigation}:{seed}", "train_recipe": recipe, "train_seed": str(seed),
+                      "mitigation": mitigation}
+            rows += [{**curve_row(common["model"], "none", fp, fp, mitigation), **common},
+                     {**curve_row(common["model"], "int8-w8a8-tensor", fp * 1.01, fp, mitigation), **common},
+                     {**curve_row(common["model"], "nf4", fp * 1.02, fp, mitigation), **common}]
+    append_rows(tmp_path / "seeds.csv", rows)
+    text = render(Table("seeds", "seeds.csv", "seeds", rows=(Pick("int8-w8a8-tensor"),)), tmp_path)
+    table = [line for line in text.splitlines() if line.startswith("| r-")]
+    assert len(table) == 4 and not any("nf4" in line for line in table)  # fp and the scheme named, per recipe
+    assert "| r-base | none | none | kjv-heldout | ppl | all | 0, 1, 2 | 71 | 1 | 70 to 72 |" in text
+    contrast = next(line for line in text.splitlines() if line.startswith("| kjv-heldout | gated_attention"))
+    assert "| -0.67 | [-3.62, +2.29] | within noise |" in contrast
