@@ -167,6 +167,9 @@ TABLES: tuple[Table, ...] = (
         note="`int4-kivi` quantizes keys per channel and values per token to INT4, keeping the open block of up to 31 "
              "keys in fp (KIVI, arXiv 2402.02750); `int4-token` both per token. Each row's change is against the fp "
              "model with an fp cache."),
+    # sweeps/seeds.yaml: the zoo's baseline and gated attention, 3 training seeds each
+    Table("zoo-seeds", "zoo-seeds.csv", "seeds", rows=(
+        _p("int8-w8a8-tensor"), _p("int8-w8a8-tensor-static"), _p("int4-weight-g128"))),
     # the runs of sweeps/tune400.yaml as `python -m qharness.experiment.curve_sweep` evaluated them
     Table("tune400", "tune400.csv", "curves"),
     # issue #20's goal on the finished 400-step models, evaluated again with per-token NLLs kept
@@ -344,7 +347,7 @@ def render_seeds(table: Table, board: Leaderboard) -> list[str]:
         return [_source(table), "", "No recipe has rows for two or more training seeds yet."]
     lines = [_source(table) + " Mean, sample standard deviation and range over the seeds of each recipe (the seeds "
              "of a recipe: rows with the same train_recipe, the recipe's digest without its seed); rel: the change "
-             "against each seed's own fp row.", "", *seeds_markdown(groups, table_of)[4:]]
+             "against each seed's own fp row.", "", seeds_markdown(groups, table_of)[-1]]
     contrasts = seed_contrasts(groups)
     if contrasts:
         lines += ["", table_of(["task", "recipe", "against", "fp ppl difference of means", "Welch 95% interval",

@@ -23,7 +23,8 @@ GROUP_COLUMNS = ("train_recipe", "mitigation", "quant", "backend", "keep", "kv",
 def seed_groups(rows: list[Row]) -> list[dict[str, Any]]:
     groups: dict[tuple[str, ...], dict[str, Row]] = {}
     for row in rows:
-        if not row.get("train_recipe") or row.get("train_seed", "") == "":
+        # a scan row may have no value (first_massive_layer of a model without massive activations)
+        if not row.get("train_recipe") or row.get("train_seed", "") == "" or row.get("value", "") == "":
             continue
         groups.setdefault(tuple(row.get(c, "") for c in GROUP_COLUMNS), {})[row["train_seed"]] = row
     out = []
