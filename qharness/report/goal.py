@@ -3,8 +3,8 @@
 upper end of a 95% interval on the same tokens?
 
 The scheme's change is the row's own paired interval (its `ci_high`); the fp cost is a paired block bootstrap of the
-mitigation's fp per-token NLLs against the control's (stats.bootstrap.rel_change_interval, the control standing in
-for the fp model). Nothing is recomputed: the rows and their units files are read.
+mitigation's fp per-token NLLs against the control's (report/noise.py's `rows_change`, the control standing in for
+the fp model). Nothing is recomputed: the rows and their units files are read.
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from pathlib import Path
 
 from qharness.core.errors import DataError
 from qharness.data.results import Row, is_baseline, key, read_rows
-from qharness.data.units import read_units
-from qharness.stats.bootstrap import Interval, rel_change_interval
+from qharness.report.noise import Noise
+from qharness.stats.bootstrap import Interval
 
 
 @dataclass(frozen=True)
@@ -67,7 +67,7 @@ def verdicts(path: Path, goal: Goal) -> list[Verdict]:
     control_fp = _row(rows, goal.control, "none", goal.task, path)
     if control_fp is None:
         raise DataError(f"{path}: no fp row of the control {goal.control} on {goal.task}")
-    control_nll = read_units(path, key(control_fp))
+    noise = Noise(path)
     models = sorted({r["model"] for r in rows if is_baseline(r)}, key=lambda m: (m != goal.control, m))
     out = []
     for model in models:
@@ -78,9 +78,7 @@ def verdicts(path: Path, goal: Goal) -> list[Verdict]:
         if model == goal.control:
             out.append(Verdict(model, float(fp["value"]), None, None, change, (lo, hi), None, is_control=True))
             continue
-        nll = read_units(path, key(fp))
-        paired = control_nll is not None and control_nll.kind == "nll" and control_nll.pairs_with(nll)
-        interval = rel_change_interval(control_nll.values, nll.values) if paired else None
+        interval = noise.rows_change(key(fp), key(control_fp))
         cost = float(fp["value"]) / float(control_fp["value"]) - 1
         met = None if interval is None else hi <= goal.scheme_bar and interval.high <= goal.fp_bar
         out.append(Verdict(model, float(fp["value"]), cost, interval, change, (lo, hi), met))

@@ -41,11 +41,19 @@ class Noise:
         return (fp, q) if q is not None and q.pairs_with(fp) else None
 
     def fp_change(self, member: Degradation, control: Degradation) -> bootstrap.Interval | None:
-        """The interval of ppl_member / ppl_control - 1 in full precision (a mitigation's quality cost)."""
-        a, b = self.pair(member), self.pair(control)
-        if a is None or b is None or not a[0].pairs_with(b[0]) or a[0].kind != "nll":
+        """The interval of ppl_member / ppl_control - 1 in full precision (a mitigation's quality cost), from the
+        fp rows of two quantized rows that each kept units paired with their fp row."""
+        if self.pair(member) is None or self.pair(control) is None:
             return None
-        return bootstrap.rel_change_interval(b[0].values, a[0].values, seed=SEED)
+        return self.rows_change(fp_key(member.row_key), fp_key(control.row_key))
+
+    def rows_change(self, member: tuple[str, ...], control: tuple[str, ...]) -> bootstrap.Interval | None:
+        """The interval of the perplexity of row `member` over that of row `control` - 1, by their keys; None unless
+        both kept per-token NLLs on the same tokens."""
+        a, b = self.units(member), self.units(control)
+        if a is None or b is None or not a.pairs_with(b) or a.kind != "nll":
+            return None
+        return bootstrap.rel_change_interval(b.values, a.values, seed=SEED)
 
     def difference(self, a: Degradation, b: Degradation) -> bootstrap.Interval | None:
         """The paired interval of a.rel - b.rel, or None when the two are not on the same units."""
