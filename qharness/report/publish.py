@@ -316,12 +316,17 @@ def render_pairs(table: Table, board: Leaderboard) -> list[str]:
     return lines + ([""] + [" ".join(extra)] if extra else [])
 
 
+def _evaluated_on(board: Leaderboard, task: str | None) -> str:
+    """' Evaluated on 7435 tok, all of kjv-heldout.': the sizes the table's perplexity rows were measured on."""
+    sizes = sorted({d.evaluated for d in board.items if d.task == task and d.metric == "ppl"})
+    return f" Evaluated on {', '.join(sizes)} of {task}." if sizes else ""
+
+
 def render_curves(table: Table, board: Leaderboard) -> list[str]:
     curves, task = build_curves(board.rows, board.items)
     if not curves:
         return [_source(table), "", "No run in the leaderboard has rows at two steps yet."]
-    sizes = sorted({d.evaluated for d in board.items if d.task == task and d.metric == "ppl"})
-    return [_source(table) + (f" Evaluated on {', '.join(sizes)} of {task}." if sizes else ""), "",
+    return [_source(table) + _evaluated_on(board, task), "",
             *curves_table(curves, task, table_of)]
 
 
@@ -330,8 +335,7 @@ def render_goal(table: Table, board: Leaderboard) -> list[str]:
     found = verdicts(board.path, table.goal)
     if not found:
         return [_source(table), "", "No model has both its fp row and the scheme's row yet."]
-    sizes = sorted({d.evaluated for d in board.items if d.task == table.goal.task and d.metric == "ppl"})
-    return [_source(table) + (f" Evaluated on {', '.join(sizes)} of {table.goal.task}." if sizes else "")
+    return [_source(table) + _evaluated_on(board, table.goal.task)
             + f" {goal_text(table.goal)} The fp cost is a {BLOCK_NOTE} of the model's per-token NLLs against the "
             "control's on the same tokens.", "", table_of(header(table.goal), [v.cells() for v in found])]
 
