@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable, Iterable
+from typing import Any
 
 EXAMPLES = """examples:
   qharness list            # everything
@@ -55,19 +57,12 @@ def main(args: argparse.Namespace) -> int:
     if args.what in ("all", "backends"):
         from qharness.quant.backends import load_backends
 
-        print("backends:")
-        for entry in load_backends():
-            backend = entry.obj
-            needs = f" (needs {', '.join(backend.requires)}; {'/'.join(backend.devices)})" if backend.requires else ""
-            print(f"  {entry.name:24} {backend.description}{needs}")
+        _list_plugins("backends:", load_backends(), lambda backend: f"; {'/'.join(backend.devices)}")
     if args.what in ("all", "transforms"):
         from qharness.quant.transforms import load_transforms
 
-        print("transforms (--transform NAME[:ARG], applied before quantizing; the fp logits are kept):")
-        for entry in load_transforms():
-            transform = entry.obj
-            needs = f" (needs {', '.join(transform.requires)})" if transform.requires else ""
-            print(f"  {entry.name:24} {transform.description}{needs}")
+        _list_plugins("transforms (--transform NAME[:ARG], applied before quantizing; the fp logits are kept):",
+                      load_transforms())
     if args.what in ("all", "mitigations"):
         _list_mitigations()
     if args.what in ("all", "tasks"):
@@ -75,6 +70,16 @@ def main(args: argparse.Namespace) -> int:
         for task in all_tasks():
             print(f"  {task.name:24} [{task.kind}] {task.description}")
     return 0
+
+
+def _list_plugins(title: str, entries: Iterable[Any], where: Callable[[Any], str] = lambda plugin: "") -> None:
+    """A registry of optional plugins (backends, transforms): each with its description and, when it needs packages,
+    which (and `where`, e.g. a backend's devices)."""
+    print(title)
+    for entry in entries:
+        plugin = entry.obj
+        needs = f" (needs {', '.join(plugin.requires)}{where(plugin)})" if plugin.requires else ""
+        print(f"  {entry.name:24} {plugin.description}{needs}")
 
 
 def _list_mitigations() -> None:

@@ -146,8 +146,7 @@ def _load(name_or_path: str, dtype: torch.dtype, spread: Spread | None) -> tuple
                 if spread is not None:
                     placed = dispatch_(model.eval(), *spread.settings, dtype)
             elif spread is not None:
-                model, *where = load_placed(name_or_path, config, dtype, *spread.settings)
-                placed = (where[0], where[1])
+                model, placed = load_placed(name_or_path, config, dtype, *spread.settings)
             else:
                 model = AutoModelForCausalLM.from_pretrained(
                     name_or_path, config=config, dtype=dtype, use_safetensors=True, trust_remote_code=False

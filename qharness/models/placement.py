@@ -154,7 +154,7 @@ def dispatch_(model: Any, device_map: str, max_memory: dict[str, str] | None, de
 
 
 def load_placed(name_or_path: str, config: Any, dtype: torch.dtype, device_map: str,
-                max_memory: dict[str, str] | None, device: torch.device) -> tuple[Any, Placement, torch.device]:
+                max_memory: dict[str, str] | None, device: torch.device) -> tuple[Any, Placed]:
     """A Hugging Face checkpoint read straight onto its devices, for models larger than CPU memory: the map is planned
     on an empty (`meta`) model of the config, then transformers reads each weight from its safetensors shard onto
     the device the map gives it, writing those placed on disk to the offload folder; no whole copy is ever in CPU
@@ -171,7 +171,7 @@ def load_placed(name_or_path: str, config: Any, dtype: torch.dtype, device_map: 
     model = AutoModelForCausalLM.from_pretrained(name_or_path, config=config, dtype=dtype, device_map=mapping,
                                                  offload_folder=folder.name, use_safetensors=True,
                                                  trust_remote_code=False)
-    return model.eval(), Placement(mapping, folder), _as_device(_main_device(mapping))
+    return model.eval(), (Placement(mapping, folder), _as_device(_main_device(mapping)))
 
 
 def input_device(model: Any) -> torch.device:
