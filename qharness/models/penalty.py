@@ -7,6 +7,7 @@ the methods, so registering a penalty loads nothing."""
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -25,13 +26,13 @@ def check_positive(owner: str, name: str, value: float, meaning: str) -> None:
 
 
 @dataclass
-class LayerPenalty:
+class LayerPenalty(ABC):
     strength: float = 1.0  # weight of the penalty against the next-token loss
     _terms: list[Tensor] = field(default_factory=list, repr=False)
 
+    @abstractmethod
     def term(self, hidden: Tensor) -> Tensor:
         """What one observed tensor costs (a scalar tensor)."""
-        raise NotImplementedError
 
     def _observe(self, hidden: Tensor) -> None:
         import torch
