@@ -23,6 +23,7 @@ class Goal:
     control: str  # the model every fp cost is measured against
     scheme: str = "int8-w8a8-tensor-static"
     task: str = "kjv-heldout"
+    transform: str = ""  # the scheme's rows after this post-hoc transform (e.g. rotate); fp rows never have one
     scheme_bar: float = 0.05  # the scheme's change over the model's own fp, upper end of the interval
     fp_bar: float = 0.03  # the fp change against the control, upper end of the interval
 
@@ -51,9 +52,9 @@ def _pct(value: float, interval: Interval | None) -> str:
     return text + (f" [{100 * interval.low:+.1f}, {100 * interval.high:+.1f}]" if interval is not None else "")
 
 
-def _row(rows: list[Row], model: str, quant: str, task: str, path: Path) -> Row | None:
+def _row(rows: list[Row], model: str, quant: str, task: str, path: Path, transform: str = "") -> Row | None:
     found = [r for r in rows if (r["model"], r["quant"], r["task"], r["metric"]) == (model, quant, task, "ppl")
-             and not r.get("keep") and not r.get("kv") and not r.get("transform")]
+             and not r.get("keep") and not r.get("kv") and (r.get("transform") or "") == transform]
     if len(found) > 1:
         raise DataError(f"{path}: {len(found)} rows of {model} {quant} on {task} (evaluated with different settings: "
                         "limit, context, dtype, bos); the goal table takes one, so keep one in the leaderboard")
@@ -71,7 +72,8 @@ def verdicts(path: Path, goal: Goal) -> list[Verdict]:
     models = sorted({r["model"] for r in rows if is_baseline(r)}, key=lambda m: (m != goal.control, m))
     out = []
     for model in models:
-        fp, scheme = _row(rows, model, "none", goal.task, path), _row(rows, model, goal.scheme, goal.task, path)
+        fp = _row(rows, model, "none", goal.task, path)
+        scheme = _row(rows, model, goal.scheme, goal.task, path, goal.transform)
         if fp is None or scheme is None or not scheme.get("ci_high"):
             continue
         change, lo, hi = (float(scheme[c]) for c in ("rel_delta", "ci_low", "ci_high"))
@@ -85,11 +87,15 @@ def verdicts(path: Path, goal: Goal) -> list[Verdict]:
     return out
 
 
+def _scheme_label(goal: Goal) -> str:
+    return f"`{goal.scheme}`" + (f" after `{goal.transform}`" if goal.transform else "")
+
+
 def header(goal: Goal) -> list[str]:
-    return ["model", "fp ppl", "fp vs control [95%]", f"`{goal.scheme}` vs own fp [95%]", "goal met"]
+    return ["model", "fp ppl", "fp vs control [95%]", f"{_scheme_label(goal)} vs own fp [95%]", "goal met"]
 
 
 def goal_text(goal: Goal) -> str:
-    return (f"Met: the upper end of the interval of `{goal.scheme}`'s change over the model's own fp perplexity is "
-            f"<= {100 * goal.scheme_bar:+.0f}%, and of its fp change against the control <= "
+    return (f"Met: the upper end of the interval of {_scheme_label(goal)}'s change over the model's own fp "
+            f"perplexity is <= {100 * goal.scheme_bar:+.0f}%, and of its fp change against the control <= "
             f"{100 * goal.fp_bar:+.0f}%, on {goal.task}.")

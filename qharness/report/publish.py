@@ -79,8 +79,9 @@ class Pair:
 class Table:
     name: str  # the marker's NAME
     leaderboard: str  # a CSV under results/published/
-    kind: Literal["rows", "pairs", "curves", "goal", "seeds"]
-    rows: tuple[Pick, ...] = ()  # kind rows: in this order; kind seeds: the schemes shown (fp and the scan always)
+    kind: Literal["rows", "pairs", "curves", "goal", "seeds", "grid"]
+    rows: tuple[Pick, ...] = ()  # kind rows: in this order; kind seeds: the schemes shown (fp and the scan always);
+    # kind grid: the columns, one row per model of the leaderboard
     pairs: tuple[Pair, ...] = ()  # kind pairs
     goal: Goal | None = None  # kind goal
     task: str = "kjv-heldout"
@@ -174,6 +175,17 @@ TABLES: tuple[Table, ...] = (
     Table("tune400", "tune400.csv", "curves"),
     # issue #20's goal on the finished 400-step models, evaluated again with per-token NLLs kept
     Table("tune400-goal", "tune400-step400.csv", "goal", goal=Goal(control="tune400:smollm2-135m-none")),
+    # the same goal with QuaRot's rotation applied after training (the fp rows, and so the fp cost, are unchanged)
+    Table("tune400-goal-rotated", "tune400-step400.csv", "goal",
+          goal=Goal(control="tune400:smollm2-135m-none", transform="rotate")),
+    # per-tensor static INT8 on the finished 400-step models with each post-hoc fix
+    Table("tune400-static-fixes", "tune400-step400.csv", "grid", rows=(
+        _p("int8-w8a8-tensor"), _p("int8-w8a8-tensor-static"), _p("int8-w8a8-tensor-static-p9999"),
+        _p("int8-w8a8-tensor-static", keep=BOS), _p("int8-w8a8-tensor-static", transform="smoothquant:0.5"),
+        _p("int8-w8a8-tensor-static", transform="rotate"),
+        _p("int8-w8a8-tensor-static", transform="rotate", keep=BOS)),
+        note="`rotate` refuses models whose layout it does not know (gated attention's extra gate projection), "
+             "so their cells stay empty."),
 )
 
 
@@ -211,11 +223,14 @@ class Leaderboard:
         self.items = degradations(self.rows)
         self.noise = Noise(path)
 
-    def find(self, pick: Pick, table: Table) -> Degradation | None:
-        found = [d for d in self.items if d.task == table.task and d.metric == table.metric and pick.matches(d)]
+    def find(self, pick: Pick, table: Table, model: str | None = None) -> Degradation | None:
+        """The one row `pick` names on the table's task (of `model`, where the leaderboard holds several)."""
+        found = [d for d in self.items if d.task == table.task and d.metric == table.metric and pick.matches(d)
+                 and model in (None, d.model)]
         if len(found) > 1:
-            raise DataError(f"{self.path}: {len(found)} rows for {pick.label} on {table.task} (several backends or "
-                            "evaluation settings); a published table takes one, so keep one in the leaderboard")
+            raise DataError(f"{self.path}: {len(found)} rows for {pick.label} on {table.task}"
+                            + (f" of {model}" if model else "") + " (several backends or evaluation settings); a "
+                            "published table takes one, so keep one in the leaderboard")
         return found[0] if found else None
 
     def fp_row(self, d: Degradation) -> Row | None:
@@ -267,6 +282,26 @@ def render_rows(table: Table, board: Leaderboard) -> list[str]:
                            for d in present]))
     extra = [text for text in (_missing([p for p, d in found if d is None]), table.note) if text]
     return lines + ([""] + [" ".join(extra)] if extra else [])
+
+
+def render_grid(table: Table, board: Leaderboard) -> list[str]:
+    """One row per model (in the leaderboard's order), one column per pick: each model's change under each scheme
+    or fix against its own fp perplexity, with the row's interval; an empty cell was not computed (or cannot be: a
+    transform that does not know the model's layout)."""
+    models = list(dict.fromkeys(d.model for d in board.items if d.task == table.task and d.metric == table.metric))
+    cells = {m: [board.find(pick, table, m) for pick in table.rows] for m in models}
+    present = [d for row in cells.values() for d in row if d is not None]
+    if not present:
+        return [_source(table), "", _missing(list(table.rows))]
+    _check_one_setting(present, table)
+    lines = [_source(table) + _evaluated_on(board, table.task) + " Each cell: the change against the model's own fp "
+             f"perplexity with its 95% interval ({BLOCK_NOTE}, paired with the fp row on the same tokens); empty: "
+             f"not computed. {_backends(present)}", ""]
+    columns = ["model", "fp ppl", *(f"`{pick.label}`" for pick in table.rows)]
+    rows = [[f"`{m}`", number(next(d.fp_value for d in row if d is not None)),
+             *(percent_interval(d.rel, d.ci) if d is not None else "" for d in row)]
+            for m, row in cells.items() if any(d is not None for d in row)]
+    return lines + [table_of(columns, rows)] + (["", table.note] if table.note else [])
 
 
 def _backends(found: list[Degradation]) -> str:
@@ -361,7 +396,7 @@ def render_seeds(table: Table, board: Leaderboard) -> list[str]:
 
 RENDER: dict[str, Callable[[Table, Leaderboard], list[str]]] = {"rows": render_rows, "pairs": render_pairs,
                                                                   "curves": render_curves, "goal": render_goal,
-                                                                  "seeds": render_seeds}
+                                                                  "seeds": render_seeds, "grid": render_grid}
 
 
 def render(table: Table, published: Path) -> str:

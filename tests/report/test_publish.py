@@ -220,9 +220,47 @@ def test_the_goal_table_judges_each_bar_on_its_interval(tmp_path):
     text = render(Table("goal", "step400.csv", "goal", goal=Goal(control="control")), tmp_path)
     assert "| `meets` | " in text and text.count("| yes |") == 1 and text.count("| no |") == 3
     assert "| ? (no paired units) |" in text
+    # the scheme after a post-hoc transform is a goal of its own: its rows never stand in for the plain ones
+    rotated = [{**rows[i], "transform": "rotate", "ci_low": "0.001", "ci_high": "0.004"} for i in (1, 5)]
+    append_rows(results, rotated)
+    assert {v.model: v.met for v in verdicts(results, Goal(control="control"))} == {m: found[m].met for m in found}
+    after = {v.model: v for v in verdicts(results, Goal(control="control", transform="rotate"))}
+    assert list(after) == ["control", "static-over"] and after["static-over"].met is True
+    assert after["static-over"].scheme_interval == (0.001, 0.004)
+    text = render(Table("goal", "step400.csv", "goal", goal=Goal(control="control", transform="rotate")), tmp_path)
+    assert "`int8-w8a8-tensor-static` after `rotate` vs own fp [95%]" in text
     append_rows(results, [{**rows[2], "limit": "2"}])  # the same model and scheme measured twice
     with pytest.raises(DataError, match="2 rows of meets none on kjv-heldout"):
         verdicts(results, Goal(control="control"))
+
+
+def test_a_grid_table_gives_each_models_change_under_each_pick(tmp_path):
+    """Kind grid: a row per model in the leaderboard's order, a column per pick, each cell the row's own change and
+    interval against that model's fp row; a pick a model lacks is an empty cell, not another model's number."""
+    results = tmp_path / "grid.csv"
+    rng = np.random.default_rng(2)
+    rows = []
+    for model, changes in (("b-control", (0.8, 0.05)), ("a-mitigated", (0.2, None))):
+        fp = rng.gamma(2.0, 1.5, size=TOKENS)
+        fp_row = ppl_row(results, fp, fp)
+        fp_row["model"] = model
+        rows.append(fp_row)
+        for transform, change in zip(("", "rotate"), changes, strict=True):
+            if change is None:
+                continue
+            row = ppl_row(results, fp + np.log1p(change), fp, quant="int8-w8a8-tensor-static")
+            row.update(model=model, transform=transform, ci_of="rel_delta", ci_low=str(change - 0.01),
+                       ci_high=str(change + 0.01))
+            rows.append(row)
+    append_rows(results, rows)
+    grid = Table("grid", "grid.csv", "grid", rows=(Pick("int8-w8a8-tensor-static"),
+                                                    Pick("int8-w8a8-tensor-static", transform="rotate")))
+    table = [line for line in render(grid, tmp_path).splitlines() if line.startswith("|")]
+    assert table[0] == ("| model | fp ppl | `int8-w8a8-tensor-static` | `int8-w8a8-tensor-static (transform rotate)` |")
+    control, mitigated = table[2].split(" | "), table[3].split(" | ")
+    assert control[0] == "| `b-control`" and mitigated[0] == "| `a-mitigated`"
+    assert control[2].endswith("[+79.0, +81.0]") and control[3].endswith("[+4.0, +6.0] |")
+    assert mitigated[2].endswith("[+19.0, +21.0]") and mitigated[3] == " |"
 
 
 def test_the_seeds_table_gives_each_recipes_spread_and_welchs_interval_between_them(tmp_path):
