@@ -140,25 +140,44 @@ def test_smoothquant_shares_one_scale_per_value_head(tiny_tokenizer, batches):
     assert not torch.allclose(s[0, 0], torch.ones(16, dtype=torch.float64))
 
 
-def _llama_with_a_kv_bias() -> torch.nn.Module:
-    """A layout the transforms only seem to know: a Llama whose attention also reads a learned value v'."""
+def _llama_with(mitigation: str = "kv_bias") -> torch.nn.Module:
+    """A Llama whose attention has a mitigation's parts (kv_bias: a learned key k' and value v'; gated_attention: a
+    sigmoid gate read from the attention's input), set far from their neutral start so that they matter."""
     from qharness.models import mitigations
     from qharness.training.architectures import ArchConfig, new_model
 
     model = new_model(ArchConfig(arch="llama", d_model=32, layers=2, heads=2, context=64, vocab_size=400), 0, 1,
                       seed=0)
-    mitigations.initialize_(model, mitigations.build_(model, "kv_bias"))
+    mitigations.initialize_(model, mitigations.build_(model, mitigation))
     with torch.no_grad():
         for name, param in model.named_parameters():
-            if "kv_bias" in name:
+            if "kv_bias" in name or "gate.proj" in name:
                 param.normal_(0.5, 0.2)
+            if "norm" in name:
+                param.uniform_(0.5, 1.5)
     return model.eval()
+
+
+@pytest.mark.needs("torchao")
+@pytest.mark.parametrize("mitigation", ["kv_bias", "gated_attention", "kv_bias+gated_attention"])
+def test_rotate_turns_a_mitigations_attention_parts_with_the_model(batches, mitigation):
+    """The gate's projection reads the rotated stream and v' is a value row: both are rotated, so the logits hold
+    (rotating neither moves them by more than 1e-1: the check would refuse the model)."""
+    model = _llama_with(mitigation)
+    reference = copy.deepcopy(model)
+    assert transform_(model, parse_transform("rotate"), batches) < FP32_TOLERANCE
+    unseen = torch.tensor([[0, *range(5, 60)]])
+    assert relative_change(logits(reference, unseen), logits(model, unseen)) < FP32_TOLERANCE
+    attention = model.model.layers[0].self_attn
+    if "kv_bias" in mitigation and "gated" not in mitigation:  # heads rotated: v' turned with them, k' untouched
+        before = reference.model.layers[0].self_attn.kv_bias
+        assert not torch.allclose(attention.kv_bias.v, before.v) and torch.equal(attention.kv_bias.k, before.k)
 
 
 def test_a_model_the_transform_only_seems_to_know_is_refused(batches):
     """kv_bias adds a learned value v' that v_proj does not produce: smoothing v_proj's rows would leave v'
     unscaled, so o_proj would read it multiplied by s. The logit check catches that and refuses the model."""
-    model = _llama_with_a_kv_bias()
+    model = _llama_with("kv_bias")
     with pytest.raises(ConfigError, match=r"changed this model's fp logits by .* supports Llama-style decoders"):
         transform_(model, parse_transform("smoothquant"), batches)
 
@@ -230,7 +249,7 @@ def test_a_16_bit_model_is_checked_in_fp32_where_rounding_cannot_pass_for_a_wron
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_a_16_bit_model_the_transform_only_seems_to_know_is_refused_by_its_fp32_copy(batches, dtype):
-    model = _llama_with_a_kv_bias()
+    model = _llama_with("kv_bias")
     with pytest.raises(ConfigError, match=r"changed this model's fp logits by .* \(checked on an fp32 copy\) "
                                           r"\(tolerance 1e-03\), so its layout is not what the transform knows"):
         transform_(model.to(dtype), parse_transform("smoothquant"), batches)

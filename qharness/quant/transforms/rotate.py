@@ -13,6 +13,12 @@ Two more rotations are QuaRot's too:
   not channels within a head). QuaRot's online Hadamard across heads before o_proj is not done here.
 Tied embeddings are untied: E Q and W diag(g) Q differ.
 
+Two of our mitigations add to the attention and are rotated with it: gated attention's gate reads the attention's
+input, so its projection is one more reader of the stream (W -> W diag(g) Q); a learned value v' (`kv_bias`) is a
+value row like v_proj's outputs, so the per-head Hadamard turns it too (v' -> v' H; k' is untouched, as keys are).
+The gate multiplies each head's output channel by channel, which a rotation of those channels does not commute
+with, so a gated layer keeps its heads unrotated (its residual stream and down_proj input are rotated as usual).
+
 Q and H are QuaRot's randomized Hadamards (diag(random signs) times a Hadamard, seeds 0, 1 and 2): for d = 2^k m a
 Sylvester Hadamard of order 2^k Kronecker a known one of order m in (12, 20, 28, 36, 40, 44, 52, 60, 108, 140,
 156, 172), so SmolLM2's 576 = 36 x 16 and 1536 = 12 x 128 are exact Hadamards, not random orthogonal stand-ins.
@@ -89,9 +95,9 @@ def _check_norms(layout: DecoderLayout) -> None:
                           f"{type(other).__name__}")
 
 
-def _rotate_heads_(block: BlockLayout, h: Tensor) -> None:
-    """Each value head's output v_k -> v_k H (W_v[k] -> H^T W_v[k]); o_proj reads every query head's slice
-    rotated by the same H (W_o -> W_o blockdiag(H)), whichever value head it shares."""
+def _rotate_heads_(block: BlockLayout, h: Tensor, kv_bias: nn.Module | None) -> None:
+    """Each value head's output v_k -> v_k H (W_v[k] -> H^T W_v[k]; a learned value v'_k -> v'_k H); o_proj reads
+    every query head's slice rotated by the same H (W_o -> W_o blockdiag(H)), whichever value head it shares."""
     import torch
 
     v, o, hd = block.v, block.o, block.head_dim
@@ -100,12 +106,14 @@ def _rotate_heads_(block: BlockLayout, h: Tensor) -> None:
     if v.bias is not None:
         _set_(v.bias, torch.einsum("de,kd->ke", h, v.bias.double().reshape(block.kv_heads, hd)).reshape(-1))
     _set_(o.weight, (o.weight.double().reshape(o.out_features, block.heads, hd) @ h).reshape(o.weight.shape))
+    if kv_bias is not None:
+        _set_(kv_bias.v, kv_bias.v.double() @ h)
 
 
 def rotate_(model: nn.Module, argument: float | None, batches: list[Tensor]) -> None:
     import torch
 
-    from qharness.models.layers import LLAMA_STYLE, llama_layout
+    from qharness.models.layers import LLAMA_STYLE, attention_modules, llama_layout
     from qharness.quant.modules import OnlineRotation, swap_module
 
     layout = llama_layout(model)
@@ -120,8 +128,10 @@ def rotate_(model: nn.Module, argument: float | None, batches: list[Tensor]) -> 
     h_down = hadamard(first.down.in_features, SEEDS["down"]).to(device)
     h_head = hadamard(first.head_dim, SEEDS["head"]).to(device)
     _set_(layout.embed.weight, layout.embed.weight.double() @ q)
-    for b in layout.blocks:
-        for norm, readers in ((b.attn_norm, (b.q, b.k, b.v)), (b.mlp_norm, (b.gate, b.up))):
+    for b, attention in zip(layout.blocks, attention_modules(model), strict=True):
+        gate = getattr(attention, "gate", None)  # gated attention's
+        attention_readers = (b.q, b.k, b.v) + ((gate.proj,) if gate is not None else ())
+        for norm, readers in ((b.attn_norm, attention_readers), (b.mlp_norm, (b.gate, b.up))):
             for linear in readers:
                 _read_(linear, q, norm.weight)
             _set_(norm.weight, torch.ones_like(norm.weight))
@@ -129,7 +139,8 @@ def rotate_(model: nn.Module, argument: float | None, batches: list[Tensor]) -> 
         _write_(b.down, q)
         _set_(b.down.weight, b.down.weight.double() @ h_down)
         swap_module(model, names[id(b.down)], OnlineRotation(b.down, h_down))
-        _rotate_heads_(b, h_head)
+        if gate is None:
+            _rotate_heads_(b, h_head, getattr(attention, "kv_bias", None))
     _read_(layout.lm_head, q, layout.final_norm.weight)
     _set_(layout.final_norm.weight, torch.ones_like(layout.final_norm.weight))
 
