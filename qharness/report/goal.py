@@ -96,6 +96,6 @@ def header(goal: Goal) -> list[str]:
 
 
 def goal_text(goal: Goal) -> str:
-    return (f"Met: the upper end of the interval of {_scheme_label(goal)}'s change over the model's own fp "
-            f"perplexity is <= {100 * goal.scheme_bar:+.0f}%, and of its fp change against the control <= "
+    return (f"Met: the upper end of the interval of the change under {_scheme_label(goal)} over the model's own "
+            f"fp perplexity is <= {100 * goal.scheme_bar:+.0f}%, and of its fp change against the control <= "
             f"{100 * goal.fp_bar:+.0f}%, on {goal.task}.")

@@ -184,8 +184,8 @@ TABLES: tuple[Table, ...] = (
         _p("int8-w8a8-tensor-static", keep=BOS), _p("int8-w8a8-tensor-static", transform="smoothquant:0.5"),
         _p("int8-w8a8-tensor-static", transform="rotate"),
         _p("int8-w8a8-tensor-static", transform="rotate", keep=BOS)),
-        note="`rotate` refuses models whose norms are not RMSNorms (DyT's tanh), so their cells stay empty; a "
-             "gated model's heads are not rotated (the gate multiplies them channel by channel)."),
+        note="`rotate` leaves a gated model's heads unrotated (the gate multiplies them channel by channel); its "
+             "residual stream and down_proj input are rotated as any other model's."),
 )
 
 

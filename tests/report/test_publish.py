@@ -240,8 +240,10 @@ def test_a_grid_table_gives_each_models_change_under_each_pick(tmp_path):
     results = tmp_path / "grid.csv"
     rng = np.random.default_rng(2)
     rows = []
+    fp_ppl = {}
     for model, changes in (("b-control", (0.8, 0.05)), ("a-mitigated", (0.2, None))):
-        fp = rng.gamma(2.0, 1.5, size=TOKENS)
+        fp = rng.gamma(2.0, 1.5, size=TOKENS) + (0.5 if model == "a-mitigated" else 0.0)
+        fp_ppl[model] = f"{np.exp(fp.mean()):.2f}"
         fp_row = ppl_row(results, fp, fp)
         fp_row["model"] = model
         rows.append(fp_row)
@@ -259,6 +261,7 @@ def test_a_grid_table_gives_each_models_change_under_each_pick(tmp_path):
     assert table[0] == ("| model | fp ppl | `int8-w8a8-tensor-static` | `int8-w8a8-tensor-static (transform rotate)` |")
     control, mitigated = table[2].split(" | "), table[3].split(" | ")
     assert control[0] == "| `b-control`" and mitigated[0] == "| `a-mitigated`"
+    assert (control[1], mitigated[1]) == (fp_ppl["b-control"], fp_ppl["a-mitigated"])  # each its own fp
     assert control[2].endswith("[+79.0, +81.0]") and control[3].endswith("[+4.0, +6.0] |")
     assert mitigated[2].endswith("[+19.0, +21.0]") and mitigated[3] == " |"
 

@@ -113,6 +113,7 @@ def _rotate_heads_(block: BlockLayout, h: Tensor, kv_bias: nn.Module | None) -> 
 def rotate_(model: nn.Module, argument: float | None, batches: list[Tensor]) -> None:
     import torch
 
+    from qharness.models.attention import AttentionGate
     from qharness.models.layers import LLAMA_STYLE, attention_modules, llama_layout
     from qharness.quant.modules import OnlineRotation, swap_module
 
@@ -129,7 +130,11 @@ def rotate_(model: nn.Module, argument: float | None, batches: list[Tensor]) -> 
     h_head = hadamard(first.head_dim, SEEDS["head"]).to(device)
     _set_(layout.embed.weight, layout.embed.weight.double() @ q)
     for b, attention in zip(layout.blocks, attention_modules(model), strict=True):
-        gate = getattr(attention, "gate", None)  # gated attention's
+        if getattr(attention, "q_proj", None) is not b.q:
+            raise ConfigError(f"transform 'rotate' found {type(attention).__name__} as a layer's attention, but not "
+                              "the one holding the layer's q_proj; it supports " + LLAMA_STYLE)
+        gate = getattr(attention, "gate", None)
+        gate = gate if isinstance(gate, AttentionGate) else None  # gated attention's, not any module named gate
         attention_readers = (b.q, b.k, b.v) + ((gate.proj,) if gate is not None else ())
         for norm, readers in ((b.attn_norm, attention_readers), (b.mlp_norm, (b.gate, b.up))):
             for linear in readers:
