@@ -3,6 +3,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -12,6 +13,7 @@ from qharness.experiment.sweep import SweepConfig, gpus_per_task, sweep
 from qharness.quant.backends import backends_for
 from qharness.quant.schemes import SCHEMES
 
+ROOT = Path(__file__).resolve().parents[2]
 SIM_SCHEMES = [name for name in SCHEMES.names() if "sim" in backends_for(SCHEMES.get(name))]
 
 
@@ -239,3 +241,18 @@ def test_a_sweep_loads_each_model_once_for_all_its_schemes_tasks_and_scan(tiny_m
     assert swept == alone and len(set(swept.values())) > len(swept) / 2
     loads.clear()
     assert sweep(config, say=lambda m: None).computed == 0 and loads == []  # all there: nothing loaded at all
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "sweeps").glob("*.yaml")),
+                         ids=lambda p: p.stem)
+def test_every_shipped_sweep_file_reads_and_names_models_that_parse(path):
+    """A shipped sweep that fails to read (a typo in a key, a model name the sources refuse) is found here, not an
+    hour into someone's run."""
+    from qharness.models.sources import source_for
+
+    config = SweepConfig.from_file(path)
+    assert config.models and list(config.cells())
+    for name in config.models:  # resolved and described from the name alone: nothing loads or trains
+        source = source_for(name)
+        if source.describe_name is not None:
+            assert source.describe_name(name)["mitigation"]
