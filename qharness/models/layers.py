@@ -106,6 +106,7 @@ class BlockLayout:
     heads: int  # query heads; o_proj's input is heads x head_dim
     kv_heads: int  # key/value heads (fewer than heads under grouped-query attention)
     head_dim: int
+    attention: nn.Module  # self_attn, which holds q/k/v/o and whatever a mitigation added (a gate, a KV bias)
 
 
 @dataclass(frozen=True)
@@ -132,7 +133,7 @@ def _block_layout(layer: nn.Module, heads: int, kv_heads: int) -> BlockLayout | 
         return None
     head_dim = parts["q"].out_features // heads
     return BlockLayout(norms[0], parts["q"], parts["k"], parts["v"], parts["o"], norms[1], parts["gate"],
-                       parts["up"], parts["down"], heads, kv_heads, head_dim)
+                       parts["up"], parts["down"], heads, kv_heads, head_dim, attn)
 
 
 def llama_layout(model: nn.Module) -> DecoderLayout | None:

@@ -140,7 +140,7 @@ def test_smoothquant_shares_one_scale_per_value_head(tiny_tokenizer, batches):
     assert not torch.allclose(s[0, 0], torch.ones(16, dtype=torch.float64))
 
 
-def _llama_with(mitigation: str = "kv_bias") -> torch.nn.Module:
+def _llama_with(mitigation: str) -> torch.nn.Module:
     """A Llama whose attention has a mitigation's parts (kv_bias: a learned key k' and value v'; gated_attention: a
     sigmoid gate read from the attention's input), set far from their neutral start so that they matter."""
     from qharness.models import mitigations

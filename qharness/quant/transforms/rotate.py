@@ -95,7 +95,7 @@ def _check_norms(layout: DecoderLayout) -> None:
                           f"{type(other).__name__}")
 
 
-def _rotate_heads_(block: BlockLayout, h: Tensor, kv_bias: nn.Module | None) -> None:
+def _rotate_heads_(block: BlockLayout, h: Tensor) -> None:
     """Each value head's output v_k -> v_k H (W_v[k] -> H^T W_v[k]; a learned value v'_k -> v'_k H); o_proj reads
     every query head's slice rotated by the same H (W_o -> W_o blockdiag(H)), whichever value head it shares."""
     import torch
@@ -106,6 +106,7 @@ def _rotate_heads_(block: BlockLayout, h: Tensor, kv_bias: nn.Module | None) -> 
     if v.bias is not None:
         _set_(v.bias, torch.einsum("de,kd->ke", h, v.bias.double().reshape(block.kv_heads, hd)).reshape(-1))
     _set_(o.weight, (o.weight.double().reshape(o.out_features, block.heads, hd) @ h).reshape(o.weight.shape))
+    kv_bias = getattr(block.attention, "kv_bias", None)
     if kv_bias is not None:
         _set_(kv_bias.v, kv_bias.v.double() @ h)
 
@@ -114,7 +115,7 @@ def rotate_(model: nn.Module, argument: float | None, batches: list[Tensor]) -> 
     import torch
 
     from qharness.models.attention import AttentionGate
-    from qharness.models.layers import LLAMA_STYLE, attention_modules, llama_layout
+    from qharness.models.layers import LLAMA_STYLE, llama_layout
     from qharness.quant.modules import OnlineRotation, swap_module
 
     layout = llama_layout(model)
@@ -129,11 +130,8 @@ def rotate_(model: nn.Module, argument: float | None, batches: list[Tensor]) -> 
     h_down = hadamard(first.down.in_features, SEEDS["down"]).to(device)
     h_head = hadamard(first.head_dim, SEEDS["head"]).to(device)
     _set_(layout.embed.weight, layout.embed.weight.double() @ q)
-    for b, attention in zip(layout.blocks, attention_modules(model), strict=True):
-        if getattr(attention, "q_proj", None) is not b.q:
-            raise ConfigError(f"transform 'rotate' found {type(attention).__name__} as a layer's attention, but not "
-                              "the one holding the layer's q_proj; it supports " + LLAMA_STYLE)
-        gate = getattr(attention, "gate", None)
+    for b in layout.blocks:
+        gate = getattr(b.attention, "gate", None)
         gate = gate if isinstance(gate, AttentionGate) else None  # gated attention's, not any module named gate
         attention_readers = (b.q, b.k, b.v) + ((gate.proj,) if gate is not None else ())
         for norm, readers in ((b.attn_norm, attention_readers), (b.mlp_norm, (b.gate, b.up))):
@@ -145,7 +143,7 @@ def rotate_(model: nn.Module, argument: float | None, batches: list[Tensor]) -> 
         _set_(b.down.weight, b.down.weight.double() @ h_down)
         swap_module(model, names[id(b.down)], OnlineRotation(b.down, h_down))
         if gate is None:
-            _rotate_heads_(b, h_head, getattr(attention, "kv_bias", None))
+            _rotate_heads_(b, h_head)
     _read_(layout.lm_head, q, layout.final_norm.weight)
     _set_(layout.final_norm.weight, torch.ones_like(layout.final_norm.weight))
 
