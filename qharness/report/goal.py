@@ -9,12 +9,15 @@ the fp model). Nothing is recomputed: the rows and their units files are read.
 
 from __future__ import annotations
 
+import re
+import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
 from qharness.core.errors import DataError
 from qharness.data.results import Row, is_baseline, key, read_rows
 from qharness.report.noise import Noise
+from qharness.report.seeds import t975
 from qharness.stats.bootstrap import Interval
 
 
@@ -38,11 +41,18 @@ class Verdict:
     scheme_interval: tuple[float, float]
     met: bool | None  # None for the control, and where the fp cost has no interval (unknown, not "no")
     is_control: bool = False
+    recipe: str = ""  # train_recipe: the training recipe's digest without its seed ("" for a model not trained here)
+    seed: str = ""  # train_seed
 
     def cells(self) -> list[str]:
         lo, hi = self.scheme_interval
-        cost = "-" if self.is_control else _pct(self.fp_cost or 0.0, self.fp_interval)
-        met = "-" if self.is_control else {True: "yes", False: "no", None: "? (no paired units)"}[self.met]
+        if self.is_control:
+            cost = met = "-"
+        elif self.fp_cost is None:
+            cost, met = f"? (no control of seed {self.seed})", "?"
+        else:
+            cost = _pct(self.fp_cost, self.fp_interval)
+            met = {True: "yes", False: "no", None: "? (no paired units)"}[self.met]
         return [f"`{self.model}`" + (" (control)" if self.is_control else ""), f"{self.fp_ppl:.2f}", cost,
                 f"{100 * self.scheme_change:+.1f}% [{100 * lo:+.1f}, {100 * hi:+.1f}]", met]
 
@@ -65,9 +75,8 @@ def verdicts(path: Path, goal: Goal) -> list[Verdict]:
     """One verdict per model of the leaderboard that has both its fp row and the scheme's row (with intervals), the
     control first."""
     rows = read_rows(path)
-    control_fp = _row(rows, goal.control, "none", goal.task, path)
-    if control_fp is None:
-        raise DataError(f"{path}: no fp row of the control {goal.control} on {goal.task}")
+    controls = _controls(rows, goal, path)
+    control_recipe = next(iter(controls.values())).get("train_recipe", "")
     noise = Noise(path)
     models = sorted({r["model"] for r in rows if is_baseline(r)}, key=lambda m: (m != goal.control, m))
     out = []
@@ -77,14 +86,86 @@ def verdicts(path: Path, goal: Goal) -> list[Verdict]:
         if fp is None or scheme is None or not scheme.get("ci_high"):
             continue
         change, lo, hi = (float(scheme[c]) for c in ("rel_delta", "ci_low", "ci_high"))
-        if model == goal.control:
-            out.append(Verdict(model, float(fp["value"]), None, None, change, (lo, hi), None, is_control=True))
+        recipe, seed = fp.get("train_recipe", ""), fp.get("train_seed", "")
+        common = {"recipe": recipe, "seed": seed}
+        if model == goal.control or (recipe and recipe == control_recipe):
+            out.append(Verdict(model, float(fp["value"]), None, None, change, (lo, hi), None, is_control=True,
+                               **common))
+            continue
+        control_fp = controls.get(seed)
+        if control_fp is None:  # trained with a seed the control was not: no fair fp cost, and no verdict
+            out.append(Verdict(model, float(fp["value"]), None, None, change, (lo, hi), None, **common))
             continue
         interval = noise.rows_change(key(fp), key(control_fp))
         cost = float(fp["value"]) / float(control_fp["value"]) - 1
         met = None if interval is None else hi <= goal.scheme_bar and interval.high <= goal.fp_bar
-        out.append(Verdict(model, float(fp["value"]), cost, interval, change, (lo, hi), met))
+        out.append(Verdict(model, float(fp["value"]), cost, interval, change, (lo, hi), met, **common))
     return out
+
+
+def _controls(rows: list[Row], goal: Goal, path: Path) -> dict[str, Row]:
+    """The control's fp row for each training seed it was trained with: the named control, and every model of its
+    training recipe (the same recipe, another seed)."""
+    named = _row(rows, goal.control, "none", goal.task, path)
+    if named is None:
+        raise DataError(f"{path}: no fp row of the control {goal.control} on {goal.task}")
+    found = {named.get("train_seed", ""): named}
+    recipe = named.get("train_recipe", "")
+    for model in sorted({r["model"] for r in rows if recipe and r.get("train_recipe") == recipe} - {goal.control}):
+        fp = _row(rows, model, "none", goal.task, path)
+        if fp is not None:
+            found.setdefault(fp.get("train_seed", ""), fp)
+    return found
+
+
+@dataclass(frozen=True)
+class SeedVerdict:
+    """A recipe's verdict over its training seeds: the mean of the per-seed changes and Student's t 95% interval over
+    the seeds (n - 1 degrees of freedom)."""
+
+    recipe: str  # a model name of the recipe with its seed left out
+    seeds: tuple[str, ...]
+    fp_cost: tuple[float, float, float] | None  # (mean, low, high); None for the control
+    scheme_change: tuple[float, float, float]
+    met: bool | None  # None for the control
+
+    def cells(self) -> list[str]:
+        cost = "-" if self.fp_cost is None else _mean_pct(self.fp_cost)
+        met = "-" if self.met is None else ("yes" if self.met else "no")
+        return [f"`{self.recipe}`" + (" (control)" if self.fp_cost is None else ""), ", ".join(self.seeds), cost,
+                _mean_pct(self.scheme_change), met]
+
+
+def over_seeds(found: list[Verdict], goal: Goal) -> list[SeedVerdict]:
+    """Each recipe with two or more seeds, every one of them with its fp cost (the control: with its scheme change);
+    a recipe missing a seed's control is left out rather than averaged over fewer seeds than it shows."""
+    groups: dict[str, list[Verdict]] = {}
+    for verdict in found:
+        if verdict.recipe:
+            groups.setdefault(verdict.recipe, []).append(verdict)
+    out = []
+    for members in groups.values():
+        members.sort(key=lambda v: int(v.seed or 0))
+        control = members[0].is_control
+        if len(members) < 2 or (not control and any(v.fp_cost is None for v in members)):
+            continue
+        change = _t_interval([v.scheme_change for v in members])
+        cost = None if control else _t_interval([v.fp_cost or 0.0 for v in members])
+        met = None if cost is None else change[2] <= goal.scheme_bar and cost[2] <= goal.fp_bar
+        out.append(SeedVerdict(re.sub(r":seed=\d+$", "", members[0].model), tuple(v.seed for v in members), cost,
+                               change, met))
+    return out
+
+
+def _t_interval(values: list[float]) -> tuple[float, float, float]:
+    mean = statistics.fmean(values)
+    half = t975(len(values) - 1) * statistics.stdev(values) / len(values) ** 0.5
+    return mean, mean - half, mean + half
+
+
+def _mean_pct(spread: tuple[float, float, float]) -> str:
+    mean, low, high = spread
+    return f"{100 * mean:+.1f}% [{100 * low:+.1f}, {100 * high:+.1f}]"
 
 
 def _scheme_label(goal: Goal) -> str:
@@ -93,6 +174,11 @@ def _scheme_label(goal: Goal) -> str:
 
 def header(goal: Goal) -> list[str]:
     return ["model", "fp ppl", "fp vs control [95%]", f"{_scheme_label(goal)} vs own fp [95%]", "goal met"]
+
+
+def seeds_header(goal: Goal) -> list[str]:
+    return ["recipe", "seeds", "fp vs control, mean [95% t over seeds]",
+            f"{_scheme_label(goal)} vs own fp, mean [95% t over seeds]", "goal met over seeds"]
 
 
 def goal_text(goal: Goal) -> str:

@@ -31,7 +31,7 @@ from qharness.data.results import SCAN_TASK, Row, key, read_rows, write_atomic
 from qharness.data.units import fp_key
 from qharness.report.curves import build_curves, curves_table
 from qharness.report.degradation import Degradation, degradations, number, percent_interval
-from qharness.report.goal import Goal, goal_text, header, verdicts
+from qharness.report.goal import Goal, goal_text, header, over_seeds, seeds_header, verdicts
 from qharness.report.noise import Noise, verdict
 from qharness.report.seeds import seed_contrasts, seed_groups, seeds_markdown
 
@@ -370,9 +370,16 @@ def render_goal(table: Table, board: Leaderboard) -> list[str]:
     found = verdicts(board.path, table.goal)
     if not found:
         return [_source(table), "", "No model has both its fp row and the scheme's row yet."]
-    return [_source(table) + _evaluated_on(board, table.goal.task)
-            + f" {goal_text(table.goal)} The fp cost is a {BLOCK_NOTE} of the model's per-token NLLs against the "
-            "control's on the same tokens.", "", table_of(header(table.goal), [v.cells() for v in found])]
+    lines = [_source(table) + _evaluated_on(board, table.goal.task)
+             + f" {goal_text(table.goal)} The fp cost is a {BLOCK_NOTE} of the model's per-token NLLs against the "
+             "control's on the same tokens.", "", table_of(header(table.goal), [v.cells() for v in found])]
+    seeds = over_seeds(found, table.goal)
+    if seeds:
+        lines += ["", "Over training seeds (each seed's model against the control trained with the same seed; the "
+                      "mean of the per-seed changes with Student's t interval over the seeds, which holds the "
+                      "training noise the rows above cannot show):", "",
+                  table_of(seeds_header(table.goal), [s.cells() for s in seeds])]
+    return lines
 
 
 def render_seeds(table: Table, board: Leaderboard) -> list[str]:

@@ -234,6 +234,57 @@ def test_the_goal_table_judges_each_bar_on_its_interval(tmp_path):
         verdicts(results, Goal(control="control"))
 
 
+def test_the_goal_over_training_seeds_pairs_each_seed_with_its_own_control(tmp_path):
+    """Seeds 0-2 of a control and of a mitigation, and a mitigation's seed 3 whose control was never trained. Each
+    seed's fp cost is against the control of the same seed (the controls differ by 0.2 nats, so pairing with another
+    seed's control would be off by ~20%); the recipe's verdict over seeds is the mean with Student's t interval, by
+    hand: costs 1%, 2%, 3% -> mean 2%, sd 1 pt, half-width t(2) x 1 / sqrt(3) = 4.303 x 0.577 = 2.48 pts -> [-0.5,
+    +4.5]: over the +3% bar though every seed's point is at most +3%; static changes 0.4, 0.5, 0.6% -> +0.5% [+0.3,
+    +0.7]."""
+    from qharness.report.goal import Goal, over_seeds, verdicts
+
+    rng = np.random.default_rng(3)
+    base = rng.gamma(2.0, 1.5, size=TOKENS)
+    results = tmp_path / "seeds.csv"
+    rows = []
+
+    def model(name, recipe, seed, nll, static_change):
+        fp_row = ppl_row(results, nll, nll)
+        static = ppl_row(results, nll + np.log1p(static_change), nll, quant="int8-w8a8-tensor-static")
+        for row in (fp_row, static):
+            row.update(model=name, train_recipe=recipe, train_seed=str(seed), ci_of="rel_delta")
+        static.update(ci_low=str(static_change - 0.001), ci_high=str(static_change + 0.001))
+        write_units(results, key(fp_row), Units(nll, "nll", "kjv"))
+        rows.extend([fp_row, static])
+
+    for seed in range(3):
+        control = base + 0.2 * seed
+        model("t:none" + (f":seed={seed}" if seed else ""), "r-none", seed, control, 0.8)
+        model("t:mit" + (f":seed={seed}" if seed else ""), "r-mit", seed, control + np.log(1 + 0.01 * (seed + 1)),
+              0.004 + 0.001 * seed)
+    model("t:mit:seed=3", "r-mit", 3, base, 0.004)
+    append_rows(results, rows)
+    found = {v.model: v for v in verdicts(results, Goal(control="t:none"))}
+    assert [m for m, v in found.items() if v.is_control] == ["t:none", "t:none:seed=1", "t:none:seed=2"]
+    for seed, name in enumerate(("t:mit", "t:mit:seed=1", "t:mit:seed=2")):
+        assert found[name].fp_cost == pytest.approx(0.01 * (seed + 1), abs=1e-9)
+        assert found[name].fp_interval.low < found[name].fp_cost < found[name].fp_interval.high
+    assert found["t:mit:seed=3"].fp_cost is None and found["t:mit:seed=3"].met is None
+    assert found["t:mit"].met is True and found["t:mit:seed=1"].met is True  # each seed alone meets the bar
+    text = render(Table("goal", "seeds.csv", "goal", goal=Goal(control="t:none")), tmp_path)
+    assert "| ? (no control of seed 3) |" in text
+    # seed 3 has no control: the recipe is not averaged over the three seeds that have one
+    assert [s.recipe for s in over_seeds(list(found.values()), Goal(control="t:none"))] == ["t:none"]
+    without_3 = [v for v in found.values() if v.seed != "3"]
+    by_recipe = {s.recipe: s for s in over_seeds(without_3, Goal(control="t:none"))}
+    mean, low, high = by_recipe["t:mit"].fp_cost
+    assert (mean, low, high) == pytest.approx((0.02, 0.02 - 4.303 * 0.01 / 3**0.5, 0.02 + 4.303 * 0.01 / 3**0.5))
+    assert by_recipe["t:mit"].scheme_change == pytest.approx((0.005, 0.005 - 4.303 * 0.001 / 3**0.5,
+                                                              0.005 + 4.303 * 0.001 / 3**0.5))
+    assert by_recipe["t:mit"].met is False and by_recipe["t:none"].met is None
+    assert by_recipe["t:mit"].cells() == ["`t:mit`", "0, 1, 2", "+2.0% [-0.5, +4.5]", "+0.5% [+0.3, +0.7]", "no"]
+
+
 def test_a_grid_table_gives_each_models_change_under_each_pick(tmp_path):
     """Kind grid: a row per model in the leaderboard's order, a column per pick, each cell the row's own change and
     interval against that model's fp row; a pick a model lacks is an empty cell, not another model's number."""
