@@ -92,7 +92,8 @@ def verdicts(path: Path, goal: Goal) -> list[Verdict]:
             out.append(Verdict(model, float(fp["value"]), None, None, change, (lo, hi), None, is_control=True,
                                **common))
             continue
-        control_fp = controls.get(seed)
+        # a control not trained here (no recipe, no seed) is every model's; a trained one is its own seed's only
+        control_fp = controls.get(seed) if control_recipe else next(iter(controls.values()))
         if control_fp is None:  # trained with a seed the control was not: no fair fp cost, and no verdict
             out.append(Verdict(model, float(fp["value"]), None, None, change, (lo, hi), None, **common))
             continue

@@ -283,6 +283,13 @@ def test_the_goal_over_training_seeds_pairs_each_seed_with_its_own_control(tmp_p
                                                               0.005 + 4.303 * 0.001 / 3**0.5))
     assert by_recipe["t:mit"].met is False and by_recipe["t:none"].met is None
     assert by_recipe["t:mit"].cells() == ["`t:mit`", "0, 1, 2", "+2.0% [-0.5, +4.5]", "+0.5% [+0.3, +0.7]", "no"]
+    # a control not trained here (the pretrained model: no recipe, no seed) is every seed's control
+    rows.clear()
+    model("pre", "", "", base - 0.1, 0.9)
+    append_rows(results, rows)
+    against_pre = {v.model: v for v in verdicts(results, Goal(control="pre"))}
+    assert not any(v.is_control for m, v in against_pre.items() if m != "pre")
+    assert against_pre["t:mit:seed=3"].fp_cost == pytest.approx(np.exp(0.1) - 1)
 
 
 def test_a_grid_table_gives_each_models_change_under_each_pick(tmp_path):
