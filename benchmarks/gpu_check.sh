@@ -14,6 +14,7 @@
 #    cache under eager and SDPA in fp32/bf16/fp16 and inside bnb/torchao models, transforms on the GPU, bf16
 #    training with accumulation and its resume, every retrofit);
 # 2. benchmarks/kernel_agreement.py: each kernel's distance from sim beside the dtype's gap and the scheme's effect;
+# 2b. benchmarks/train_speed.py --tune400: continued training's throughput and peak memory in bf16 (issue #20);
 # 3. benchmarks/gpu_runs.py: one process, ~35 short `qharness run --device cuda --limit 2` / `qharness train --from`
 #    calls through the CLI: each library backend and scheme, MXFP8/MXFP4/NVFP4 (refused below compute capability
 #    10.0, sim under auto), the g128 W4A8/W4A4 schemes, --kv alone and with bnb/torchao, --transform rotate and
@@ -71,6 +72,7 @@ if [ "$DRY_RUN" = 1 ]; then
     timeout 60 "$PY" benchmarks/gpu_probe.py --no-cuda-ok || echo "the probe itself failed: fix it before a GPU run"
     echo "would run: $PY -m pytest -m gpu tests (timeout 200 s)"
     echo "would run: $PY benchmarks/kernel_agreement.py (timeout 120 s)"
+    echo "would run: $PY benchmarks/train_speed.py --tune400 --precision bf16 --random-weights --steps 20 (timeout 90 s)"
     "$PY" benchmarks/gpu_runs.py --out "$OUT_DIR" --model "$MODEL" --dry-run
     echo "would run: QHARNESS_KERNEL_BUILDS=1 $PY -m pytest -m gpu tests/quant/test_cuda_agreement.py -k quanto-fp8"
     [ "$CPU_TESTS" = 1 ] && echo "would run: $PY -m pytest -m 'not gpu and not slow' tests/quant (if time is left)"
@@ -105,6 +107,12 @@ echo "== 2. every kernel against sim, the numbers behind step 1's tolerances ($(
 timeout 120 "$PY" benchmarks/kernel_agreement.py > "$OUT_DIR/kernel-agreement.txt" 2>&1
 record "kernel agreement table" $? 120
 grep -vE "^(W[0-9]{4}|Failed to load)" "$OUT_DIR/kernel-agreement.txt"
+
+echo "== 2b. continued training at the tune400 recipe in bf16: tokens/s, peak memory, the 400-step table ($(left) s left)"
+timeout 90 "$PY" benchmarks/train_speed.py --tune400 --precision bf16 --random-weights --steps 20 \
+    > "$OUT_DIR/train-throughput.txt" 2>&1
+record "tune400 training throughput" $? 90
+grep -vE "^(W[0-9]{4}|Failed to load)" "$OUT_DIR/train-throughput.txt" | tail -3
 
 RUNS_HARD=$(( $(left) - 15 ))
 RUNS_SOFT=$(( RUNS_HARD - RUN_CAP ))

@@ -4,6 +4,7 @@ with --tune, continued training of SmolLM2-135M through the loop against a bare 
     python benchmarks/train_speed.py                   # llama and gpt2, every zoo mitigation, 30 steps each
     python benchmarks/train_speed.py --arch llama --steps 100 --threads 1
     python benchmarks/train_speed.py --tune --steps 4  # SmolLM2-135M: bare steps vs the loop, tokens/s
+    python benchmarks/train_speed.py --tune400 --precision bf16 --random-weights  # on a GPU: the 400-step table's cost
 
 Random tokens stand in for the corpus (the step time does not depend on the text). Each row is the median step
 time of `--steps` steps after 5 warm-up steps, with batch 8 x 128 tokens as in the zoo's recipe; 4,000 steps at
@@ -15,6 +16,13 @@ it: accelerate, accumulate(), lr schedule, logging with the activation probe eve
 `--steps` steps after one warm-up step; the loop's row also gives its whole call (setup, probes, the checkpoint)
 divided by its steps. The bare step runs again after the loop: on a shared machine the two bare rows show how
 far the load drifted, and the loop's ratio means little when they differ.
+
+--tune400 (issue #20's GPU item) trains a SmolLM2-135M-shaped model through the same loop at the tune400 recipe
+(2 x 256 tokens a step, the activation probe every 5 steps) on whatever device the loop takes (CUDA when there is
+one), in fp32 or bf16 autocast: median s/step and tokens/s after 5 warm-up steps, peak memory (CUDA's allocator, or
+the process's RSS on CPU), and what 400 steps cost per model and for every run of sweeps/tune400.yaml (training
+only: the evaluations are not in it). --random-weights builds the shape with random weights, for a machine without
+the real ones (the step time does not depend on the weights' values).
 """
 
 from __future__ import annotations
@@ -116,14 +124,76 @@ def tune_table(steps: int) -> None:
     row("bare step again, after the loop", bare_steps(fresh(), tokens, cfg, bos, steps, with_optimizer=True))
 
 
+def tune400_throughput(steps: int, precision: str, random_weights: bool) -> None:
+    import resource
+    import tempfile
+    from dataclasses import replace
+    from pathlib import Path
+
+    import yaml
+
+    from qharness.data.recipe import TUNE400_TRAIN
+    from qharness.experiment.bench import SHAPES
+    from qharness.models.sources.tune import step_of
+
+    warm = 5
+    cfg = replace(TUNE400_TRAIN, steps=steps + warm, precision=precision, checkpoint_every=10**6)
+    if random_weights:
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        hidden, intermediate, heads, kv_heads, layers, vocab = SHAPES["smollm2-135m"]
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(LlamaConfig(hidden_size=hidden, intermediate_size=intermediate,
+                                             num_attention_heads=heads, num_key_value_heads=kv_heads,
+                                             num_hidden_layers=layers, vocab_size=vocab, tie_word_embeddings=True,
+                                             max_position_embeddings=8192))
+        what = "SmolLM2-135M shape, random weights"
+    else:
+        from qharness.models.sources import ModelSpec, load_model
+
+        model = load_model(ModelSpec("smollm2-135m", dtype="fp32", device="cpu"), progress=False).model
+        what = "SmolLM2-135M"
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    where = torch.cuda.get_device_name() if device == "cuda" else f"cpu, {torch.get_num_threads()} threads"
+    tokens = torch.randint(2, model.config.vocab_size, (200_000,))
+    stamps: list[float] = []
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+
+    def stamp(module: torch.nn.Module, step: int) -> None:
+        if device == "cuda":
+            torch.cuda.synchronize()
+        stamps.append(time.perf_counter())
+
+    with tempfile.TemporaryDirectory() as folder:
+        train(model, tokens, cfg, Path(folder), 0, [stamp], progress=False)
+    per_step = statistics.median(b - a for a, b in itertools.pairwise(stamps[warm - 1:]))
+    peak = (torch.cuda.max_memory_allocated() if device == "cuda"
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**30
+    sweep = yaml.safe_load(Path(__file__).resolve().parents[1].joinpath("sweeps/tune400.yaml").read_text())
+    runs = sorted({(step_of(name) or (name, 0))[0] for name in sweep["models"]})
+    minutes = per_step * TUNE400_TRAIN.steps / 60
+    print(f"{what}, {where}, {precision}, batch {cfg.batch_size} x {cfg.context} tokens, median of {steps} steps "
+          f"after {warm}")
+    print(f"{'s/step':>7} {'tokens/s':>9} {'peak GiB':>9} {'400 steps, min':>15} {f'{len(runs)} runs, min':>12}")
+    print(f"{per_step:7.3f} {cfg.batch_size * cfg.context / per_step:9.0f} {peak:9.2f} {minutes:15.1f} "
+          f"{minutes * len(runs):12.1f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", choices=("llama", "gpt2", "both"), default="both")
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--tune", action="store_true", help="SmolLM2-135M: bare steps vs the training loop")
+    parser.add_argument("--tune400", action="store_true", help="the tune400 recipe's throughput and peak memory")
+    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="with --tune400")
+    parser.add_argument("--random-weights", action="store_true", help="with --tune400: no real weights needed")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.tune400:
+        tune400_throughput(args.steps, args.precision, args.random_weights)
+        return
     if args.tune:
         tune_table(args.steps)
         return
