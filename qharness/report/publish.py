@@ -178,6 +178,12 @@ TABLES: tuple[Table, ...] = (
     # the same goal with QuaRot's rotation applied after training (the fp rows, and so the fp cost, are unchanged)
     Table("tune400-goal-rotated", "tune400-step400.csv", "goal",
           goal=Goal(control="tune400:smollm2-135m-none", transform="rotate")),
+    # sweeps/tune400-seeds.yaml: the control and the headline with training seeds 0-2; the goal after a rotation,
+    # each seed against the control of its seed, then over seeds; and each recipe's spread
+    Table("tune400-seeds-goal", "tune400-seeds.csv", "goal",
+          goal=Goal(control="tune400:smollm2-135m-none", transform="rotate")),
+    Table("tune400-seeds", "tune400-seeds.csv", "seeds", rows=(
+        _p("int8-w8a8-tensor"), _p("int8-w8a8-tensor-static"), _p("int8-w8a8-tensor-static", transform="rotate"))),
     # per-tensor static INT8 on the finished 400-step models with each post-hoc fix
     Table("tune400-static-fixes", "tune400-step400.csv", "grid", rows=(
         _p("int8-w8a8-tensor"), _p("int8-w8a8-tensor-static"), _p("int8-w8a8-tensor-static-p9999"),
