@@ -72,7 +72,7 @@ if [ "$DRY_RUN" = 1 ]; then
     timeout 60 "$PY" benchmarks/gpu_probe.py --no-cuda-ok || echo "the probe itself failed: fix it before a GPU run"
     echo "would run: $PY -m pytest -m gpu tests (timeout 200 s)"
     echo "would run: $PY benchmarks/kernel_agreement.py (timeout 120 s)"
-    echo "would run: $PY benchmarks/train_speed.py --tune400 --precision bf16 --random-weights --steps 20 (timeout 90 s)"
+    echo "would run: $PY benchmarks/train_speed.py --tune400 --precision bf16 --random-weights --steps 40 (timeout 90 s)"
     "$PY" benchmarks/gpu_runs.py --out "$OUT_DIR" --model "$MODEL" --dry-run
     echo "would run: QHARNESS_KERNEL_BUILDS=1 $PY -m pytest -m gpu tests/quant/test_cuda_agreement.py -k quanto-fp8"
     [ "$CPU_TESTS" = 1 ] && echo "would run: $PY -m pytest -m 'not gpu and not slow' tests/quant (if time is left)"
@@ -109,7 +109,7 @@ record "kernel agreement table" $? 120
 grep -vE "^(W[0-9]{4}|Failed to load)" "$OUT_DIR/kernel-agreement.txt"
 
 echo "== 2b. continued training at the tune400 recipe in bf16: tokens/s, peak memory, the 400-step table ($(left) s left)"
-timeout 90 "$PY" benchmarks/train_speed.py --tune400 --precision bf16 --random-weights --steps 20 \
+timeout 90 "$PY" benchmarks/train_speed.py --tune400 --precision bf16 --random-weights --steps 40 \
     > "$OUT_DIR/train-throughput.txt" 2>&1
 record "tune400 training throughput" $? 90
 grep -vE "^(W[0-9]{4}|Failed to load)" "$OUT_DIR/train-throughput.txt" | tail -3

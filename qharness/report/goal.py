@@ -16,6 +16,7 @@ from pathlib import Path
 
 from qharness.core.errors import DataError
 from qharness.data.results import Row, is_baseline, key, read_rows
+from qharness.models.sources.tune import step_of
 from qharness.report.noise import Noise
 from qharness.report.seeds import t975
 from qharness.stats.bootstrap import Interval
@@ -43,6 +44,7 @@ class Verdict:
     is_control: bool = False
     recipe: str = ""  # train_recipe: the training recipe's digest without its seed ("" for a model not trained here)
     seed: str = ""  # train_seed
+    step: int = 0  # a snapshot's training step (`@step100`); 0 for a finished run
 
     def cells(self) -> list[str]:
         lo, hi = self.scheme_interval
@@ -75,8 +77,8 @@ def verdicts(path: Path, goal: Goal) -> list[Verdict]:
     """One verdict per model of the leaderboard that has both its fp row and the scheme's row (with intervals), the
     control first."""
     rows = read_rows(path)
-    controls = _controls(rows, goal, path)
-    control_recipe = next(iter(controls.values())).get("train_recipe", "")
+    named, controls = _controls(rows, goal, path)
+    control_recipe = named.get("train_recipe", "")
     noise = Noise(path)
     models = sorted({r["model"] for r in rows if is_baseline(r)}, key=lambda m: (m != goal.control, m))
     out = []
@@ -87,13 +89,15 @@ def verdicts(path: Path, goal: Goal) -> list[Verdict]:
             continue
         change, lo, hi = (float(scheme[c]) for c in ("rel_delta", "ci_low", "ci_high"))
         recipe, seed = fp.get("train_recipe", ""), fp.get("train_seed", "")
-        common = {"recipe": recipe, "seed": seed}
+        common = {"recipe": recipe, "seed": seed, "step": _step(model)}
         if model == goal.control or (recipe and recipe == control_recipe):
             out.append(Verdict(model, float(fp["value"]), None, None, change, (lo, hi), None, is_control=True,
                                **common))
             continue
-        # a control not trained here (no recipe, no seed) is every model's; a trained one is its own seed's only
-        control_fp = controls.get(seed) if control_recipe else next(iter(controls.values()))
+        # a model trained here is set against the control trained with its seed (to the same step); one not trained
+        # here (the pretrained model, rows older than train_recipe), or any model against an untrained control,
+        # against the named control
+        control_fp = controls.get((seed, common["step"])) if control_recipe and recipe else named
         if control_fp is None:  # trained with a seed the control was not: no fair fp cost, and no verdict
             out.append(Verdict(model, float(fp["value"]), None, None, change, (lo, hi), None, **common))
             continue
@@ -104,25 +108,36 @@ def verdicts(path: Path, goal: Goal) -> list[Verdict]:
     return out
 
 
-def _controls(rows: list[Row], goal: Goal, path: Path) -> dict[str, Row]:
-    """The control's fp row for each training seed it was trained with: the named control, and every model of its
-    training recipe (the same recipe, another seed)."""
+def _step(model: str) -> int:
+    """The training step a snapshot's name carries (`...@step100`); 0 for a finished run, which is its own."""
+    stepped = step_of(model)
+    return stepped[1] if stepped else 0
+
+
+def _controls(rows: list[Row], goal: Goal, path: Path) -> tuple[Row, dict[tuple[str, int], Row]]:
+    """The named control's fp row, and the control's fp row for each (training seed, step) it was trained and
+    evaluated at: every model of the named control's training recipe. Two of one seed and step are refused."""
     named = _row(rows, goal.control, "none", goal.task, path)
     if named is None:
         raise DataError(f"{path}: no fp row of the control {goal.control} on {goal.task}")
-    found = {named.get("train_seed", ""): named}
     recipe = named.get("train_recipe", "")
-    for model in sorted({r["model"] for r in rows if recipe and r.get("train_recipe") == recipe} - {goal.control}):
+    found: dict[tuple[str, int], Row] = {}
+    for model in sorted({r["model"] for r in rows if recipe and r.get("train_recipe") == recipe} | {goal.control}):
         fp = _row(rows, model, "none", goal.task, path)
-        if fp is not None:
-            found.setdefault(fp.get("train_seed", ""), fp)
-    return found
+        if fp is None:
+            continue
+        at = (fp.get("train_seed", ""), _step(model))
+        if at in found:
+            raise DataError(f"{path}: {found[at]['model']} and {model} are both the control's seed {at[0]!r} at step "
+                            f"{at[1] or 'final'}; keep one of them in the leaderboard")
+        found[at] = fp
+    return named, found
 
 
 @dataclass(frozen=True)
 class SeedVerdict:
-    """A recipe's verdict over its training seeds: the mean of the per-seed changes and Student's t 95% interval over
-    the seeds (n - 1 degrees of freedom)."""
+    """A recipe's verdict over its training seeds (at one step): the mean of the per-seed changes with a 95% interval
+    that holds both sources of noise (`_over_seeds_interval`)."""
 
     recipe: str  # a model name of the recipe with its seed left out
     seeds: tuple[str, ...]
@@ -137,30 +152,47 @@ class SeedVerdict:
                 _mean_pct(self.scheme_change), met]
 
 
-def over_seeds(found: list[Verdict], goal: Goal) -> list[SeedVerdict]:
-    """Each recipe with two or more seeds, every one of them with its fp cost (the control: with its scheme change);
-    a recipe missing a seed's control is left out rather than averaged over fewer seeds than it shows."""
-    groups: dict[str, list[Verdict]] = {}
+def over_seeds(found: list[Verdict], goal: Goal) -> tuple[list[SeedVerdict], list[str]]:
+    """Each recipe (at each step) with two or more seeds, every one of them with its fp cost (the control: with its
+    scheme change); and a line for each recipe left out because a seed has no control, rather than averaging it over
+    fewer seeds than it shows."""
+    groups: dict[tuple[str, int], list[Verdict]] = {}
     for verdict in found:
         if verdict.recipe:
-            groups.setdefault(verdict.recipe, []).append(verdict)
-    out = []
+            groups.setdefault((verdict.recipe, verdict.step), []).append(verdict)
+    out, left_out = [], []
     for members in groups.values():
-        members.sort(key=lambda v: int(v.seed or 0))
-        control = members[0].is_control
-        if len(members) < 2 or (not control and any(v.fp_cost is None for v in members)):
+        if len(members) < 2:
             continue
-        change = _t_interval([v.scheme_change for v in members])
-        cost = None if control else _t_interval([v.fp_cost or 0.0 for v in members])
+        members.sort(key=lambda v: int(v.seed) if v.seed.isdigit() else -1)
+        name = re.sub(r":seed=\d+(?=@step\d+$|$)", "", members[0].model)
+        control = members[0].is_control
+        uncontrolled = [v.seed for v in members if not control and v.fp_cost is None]
+        unpaired = [v.seed for v in members if not control and v.fp_cost is not None and v.fp_interval is None]
+        if uncontrolled or unpaired:
+            why = [f"no control of seed {', '.join(uncontrolled)}"] if uncontrolled else []
+            why += [f"no paired units for seed {', '.join(unpaired)}"] if unpaired else []
+            left_out.append(f"`{name}` ({'; '.join(why)})")
+            continue
+        change = _over_seeds_interval([v.scheme_change for v in members], [v.scheme_interval for v in members])
+        cost = None if control else _over_seeds_interval(
+            [v.fp_cost or 0.0 for v in members],
+            [(v.fp_interval.low, v.fp_interval.high) for v in members if v.fp_interval is not None])
         met = None if cost is None else change[2] <= goal.scheme_bar and cost[2] <= goal.fp_bar
-        out.append(SeedVerdict(re.sub(r":seed=\d+$", "", members[0].model), tuple(v.seed for v in members), cost,
-                               change, met))
-    return out
+        out.append(SeedVerdict(name, tuple(v.seed for v in members), cost, change, met))
+    return out, left_out
 
 
-def _t_interval(values: list[float]) -> tuple[float, float, float]:
+def _over_seeds_interval(values: list[float], intervals: list[tuple[float, float]]) -> tuple[float, float, float]:
+    """The mean over seeds with a 95% interval of two parts in quadrature: the seeds' spread (Student's t with n - 1
+    degrees of freedom on the standard error of the mean) and the evaluation text's, the mean of the seeds' own
+    bootstrap half-widths. The second does not shrink with more seeds: every seed is scored on the same tokens, so
+    which tokens were drawn is shared by all of them and never shows in their spread. Where the two overlap (each
+    seed's own token noise is in both) the sum counts it twice: conservative, never narrower than either part."""
     mean = statistics.fmean(values)
-    half = t975(len(values) - 1) * statistics.stdev(values) / len(values) ** 0.5
+    seeds = t975(len(values) - 1) * statistics.stdev(values) / len(values) ** 0.5
+    text = statistics.fmean((high - low) / 2 for low, high in intervals)
+    half = (seeds**2 + text**2) ** 0.5
     return mean, mean - half, mean + half
 
 
@@ -178,8 +210,8 @@ def header(goal: Goal) -> list[str]:
 
 
 def seeds_header(goal: Goal) -> list[str]:
-    return ["recipe", "seeds", "fp vs control, mean [95% t over seeds]",
-            f"{_scheme_label(goal)} vs own fp, mean [95% t over seeds]", "goal met over seeds"]
+    return ["recipe", "seeds", "fp vs control, mean over seeds [95%]", f"{_scheme_label(goal)} vs own fp, mean [95%]",
+            "goal met over seeds"]
 
 
 def goal_text(goal: Goal) -> str:

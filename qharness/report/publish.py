@@ -379,12 +379,15 @@ def render_goal(table: Table, board: Leaderboard) -> list[str]:
     lines = [_source(table) + _evaluated_on(board, table.goal.task)
              + f" {goal_text(table.goal)} The fp cost is a {BLOCK_NOTE} of the model's per-token NLLs against the "
              "control's on the same tokens.", "", table_of(header(table.goal), [v.cells() for v in found])]
-    seeds = over_seeds(found, table.goal)
+    seeds, left_out = over_seeds(found, table.goal)
     if seeds:
-        lines += ["", "Over training seeds (each seed's model against the control trained with the same seed; the "
-                      "mean of the per-seed changes with Student's t interval over the seeds, which holds the "
-                      "training noise the rows above cannot show):", "",
+        lines += ["", "Over training seeds (each seed's model against the control trained with the same seed): the "
+                      "mean of the per-seed changes; its 95% interval adds in quadrature the seeds' spread (Student's "
+                      "t on the mean's standard error), which the rows above cannot show, and the evaluation text's "
+                      "(the mean of the seeds' own half-widths), which every seed shares:", "",
                   table_of(seeds_header(table.goal), [s.cells() for s in seeds])]
+    if left_out:
+        lines += ["", "Left out of the verdict over seeds: " + "; ".join(left_out) + "."]
     return lines
 
 

@@ -235,12 +235,13 @@ def test_the_goal_table_judges_each_bar_on_its_interval(tmp_path):
 
 
 def test_the_goal_over_training_seeds_pairs_each_seed_with_its_own_control(tmp_path):
-    """Seeds 0-2 of a control and of a mitigation, and a mitigation's seed 3 whose control was never trained. Each
-    seed's fp cost is against the control of the same seed (the controls differ by 0.2 nats, so pairing with another
-    seed's control would be off by ~20%); the recipe's verdict over seeds is the mean with Student's t interval, by
-    hand: costs 1%, 2%, 3% -> mean 2%, sd 1 pt, half-width t(2) x 1 / sqrt(3) = 4.303 x 0.577 = 2.48 pts -> [-0.5,
-    +4.5]: over the +3% bar though every seed's point is at most +3%; static changes 0.4, 0.5, 0.6% -> +0.5% [+0.3,
-    +0.7]."""
+    """Seeds 0-2 of a control and of three mitigations, and a mitigation's seed 3 whose control was never trained.
+    Each seed's fp cost is against the control of the same seed (the controls differ by 0.2 nats, so pairing with
+    another seed's control would be off by ~20%). A recipe's verdict over seeds is the mean, its half-width the seeds'
+    (Student's t) and the text's (the mean of the seeds' own half-widths) in quadrature, by hand for `t:mit`: fp costs
+    1%, 2%, 3% (constant shifts: their own bootstrap has no width) -> mean 2%, t(2) x 1 pt / sqrt(3) = 2.48 pts ->
+    [-0.5, +4.5], over the +3% bar though each seed's point is at most +3%; static changes 0.4, 0.5, 0.6%, each +-0.1 ->
+    sqrt(0.248^2 + 0.1^2) = 0.268 pts -> +0.5% [+0.2, +0.8]."""
     from qharness.report.goal import Goal, over_seeds, verdicts
 
     rng = np.random.default_rng(3)
@@ -257,39 +258,51 @@ def test_the_goal_over_training_seeds_pairs_each_seed_with_its_own_control(tmp_p
         write_units(results, key(fp_row), Units(nll, "nll", "kjv"))
         rows.extend([fp_row, static])
 
+    def seeded(name, seed):
+        return name + (f":seed={seed}" if seed else "")
+
     for seed in range(3):
         control = base + 0.2 * seed
-        model("t:none" + (f":seed={seed}" if seed else ""), "r-none", seed, control, 0.8)
-        model("t:mit" + (f":seed={seed}" if seed else ""), "r-mit", seed, control + np.log(1 + 0.01 * (seed + 1)),
-              0.004 + 0.001 * seed)
+        model(seeded("t:none", seed), "r-none", seed, control, 0.8)
+        model(seeded("t:mit", seed), "r-mit", seed, control + np.log(1 + 0.01 * (seed + 1)), 0.004 + 0.001 * seed)
+        # tight seeds: fp 1.0-1.2%, static 0.4-0.6% -> met; and the same fp with static 4.8-5.0% -> its upper end over
+        model(seeded("t:good", seed), "r-good", seed, control + np.log(1.01 + 0.001 * seed), 0.004 + 0.001 * seed)
+        model(seeded("t:over", seed), "r-over", seed, control + np.log(1.01 + 0.001 * seed), 0.048 + 0.001 * seed)
     model("t:mit:seed=3", "r-mit", 3, base, 0.004)
+    # a snapshot of seed 1 (same recipe and seed, another step) and a pretrained model (no recipe, no seed)
+    model("t:none:seed=1@step100", "r-none", 1, base + 0.5, 0.9)
+    model("t:mit:seed=1@step100", "r-mit", 1, base + 0.5 + np.log(1.05), 0.01)
+    model("pre", "", "", base - 0.1, 0.9)
     append_rows(results, rows)
     found = {v.model: v for v in verdicts(results, Goal(control="t:none"))}
-    assert [m for m, v in found.items() if v.is_control] == ["t:none", "t:none:seed=1", "t:none:seed=2"]
-    for seed, name in enumerate(("t:mit", "t:mit:seed=1", "t:mit:seed=2")):
-        assert found[name].fp_cost == pytest.approx(0.01 * (seed + 1), abs=1e-9)
-        assert found[name].fp_interval.low < found[name].fp_cost < found[name].fp_interval.high
+    assert [m for m, v in found.items() if v.is_control] == [
+        "t:none", "t:none:seed=1", "t:none:seed=1@step100", "t:none:seed=2"]
+    for seed in range(3):
+        assert found[seeded("t:mit", seed)].fp_cost == pytest.approx(0.01 * (seed + 1), abs=1e-9)
+    assert found["t:mit:seed=1@step100"].fp_cost == pytest.approx(0.05)  # against the control's step 100
+    assert found["pre"].fp_cost == pytest.approx(np.exp(-0.1) - 1)  # not trained here: against the named control
     assert found["t:mit:seed=3"].fp_cost is None and found["t:mit:seed=3"].met is None
     assert found["t:mit"].met is True and found["t:mit:seed=1"].met is True  # each seed alone meets the bar
     text = render(Table("goal", "seeds.csv", "goal", goal=Goal(control="t:none")), tmp_path)
     assert "| ? (no control of seed 3) |" in text
-    # seed 3 has no control: the recipe is not averaged over the three seeds that have one
-    assert [s.recipe for s in over_seeds(list(found.values()), Goal(control="t:none"))] == ["t:none"]
+    assert "Left out of the verdict over seeds: `t:mit` (no control of seed 3)." in text
+    assert "| `t:good` | 0, 1, 2 | +1.1% [+0.9, +1.3] | +0.5% [+0.2, +0.8] | yes |" in text
+    # without seed 3 the recipe is averaged over its three controlled seeds; no group mixes steps
     without_3 = [v for v in found.values() if v.seed != "3"]
-    by_recipe = {s.recipe: s for s in over_seeds(without_3, Goal(control="t:none"))}
-    mean, low, high = by_recipe["t:mit"].fp_cost
-    assert (mean, low, high) == pytest.approx((0.02, 0.02 - 4.303 * 0.01 / 3**0.5, 0.02 + 4.303 * 0.01 / 3**0.5))
-    assert by_recipe["t:mit"].scheme_change == pytest.approx((0.005, 0.005 - 4.303 * 0.001 / 3**0.5,
-                                                              0.005 + 4.303 * 0.001 / 3**0.5))
+    by_recipe = {s.recipe: s for s in over_seeds(without_3, Goal(control="t:none"))[0]}
+    assert sorted(by_recipe) == ["t:good", "t:mit", "t:none", "t:over"]
+    assert by_recipe["t:mit"].fp_cost == pytest.approx((0.02, 0.02 - 4.303 * 0.01 / 3**0.5,
+                                                        0.02 + 4.303 * 0.01 / 3**0.5), abs=1e-6)
+    half = ((4.303 * 0.001 / 3**0.5) ** 2 + 0.001**2) ** 0.5
+    assert by_recipe["t:mit"].scheme_change == pytest.approx((0.005, 0.005 - half, 0.005 + half))
     assert by_recipe["t:mit"].met is False and by_recipe["t:none"].met is None
-    assert by_recipe["t:mit"].cells() == ["`t:mit`", "0, 1, 2", "+2.0% [-0.5, +4.5]", "+0.5% [+0.3, +0.7]", "no"]
-    # a control not trained here (the pretrained model: no recipe, no seed) is every seed's control
-    rows.clear()
-    model("pre", "", "", base - 0.1, 0.9)
-    append_rows(results, rows)
-    against_pre = {v.model: v for v in verdicts(results, Goal(control="pre"))}
-    assert not any(v.is_control for m, v in against_pre.items() if m != "pre")
-    assert against_pre["t:mit:seed=3"].fp_cost == pytest.approx(np.exp(0.1) - 1)
+    assert by_recipe["t:mit"].cells() == ["`t:mit`", "0, 1, 2", "+2.0% [-0.5, +4.5]", "+0.5% [+0.2, +0.8]", "no"]
+    assert by_recipe["t:good"].met is True
+    assert by_recipe["t:over"].scheme_change[0] < 0.05 < by_recipe["t:over"].scheme_change[2]
+    assert by_recipe["t:over"].met is False  # its mean is under the bar, the interval's upper end is not
+    append_rows(results, [{**rows[0], "model": "t:none:seed=0"}])  # a second row of the control's seed 0
+    with pytest.raises(DataError, match="t:none and t:none:seed=0 are both the control's seed '0'"):
+        verdicts(results, Goal(control="t:none"))
 
 
 def test_a_grid_table_gives_each_models_change_under_each_pick(tmp_path):
