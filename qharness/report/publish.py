@@ -84,6 +84,8 @@ class Table:
     # kind grid: the columns, one row per model of the leaderboard
     pairs: tuple[Pair, ...] = ()  # kind pairs
     goal: Goal | None = None  # kind goal
+    scan: tuple[str, ...] = ()  # kind grid: scan measures (SCAN_COLUMNS) shown before the fp perplexity
+    fp_vs_base: bool = False  # kind grid: each model's fp change against its family's model without a mitigation
     task: str = "kjv-heldout"
     metric: str = "ppl"
     note: str = ""  # printed under the table (what is left out of it and why)
@@ -290,6 +292,38 @@ def render_rows(table: Table, board: Leaderboard) -> list[str]:
     return lines + ([""] + [" ".join(extra)] if extra else [])
 
 
+# a scan measure's column: its label and how its value prints (bos_holds_max is a share of layer-sequence pairs)
+SCAN_COLUMNS: dict[str, tuple[str, Callable[[float], str]]] = {
+    "massive_max": ("max abs", lambda v: f"{v:.1f}"), "massive_ratio": ("max/median", lambda v: f"{v:.0f}"),
+    "bos_holds_max": ("BOS holds max", lambda v: f"{v:.0%}")}
+
+
+def _scan_cell(board: Leaderboard, model: str, metric: str) -> str:
+    found = [r for r in board.rows if (r["model"], r["task"], r["metric"]) == (model, SCAN_TASK, metric)
+             and r.get("value", "") != ""]
+    if len(found) > 1:
+        raise DataError(f"{board.path}: {len(found)} scan rows of {model} {metric} (scanned with different settings); "
+                        "a published table takes one, so keep one in the leaderboard")
+    return SCAN_COLUMNS[metric][1](float(found[0]["value"])) if found else ""
+
+
+def _vs_base_cell(board: Leaderboard, fp: Row | None) -> str:
+    """The fp change of a model against its family's model without a mitigation and with its training seed (the
+    zoo's `-base`, a tune family's control), paired on the same tokens; '-' for that model itself."""
+    if fp is None:
+        return ""
+    if fp.get("mitigation", "") in ("", "none"):
+        return "-"
+    bases = {r["model"] for r in board.rows if r.get("family") and r.get("family") == fp.get("family")
+             and r.get("mitigation") == "none" and r.get("train_seed", "") == fp.get("train_seed", "")}
+    found = [board.by_key[k] for k in ((m, *key(fp)[1:]) for m in sorted(bases)) if k in board.by_key]
+    if len(found) != 1:
+        return "?" if not found else "? (several bases)"
+    cost = float(fp["value"]) / float(found[0]["value"]) - 1
+    interval = board.noise.rows_change(key(fp), key(found[0]))
+    return percent_interval(cost, None if interval is None else (interval.low, interval.high))
+
+
 def render_grid(table: Table, board: Leaderboard) -> list[str]:
     """One row per model (in the leaderboard's order), one column per pick: each model's change under each scheme
     or fix against its own fp perplexity, with the row's interval; an empty cell was not computed (or cannot be: a
@@ -303,10 +337,22 @@ def render_grid(table: Table, board: Leaderboard) -> list[str]:
     lines = [_source(table) + _evaluated_on(board, table.task) + " Each cell: the change against the model's own fp "
              f"perplexity with its 95% interval ({BLOCK_NOTE}, paired with the fp row on the same tokens); empty: "
              f"not computed. {_backends(present)}", ""]
-    columns = ["model", "fp ppl", *(f"`{pick.label}`" for pick in table.rows)]
-    rows = [[f"`{m}`", number(next(d.fp_value for d in row if d is not None)),
-             *(percent_interval(d.rel, d.ci) if d is not None else "" for d in row)]
-            for m, row in cells.items() if any(d is not None for d in row)]
+    columns = ["model", *(SCAN_COLUMNS[m][0] for m in table.scan), "fp ppl",
+               *(["fp vs base [95%]"] if table.fp_vs_base else []), *(f"`{pick.label}`" for pick in table.rows)]
+    rows = []
+    for model, row in cells.items():
+        first = next((d for d in row if d is not None), None)
+        if first is None:
+            continue
+        rows.append([f"`{model}`", *(_scan_cell(board, model, metric) for metric in table.scan),
+                     number(first.fp_value), *([_vs_base_cell(board, board.fp_row(first))] if table.fp_vs_base else []),
+                     *(percent_interval(d.rel, d.ci) if d is not None else "" for d in row)])
+    if table.fp_vs_base:
+        lines[0] += (" fp vs base: the fp perplexity against the family's model without a mitigation (same training "
+                     f"seed), with its 95% interval ({BLOCK_NOTE}, paired on the same tokens).")
+    if table.scan:
+        lines[0] += " Scan columns: `qharness scan`'s largest |h| over the decoder layers, its max/median, and the " \
+                    "share of (layer, sequence) pairs whose largest entry is on BOS."
     return lines + [table_of(columns, rows)] + (["", table.note] if table.note else [])
 
 

@@ -337,6 +337,43 @@ def test_a_grid_table_gives_each_models_change_under_each_pick(tmp_path):
     assert mitigated[2].endswith("[+19.0, +21.0]") and mitigated[3] == " |"
 
 
+def test_a_grid_table_can_show_scan_measures_and_the_fp_change_against_the_familys_base(tmp_path):
+    """The zoo's mitigations table as a grid: per model its scan measures, fp perplexity, fp change against the base of
+    its own family (llama's base for a llama, gpt2's for a gpt2: the two bases differ by 0.3 nats, so the wrong one
+    is off by a third) and its schemes' changes."""
+    results = tmp_path / "zoo.csv"
+    rng = np.random.default_rng(4)
+    rows = []
+    bases = {"zoo:llama": rng.gamma(2.0, 1.5, size=TOKENS)}
+    bases["zoo:gpt2"] = bases["zoo:llama"] + 0.3
+    for family, mitigation, shift, scan in (("zoo:llama", "none", 0.0, (640.8, 26.0, 0.34)),
+                                            ("zoo:llama", "kv_bias", np.log(1.036), (447.9, 22.0, 0.34)),
+                                            ("zoo:gpt2", "none", 0.0, (279.6, 25.0, 0.41)),
+                                            ("zoo:gpt2", "dyt", np.log(8.767), (56.7, 2.0, 0.0))):
+        name = f"{family}-{'base' if mitigation == 'none' else mitigation}"
+        fp = bases[family] + shift
+        common = {"model": name, "family": family, "mitigation": mitigation, "train_seed": "0"}
+        fp_row = {**ppl_row(results, fp, fp), **common}
+        write_units(results, key(fp_row), Units(fp, "nll", "kjv"))
+        static = {**ppl_row(results, fp + 0.003, fp, quant="int8-w8a8-tensor-static"), **common,
+                  "ci_of": "rel_delta", "ci_low": "0.001", "ci_high": "0.005"}
+        scans = [{**fp_row, "task": "scan", "metric": metric, "value": str(value), "fp_value": str(value)}
+                 for metric, value in zip(("massive_max", "massive_ratio", "bos_holds_max"), scan, strict=True)]
+        rows += [fp_row, static, *scans]
+    append_rows(results, rows)
+    grid = Table("zoo", "zoo.csv", "grid", rows=(Pick("int8-w8a8-tensor-static"),),
+                 scan=("massive_max", "massive_ratio", "bos_holds_max"), fp_vs_base=True)
+    table = [line for line in render(grid, tmp_path).splitlines() if line.startswith("|")]
+    assert table[0] == ("| model | max abs | max/median | BOS holds max | fp ppl | fp vs base [95%] | "
+                        "`int8-w8a8-tensor-static` |")
+    cells = {line.split(" | ")[0][2:]: line.split(" | ")[1:] for line in table[2:]}
+    assert cells["`zoo:llama-base`"][:5] == ["640.8", "26", "34%", f"{np.exp(bases['zoo:llama'].mean()):.2f}", "-"]
+    assert cells["`zoo:gpt2-dyt`"][:3] == ["56.7", "2", "0%"]
+    assert cells["`zoo:llama-kv_bias`"][4].startswith("+3.6% [+3.6, +3.6]")  # a constant shift: a zero-width interval
+    assert cells["`zoo:gpt2-dyt`"][4].startswith("+776.7% [+776.7, +776.7]")  # against gpt2's base, not llama's
+    assert cells["`zoo:llama-kv_bias`"][5] == "+0.3% [+0.1, +0.5] |"
+
+
 def test_the_seeds_table_gives_each_recipes_spread_and_welchs_interval_between_them(tmp_path):
     """Two recipes with 3 training seeds each: mean and sd over seeds per row kind, and the difference of the recipes'
     mean fp perplexity with Welch's interval, by hand: a = (70, 71, 72), b = (69, 70.5, 71.5): diff -0.667,
