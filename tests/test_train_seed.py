@@ -43,3 +43,42 @@ def test_seeds_of_one_recipe_share_a_digest_and_reach_the_rows(train_tiny, tiny_
 def test_models_not_trained_here_have_no_training_seed(tiny_model_dir):
     assert training_seed(str(tiny_model_dir)) == (None, "")
     assert training_seed("no/such/model") == (None, "")
+
+
+def test_a_record_written_before_a_setting_existed_shares_its_recipes_digest():
+    """The 400-step control of seed 0 was recorded before TuneRecipe had `retrofit` and its seeds 1-2 after; zoo
+    records before `precision` and `grad_accum`. A setting a record lacks counts at the value it had before it
+    existed, so every seed of a recipe shares the digest; a setting at another value still tells recipes apart."""
+    from qharness.data.recipe import unseeded_digest
+
+    train = {"steps": 400, "lr": 2e-4, "seed": 0, "budget_minutes": None}
+    old = {"base": "smollm2-135m", "mitigation": "none", "train": train, "digest": "915429699a"}
+    new = {**old, "retrofit": "", "train": {**train, "seed": 1, "precision": "fp32", "grad_accum": 1},
+           "digest": "020f31cfca"}
+    assert unseeded_digest(old) == unseeded_digest(new)
+    assert unseeded_digest({**new, "retrofit": "dyt-sequential"}) != unseeded_digest(old)
+    assert unseeded_digest({**new, "train": {**new["train"], "precision": "bf16"}}) != unseeded_digest(old)
+    zoo_old = {"arch": {"arch": "llama", "d_model": 128}, "train": train, "mitigation": "none"}
+    zoo_new = {**zoo_old, "arch": {"arch": "llama", "d_model": 128, "mlp_hidden": None}}
+    assert unseeded_digest(zoo_old) == unseeded_digest(zoo_new) != unseeded_digest(old)
+
+
+def test_refresh_rederives_the_training_columns_and_touches_nothing_else(train_tiny, tmp_path, tiny_model_dir):
+    from qharness.data.results import append_rows, make_row
+    from qharness.experiment.refresh_training import main
+
+    trained = train_tiny("s5", seed=5)
+    seed, recipe = training_seed(trained)
+    results = tmp_path / "old.csv"
+    stale = make_row(20.0, 20.0, model=trained, quant="none", task="t", metric="ppl", train_seed="5",
+                     train_recipe="416e4e9383bf")  # as an older derivation wrote it
+    foreign = make_row(30.0, 30.0, model=str(tiny_model_dir), quant="none", task="t", metric="ppl",
+                       train_seed="", train_recipe="")
+    append_rows(results, [stale, foreign])
+    assert main([str(results)]) == 0
+    rows = {r["model"]: r for r in read_rows(results)}
+    assert (rows[trained]["train_seed"], rows[trained]["train_recipe"]) == (str(seed), recipe) != ("5", "416e4e9383bf")
+    assert {k: v for k, v in rows[trained].items() if k != "train_recipe"} == \
+        {k: str(v) if v is not None else "" for k, v in stale.items() if k != "train_recipe"}
+    assert rows[str(tiny_model_dir)]["train_recipe"] == ""
+    assert main([str(tmp_path / "missing.csv")]) == 2

@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal
 
 from qharness.core.errors import ConfigError
@@ -34,6 +34,22 @@ def digest_fields(config: Any) -> dict[str, Any]:
     call may run, not a setting)."""
     return {k: v for k, v in asdict(config).items()
             if k != "budget_minutes" and not (k in LATER_FIELDS and v == LATER_FIELDS[k])}
+
+
+def unseeded_digest(recorded: dict[str, Any]) -> str:
+    """Twelve hex digits of a recorded recipe (training.json's `recipe`) without its seed: the seeds of one recipe
+    share it. A record written before a setting existed lacks it; it is filled at the value that setting had before
+    (LATER_FIELDS; a continued-training recipe's empty `retrofit`), so a recipe's seeds agree whenever each was
+    trained, and a record that has the setting keeps the digest it always had."""
+    unseeded = {k: v for k, v in recorded.items() if k != "digest"}
+    if "base" in unseeded:  # a TuneRecipe's record
+        unseeded.setdefault("retrofit", "")
+    for part, config in (("arch", ArchConfig), ("train", TrainConfig)):
+        if isinstance(unseeded.get(part), dict):
+            names = {f.name for f in fields(config)}
+            later = {k: v for k, v in LATER_FIELDS.items() if k in names}
+            unseeded[part] = {**later, **{k: v for k, v in unseeded[part].items() if k != "seed"}}
+    return hashlib.sha256(json.dumps(unseeded, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
 @dataclass(frozen=True)

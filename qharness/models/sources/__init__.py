@@ -249,16 +249,12 @@ def training_record(name: str) -> dict[str, Any]:
 def training_seed(name: str) -> tuple[int | None, str]:
     """(training seed, digest of the recipe without its seed) of a model trained here, else (None, ''): rows of
     models with the same recipe digest and different seeds are seeds of one recipe."""
-    import hashlib
-    import json
+    from qharness.data.recipe import unseeded_digest
 
     recipe = training_record(name).get("recipe")
     if not isinstance(recipe, dict) or not isinstance(recipe.get("train"), dict) or "seed" not in recipe["train"]:
         return None, ""
-    unseeded = {k: v for k, v in recipe.items() if k != "digest"}
-    unseeded["train"] = {k: v for k, v in recipe["train"].items() if k != "seed"}
-    digest = hashlib.sha256(json.dumps(unseeded, sort_keys=True, default=str).encode()).hexdigest()[:12]
-    return int(recipe["train"]["seed"]), digest
+    return int(recipe["train"]["seed"]), unseeded_digest(recipe)
 
 
 def name_columns(name: str) -> dict[str, str]:
