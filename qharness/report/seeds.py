@@ -57,12 +57,18 @@ def seeds_markdown(groups: list[dict[str, Any]], table_of: Any) -> list[str]:
     parts.append(table_of(["recipe", "mitigation", "scheme", "task", "metric", "limit", "seeds", "value mean", "sd",
                            "range", "rel mean", "rel sd", "rel range"],
                           [[g["train_recipe"], g["mitigation"], _scheme(g), g["task"], g["metric"], g["limit"] or "all",
-                            ", ".join(map(str, g["seeds"])), f"{g['value_mean']:.4g}", f"{g['value_sd']:.2g}",
-                            f"{g['value_min']:.4g} to {g['value_max']:.4g}", percent(g["rel_mean"]),
+                            ", ".join(map(str, g["seeds"])), _figure(g["value_mean"], 4), _figure(g["value_sd"], 2),
+                            f"{_figure(g['value_min'], 4)} to {_figure(g['value_max'], 4)}", percent(g["rel_mean"]),
                             "" if g["rel_sd"] is None else f"{g['rel_sd'] * 100:.2f} pts",
                             "" if g["rel_min"] is None else f"{percent(g['rel_min'])} to {percent(g['rel_max'])}"]
                            for g in groups]))
     return parts
+
+
+def _figure(value: float, digits: int) -> str:
+    """`digits` significant digits, but a number with more digits before the point in full (25,623, not 2.562e+04:
+    a largest activation reads as a number, not in scientific notation)."""
+    return f"{value:,.0f}" if abs(value) >= 10**digits else f"{value:.{digits}g}"
 
 
 def _scheme(group: dict[str, Any]) -> str:
