@@ -24,7 +24,9 @@ def refresh(path: Path) -> int:
         derived: dict[str, tuple[int | None, str]] = {}
         changed = 0
         for row in rows:
-            seed, recipe = derived.setdefault(row["model"], training_seed(row["model"]))
+            if row["model"] not in derived:  # one read of a model's record, not one per row
+                derived[row["model"]] = training_seed(row["model"])
+            seed, recipe = derived[row["model"]]
             if seed is None:
                 continue
             if (row.get("train_seed", ""), row.get("train_recipe", "")) != (str(seed), recipe):

@@ -17,6 +17,7 @@ from pathlib import Path
 from qharness.core.errors import DataError
 from qharness.data.results import Row, is_baseline, key, read_rows
 from qharness.models.sources.tune import step_of
+from qharness.report.degradation import percent_interval
 from qharness.report.noise import Noise
 from qharness.report.seeds import t975
 from qharness.stats.bootstrap import Interval
@@ -146,10 +147,10 @@ class SeedVerdict:
     met: bool | None  # None for the control
 
     def cells(self) -> list[str]:
-        cost = "-" if self.fp_cost is None else _mean_pct(self.fp_cost)
+        cost = "-" if self.fp_cost is None else percent_interval(self.fp_cost[0], self.fp_cost[1:])
         met = "-" if self.met is None else ("yes" if self.met else "no")
         return [f"`{self.recipe}`" + (" (control)" if self.fp_cost is None else ""), ", ".join(self.seeds), cost,
-                _mean_pct(self.scheme_change), met]
+                percent_interval(self.scheme_change[0], self.scheme_change[1:]), met]
 
 
 def over_seeds(found: list[Verdict], goal: Goal) -> tuple[list[SeedVerdict], list[str]]:
@@ -194,11 +195,6 @@ def _over_seeds_interval(values: list[float], intervals: list[tuple[float, float
     text = statistics.fmean((high - low) / 2 for low, high in intervals)
     half = (seeds**2 + text**2) ** 0.5
     return mean, mean - half, mean + half
-
-
-def _mean_pct(spread: tuple[float, float, float]) -> str:
-    mean, low, high = spread
-    return f"{100 * mean:+.1f}% [{100 * low:+.1f}, {100 * high:+.1f}]"
 
 
 def _scheme_label(goal: Goal) -> str:
