@@ -58,6 +58,8 @@ def test_a_record_written_before_a_setting_existed_shares_its_recipes_digest():
     assert unseeded_digest(old) == unseeded_digest(new)
     assert unseeded_digest({**new, "retrofit": "dyt-sequential"}) != unseeded_digest(old)
     assert unseeded_digest({**new, "train": {**new["train"], "precision": "bf16"}}) != unseeded_digest(old)
+    budgeted = {**new, "train": {**new["train"], "budget_minutes": 30.0}}
+    assert unseeded_digest(budgeted) == unseeded_digest(old), "a call's time budget is not a setting"
     zoo_old = {"arch": {"arch": "llama", "d_model": 128}, "train": train, "mitigation": "none"}
     zoo_new = {**zoo_old, "arch": {"arch": "llama", "d_model": 128, "mlp_hidden": None}}
     assert unseeded_digest(zoo_old) == unseeded_digest(zoo_new) != unseeded_digest(old)

@@ -40,7 +40,8 @@ def unseeded_digest(recorded: dict[str, Any]) -> str:
     """Twelve hex digits of a recorded recipe (training.json's `recipe`) without its seed: the seeds of one recipe
     share it. A record written before a setting existed lacks it; it is filled at the value that setting had before
     (LATER_FIELDS; a continued-training recipe's empty `retrofit`), so a recipe's seeds agree whenever each was
-    trained, and a record that has the setting keeps the digest it always had."""
+    trained. The budget stays out, as it does of `digest_fields`: how long one call may run is not a setting, so a seed
+    trained with `--budget` groups with its recipe's other seeds."""
     unseeded = {k: v for k, v in recorded.items() if k != "digest"}
     if "base" in unseeded:  # a TuneRecipe's record
         unseeded.setdefault("retrofit", "")
@@ -48,7 +49,8 @@ def unseeded_digest(recorded: dict[str, Any]) -> str:
         if isinstance(unseeded.get(part), dict):
             names = {f.name for f in fields(config)}
             later = {k: v for k, v in LATER_FIELDS.items() if k in names}
-            unseeded[part] = {**later, **{k: v for k, v in unseeded[part].items() if k != "seed"}}
+            unseeded[part] = {**later, **{k: v for k, v in unseeded[part].items()
+                                          if k not in ("seed", "budget_minutes")}}
     return hashlib.sha256(json.dumps(unseeded, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
