@@ -491,6 +491,26 @@ def unplaced(text: str, tables: tuple[Table, ...]) -> list[str]:
     return [t.name for t in tables if placed.count(t.name) != 1]
 
 
+TABLE_LINE = re.compile(r"^\s*\|.*\|\s*$")
+TYPED_NOTE = "not yet generated"
+NOTE_REACH = 8  # lines above a typed table in which its note must stand
+
+
+def unmarked_typed_tables(text: str) -> list[int]:
+    """Line numbers (1-based) of tables outside every generated block whose preceding lines do not say "not yet
+    generated": a reader must be able to tell a typed number, which has no interval, from a published one."""
+    outside = MARKERS.sub(lambda m: "\n" * m.group(0).count("\n"), text).splitlines()
+    found, above_was_table = [], False
+    for at, line in enumerate(outside, 1):
+        is_table = bool(TABLE_LINE.match(line))
+        if is_table and not above_was_table:
+            note = " ".join(outside[max(0, at - 1 - NOTE_REACH):at - 1])
+            if TYPED_NOTE not in note:
+                found.append(at)
+        above_was_table = is_table
+    return found
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m qharness.report.publish", description=__doc__.split("\n\n")[0],
                                      epilog="examples:\n  python -m qharness.report.publish          # rewrite the "
@@ -510,6 +530,10 @@ def main(argv: list[str] | None = None) -> int:
             raise DataError(f"{args.doc} has no (or more than one) markers for the tables {missing}: add "
                             f"<!-- generated: {missing[0]} --> and <!-- end: {missing[0]} --> where it goes")
         new = regenerate(text, TABLES, args.published)
+        typed = unmarked_typed_tables(text)
+        if typed:
+            raise DataError(f"{args.doc}: the table at line {typed[0]} is neither generated nor marked: put it between "
+                            f"generated markers, or say \"{TYPED_NOTE}\" in the {NOTE_REACH} lines above it")
     except (QHarnessError, OSError) as exc:
         print(f"qharness: error: {exc}", file=sys.stderr)
         return 2

@@ -28,6 +28,19 @@ def test_the_findings_tables_are_what_the_shipped_leaderboards_give(capsys):
         capsys.readouterr().out[-4000:]
 
 
+def test_a_typed_table_must_say_it_is_not_generated():
+    """Every table of the findings is generated or says it is not (its numbers carry no interval)."""
+    assert publish.unmarked_typed_tables((REPO / publish.DOC).read_text(encoding="utf-8")) == []
+    table = "| a | b |\n|---|---|\n| 1 | 2 |\n"
+    generated = f"<!-- generated: t -->\n{table}<!-- end: t -->\n"
+    assert publish.unmarked_typed_tables(f"intro\n\n{generated}\ntext\n") == []
+    assert publish.unmarked_typed_tables(f"(not yet generated from results/published):\n\n{table}") == []
+    assert publish.unmarked_typed_tables(f"{generated}\nsome typed numbers:\n\n{table}") == [9]
+    far = "(not yet generated)\n" + "\n" * publish.NOTE_REACH + table
+    assert publish.unmarked_typed_tables(far) == [publish.NOTE_REACH + 2]
+    assert publish.unmarked_typed_tables("|h| and max/median, a sentence, not a table\n") == []
+
+
 def test_the_published_folder_is_tracked_and_default_runs_write_elsewhere():
     from qharness.experiment.settings import RunSettings
 
