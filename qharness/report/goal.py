@@ -17,7 +17,7 @@ from pathlib import Path
 from qharness.core.errors import DataError
 from qharness.data.results import Row, is_baseline, key, read_rows
 from qharness.models.sources.tune import step_of
-from qharness.report.degradation import percent_interval
+from qharness.report.degradation import number, percent_interval
 from qharness.report.noise import Noise
 from qharness.report.seeds import t975
 from qharness.stats.bootstrap import Interval
@@ -54,15 +54,11 @@ class Verdict:
         elif self.fp_cost is None:
             cost, met = f"? (no control of seed {self.seed})", "?"
         else:
-            cost = _pct(self.fp_cost, self.fp_interval)
+            cost = percent_interval(self.fp_cost, None if self.fp_interval is None else
+                                    (self.fp_interval.low, self.fp_interval.high))
             met = {True: "yes", False: "no", None: "? (no paired units)"}[self.met]
-        return [f"`{self.model}`" + (" (control)" if self.is_control else ""), f"{self.fp_ppl:.2f}", cost,
-                f"{100 * self.scheme_change:+.1f}% [{100 * lo:+.1f}, {100 * hi:+.1f}]", met]
-
-
-def _pct(value: float, interval: Interval | None) -> str:
-    text = f"{100 * value:+.1f}%"
-    return text + (f" [{100 * interval.low:+.1f}, {100 * interval.high:+.1f}]" if interval is not None else "")
+        return [f"`{self.model}`" + (" (control)" if self.is_control else ""), number(self.fp_ppl), cost,
+                percent_interval(self.scheme_change, (lo, hi)), met]
 
 
 def _row(rows: list[Row], model: str, quant: str, task: str, path: Path, transform: str = "") -> Row | None:
@@ -72,6 +68,15 @@ def _row(rows: list[Row], model: str, quant: str, task: str, path: Path, transfo
         raise DataError(f"{path}: {len(found)} rows of {model} {quant} on {task} (evaluated with different settings: "
                         "limit, context, dtype, bos); the goal table takes one, so keep one in the leaderboard")
     return found[0] if found else None
+
+
+def unjudged(path: Path, goal: Goal, judged: list[Verdict]) -> list[str]:
+    """Models of the leaderboard with an fp row on the goal's task but no verdict (the scheme's row with its interval
+    is missing: not computed, or refused, as a rotation refuses DyT), so a table can name them rather than drop them."""
+    rows = read_rows(path)
+    have = {v.model for v in judged}
+    return sorted({r["model"] for r in rows if is_baseline(r) and r["task"] == goal.task and r["metric"] == "ppl"
+                   and r["model"] not in have})
 
 
 def verdicts(path: Path, goal: Goal) -> list[Verdict]:
@@ -197,20 +202,20 @@ def _over_seeds_interval(values: list[float], intervals: list[tuple[float, float
     return mean, mean - half, mean + half
 
 
-def _scheme_label(goal: Goal) -> str:
+def scheme_label(goal: Goal) -> str:
     return f"`{goal.scheme}`" + (f" after `{goal.transform}`" if goal.transform else "")
 
 
 def header(goal: Goal) -> list[str]:
-    return ["model", "fp ppl", "fp vs control [95%]", f"{_scheme_label(goal)} vs own fp [95%]", "goal met"]
+    return ["model", "fp ppl", "fp vs control [95%]", f"{scheme_label(goal)} vs own fp [95%]", "goal met"]
 
 
 def seeds_header(goal: Goal) -> list[str]:
-    return ["recipe", "seeds", "fp vs control, mean over seeds [95%]", f"{_scheme_label(goal)} vs own fp, mean [95%]",
+    return ["recipe", "seeds", "fp vs control, mean over seeds [95%]", f"{scheme_label(goal)} vs own fp, mean [95%]",
             "goal met over seeds"]
 
 
 def goal_text(goal: Goal) -> str:
-    return (f"Met: the upper end of the interval of the change under {_scheme_label(goal)} over the model's own "
+    return (f"Met: the upper end of the interval of the change under {scheme_label(goal)} over the model's own "
             f"fp perplexity is <= {100 * goal.scheme_bar:+.0f}%, and of its fp change against the control <= "
             f"{100 * goal.fp_bar:+.0f}%, on {goal.task}.")

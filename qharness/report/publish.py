@@ -31,7 +31,7 @@ from qharness.data.results import SCAN_TASK, Row, key, read_rows, write_atomic
 from qharness.data.units import fp_key
 from qharness.report.curves import build_curves, curves_table
 from qharness.report.degradation import Degradation, degradations, number, percent_interval
-from qharness.report.goal import Goal, goal_text, header, over_seeds, seeds_header, verdicts
+from qharness.report.goal import Goal, goal_text, header, over_seeds, scheme_label, seeds_header, unjudged, verdicts
 from qharness.report.noise import Noise, verdict
 from qharness.report.seeds import seed_contrasts, seed_groups, seeds_markdown
 
@@ -434,6 +434,10 @@ def render_goal(table: Table, board: Leaderboard) -> list[str]:
                   table_of(seeds_header(table.goal), [s.cells() for s in seeds])]
     if left_out:
         lines += ["", "Left out of the verdict over seeds: " + "; ".join(left_out) + "."]
+    missing = unjudged(board.path, table.goal, found)
+    if missing:
+        lines += ["", f"Not judged (no {scheme_label(table.goal)} row with an interval: not computed, or refused): "
+                  + ", ".join(f"`{m}`" for m in missing) + "."]
     return lines
 
 

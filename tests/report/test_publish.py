@@ -242,6 +242,10 @@ def test_the_goal_table_judges_each_bar_on_its_interval(tmp_path):
     assert after["static-over"].scheme_interval == (0.001, 0.004)
     text = render(Table("goal", "step400.csv", "goal", goal=Goal(control="control", transform="rotate")), tmp_path)
     assert "`int8-w8a8-tensor-static` after `rotate` vs own fp [95%]" in text
+    # the models without a rotated row are named, not dropped; the plain goal judges every model
+    assert ("Not judged (no `int8-w8a8-tensor-static` after `rotate` row with an interval: not computed, or refused): "
+            "`fp-far-over`, `fp-upper-over`, `meets`, `no-units`.") in " ".join(text.split())
+    assert "Not judged" not in render(Table("goal", "step400.csv", "goal", goal=Goal(control="control")), tmp_path)
     append_rows(results, [{**rows[2], "limit": "2"}])  # the same model and scheme measured twice
     with pytest.raises(DataError, match="2 rows of meets none on kjv-heldout"):
         verdicts(results, Goal(control="control"))
