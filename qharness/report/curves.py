@@ -99,6 +99,16 @@ def _family(run: str) -> str:
         return run.partition(":")[0] + ":" + _base_of(run)
 
 
+BROKEN = 10.0  # fp perplexity more than 11x the control's at every step: a model that no longer models the text
+
+
+def broken(curve: Curve) -> bool:
+    """A run whose fp perplexity exceeds the control's by more than +1,000% at every step it was set against it (a
+    retrofit that never recovered): its scheme changes are a broken model's, not a quantizer's."""
+    against = curve.points.get(FP_VS_CONTROL, {})
+    return bool(against) and all(v > BROKEN for v in against.values())
+
+
 def measures_of(curves: list[Curve]) -> list[str]:
     order = [*SCAN_CURVES.values(), FP, FP_VS_CONTROL]
     found = {m for c in curves for m in c.points}

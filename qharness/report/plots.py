@@ -11,7 +11,7 @@ from typing import Any
 
 from qharness.core.figures import pyplot
 from qharness.report.costs import COST_METRIC, CostPoint
-from qharness.report.curves import FP, SCAN_CURVES, Curve, measures_of
+from qharness.report.curves import BROKEN, FP, SCAN_CURVES, Curve, broken, measures_of
 from qharness.report.degradation import Degradation
 
 
@@ -130,22 +130,46 @@ def plot_cost_quality(points: list[CostPoint], path: Path) -> Path | None:
     return path
 
 
+WIDE_CHANGE = 1000.0  # % : past this a change plot turns symlog, so a broken run cannot flatten the others to a line
+WIDE_SPAN = 100.0  # max / min of a positive measure past which its plot turns log
+
+
+def curve_scale(measure: str, values: list[float]) -> tuple[str, dict[str, float]]:
+    """The y scale of one curve plot: the scan's measures always log; fp perplexity log once it spans 100x; a change
+    in percent symlog (linear within +-100%) once any run passes +-1,000%, as a broken model's does."""
+    if measure in SCAN_CURVES.values():
+        return "log", {}
+    if measure == FP:
+        positive = [v for v in values if v > 0]
+        wide = bool(positive) and max(positive) / min(positive) > WIDE_SPAN
+        return ("log", {}) if wide else ("linear", {})
+    if values and max(abs(v) for v in values) > WIDE_CHANGE:
+        return "symlog", {"linthresh": 100.0}
+    return "linear", {}
+
+
 def plot_curves(curves: list[Curve], out_dir: Path) -> list[Path]:
-    """One PNG per measure: the measure against the training step, one line per run."""
+    """One PNG per measure: the measure against the training step, one line per run; a broken run (curves.broken)
+    is named under the plot, not drawn, so its 1e16% does not flatten the runs one can compare."""
     if not curves:
         return []
     plt = pyplot()
     paths = []
-    for measure in measures_of(curves):
+    drawn = [c for c in curves if not broken(c)] or curves  # only broken runs: draw them rather than nothing
+    left_out = [c.run for c in curves if c not in drawn]
+    for measure in measures_of(drawn):
         fig, ax = plt.subplots(figsize=(6, 4))
-        for curve in curves:
+        plotted: list[float] = []
+        for curve in drawn:
             points = sorted(curve.points.get(measure, {}).items())
             if points:
                 values = [v * 100 if measure not in (*SCAN_CURVES.values(), FP) else v for _, v in points]
                 ax.plot([s for s, _ in points], values, "-o", markersize=3, label=curve.run)
-        if measure in SCAN_CURVES.values():
-            ax.set_yscale("log")
-        ax.set_xlabel("training step")
+                plotted += values
+        scale, options = curve_scale(measure, plotted)
+        ax.set_yscale(scale, **options)
+        ax.set_xlabel("training step" + (f"\nnot drawn, broken (fp ppl > {BROKEN + 1:g}x the control's): "
+                                         + ", ".join(left_out) if left_out else ""), fontsize=8 if left_out else None)
         ax.set_ylabel(measure if measure in (*SCAN_CURVES.values(), FP) else f"{measure}: ppl change, %")
         ax.legend(fontsize=5)
         fig.tight_layout()
