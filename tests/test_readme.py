@@ -55,3 +55,14 @@ def test_the_layout_names_no_module_that_is_gone():
     blocks = layout_blocks()
     stale = [name for name in blocks if not (PACKAGE / name / "__init__.py").is_file()]
     assert not stale, f"README's Layout names packages that do not exist: {stale}"
+
+
+def test_every_relative_link_of_the_docs_points_at_a_file_that_exists():
+    """The findings embed published plots and the README links docs: a renamed figure or file must fail here, not
+    show a broken image to a reader."""
+    for doc in (ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))):
+        text = doc.read_text(encoding="utf-8")
+        for target in re.findall(r"\]\(([^)\s#]+)(?:#[^)]*)?\)", text):
+            if re.match(r"^[a-z]+:", target):  # http:, https:, mailto:
+                continue
+            assert (doc.parent / target).exists(), f"{doc.name} links {target}, which does not exist"
