@@ -59,7 +59,8 @@ def test_the_layout_names_no_module_that_is_gone():
 
 def test_every_relative_link_of_the_docs_points_at_a_file_that_exists():
     """The findings embed published plots and the README links docs: a renamed figure or file must fail here, not
-    show a broken image to a reader."""
+    show a broken image to a reader. Covers inline links and images, `[text](relative/path)`, resolved from the
+    document's folder; web links are skipped, and reference-style links or HTML `src=` are not looked at."""
     for doc in (ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))):
         text = doc.read_text(encoding="utf-8")
         for target in re.findall(r"\]\(([^)\s#]+)(?:#[^)]*)?\)", text):

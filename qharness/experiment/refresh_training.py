@@ -2,7 +2,9 @@
 record, for rows written before that derivation was corrected: a record that predates a setting once got a recipe
 digest of its own, so its rows did not group with the same recipe's other seeds (data/recipe.unseeded_digest). Only
 those two columns change; a model whose record is not on this machine (or that was not trained here) keeps its
-values, and the file is rewritten atomically under the writers' lock.
+values, and the file is rewritten atomically under the writers' lock. Run it on every leaderboard of trained models
+after a change to that digest (leaving `budget_minutes` out of it renamed every recipe, 2026-12-05): rows of the old
+digest and the new never group as one recipe's seeds, nor find their control.
 
     python -m qharness.experiment.refresh_training results/published/tune400-seeds.csv ...
 """

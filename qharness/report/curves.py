@@ -99,14 +99,24 @@ def _family(run: str) -> str:
         return run.partition(":")[0] + ":" + _base_of(run)
 
 
-BROKEN = 10.0  # fp perplexity more than 11x the control's at every step: a model that no longer models the text
+BROKEN_FP_COST = 10.0  # fp perplexity more than 11x the control's (+1,000%): a model that no longer models the text
 
 
 def broken(curve: Curve) -> bool:
     """A run whose fp perplexity exceeds the control's by more than +1,000% at every step it was set against it (a
     retrofit that never recovered): its scheme changes are a broken model's, not a quantizer's."""
     against = curve.points.get(FP_VS_CONTROL, {})
-    return bool(against) and all(v > BROKEN for v in against.values())
+    return bool(against) and all(v > BROKEN_FP_COST for v in against.values())
+
+
+def split_broken(curves: list[Curve]) -> tuple[list[Curve], list[str]]:
+    """The runs a plot of changes draws, and the broken runs it names instead; if every run is broken, all are
+    drawn (a plot of something rather than of nothing)."""
+    flags = [broken(c) for c in curves]
+    if all(flags):
+        return list(curves), []
+    marked = list(zip(curves, flags, strict=True))
+    return [c for c, bad in marked if not bad], [c.run for c, bad in marked if bad]
 
 
 def measures_of(curves: list[Curve]) -> list[str]:

@@ -75,8 +75,8 @@ def unjudged(path: Path, goal: Goal, judged: list[Verdict]) -> list[str]:
     is missing: not computed, or refused, as a rotation refuses DyT), so a table can name them rather than drop them."""
     rows = read_rows(path)
     have = {v.model for v in judged}
-    return sorted({r["model"] for r in rows if is_baseline(r) and r["task"] == goal.task and r["metric"] == "ppl"
-                   and r["model"] not in have})
+    candidates = sorted({r["model"] for r in rows if is_baseline(r)} - have)
+    return [m for m in candidates if _row(rows, m, "none", goal.task, path) is not None]  # the fp row verdicts take
 
 
 def verdicts(path: Path, goal: Goal) -> list[Verdict]:

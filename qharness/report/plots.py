@@ -11,7 +11,7 @@ from typing import Any
 
 from qharness.core.figures import pyplot
 from qharness.report.costs import COST_METRIC, CostPoint
-from qharness.report.curves import BROKEN, FP, SCAN_CURVES, Curve, broken, measures_of
+from qharness.report.curves import BROKEN_FP_COST, FP, SCAN_CURVES, Curve, measures_of, split_broken
 from qharness.report.degradation import Degradation
 
 
@@ -149,18 +149,19 @@ def curve_scale(measure: str, values: list[float]) -> tuple[str, dict[str, float
 
 
 def plot_curves(curves: list[Curve], out_dir: Path) -> list[Path]:
-    """One PNG per measure: the measure against the training step, one line per run; a broken run (curves.broken)
-    is named under the plot, not drawn, so its 1e16% does not flatten the runs one can compare."""
+    """One PNG per measure: the measure against the training step, one line per run. A broken run (curves.broken)
+    is named under the plots of perplexity and its changes, not drawn, so its 1e16% does not flatten the runs one can
+    compare; the scan's plots, on a log scale, draw it."""
     if not curves:
         return []
     plt = pyplot()
     paths = []
-    drawn = [c for c in curves if not broken(c)] or curves  # only broken runs: draw them rather than nothing
-    left_out = [c.run for c in curves if c not in drawn]
-    for measure in measures_of(drawn):
+    comparable, left_out = split_broken(curves)
+    for measure in measures_of(curves):
+        scan = measure in SCAN_CURVES.values()
         fig, ax = plt.subplots(figsize=(6, 4))
         plotted: list[float] = []
-        for curve in drawn:
+        for curve in curves if scan else comparable:
             points = sorted(curve.points.get(measure, {}).items())
             if points:
                 values = [v * 100 if measure not in (*SCAN_CURVES.values(), FP) else v for _, v in points]
@@ -168,8 +169,10 @@ def plot_curves(curves: list[Curve], out_dir: Path) -> list[Path]:
                 plotted += values
         scale, options = curve_scale(measure, plotted)
         ax.set_yscale(scale, **options)
-        ax.set_xlabel("training step" + (f"\nnot drawn, broken (fp ppl > {BROKEN + 1:g}x the control's): "
-                                         + ", ".join(left_out) if left_out else ""), fontsize=8 if left_out else None)
+        named = left_out and not scan
+        ax.set_xlabel("training step" + (f"\nnot drawn, broken (fp ppl over {BROKEN_FP_COST + 1:g}x the control's at "
+                                         "every step): " + ", ".join(left_out) if named else ""),
+                      **({"fontsize": 8} if named else {}))
         ax.set_ylabel(measure if measure in (*SCAN_CURVES.values(), FP) else f"{measure}: ppl change, %")
         ax.legend(fontsize=5)
         fig.tight_layout()

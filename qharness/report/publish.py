@@ -420,8 +420,11 @@ def render_curves(table: Table, board: Leaderboard) -> list[str]:
 def render_goal(table: Table, board: Leaderboard) -> list[str]:
     assert table.goal is not None, f"table {table.name} of kind goal names no Goal"
     found = verdicts(board.path, table.goal)
+    missing = unjudged(board.path, table.goal, found)
+    not_judged = ["", f"Not judged (no {scheme_label(table.goal)} row with an interval: not computed, or refused): "
+                  + ", ".join(f"`{m}`" for m in missing) + "."] if missing else []
     if not found:
-        return [_source(table), "", "No model has both its fp row and the scheme's row yet."]
+        return [_source(table), "", "No model has both its fp row and the scheme's row yet.", *not_judged]
     lines = [_source(table) + _evaluated_on(board, table.goal.task)
              + f" {goal_text(table.goal)} The fp cost is a {BLOCK_NOTE} of the model's per-token NLLs against the "
              "control's on the same tokens.", "", table_of(header(table.goal), [v.cells() for v in found])]
@@ -434,11 +437,7 @@ def render_goal(table: Table, board: Leaderboard) -> list[str]:
                   table_of(seeds_header(table.goal), [s.cells() for s in seeds])]
     if left_out:
         lines += ["", "Left out of the verdict over seeds: " + "; ".join(left_out) + "."]
-    missing = unjudged(board.path, table.goal, found)
-    if missing:
-        lines += ["", f"Not judged (no {scheme_label(table.goal)} row with an interval: not computed, or refused): "
-                  + ", ".join(f"`{m}`" for m in missing) + "."]
-    return lines
+    return lines + not_judged
 
 
 def render_seeds(table: Table, board: Leaderboard) -> list[str]:
@@ -495,23 +494,33 @@ def unplaced(text: str, tables: tuple[Table, ...]) -> list[str]:
     return [t.name for t in tables if placed.count(t.name) != 1]
 
 
-TABLE_LINE = re.compile(r"^\s*\|.*\|\s*$")
+DELIMITER_ROW = re.compile(r"^\s*\|?\s*:?-{3,}:?\s*(\|\s*:?-{3,}:?\s*)+\|?\s*$")  # |---|---|, with or without pipes
+FENCE = re.compile(r"^\s*(```|~~~).*?^\s*(```|~~~)\s*$", re.M | re.S)
 TYPED_NOTE = "not yet generated"
-NOTE_REACH = 8  # lines above a typed table in which its note must stand
+NOTE_REACH = 8  # lines above a typed table in which its note must stand (and never above the table before it)
+
+
+def _blanked(text: str, pattern: re.Pattern[str]) -> str:
+    """The text with every match replaced by as many empty lines: line numbers hold, the content is gone."""
+    return pattern.sub(lambda m: "\n" * m.group(0).count("\n"), text)
 
 
 def unmarked_typed_tables(text: str) -> list[int]:
-    """Line numbers (1-based) of tables outside every generated block whose preceding lines do not say "not yet
-    generated": a reader must be able to tell a typed number, which has no interval, from a published one."""
-    outside = MARKERS.sub(lambda m: "\n" * m.group(0).count("\n"), text).splitlines()
-    found, above_was_table = [], False
-    for at, line in enumerate(outside, 1):
-        is_table = bool(TABLE_LINE.match(line))
-        if is_table and not above_was_table:
-            note = " ".join(outside[max(0, at - 1 - NOTE_REACH):at - 1])
-            if TYPED_NOTE not in note:
-                found.append(at)
-        above_was_table = is_table
+    """Line numbers (1-based, the header row) of tables outside generated blocks and code fences whose preceding
+    lines, back to the table before, do not say "not yet generated": a reader must be able to tell a typed number,
+    which has no interval, from a published one."""
+    lines = _blanked(_blanked(text, MARKERS), FENCE).splitlines()
+    found, previous_end = [], 0
+    for at, line in enumerate(lines):
+        if at == 0 or not DELIMITER_ROW.match(line):
+            continue
+        header = at - 1  # 0-based; the table's own rows follow the delimiter
+        note = " ".join(lines[max(previous_end, header - NOTE_REACH):header]).lower()
+        if TYPED_NOTE not in note:
+            found.append(header + 1)
+        previous_end = at + 1
+        while previous_end < len(lines) and "|" in lines[previous_end]:
+            previous_end += 1
     return found
 
 
@@ -533,11 +542,11 @@ def main(argv: list[str] | None = None) -> int:
         if missing:
             raise DataError(f"{args.doc} has no (or more than one) markers for the tables {missing}: add "
                             f"<!-- generated: {missing[0]} --> and <!-- end: {missing[0]} --> where it goes")
-        new = regenerate(text, TABLES, args.published)
         typed = unmarked_typed_tables(text)
         if typed:
             raise DataError(f"{args.doc}: the table at line {typed[0]} is neither generated nor marked: put it between "
                             f"generated markers, or say \"{TYPED_NOTE}\" in the {NOTE_REACH} lines above it")
+        new = regenerate(text, TABLES, args.published)
     except (QHarnessError, OSError) as exc:
         print(f"qharness: error: {exc}", file=sys.stderr)
         return 2

@@ -118,20 +118,21 @@ def test_a_broken_run_does_not_flatten_the_others_curves():
 
     assert curve_scale("int8-w8a8-tensor", [80.0, 18.0, -0.5]) == ("linear", {})
     assert curve_scale("int8-w8a8-tensor", [80.0, 18.0, 2.4e4]) == ("symlog", {"linthresh": 100.0})
-    assert curve_scale("fp vs control", [0.0, -1.2e3]) == ("symlog", {"linthresh": 100.0})
+    assert curve_scale("fp vs control", [0.0, 1.2e3]) == ("symlog", {"linthresh": 100.0})
     assert curve_scale(FP, [21.0, 25.1]) == ("linear", {})
     assert curve_scale(FP, [21.0, 2.4e15]) == ("log", {})
     assert curve_scale("max abs", [570.0, 900.0]) == ("log", {})
 
 
-def test_a_run_far_worse_than_its_control_at_every_step_is_broken_and_left_out_of_the_plots(tmp_path):
-    from qharness.report.curves import FP, FP_VS_CONTROL, Curve, broken
+def test_a_run_far_worse_than_its_control_at_every_step_is_broken_and_left_out_of_the_change_plots(tmp_path):
+    from qharness.report.curves import FP, FP_VS_CONTROL, Curve, broken, split_broken
     from qharness.report.plots import plot_curves
 
     dyt = Curve("tune400:m-dyt", "dyt", points={FP: {40: 6e18, 400: 2e15}, FP_VS_CONTROL: {40: 2.5e17, 400: 1e14}})
     recovering = Curve("tune400:m-lp", "lp", points={FP: {40: 300.0, 400: 22.0}, FP_VS_CONTROL: {40: 12.0, 400: 0.05}})
     control = Curve("tune400:m-none", "none", points={FP: {40: 23.7, 400: 21.0}})
     assert broken(dyt) and not broken(recovering) and not broken(control)
-    drawn = plot_curves([control, recovering, dyt], tmp_path)
-    assert [p.name for p in drawn] == ["curve_fp_ppl.png", "curve_fp_vs_control.png"]
-    assert plot_curves([dyt], tmp_path)  # only broken runs: drawn rather than nothing
+    assert split_broken([control, dyt, recovering]) == ([control, recovering], ["tune400:m-dyt"])
+    assert split_broken([dyt]) == ([dyt], []), "only broken runs: drawn rather than nothing"
+    pictures = plot_curves([control, recovering, dyt], tmp_path)
+    assert [p.name for p in pictures] == ["curve_fp_ppl.png", "curve_fp_vs_control.png"]

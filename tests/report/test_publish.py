@@ -28,17 +28,30 @@ def test_the_findings_tables_are_what_the_shipped_leaderboards_give(capsys):
         capsys.readouterr().out[-4000:]
 
 
-def test_a_typed_table_must_say_it_is_not_generated():
-    """Every table of the findings is generated or says it is not (its numbers carry no interval)."""
+def test_a_typed_table_must_say_it_is_not_generated(tmp_path, capsys):
+    """Every table of the findings is generated or says it is not (its numbers carry no interval), each table its
+    own note; publish refuses a document with a bare one before rendering anything."""
     assert publish.unmarked_typed_tables((REPO / publish.DOC).read_text(encoding="utf-8")) == []
     table = "| a | b |\n|---|---|\n| 1 | 2 |\n"
     generated = f"<!-- generated: t -->\n{table}<!-- end: t -->\n"
-    assert publish.unmarked_typed_tables(f"intro\n\n{generated}\ntext\n") == []
-    assert publish.unmarked_typed_tables(f"(not yet generated from results/published):\n\n{table}") == []
-    assert publish.unmarked_typed_tables(f"{generated}\nsome typed numbers:\n\n{table}") == [9]
-    far = "(not yet generated)\n" + "\n" * publish.NOTE_REACH + table
-    assert publish.unmarked_typed_tables(far) == [publish.NOTE_REACH + 2]
-    assert publish.unmarked_typed_tables("|h| and max/median, a sentence, not a table\n") == []
+    typed = publish.unmarked_typed_tables
+    assert typed(f"intro\n\n{generated}\ntext\n") == []
+    assert typed(f"(Not yet generated from results/published):\n\n{table}") == []
+    assert typed(f"{generated}\nsome typed numbers:\n\n{table}") == [9]
+    assert typed(table) == [1]
+    assert typed("a | b\n--- | ---\n1 | 2\n") == [1], "a table without outer pipes is a table"
+    reach = publish.NOTE_REACH
+    assert typed("(not yet generated)\n" + "\n" * (reach - 1) + table) == []  # exactly in reach
+    assert typed("(not yet generated)\n" + "\n" * reach + table) == [reach + 2]  # one line too far
+    # one note covers one table: the next table needs its own
+    assert typed(f"not yet generated:\n\n{table}\nmore prose\n\n{table}") == [9]
+    assert typed(f"an example:\n\n```\n{table}```\n") == [], "a table in a code fence is an example"
+    assert typed("|h| and max/median, a sentence, not a table\n") == []
+    doc = tmp_path / "findings.md"
+    findings = (REPO / publish.DOC).read_text(encoding="utf-8")
+    doc.write_text(findings + "\nnumbers typed by hand:\n\n" + table, encoding="utf-8")
+    assert publish.main(["--check", "--doc", str(doc), "--published", str(REPO / publish.PUBLISHED)]) == 2
+    assert f"the table at line {findings.count(chr(10)) + 4} is neither generated nor marked" in capsys.readouterr().err
 
 
 def test_the_published_folder_is_tracked_and_default_runs_write_elsewhere():
@@ -246,9 +259,24 @@ def test_the_goal_table_judges_each_bar_on_its_interval(tmp_path):
     assert ("Not judged (no `int8-w8a8-tensor-static` after `rotate` row with an interval: not computed, or refused): "
             "`fp-far-over`, `fp-upper-over`, `meets`, `no-units`.") in " ".join(text.split())
     assert "Not judged" not in render(Table("goal", "step400.csv", "goal", goal=Goal(control="control")), tmp_path)
+    none_yet = render(Table("goal", "step400.csv", "goal", goal=Goal(control="control", transform="smoothquant:0.5")),
+                      tmp_path)
+    assert "No model has both" in none_yet and "`control`, `fp-far-over`" in " ".join(none_yet.split())
     append_rows(results, [{**rows[2], "limit": "2"}])  # the same model and scheme measured twice
     with pytest.raises(DataError, match="2 rows of meets none on kjv-heldout"):
         verdicts(results, Goal(control="control"))
+
+
+def test_a_broken_models_verdict_prints_in_the_reports_notation():
+    """A model that no longer models the text (fp perplexity 1e16) gets a row that reads, not 17 digits."""
+    from qharness.report.goal import Verdict
+    from qharness.stats.bootstrap import Interval
+
+    cells = Verdict("dyt", 1.2829e16, 6.1e14, Interval(2.8e14, 1.3e15, 58, 2000, 128), 31.9, (14.8, 69.3),
+                    False).cells()
+    assert cells == ["`dyt`", "1.28e+16", "+6.1e+16% [+2.8e+16, +1.3e+17]", "+3190.0% [+1480.0, +6930.0]", "no"]
+    ordinary = Verdict("lp", 21.51, 0.024, Interval(0.018, 0.031, 58, 2000, 128), 0.005, (0.002, 0.008), False)
+    assert ordinary.cells()[1:4] == ["21.51", "+2.4% [+1.8, +3.1]", "+0.5% [+0.2, +0.8]"]
 
 
 def test_the_goal_over_training_seeds_pairs_each_seed_with_its_own_control(tmp_path):
