@@ -35,7 +35,7 @@ from typing import Any
 
 from qharness.core.errors import BackendUnavailable, ConfigError
 from qharness.core.typecheck import from_mapping, read_yaml_mapping
-from qharness.data.results import scan_dir
+from qharness.data.results import SCAN_TASK, read_rows, scan_dir
 from qharness.experiment.execute import RunReport, execute, load_fp, needs_model
 from qharness.experiment.plan import Plan, plan_all
 from qharness.experiment.settings import DEFAULT_TASKS, RunSettings
@@ -125,13 +125,17 @@ class SweepReport:
 
 
 def _scan_once(settings: RunSettings, say: Callable[[str], Any], loaded: LoadedModel | None = None) -> None:
-    """The model's activation profile for the report, unless one is already there; on `loaded` when the model's
+    """The model's activation profile for the report, unless it is there with its rows in this leaderboard (two
+    leaderboards in one folder share the profiles: the second still needs the rows); on `loaded` when the model's
     runs loaded it."""
     from qharness.experiment.scanning import ScanSpec, profile_dir, run_scan
 
     scan_spec = ScanSpec(model=settings.model_spec, out_dir=scan_dir(settings.results), results=settings.results,
                          progress=False)
-    if (profile_dir(scan_spec) / "profile.json").exists():
+    rows = read_rows(settings.results) if settings.results.exists() else []
+    has_rows = any(r["model"] == settings.model and r["task"] == SCAN_TASK
+                   and r.get("bos", "") == str(scan_spec.config.bos) for r in rows)
+    if has_rows and (profile_dir(scan_spec) / "profile.json").exists():
         return
     say(f"scan {settings.model}")
     run_scan(scan_spec, say=lambda m: None, loaded=loaded)

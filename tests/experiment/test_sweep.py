@@ -130,6 +130,11 @@ def test_sweep_with_scan_profiles_each_model_once(tiny_model_dir, tiny_task_dir,
     said.clear()
     sweep(config, say=said.append)
     assert not any(m.startswith("scan ") for m in said)  # the profile is there: not scanned again
+    # a second leaderboard in the same folder shares the profiles, but needs the scan rows of its own
+    (tmp_path / "sweep.yaml").write_text((tmp_path / "sweep.yaml").read_text().replace("lb.csv", "other.csv"))
+    sweep(SweepConfig.from_file(tmp_path / "sweep.yaml"), say=said.append)
+    other = [r for r in read_rows(tmp_path / "other.csv") if r["task"] == "scan"]
+    assert {r["metric"] for r in other} == {r["metric"] for r in scan_rows}
 
 
 def test_the_shipped_default_sweep_covers_the_zoo_and_plans_without_training():
