@@ -145,7 +145,7 @@ def run_model(plans: list[Plan], scan: bool, say: Callable[[str], Any] = lambda 
               first: int = 1, total: int | None = None) -> list[RunReport]:
     """One model's runs, in order, on the model loaded once for all of them (each scheme is undone after its cells,
     so every run finds it in its fp state): its fp baseline is computed by the first and read back by the others.
-    Loaded only when some run has cells to compute (or the scan has no profile yet)."""
+    Loaded only when some run has cells to compute (or the scan has no profile or no rows here yet)."""
     loaded: LoadedModel | None = None
     reports = []
     for i, p in enumerate(plans, first):
