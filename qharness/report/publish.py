@@ -98,6 +98,10 @@ def _p(quant: str, **settings: str) -> Pick:
 BOS = "pos:0"
 QKV = "lin:q_proj,k_proj,v_proj"
 
+ZOO_SCHEMES = (_p("int8-w8a8-tensor"), _p("int8-w8a8-tensor-static"), _p("int8-w8a8-token"), _p("int4-weight-g128"),
+               _p("nf4"), _p("fp8-e4m3-w8a8-tensor"), _p("fp8-e5m2-w8a8-tensor"))
+ZOO_SCAN = ("massive_max", "massive_ratio", "bos_holds_max")
+
 TABLES: tuple[Table, ...] = (
     Table("smollm2-schemes", "smollm2-schemes.csv", "rows", rows=(
         _p("int8-weight-channel"), _p("int8-w8a8-token"), _p("llm-int8"),
@@ -170,6 +174,11 @@ TABLES: tuple[Table, ...] = (
         note="`int4-kivi` quantizes keys per channel and values per token to INT4, keeping the open block of up to 31 "
              "keys in fp (KIVI, arXiv 2402.02750); `int4-token` both per token. Each row's change is against the fp "
              "model with an fp cache."),
+    # sweeps/zoo-mitigations.yaml: every zoo model, its scan and the fp change against its family's baseline
+    *(Table(name, "zoo-mitigations.csv", "grid", rows=ZOO_SCHEMES, scan=ZOO_SCAN, fp_vs_base=True, task=task)
+      for name, task in (("zoo-mitigations", "kjv-heldout"), ("zoo-mitigations-wordnet", "wordnet-heldout"))),
+    # sweeps/zoo-recipes.yaml: the zoo's recipe against a decayed, clipped one
+    Table("zoo-recipes", "zoo-recipes.csv", "grid", rows=ZOO_SCHEMES[:3], scan=ZOO_SCAN),
     # sweeps/seeds.yaml: the zoo's baseline and gated attention, 3 training seeds each
     Table("zoo-seeds", "zoo-seeds.csv", "seeds", rows=(
         _p("int8-w8a8-tensor"), _p("int8-w8a8-tensor-static"), _p("int4-weight-g128"))),
