@@ -79,13 +79,15 @@ class Pair:
 class Table:
     name: str  # the marker's NAME
     leaderboard: str  # a CSV under results/published/
-    kind: Literal["rows", "pairs", "curves", "goal", "seeds", "grid"]
+    kind: Literal["rows", "pairs", "curves", "goal", "seeds", "grid", "matrix"]
     rows: tuple[Pick, ...] = ()  # kind rows: in this order; kind seeds: the schemes shown (fp and the scan always);
     # kind grid: the columns, one row per model of the leaderboard
     pairs: tuple[Pair, ...] = ()  # kind pairs
     goal: Goal | None = None  # kind goal
     scan: tuple[str, ...] = ()  # kind grid: scan measures (SCAN_COLUMNS) shown before the fp perplexity
     fp_vs_base: bool = False  # kind grid: each model's fp change against its family's model without a mitigation
+    columns: tuple[tuple[str, Pick], ...] = ()  # kind matrix: (header, fix) per column, its quant left empty; each
+    # cell is the row's scheme and KV setting (`rows`) with the column's transform and kept positions
     task: str = "kjv-heldout"
     metric: str = "ppl"
     note: str = ""  # printed under the table (what is left out of it and why)
@@ -97,6 +99,7 @@ def _p(quant: str, **settings: str) -> Pick:
 
 BOS = "pos:0"
 QKV = "lin:q_proj,k_proj,v_proj"
+SQ = "smoothquant:0.5"
 
 ZOO_SCHEMES = (_p("int8-w8a8-tensor"), _p("int8-w8a8-tensor-static"), _p("int8-w8a8-token"), _p("int4-weight-g128"),
                _p("nf4"), _p("fp8-e4m3-w8a8-tensor"), _p("fp8-e5m2-w8a8-tensor"))
@@ -179,6 +182,13 @@ TABLES: tuple[Table, ...] = (
       for name, task in (("zoo-mitigations", "kjv-heldout"), ("zoo-mitigations-wordnet", "wordnet-heldout"))),
     # sweeps/zoo-recipes.yaml: the zoo's recipe against a decayed, clipped one
     Table("zoo-recipes", "zoo-recipes.csv", "grid", rows=ZOO_SCHEMES[:3], scan=ZOO_SCAN),
+    # sweeps/smollm2-kv-fixes.yaml: each scheme and KV setting under each post-hoc fix, 2 windows
+    Table("smollm2-kv-fixes", "smollm2-kv-fixes.csv", "matrix",
+          rows=tuple(_p(q, kv=kv) for q in ("int8-w8a8-tensor", "int4-w4a8-token", "int4-w4a4-token", "nvfp4-w4a4")
+                     for kv in ("", "int4-token", "int4-token+keep0", "int4-kivi")),
+          columns=(("alone", _p("")), ("keep BOS", _p("", keep=BOS)), ("smoothquant", _p("", transform=SQ)),
+                   ("smoothquant + keep BOS", _p("", keep=BOS, transform=SQ)), ("rotate", _p("", transform="rotate")),
+                   ("rotate + keep BOS", _p("", keep=BOS, transform="rotate")))),
     # sweeps/seeds.yaml: the zoo's baseline and gated attention, 3 training seeds each
     Table("zoo-seeds", "zoo-seeds.csv", "seeds", rows=(
         _p("int8-w8a8-tensor"), _p("int8-w8a8-tensor-static"), _p("int4-weight-g128"))),
@@ -468,9 +478,31 @@ def render_seeds(table: Table, board: Leaderboard) -> list[str]:
     return lines
 
 
+def render_matrix(table: Table, board: Leaderboard) -> list[str]:
+    """One model's grid of schemes and KV settings (rows) against fixes (columns): each cell the change against the
+    fp model with its interval; empty: not computed."""
+    def cell_pick(row: Pick, column: Pick) -> Pick:
+        return Pick(row.quant, keep=column.keep, kv=row.kv, transform=column.transform)
+
+    cells = [[board.find(cell_pick(row, column), table) for _, column in table.columns] for row in table.rows]
+    present = [d for line in cells for d in line if d is not None]
+    if not present:
+        return [_source(table), "", _missing([cell_pick(r, c) for r in table.rows for _, c in table.columns])]
+    _check_one_setting(present, table)
+    computed = f"{len(present)} of {len(table.rows) * len(table.columns)} cells computed"
+    lines = [_source(table) + _evaluated_on(board, table.task) + f" fp perplexity {number(present[0].fp_value)}. Each "
+             f"cell: the change against the fp model (fp weights, fp KV cache) with its 95% interval ({BLOCK_NOTE}, "
+             f"paired on the same tokens); empty: not computed ({computed}). {_backends(present)}", ""]
+    header = ["scheme", "KV cache", *(name for name, _ in table.columns)]
+    body = [[f"`{row.quant}`", row.kv or "fp", *(percent_interval(d.rel, d.ci) if d is not None else "" for d in line)]
+            for row, line in zip(table.rows, cells, strict=True)]
+    return lines + [table_of(header, body)] + (["", table.note] if table.note else [])
+
+
 RENDER: dict[str, Callable[[Table, Leaderboard], list[str]]] = {"rows": render_rows, "pairs": render_pairs,
                                                                   "curves": render_curves, "goal": render_goal,
-                                                                  "seeds": render_seeds, "grid": render_grid}
+                                                                  "seeds": render_seeds, "grid": render_grid,
+                                                                  "matrix": render_matrix}
 
 
 def render(table: Table, published: Path) -> str:

@@ -382,6 +382,36 @@ def test_a_grid_table_gives_each_models_change_under_each_pick(tmp_path):
     assert mitigated[2].endswith("[+19.0, +21.0]") and mitigated[3] == " |"
 
 
+def test_a_matrix_table_sets_each_scheme_and_kv_setting_against_each_fix(tmp_path):
+    """Kind matrix (the KV-fixes grid): a row per (scheme, KV cache), a column per fix; each cell is the row that has
+    exactly that scheme, KV setting, transform and kept positions, never a neighbour's; a missing one is empty."""
+    from qharness.report.publish import BOS
+
+    results = tmp_path / "kv.csv"
+    rng = np.random.default_rng(3)
+    fp = rng.gamma(2.0, 1.5, size=TOKENS)
+    rows = [ppl_row(results, fp, fp)]
+    cells = {("", "", ""): 0.80, ("int4-token", "", ""): 0.90, ("", "rotate", ""): 0.10, ("", "rotate", BOS): 0.02,
+             ("int4-token", "", BOS): 0.30}
+    for (kv, transform, keep), change in cells.items():
+        row = ppl_row(results, fp + np.log1p(change), fp, quant="int8-w8a8-tensor", kv=kv, transform=transform,
+                      keep=keep)
+        row.update(ci_of="rel_delta", ci_low=str(change - 0.01), ci_high=str(change + 0.01))
+        rows.append(row)
+    append_rows(results, rows)
+    fixes = (("alone", Pick("")), ("keep BOS", Pick("", keep=BOS)), ("rotate", Pick("", transform="rotate")),
+             ("rotate + keep BOS", Pick("", keep=BOS, transform="rotate")))
+    matrix = Table("m", "kv.csv", "matrix", rows=(Pick("int8-w8a8-tensor"), Pick("int8-w8a8-tensor", kv="int4-token")),
+                   columns=fixes)
+    text = render(matrix, tmp_path)
+    table = [line for line in text.splitlines() if line.startswith("|")]
+    assert table[0] == "| scheme | KV cache | alone | keep BOS | rotate | rotate + keep BOS |"
+    assert table[2] == ("| `int8-w8a8-tensor` | fp | +80.0% [+79.0, +81.0] |  | +10.0% [+9.0, +11.0] | "
+                        "+2.0% [+1.0, +3.0] |")
+    assert table[3] == "| `int8-w8a8-tensor` | int4-token | +90.0% [+89.0, +91.0] | +30.0% [+29.0, +31.0] |  |  |"
+    assert "5 of 8 cells computed" in " ".join(text.split())
+
+
 def test_a_grid_table_can_show_scan_measures_and_the_fp_change_against_the_familys_base(tmp_path):
     """The zoo's mitigations table as a grid: per model its scan measures, fp perplexity, fp change against the base of
     its own family (llama's base for a llama, gpt2's for a gpt2: the two bases differ by 0.3 nats, so the wrong one
