@@ -156,6 +156,24 @@ BUGS = (
     Bug("rotate: kv_bias's v' left unturned", "qharness/quant/transforms/rotate.py",
         "        _set_(kv_bias.v, kv_bias.v.double() @ h)", "        pass",
         ("tests/quant/test_transforms.py::test_rotate_turns_a_mitigations_attention_parts_with_the_model",)),
+    Bug("matrix: a cell from the scheme's fp-cache row", "qharness/report/publish.py",
+        "return Pick(row.quant, keep=column.keep, kv=row.kv, transform=column.transform)",
+        'return Pick(row.quant, keep=column.keep, kv="", transform=column.transform)',
+        ("tests/report/test_publish.py::test_a_matrix_table_sets_each_scheme_and_kv_setting_against_each_fix",)),
+    Bug("typed tables: one note covers the tables below it", "qharness/report/publish.py",
+        'note = " ".join(lines[max(previous_end, header - NOTE_REACH):header]).lower()',
+        'note = " ".join(lines[max(0, header - NOTE_REACH):header]).lower()',
+        ("tests/report/test_publish.py::test_a_typed_table_must_say_it_is_not_generated",)),
+    Bug("goal: a model without the scheme's row dropped unnamed", "qharness/report/publish.py",
+        "    missing = unjudged(board.path, table.goal, found)", "    missing = []",
+        ("tests/report/test_publish.py::test_the_goal_table_judges_each_bar_on_its_interval",)),
+    Bug("curves: a broken run drawn among the others", "qharness/report/curves.py",
+        "    if all(flags):", "    if True:",
+        ("tests/report/test_curves.py::"
+         "test_a_run_far_worse_than_its_control_at_every_step_is_broken_and_left_out_of_the_change_plots",)),
+    Bug("seeds: a call's time budget splits a recipe's seeds", "qharness/data/recipe.py",
+        'if k not in ("seed", "budget_minutes")}}', 'if k != "seed"}}',
+        ("tests/test_train_seed.py::test_a_record_written_before_a_setting_existed_shares_its_recipes_digest",)),
 )
 
 
