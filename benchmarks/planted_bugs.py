@@ -165,7 +165,7 @@ BUGS = (
         'note = " ".join(lines[max(0, header - NOTE_REACH):header]).lower()',
         ("tests/report/test_publish.py::test_a_typed_table_must_say_it_is_not_generated",)),
     Bug("goal: a model without the scheme's row dropped unnamed", "qharness/report/publish.py",
-        "    missing = unjudged(board.path, table.goal, found)", "    missing = []",
+        "    missing = unjudged(board.rows, board.path, table.goal, found)", "    missing = []",
         ("tests/report/test_publish.py::test_the_goal_table_judges_each_bar_on_its_interval",)),
     Bug("curves: a broken run drawn among the others", "qharness/report/curves.py",
         "    if all(flags):", "    if True:",

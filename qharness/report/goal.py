@@ -70,10 +70,10 @@ def _row(rows: list[Row], model: str, quant: str, task: str, path: Path, transfo
     return found[0] if found else None
 
 
-def unjudged(path: Path, goal: Goal, judged: list[Verdict]) -> list[str]:
-    """Models of the leaderboard with an fp row on the goal's task but no verdict (the scheme's row with its interval
-    is missing: not computed, or refused, as a rotation refuses DyT), so a table can name them rather than drop them."""
-    rows = read_rows(path)
+def unjudged(rows: list[Row], path: Path, goal: Goal, judged: list[Verdict]) -> list[str]:
+    """Models of the leaderboard (`rows`, read from `path` by the caller) with an fp row on the goal's task but no
+    verdict (the scheme's row with its interval is missing: not computed, or refused, as a rotation refuses DyT), so a
+    table can name them rather than drop them."""
     have = {v.model for v in judged}
     candidates = sorted({r["model"] for r in rows if is_baseline(r)} - have)
     return [m for m in candidates if _row(rows, m, "none", goal.task, path) is not None]  # the fp row verdicts take

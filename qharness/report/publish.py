@@ -439,7 +439,7 @@ def render_curves(table: Table, board: Leaderboard) -> list[str]:
 def render_goal(table: Table, board: Leaderboard) -> list[str]:
     assert table.goal is not None, f"table {table.name} of kind goal names no Goal"
     found = verdicts(board.path, table.goal)
-    missing = unjudged(board.path, table.goal, found)
+    missing = unjudged(board.rows, board.path, table.goal, found)
     not_judged = ["", f"Not judged (no {scheme_label(table.goal)} row with an interval: not computed, or refused): "
                   + ", ".join(f"`{m}`" for m in missing) + "."] if missing else []
     if not found:
