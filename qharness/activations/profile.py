@@ -64,6 +64,9 @@ class ProfileSummary:
     top_channel_stability: float  # how often it does
     overflow_layers: list[int]  # layers with non-finite entries
     intervention: InterventionPlan | None
+    # each calibration sequence's largest |h| over the layers: how much `max` depends on which sequences were drawn
+    # (empty in profiles written before it was kept)
+    sequence_max: list[float] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -73,6 +76,13 @@ class InterventionResult:
     layer: int
     channels: list[int]
     task: str
+    # against the original: ppl / original ppl - 1 (None for `original` itself, and in profiles written before it
+    # was kept), with its 95% interval (a paired block bootstrap of the per-token NLLs on the same tokens); for
+    # `original` the interval is the perplexity's own
+    change: float | None = None
+    ci_low: float | None = None
+    ci_high: float | None = None
+    tokens: int | None = None  # tokens predicted per condition
 
 
 @dataclass

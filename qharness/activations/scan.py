@@ -207,4 +207,5 @@ def summarize(layers: list[LayerProfile], records: list[LayerRecord]) -> Profile
         top_channel_stability=top_channels.most_common(1)[0][1] / len(tops),
         overflow_layers=[e.layer for e in layers if e.nonfinite],
         intervention=plan,
+        sequence_max=[max(r.stats[s].max for r in records) for s in range(len(records[0].stats))],
     )

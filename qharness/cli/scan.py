@@ -4,13 +4,8 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from qharness.cli import values
-
-if TYPE_CHECKING:
-    from qharness.activations.profile import Profile
-
 
 EXAMPLES = """examples:
   qharness scan                                  # smollm2-135m: profile, intervention, plots -> results/scan/
@@ -44,38 +39,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true")
 
 
-def format_scan(profile: Profile, out_dir: Path) -> str:
-    s = profile.summary
-    lines = [
-        f"model: {profile.model}   sequences: {profile.sequences} x {profile.config['length']} tokens   "
-        f"BOS: {profile.config['bos']}",
-        f"max |h| {s.max:.1f} at layer {s.max_layer}; max/median ratio {s.max_ratio:.0f}; "
-        f"massive (>100 and >=1000x median) from layer {s.first_massive_layer}; "
-        f"outliers (>=100x median) from layer {s.first_outlier_layer} on channels {s.outlier_channels}",
-        f"the largest entry sits on BOS in {s.bos_holds_max:.0%} of (layer, sequence) pairs after that, on a "
-        f"delimiter in {s.delimiter_holds_max:.0%}; channel {s.top_channel} holds it "
-        f"{s.top_channel_stability:.0%} of the time",
-    ]
-    if s.overflow_layers:
-        lines.append(f"OVERFLOW: non-finite values in layers {s.overflow_layers} (fp16 saturates at 65504)")
-    lines.append("layer  max       median  ratio   kurtosis  top entry (position, channel, token)        attn@0")
-    for e in profile.layers:
-        top = e.top[0]
-        where = f"{top.value:+.1f} ({top.position}, {top.channel}, {top.token!r})"
-        attention = "" if e.attention_on_first is None else f"{e.attention_on_first:.2f}"
-        lines.append(f"{e.layer:<5}  {e.max:<8.1f}  {e.median:<6.3f}  {e.ratio:<6.0f}  "
-                     f"{e.kurtosis:<8.0f}  {where:<42}  {attention}")
-    for row in profile.intervention_table:
-        lines.append(f"intervention at layer {row.layer} channels {row.channels}: {row.condition:8} "
-                     f"ppl {row.ppl:.2f} ({row.task}, token-level)")
-    lines.append(f"profile, plots -> {out_dir}")
-    return "\n".join(lines)
-
-
 def main(args: argparse.Namespace) -> int:
     from qharness.activations.scan import ScanConfig
     from qharness.experiment.scanning import ScanSpec, profile_dir, run_scan
     from qharness.models.sources import ModelSpec
+    from qharness.report.profile_text import format_scan
 
     spec = ScanSpec(
         model=ModelSpec(args.model, dtype=args.dtype, device=args.device, device_map=args.device_map,

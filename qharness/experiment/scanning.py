@@ -4,11 +4,14 @@ write the JSON profile and plots under results/scan/, and add summary rows to th
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from qharness.activations.intervene import intervention
 from qharness.activations.plots import plot_attention_sink, plot_magnitudes
@@ -30,6 +33,7 @@ from qharness.data.results import (
 from qharness.models.layers import decoder_layers, layers_at
 from qharness.models.sources import LoadedModel, ModelSpec, classify, context_limit, dtype_name, load_model
 from qharness.quant import calibration_batches, calibration_text
+from qharness.stats.bootstrap import ppl_interval, rel_change_interval
 from qharness.tasks import get_task, load_task_text
 from qharness.tasks.perplexity import perplexity
 from qharness.tasks.spec import within_context
@@ -66,16 +70,32 @@ def intervention_table(loaded: LoadedModel, layers: Any, summary: ProfileSummary
     task = within_context(get_task(spec.intervention_task), context_limit(spec.model.name))
     text = load_task_text(task)
 
-    def ppl() -> float:
+    def nll() -> np.ndarray:
         return perplexity(loaded.model, loaded.tokenizer, text, task.context_length, bos=spec.config.bos,
-                          limit=spec.intervention_limit, progress=spec.progress).value
+                          limit=spec.intervention_limit, progress=spec.progress).units
 
-    table = {"original": ppl()}
+    nlls = {"original": nll()}
     for mode in ("zero", "mean"):
         with intervention(layers[plan.layer], plan.channels, mode, plan.mean_first, plan.mean_rest):
-            table[mode] = ppl()
-    return [InterventionResult(condition, value, plan.layer, plan.channels, task.name)
-            for condition, value in table.items()]
+            nlls[mode] = nll()
+    return intervention_results(nlls, plan.layer, plan.channels, task.name)
+
+
+def intervention_results(nlls: dict[str, np.ndarray], layer: int, channels: list[int],
+                         task: str) -> list[InterventionResult]:
+    """Each condition's perplexity from its per-token NLLs, with its interval: the original's own, the others'
+    change against it paired on the same tokens (is mean-ablation's small change an effect or noise?)."""
+    original = nlls["original"]
+    results = []
+    for condition, units in nlls.items():
+        ppl = math.exp(float(units.mean()))
+        if condition == "original":
+            change, interval = None, ppl_interval(units)
+        else:
+            change, interval = ppl / math.exp(float(original.mean())) - 1, rel_change_interval(original, units)
+        results.append(InterventionResult(condition, ppl, layer, channels, task, change=change, ci_low=interval.low,
+                                          ci_high=interval.high, tokens=len(units)))
+    return results
 
 
 def summary_rows(spec: ScanSpec, loaded: LoadedModel, summary: ProfileSummary, seconds: float) -> list[Row]:

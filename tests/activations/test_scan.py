@@ -154,7 +154,7 @@ SEQUENCES = [[0, 3, 2, 1], [0, 1, 4, 3]]  # tokens: <bos> ' word' ',' 'the' / <b
 # (layer, sequence) -> (position, channel, value) of the one large entry; everything else is 1.0 (median 1)
 PLANTED = {(0, 0): (2, 1, 5.0), (0, 1): (2, 1, 5.0),  # layer 0: no outlier (5 < 100 x median), on delimiters
            (1, 0): (0, 3, 1000.0), (1, 1): (2, 3, 1000.0),  # BOS, then '.' (a delimiter)
-           (2, 0): (0, 3, 1000.0), (2, 1): (1, 5, -1000.0)}  # BOS, then 'the' (content), another channel
+           (2, 0): (0, 3, 3000.0), (2, 1): (1, 5, -1000.0)}  # BOS, then 'the' (content), another channel
 # every layer's attention (heads 2, queries 4, keys 4), causal rows summing to 1
 ATTENTION = torch.tensor([[[1.0, 0, 0, 0], [0.5, 0.5, 0, 0], [0.2, 0.6, 0.2, 0], [0.4, 0.1, 0.1, 0.4]],
                           [[1.0, 0, 0, 0], [0.9, 0.1, 0, 0], [0.3, 0.3, 0.4, 0], [0.1, 0.7, 0.1, 0.1]]])
@@ -210,3 +210,5 @@ def test_summary_shares_and_attention_on_position_0_by_hand():
     assert summary.delimiter_holds_max == pytest.approx(1 / 4)
     assert summary.top_channel == 3 and summary.top_channel_stability == pytest.approx(3 / 4)
     assert [entry.top[0].token for entry in profile.layers] == [",", "<bos>", "<bos>"]
+    # each sequence's largest |h| over the layers: 3000 (layer 2's BOS), then 1000 (layer 1's '.', layer 2's |-1000|)
+    assert summary.sequence_max == [3000.0, 1000.0] and summary.max == 3000.0

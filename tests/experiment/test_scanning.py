@@ -1,6 +1,8 @@
 import dataclasses
 import json
+import math
 
+import numpy as np
 import pytest
 
 from qharness.activations.profile import InterventionPlan, Profile
@@ -8,7 +10,7 @@ from qharness.activations.scan import ScanConfig
 from qharness.cli import main
 from qharness.core.errors import ConfigError, ModelLoadError
 from qharness.data.results import read_rows
-from qharness.experiment.scanning import ScanSpec, run_scan
+from qharness.experiment.scanning import ScanSpec, intervention_results, run_scan
 from qharness.models.sources import ModelSpec
 
 
@@ -41,6 +43,28 @@ def test_intervention_rows_when_an_outlier_exists(tiny_model_dir, tiny_task_dir,
     table = {row.condition: row.ppl for row in profile.intervention_table}
     assert set(table) == {"original", "zero", "mean"}
     assert table["zero"] != table["original"]
+    rows = {row.condition: row for row in profile.intervention_table}
+    assert rows["original"].ci_low <= rows["original"].ppl <= rows["original"].ci_high
+    assert rows["zero"].change == pytest.approx(table["zero"] / table["original"] - 1)
+    assert all(row.ci_low < row.ci_high and row.tokens > 0 for row in rows.values())
+    # the intervals go into profile.json and read back
+    written = Profile.read(tmp_path / "scan" / next((tmp_path / "scan").iterdir()).name / "profile.json")
+    assert written.intervention_table == profile.intervention_table
+
+
+def test_the_interventions_intervals_in_closed_form():
+    original = np.random.default_rng(0).exponential(3.0, 1000)
+    found = {r.condition: r for r in intervention_results(
+        {"original": original, "zero": original + 0.05, "mean": original.copy()}, 11, [507], "kjv-heldout")}
+    first = found["original"]
+    assert first.change is None and first.ci_low < first.ppl < first.ci_high and first.tokens == 1000
+    assert first.ppl == pytest.approx(math.exp(original.mean()))
+    # a constant shift of every token's NLL is that shift in every resample: the interval is the point
+    shifted = found["zero"]
+    assert shifted.change == pytest.approx(math.expm1(0.05))
+    assert (shifted.ci_low, shifted.ci_high) == (pytest.approx(math.expm1(0.05)),) * 2
+    # identical NLLs: no change and an interval of [0, 0]
+    assert (found["mean"].change, found["mean"].ci_low, found["mean"].ci_high) == (0.0, 0.0, 0.0)
 
 
 def _with_plan(summarize):
