@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from qharness.activations.profile import Profile
 from qharness.core.errors import DataError, QHarnessError
 from qharness.data.results import SCAN_TASK, Row, key, read_rows, write_atomic
 from qharness.data.units import fp_key
@@ -33,6 +34,7 @@ from qharness.report.curves import build_curves, curves_table
 from qharness.report.degradation import Degradation, degradations, number, percent_interval
 from qharness.report.goal import Goal, goal_text, header, over_seeds, scheme_label, seeds_header, unjudged, verdicts
 from qharness.report.noise import Noise, verdict
+from qharness.report.profile_text import format_scan
 from qharness.report.seeds import seed_contrasts, seed_groups, seeds_markdown
 
 # relative to where it runs, the checkout's root (as `results/leaderboard.csv` is for `run`): an installed package
@@ -79,7 +81,8 @@ class Pair:
 class Table:
     name: str  # the marker's NAME
     leaderboard: str  # a CSV under results/published/
-    kind: Literal["rows", "pairs", "curves", "goal", "seeds", "grid", "matrix"]
+    kind: Literal["rows", "pairs", "curves", "goal", "seeds", "grid", "matrix", "scan"]  # scan: `leaderboard` is a
+    # shipped profile.json, printed as `qharness scan` prints it
     rows: tuple[Pick, ...] = ()  # kind rows: in this order; kind seeds: the schemes shown (fp and the scan always);
     # kind grid: the columns, one row per model of the leaderboard
     pairs: tuple[Pair, ...] = ()  # kind pairs
@@ -88,6 +91,7 @@ class Table:
     fp_vs_base: bool = False  # kind grid: each model's fp change against its family's model without a mitigation
     columns: tuple[tuple[str, Pick], ...] = ()  # kind matrix: (header, fix) per column, its quant left empty; each
     # cell is the row's scheme and KV setting (`rows`) with the column's transform and kept positions
+    layers: tuple[int, ...] = ()  # kind scan: the layers shown (empty: all)
     task: str = "kjv-heldout"
     metric: str = "ppl"
     note: str = ""  # printed under the table (what is left out of it and why)
@@ -106,6 +110,8 @@ ZOO_SCHEMES = (_p("int8-w8a8-tensor"), _p("int8-w8a8-tensor-static"), _p("int8-w
 ZOO_SCAN = ("massive_max", "massive_ratio", "bos_holds_max")
 
 TABLES: tuple[Table, ...] = (
+    # `qharness scan --model smollm2-135m --out results/published/scan --intervention-limit 4` (all of held-out KJV)
+    Table("smollm2-scan", "scan/smollm2-135m/profile.json", "scan", layers=(1, 2, 10, 11, 12, 29)),
     Table("smollm2-schemes", "smollm2-schemes.csv", "rows", rows=(
         _p("int8-weight-channel"), _p("int8-w8a8-token"), _p("llm-int8"),
         _p("int8-w8a8-tensor"), _p("int8-w8a8-tensor", keep=BOS), _p("int8-w8a8-tensor", keep="ch:507"),
@@ -153,6 +159,9 @@ TABLES: tuple[Table, ...] = (
         Pair(_p("int4-w4a8-token"), _p("int4-w4a8-token", transform="rotate"), "rotation under W4A8 per token"),
         Pair(_p("int4-w4a8-token", keep=QKV), _p("int4-w4a8-token", keep=QKV, transform="rotate"),
              "rotation under W4A8, q/k/v kept in full precision"),
+        *(Pair(_p("int4-w4a8-token", keep=f"lin:{kept}"), _p("int4-w4a8-token", keep=f"lin:{kept}", transform="rotate"),
+               f"rotation under W4A8, {what} kept in full precision")
+          for kept, what in (("gate_proj,up_proj", "gate/up"), ("down_proj", "down_proj"), ("o_proj", "o_proj"))),
         Pair(_p("int4-w4a8-token"), _p("int4-w4a8-token", keep=QKV), "keep q/k/v, W4A8 per token",
              recovery=True),
         Pair(_p("int4-w4a8-token", transform="rotate"), _p("int4-w4a8-token", keep=QKV, transform="rotate"),
@@ -170,13 +179,15 @@ TABLES: tuple[Table, ...] = (
         Pair(_p("mxfp4-w4a4"), _p("nvfp4-w4a4"), "NVFP4 (an E4M3 scale per 16) against MXFP4 (E8M0 per 32)"),
         Pair(_p("mxfp4-w4a4"), _p("mxfp4-w4a4", keep=BOS), "keep BOS, MXFP4 W4A4", recovery=True),
         Pair(_p("nvfp4-w4a4"), _p("nvfp4-w4a4", keep=BOS), "keep BOS, NVFP4 W4A4", recovery=True))),
-    Table("smollm2-kivi", "smollm2-schemes.csv", "pairs", pairs=tuple(
-        Pair(_p(quant, kv="int4-token"), _p(quant, kv="int4-kivi"), f"KIVI against INT4 per token, {what}",
-             recovery=True)
-        for quant, what in (("none", "fp weights"), ("int8-w8a8-tensor", "per-tensor INT8"))),
+    Table("smollm2-kivi", "smollm2-schemes.csv", "pairs", pairs=(
+        *(Pair(_p(quant, kv="int4-token"), _p(quant, kv="int4-kivi"), f"KIVI against INT4 per token, {what}",
+               recovery=True)
+          for quant, what in (("none", "fp weights"), ("int8-w8a8-tensor", "per-tensor INT8"))),
+        Pair(_p("none", kv="int4-token"), _p("none", kv="int8-token"), "INT8 against INT4 per token, fp weights",
+             recovery=True)),
         note="`int4-kivi` quantizes keys per channel and values per token to INT4, keeping the open block of up to 31 "
-             "keys in fp (KIVI, arXiv 2402.02750); `int4-token` both per token. Each row's change is against the fp "
-             "model with an fp cache."),
+             "keys in fp (KIVI, arXiv 2402.02750); `int4-token` and `int8-token` both per token. Each row's change "
+             "is against the fp model with an fp cache."),
     # sweeps/zoo-mitigations.yaml: every zoo model, its scan and the fp change against its family's baseline
     *(Table(name, "zoo-mitigations.csv", "grid", rows=ZOO_SCHEMES, scan=ZOO_SCAN, fp_vs_base=True, task=task)
       for name, task in (("zoo-mitigations", "kjv-heldout"), ("zoo-mitigations-wordnet", "wordnet-heldout"))),
@@ -227,10 +238,14 @@ def _source(table: Table) -> str:
 
 
 def _wrapped(lines: list[str]) -> list[str]:
-    """Prose lines filled to the findings' width (118); tables and blank lines as they are."""
-    return [line if line.startswith("|") or not line else textwrap.fill(line, WIDTH, break_on_hyphens=False,
-                                                                         break_long_words=False)
-            for line in lines]
+    """Prose lines filled to the findings' width (118); tables, code blocks and blank lines as they are."""
+    out, fenced = [], False
+    for line in lines:
+        if line.startswith("```"):
+            fenced = not fenced
+        keep = fenced or line.startswith(("|", "```")) or not line
+        out.append(line if keep else textwrap.fill(line, WIDTH, break_on_hyphens=False, break_long_words=False))
+    return out
 
 
 def _tokens(n: str) -> str:
@@ -505,9 +520,26 @@ RENDER: dict[str, Callable[[Table, Leaderboard], list[str]]] = {"rows": render_r
                                                                   "matrix": render_matrix}
 
 
+def render_scan(table: Table, path: Path) -> list[str]:
+    """A shipped scan profile as `qharness scan` printed it (its chosen layers), in a code block."""
+    if not path.is_file():
+        raise DataError(f"{path}: no such published scan profile; write it with `qharness scan --out "
+                        f"{path.parent.parent}` or remove its table from TABLES")
+    profile = Profile.read(path)
+    shown = (f"layers {', '.join(map(str, table.layers))} of {len(profile.layers)} (the profile holds every layer)"
+             if table.layers else "every layer")
+    lines = [_source(table) + f" `qharness scan --model {profile.model}`, {shown}. The intervention's perplexities "
+             "are on the text named, the original's with its own 95% interval, zero and mean with their change "
+             f"against it ({BLOCK_NOTE}, paired on the same tokens).", "", "```",
+             *format_scan(profile, layers=table.layers or None).splitlines(), "```"]
+    return lines + (["", table.note] if table.note else [])
+
+
 def render(table: Table, published: Path) -> str:
     """The text that goes between the table's markers (ending in a newline)."""
-    return "\n".join(_wrapped(RENDER[table.kind](table, Leaderboard(published / table.leaderboard)))) + "\n"
+    path = published / table.leaderboard
+    lines = render_scan(table, path) if table.kind == "scan" else RENDER[table.kind](table, Leaderboard(path))
+    return "\n".join(_wrapped(lines)) + "\n"
 
 
 def regenerate(text: str, tables: tuple[Table, ...], published: Path) -> str:

@@ -3,6 +3,7 @@ the tables and their intervals on tiny synthetic leaderboards."""
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 from pathlib import Path
 
@@ -471,3 +472,57 @@ def test_the_seeds_table_gives_each_recipes_spread_and_welchs_interval_between_t
     assert "| r-base | none | none | kjv-heldout | ppl | all | 0, 1, 2 | 71 | 1 | 70 to 72 |" in text
     contrast = next(line for line in text.splitlines() if line.startswith("| kjv-heldout | gated_attention"))
     assert "| -0.67 | [-3.62, +2.29] | within noise |" in contrast
+
+
+def scan_profile(intervals: bool):
+    from qharness.activations.profile import InterventionResult, LayerProfile, Profile, ProfileSummary, TopHit
+
+    layers = [LayerProfile(i, m, 1.0, m, 3.0, [TopHit(m, 0, 7, "<bos>")], float(m > 100), {}, {}, 0, 0.5)
+              for i, m in enumerate((2.0, 900.0, 2500.0))]
+    summary = ProfileSummary(2500.0, 2, 2500.0, 1, 1, [7], 1.0, 0.0, 7, 1.0, [], None,
+                             sequence_max=[2400.0, 2500.0] if intervals else [])
+    rows = [InterventionResult("original", 20.0, 1, [7], "kjv-heldout"),
+            InterventionResult("mean", 20.2, 1, [7], "kjv-heldout")]
+    if intervals:
+        rows = [dataclasses.replace(rows[0], ci_low=18.0, ci_high=22.5, tokens=4094),
+                dataclasses.replace(rows[1], change=0.01, ci_low=-0.002, ci_high=0.021, tokens=4094)]
+    return Profile({"length": 32, "bos": True}, 2, layers, summary, model="tiny", intervention_table=rows)
+
+
+def test_a_scan_table_prints_the_shipped_profile_with_its_intervals(tmp_path):
+    import json
+
+    folder = tmp_path / "scan" / "tiny"
+    folder.mkdir(parents=True)
+    (folder / "profile.json").write_text(json.dumps(scan_profile(True).to_json()))
+    text = render(Table("s", "scan/tiny/profile.json", "scan", layers=(1, 2)), tmp_path)
+    assert "```\nmodel: tiny" in text and text.endswith("```\n")
+    assert "max |h| 2500.0 at layer 2 (each sequence's largest: 2400.0 to 2500.0)" in text
+    assert "original ppl 20.00 [18.00, 22.50] (kjv-heldout, token-level, 4,094 tokens)" in text
+    assert "mean     ppl 20.20, +1.0% [-0.2, +2.1] vs original" in text
+    shown = [line.split()[0] for line in text.splitlines() if line[:1].isdigit()]
+    assert shown == ["1", "2"]  # layer 0 left out, as asked
+    with pytest.raises(DataError, match="no such published scan profile"):
+        render(Table("s", "scan/none/profile.json", "scan"), tmp_path)
+
+
+def test_a_profile_written_before_intervals_prints_its_perplexities_alone():
+    from qharness.activations.profile import Profile
+    from qharness.report.profile_text import format_scan
+
+    old = scan_profile(False).to_json()
+    for row in old["intervention_table"]:
+        for name in ("change", "ci_low", "ci_high", "tokens"):
+            del row[name]
+    del old["summary"]["sequence_max"]
+    text = format_scan(Profile.from_json(old))
+    assert "mean     ppl 20.20 (kjv-heldout, token-level)" in text and "vs original" not in text
+    assert "max |h| 2500.0 at layer 2;" in text
+
+
+def test_a_max_every_sequence_shares_says_so():
+    from qharness.report.profile_text import summary_lines
+
+    profile = scan_profile(True)
+    same = dataclasses.replace(profile, summary=dataclasses.replace(profile.summary, sequence_max=[2500.0] * 8))
+    assert "max |h| 2500.0 at layer 2 (the same in each of the 8 sequences);" in summary_lines(same)[1]
