@@ -174,6 +174,13 @@ BUGS = (
     Bug("seeds: a call's time budget splits a recipe's seeds", "qharness/data/recipe.py",
         'if k not in ("seed", "budget_minutes")}}', 'if k != "seed"}}',
         ("tests/test_train_seed.py::test_a_record_written_before_a_setting_existed_shares_its_recipes_digest",)),
+    Bug("intervention: the change's interval taken the wrong way round", "qharness/experiment/scanning.py",
+        "rel_change_interval(original, units)", "rel_change_interval(units, original)",
+        ("tests/experiment/test_scanning.py::test_the_interventions_intervals_in_closed_form",)),
+    Bug("scan: each layer's largest entry kept instead of each sequence's", "qharness/activations/scan.py",
+        "sequence_max=[max(r.stats[s].max for r in records) for s in range(len(records[0].stats))],",
+        "sequence_max=[max(s.max for s in r.stats) for r in records],",
+        ("tests/activations/test_scan.py::test_summary_shares_and_attention_on_position_0_by_hand",)),
 )
 
 
