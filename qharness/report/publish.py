@@ -343,8 +343,9 @@ def _scan_cell(board: Leaderboard, model: str, metric: str) -> str:
 
 def _vs_base_cell(board: Leaderboard, fp: Row | None) -> str:
     """The fp change of a model against its family's model without a mitigation and with its training seed (the
-    zoo's `-base`, a tune family's control), paired on the same tokens; '-' for that model itself."""
-    if fp is None:
+    zoo's `-base`, a tune family's control), paired on the same tokens; '-' for that model itself, empty for a
+    model of no family (a pretrained model: it has no base to be set against)."""
+    if fp is None or not fp.get("family"):
         return ""
     if fp.get("mitigation", "") in ("", "none"):
         return "-"

@@ -422,11 +422,13 @@ def test_a_grid_table_can_show_scan_measures_and_the_fp_change_against_the_famil
     rows = []
     bases = {"zoo:llama": rng.gamma(2.0, 1.5, size=TOKENS)}
     bases["zoo:gpt2"] = bases["zoo:llama"] + 0.3
-    for family, mitigation, shift, scan in (("zoo:llama", "none", 0.0, (640.8, 26.0, 0.34)),
+    bases[""] = bases["zoo:llama"]  # a pretrained model: no family, no base
+    for family, mitigation, shift, scan in (("", "none", 0.1, (700.0, 27.0, 0.5)),
+                                            ("zoo:llama", "none", 0.0, (640.8, 26.0, 0.34)),
                                             ("zoo:llama", "kv_bias", np.log(1.036), (447.9, 22.0, 0.34)),
                                             ("zoo:gpt2", "none", 0.0, (279.6, 25.0, 0.41)),
                                             ("zoo:gpt2", "dyt", np.log(8.767), (56.7, 2.0, 0.0))):
-        name = f"{family}-{'base' if mitigation == 'none' else mitigation}"
+        name = f"{family}-{'base' if mitigation == 'none' else mitigation}" if family else "pretrained"
         fp = bases[family] + shift
         common = {"model": name, "family": family, "mitigation": mitigation, "train_seed": "0"}
         fp_row = {**ppl_row(results, fp, fp), **common}
@@ -445,6 +447,7 @@ def test_a_grid_table_can_show_scan_measures_and_the_fp_change_against_the_famil
     cells = {line.split(" | ")[0][2:]: line.split(" | ")[1:] for line in table[2:]}
     assert cells["`zoo:llama-base`"][:5] == ["640.8", "26", "34%", f"{np.exp(bases['zoo:llama'].mean()):.2f}", "-"]
     assert cells["`zoo:gpt2-dyt`"][:3] == ["56.7", "2", "0%"]
+    assert cells["`pretrained`"][3:5] == [f"{np.exp(bases[''].mean() + 0.1):.2f}", ""]  # no family: no base
     assert cells["`zoo:llama-kv_bias`"][4].startswith("+3.6% [+3.6, +3.6]")  # a constant shift: a zero-width interval
     assert cells["`zoo:gpt2-dyt`"][4].startswith("+776.7% [+776.7, +776.7]")  # against gpt2's base, not llama's
     assert cells["`zoo:llama-kv_bias`"][5] == "+0.3% [+0.1, +0.5] |"
