@@ -11,7 +11,9 @@ from qharness.cli import main
 from qharness.core.errors import ConfigError, ModelLoadError
 from qharness.data.results import read_rows
 from qharness.experiment.scanning import ScanSpec, intervention_results, run_scan
-from qharness.models.sources import ModelSpec
+from qharness.models.sources import ModelSpec, load_model
+from qharness.tasks import get_task, load_task_text
+from qharness.tasks.perplexity import perplexity
 
 
 def test_scan_writes_profile_plots_and_leaderboard_rows(capsys, tiny_model_dir, tiny_task_dir, tmp_path):
@@ -44,9 +46,14 @@ def test_intervention_rows_when_an_outlier_exists(tiny_model_dir, tiny_task_dir,
     assert set(table) == {"original", "zero", "mean"}
     assert table["zero"] != table["original"]
     rows = {row.condition: row for row in profile.intervention_table}
+    loaded = load_model(ModelSpec(str(tiny_model_dir)), progress=False)
+    task = get_task(str(tiny_task_dir / "short.yaml"))
+    direct = perplexity(loaded.model, loaded.tokenizer, load_task_text(task), task.context_length, limit=1,
+                        progress=False)
+    assert rows["original"].ppl == pytest.approx(direct.value) and rows["original"].tokens == direct.n
     assert rows["original"].ci_low <= rows["original"].ppl <= rows["original"].ci_high
-    assert rows["zero"].change == pytest.approx(table["zero"] / table["original"] - 1)
-    assert all(row.ci_low < row.ci_high and row.tokens > 0 for row in rows.values())
+    assert rows["zero"].ci_low <= rows["zero"].change <= rows["zero"].ci_high
+    assert all(row.ci_low < row.ci_high for row in rows.values())
     # the intervals go into profile.json and read back
     written = Profile.read(tmp_path / "scan" / next((tmp_path / "scan").iterdir()).name / "profile.json")
     assert written.intervention_table == profile.intervention_table
