@@ -57,7 +57,7 @@ from qharness.report.plots import (
 )
 from qharness.report.predictors import predictor_points, predictors, predictors_markdown, profile_extras
 from qharness.report.seeds import seed_groups, seeds_markdown
-from qharness.stats.rankstats import spearman
+from qharness.stats.rankstats import bootstrap_interval, spearman
 
 PROFILE_MEASURES = ("massive_max", "massive_ratio")  # correlated with degradation
 SCAN_MEASURES = (*PROFILE_MEASURES, "bos_holds_max", "first_massive_layer")  # read from the scan rows
@@ -128,6 +128,11 @@ def profile_measures(rows: list[Row]) -> dict[str, dict[str, float]]:
     return dict(measures)
 
 
+def _rho_interval(c: dict[str, Any]) -> str:
+    """'[+0.42, +0.65]'; empty when no resample gave a defined rho."""
+    return "" if c["low"] is None or c["low"] != c["low"] else f"[{c['low']:+.2f}, {c['high']:+.2f}]"
+
+
 def correlations(items: list[Degradation], measures: dict[str, dict[str, float]]) -> list[dict[str, Any]]:
     by_scheme: dict[tuple[str, str, str], dict[str, float]] = defaultdict(dict)
     for d in items:
@@ -138,10 +143,12 @@ def correlations(items: list[Degradation], measures: dict[str, dict[str, float]]
         models = sorted(per_model)
         for measure in PROFILE_MEASURES:
             usable = [m for m in models if measure in measures[m]]
-            rho = (spearman([measures[m][measure] for m in usable], [per_model[m] for m in usable])
-                   if len(usable) >= 3 else None)
+            x, y = [measures[m][measure] for m in usable], [per_model[m] for m in usable]
+            rho = spearman(x, y) if len(usable) >= 3 else None
+            # the models are the sample: resampling them gives the interval (seeded, as the pooled predictors' is)
+            low, high = bootstrap_interval(x, y) if rho is not None and rho == rho else (None, None)
             out.append({"quant": quant, "task": task, "metric": metric, "measure": measure, "models": len(usable),
-                        "spearman": rho})
+                        "spearman": rho, "low": low, "high": high})
     return out
 
 
@@ -315,9 +322,12 @@ def markdown_report(items: list[Degradation], checks: list[dict[str, Any]], corr
     parts += ["", "## Rank correlation: massive activations vs degradation across models", ""]
     measured = [c for c in corr if c["spearman"] is not None]
     if measured:
-        parts.append(_table(["scheme", "task", "metric", "measure", "models", "Spearman rho"],
+        parts.append("Spearman's rho over the models with both (a scan and the scheme's row); 95% percentile "
+                     "bootstrap interval over the models (seed 0; few models give a wide one).")
+        parts.append("")
+        parts.append(_table(["scheme", "task", "metric", "measure", "models", "Spearman rho", "95% interval"],
                             [[c["quant"], c["task"], c["metric"], c["measure"], str(c["models"]),
-                              f"{c['spearman']:+.2f}"] for c in measured]))
+                              f"{c['spearman']:+.2f}", _rho_interval(c)] for c in measured]))
     else:
         parts.append("Needs at least 3 scanned models with results for the same scheme and task "
                      f"({max((c['models'] for c in corr), default=0)} so far).")

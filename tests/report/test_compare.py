@@ -83,6 +83,9 @@ def test_compare_writes_report_html_and_plots(tmp_path):
     assert "## Causal check" in report and "| m0 | int8-w8a8-tensor | t | ppl | pos:0 |" in report
     (corr,) = [c for c in summary["correlations"] if c["measure"] == "massive_max"]
     assert corr["models"] == 3 and corr["spearman"] == pytest.approx(1.0)
+    # a perfectly monotone relation stays one in every resample that has two distinct models: [+1, +1]
+    assert (corr["low"], corr["high"]) == (pytest.approx(1.0), pytest.approx(1.0))
+    assert "| int8-w8a8-tensor | t | ppl | massive_max | 3 | +1.00 | [+1.00, +1.00] |" in report
     page = (tmp_path / "out" / "report.html").read_text()
     # degradation, fixes (m0 kept BOS), causal check, correlation, predictors
     assert page.count("<table>") == 5 and "degradation_heatmap.png" in page
@@ -201,10 +204,16 @@ def test_a_leaderboard_from_before_the_model_columns_gives_the_same_report(tmp_p
     # (massive criterion, attention on position 0) and a heading for tune: models: its numbers are the same.
     old, new = _sections((legacy / "report.md").read_text()), _sections((tmp_path / "out" / "report.md").read_text())
     mitigations = "Mitigations: activations, quality and quantizability"
+    correlation = "Rank correlation: massive activations vs degradation across models"
     for heading, body in old.items():
-        if heading.startswith(mitigations):
+        if heading.startswith(mitigations) or heading == correlation:
             continue
         assert new[heading] == body, heading
+    # the per-scheme correlations gained an interval column (and a sentence saying what it is): every old row is the
+    # new row without its last cell
+    old_rows = [line for line in old[correlation].splitlines() if line.startswith("| ")]
+    new_rows = [line.rsplit(" |", 2)[0] + " |" for line in new[correlation].splitlines() if line.startswith("| ")]
+    assert old_rows == new_rows and "95% interval |" in new[correlation]
     (old_table,) = [body for heading, body in old.items() if heading.startswith(mitigations)]
     (new_table,) = [body for heading, body in new.items() if heading.startswith(mitigations)]
     assert _cells(old_table) <= _cells(new_table)
