@@ -211,6 +211,13 @@ TABLES: tuple[Table, ...] = (
     # the same goal with QuaRot's rotation applied after training (the fp rows, and so the fp cost, are unchanged)
     Table("tune400-goal-rotated", "tune400-step400.csv", "goal",
           goal=Goal(control="tune400:smollm2-135m-none", transform="rotate")),
+    # sweeps/tune40.yaml: SmolLM2 trained 40 steps further (constant lr) with each mitigation, 2 windows
+    Table("tune40", "tune40.csv", "grid", rows=(
+        _p("int8-w8a8-tensor"), _p("int8-w8a8-tensor-static"), _p("int8-w8a8-token"), _p("fp8-e4m3-w8a8-tensor"),
+        _p("fp8-e5m2-w8a8-tensor"), _p("int4-weight-g128")), scan=ZOO_SCAN, fp_vs_base=True,
+        note="fp vs base: against the control (`tune:smollm2-135m-none`, trained the same 40 steps without a "
+             "mitigation); the pretrained model, of no family, has no base. A name ending `:strength=S` is the "
+             "penalty's strength (`--penalty-strength S`; 1 otherwise)."),
     # sweeps/tune400-seeds.yaml: the control and the headline with training seeds 0-2; the goal after a rotation,
     # each seed against the control of its seed, then over seeds; and each recipe's spread
     Table("tune400-seeds-goal", "tune400-seeds.csv", "goal",
