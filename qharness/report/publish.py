@@ -89,6 +89,7 @@ class Table:
     goal: Goal | None = None  # kind goal
     scan: tuple[str, ...] = ()  # kind grid: scan measures (SCAN_COLUMNS) shown before the fp perplexity
     fp_vs_base: bool = False  # kind grid: each model's fp change against its family's model without a mitigation
+    models: tuple[str, ...] = ()  # kind grid: only these models, in this order (empty: every model)
     columns: tuple[tuple[str, Pick], ...] = ()  # kind matrix: (header, fix) per column, its quant left empty; each
     # cell is the row's scheme and KV setting (`rows`) with the column's transform and kept positions
     layers: tuple[int, ...] = ()  # kind scan: the layers shown (empty: all)
@@ -232,6 +233,12 @@ TABLES: tuple[Table, ...] = (
         _p("int8-w8a8-tensor-static", transform="rotate", keep=BOS)),
         note="`rotate` leaves a gated model's heads unrotated (the gate multiplies them channel by channel); its "
              "residual stream and down_proj input are rotated as any other model's."),
+    # which Linear's input per-tensor static INT8 loses on: one kind kept in full precision at a time
+    Table("tune400-keep-linears", "tune400-step400.csv", "grid", rows=(
+        _p("int8-w8a8-tensor-static"),
+        *(_p("int8-w8a8-tensor-static", keep=f"lin:{kept}")
+          for kept in ("down_proj", "q_proj,k_proj,v_proj", "o_proj", "gate_proj,up_proj"))),
+        models=("tune400:smollm2-135m-none", "tune400:smollm2-135m-lp_penalty:power=4:strength=1:threshold=64")),
 )
 
 
@@ -373,6 +380,8 @@ def render_grid(table: Table, board: Leaderboard) -> list[str]:
     or fix against its own fp perplexity, with the row's interval; an empty cell was not computed (or cannot be: a
     transform that does not know the model's layout)."""
     models = list(dict.fromkeys(d.model for d in board.items if d.task == table.task and d.metric == table.metric))
+    if table.models:
+        models = [m for m in table.models if m in models]
     cells = {m: [board.find(pick, table, m) for pick in table.rows] for m in models}
     present = [d for row in cells.values() for d in row if d is not None]
     if not present:

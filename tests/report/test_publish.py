@@ -381,6 +381,10 @@ def test_a_grid_table_gives_each_models_change_under_each_pick(tmp_path):
     assert (control[1], mitigated[1]) == (fp_ppl["b-control"], fp_ppl["a-mitigated"])  # each its own fp
     assert control[2].endswith("[+79.0, +81.0]") and control[3].endswith("[+4.0, +6.0] |")
     assert mitigated[2].endswith("[+19.0, +21.0]") and mitigated[3] == " |"
+    # `models` picks the rows and their order; a named model the leaderboard lacks is left out, not an empty row
+    only = Table("grid", "grid.csv", "grid", rows=grid.rows, models=("a-mitigated", "not-run"))
+    assert [line.split(" | ")[0] for line in render(only, tmp_path).splitlines()[2:] if line.startswith("| `")] == [
+        "| `a-mitigated`"]
 
 
 def test_a_matrix_table_sets_each_scheme_and_kv_setting_against_each_fix(tmp_path):
