@@ -55,7 +55,13 @@ from qharness.report.plots import (
     plot_layer_errors,
     plot_training,
 )
-from qharness.report.predictors import predictor_points, predictors, predictors_markdown, profile_extras
+from qharness.report.predictors import (
+    predictor_points,
+    predictors,
+    predictors_markdown,
+    profile_extras,
+    rho_interval,
+)
 from qharness.report.seeds import seed_groups, seeds_markdown
 from qharness.stats.rankstats import bootstrap_interval, spearman
 
@@ -126,11 +132,6 @@ def profile_measures(rows: list[Row]) -> dict[str, dict[str, float]]:
         if row.get("task") == SCAN_TASK and row["metric"] in SCAN_MEASURES and row["value"] and row["bos"] == "True":
             measures[row["model"]][row["metric"]] = float(row["value"])
     return dict(measures)
-
-
-def _rho_interval(c: dict[str, Any]) -> str:
-    """'[+0.42, +0.65]'; empty when no resample gave a defined rho."""
-    return "" if c["low"] is None or c["low"] != c["low"] else f"[{c['low']:+.2f}, {c['high']:+.2f}]"
 
 
 def correlations(items: list[Degradation], measures: dict[str, dict[str, float]]) -> list[dict[str, Any]]:
@@ -327,7 +328,7 @@ def markdown_report(items: list[Degradation], checks: list[dict[str, Any]], corr
         parts.append("")
         parts.append(_table(["scheme", "task", "metric", "measure", "models", "Spearman rho", "95% interval"],
                             [[c["quant"], c["task"], c["metric"], c["measure"], str(c["models"]),
-                              f"{c['spearman']:+.2f}", _rho_interval(c)] for c in measured]))
+                              f"{c['spearman']:+.2f}", rho_interval(c["low"], c["high"])] for c in measured]))
     else:
         parts.append("Needs at least 3 scanned models with results for the same scheme and task "
                      f"({max((c['models'] for c in corr), default=0)} so far).")

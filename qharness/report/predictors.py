@@ -94,6 +94,11 @@ def verdict(n: int, rho: float | None, low: float | None, high: float | None, mo
     return "no clear relation (the interval spans 0)"
 
 
+def rho_interval(low: float | None, high: float | None) -> str:
+    """'[+0.42, +0.65]'; empty without an interval (too few points, or no resample gave a defined rho)."""
+    return "" if low is None or high is None or low != low else f"[{low:+.2f}, {high:+.2f}]"
+
+
 def predictors_markdown(rows: list[dict[str, Any]], table_of: Any) -> list[str]:
     parts = ["", "## What predicts the loss: rank correlation over every (model, scheme, task)", "",
              "Spearman's rho between each measure and the relative perplexity change, pooled over every plain "
@@ -102,6 +107,6 @@ def predictors_markdown(rows: list[dict[str, Any]], table_of: Any) -> list[str]:
     parts.append(table_of(["measure", "points", "models", "Spearman rho", "95% interval", "verdict"],
                           [[r["measure"], str(r["n"]), str(r["models"]),
                             "" if r["spearman"] is None else f"{r['spearman']:+.2f}",
-                            "" if r["low"] is None else f"[{r['low']:+.2f}, {r['high']:+.2f}]", r["verdict"]]
+                            rho_interval(r["low"], r["high"]), r["verdict"]]
                            for r in rows]))
     return parts
