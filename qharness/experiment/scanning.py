@@ -86,13 +86,14 @@ def intervention_results(nlls: dict[str, np.ndarray], layer: int, channels: list
     """Each condition's perplexity from its per-token NLLs, with its interval: the original's own, the others'
     change against it paired on the same tokens (is mean-ablation's small change an effect or noise?)."""
     original = nlls["original"]
+    original_ppl = math.exp(float(original.mean()))
     results = []
     for condition, units in nlls.items():
         ppl = math.exp(float(units.mean()))
         if condition == "original":
             change, interval = None, ppl_interval(units)
         else:
-            change, interval = ppl / math.exp(float(original.mean())) - 1, rel_change_interval(original, units)
+            change, interval = ppl / original_ppl - 1, rel_change_interval(original, units)
         results.append(InterventionResult(condition, ppl, layer, channels, task, change=change, ci_low=interval.low,
                                           ci_high=interval.high, tokens=len(units)))
     return results

@@ -159,12 +159,13 @@ def plot_curves(curves: list[Curve], out_dir: Path) -> list[Path]:
     comparable, left_out = split_broken(curves)
     for measure in measures_of(curves):
         scan = measure in SCAN_CURVES.values()
+        change = not scan and measure != FP  # a relative change, drawn in percent
         fig, ax = plt.subplots(figsize=(6, 4))
         plotted: list[float] = []
         for curve in curves if scan else comparable:
             points = sorted(curve.points.get(measure, {}).items())
             if points:
-                values = [v * 100 if measure not in (*SCAN_CURVES.values(), FP) else v for _, v in points]
+                values = [v * 100 if change else v for _, v in points]
                 ax.plot([s for s, _ in points], values, "-o", markersize=3, label=curve.run)
                 plotted += values
         scale, options = curve_scale(measure, plotted)
@@ -173,7 +174,7 @@ def plot_curves(curves: list[Curve], out_dir: Path) -> list[Path]:
         ax.set_xlabel("training step" + (f"\nnot drawn, broken (fp ppl over {BROKEN_FP_COST + 1:g}x the control's at "
                                          "every step): " + ", ".join(left_out) if named else ""),
                       **({"fontsize": 8} if named else {}))
-        ax.set_ylabel(measure if measure in (*SCAN_CURVES.values(), FP) else f"{measure}: ppl change, %")
+        ax.set_ylabel(f"{measure}: ppl change, %" if change else measure)
         ax.legend(fontsize=5)
         fig.tight_layout()
         path = out_dir / f"curve_{re.sub(r'[^A-Za-z0-9_.-]+', '_', measure).strip('_')}.png"
